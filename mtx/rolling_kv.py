@@ -1,0 +1,77 @@
+"""Window and slot arithmetic of the rolling KV buffer: the one place it is written down.
+
+Every part of mtx (reference op, exporter function bodies, runtime, kernels' tests) uses these
+definitions; docs/ops.md states them normatively.
+
+* Capacity ``C`` slots per layer and batch row; the key/value of absolute position ``p`` lives in
+  slot ``p mod C``.
+* A call brings a chunk of ``S`` tokens at positions ``start .. start+S-1`` (``start`` per row).
+  Before the call the buffer holds, in slot ``s``, the latest position ``q < start`` with
+  ``q = s (mod C)``, if ``q >= 0``; i.e. positions ``max(0, start-C) .. start-1``.
+* Effective window ``W = window`` if ``window > 0`` else ``C`` (full attention, valid while
+  ``start + S <= C``). A query at ``p`` sees keys at ``k`` with ``p - W < k <= p``.
+* The chunk is written *after* attention: its last ``min(S, C)`` tokens go to their slots.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtx.errors import UsageError
+
+
+def effective_window(window: int | None, capacity: int) -> int:
+    """W used by the op: the sliding window, or the capacity for full attention (window None/0)."""
+    if capacity <= 0:
+        raise UsageError(f"KV capacity must be positive, got {capacity}")
+    if not window:
+        return capacity
+    if capacity < window:
+        raise UsageError(f"KV capacity {capacity} is smaller than the sliding window {window}; need capacity >= window")
+    return window
+
+
+def default_capacity(window: int | None, max_positions: int) -> int:
+    """Capacity when the user names none: the window, or the model's maximum context for full attention."""
+    return window if window else max_positions
+
+
+def slot_of(pos: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Slot index of absolute positions (any int tensor)."""
+    return torch.remainder(pos, capacity)
+
+
+def chunk_positions(start_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """Absolute positions [B, S] of a chunk starting at ``start_pos`` [B] (int64)."""
+    return start_pos[:, None] + torch.arange(length, device=start_pos.device, dtype=start_pos.dtype)
+
+
+def resident_positions(start_pos: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Absolute position [B, C] held by each slot before a call at ``start_pos``; -1 where empty.
+
+    Slot s holds the latest q < start with q = s (mod C): q = start-1 - ((start-1-s) mod C).
+    """
+    slots = torch.arange(capacity, device=start_pos.device, dtype=start_pos.dtype)
+    last = start_pos[:, None] - 1
+    held = last - torch.remainder(last - slots, capacity)
+    return torch.where(held >= 0, held, torch.full_like(held, -1))
+
+
+def visible(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Boolean mask [..., Sq, Sk]: key at k is visible to query at p iff k >= 0 and p - W < k <= p."""
+    p = query_pos[..., :, None]
+    k = key_pos[..., None, :]
+    return (k >= 0) & (k <= p) & (p - k < window)
+
+
+def written_tokens(length: int, capacity: int) -> slice:
+    """Which chunk tokens are written to the buffer: the last min(S, C) (earlier ones are overwritten in-call)."""
+    return slice(max(0, length - capacity), length)
+
+
+def check_full_attention_context(end_pos: int, window: int | None, capacity: int) -> None:
+    """Full attention is exact only while every position fits: raise if ``end_pos`` exceeds capacity."""
+    if not window and end_pos > capacity:
+        raise UsageError(
+            f"context of {end_pos} tokens exceeds the KV capacity {capacity} of this full-attention model; "
+            f"use a larger capacity (mtx export --cache-capacity)")
