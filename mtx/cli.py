@@ -16,6 +16,8 @@ import click
 from mtx import __version__
 from mtx.errors import MtxError
 
+MANIFEST_NAME = "mtx.json"
+
 CKPT_HELP = ("Checkpoint folder (config.json or params.json with *.safetensors), or builtin:mistral / "
              "builtin:mixtral. Default: the built-in Mistral.")
 
@@ -103,6 +105,102 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
         t.add_row(k, str(v))
     Console().print(t)
     click.echo("ok: every tensor present with the expected shape" + (" and finite data" if verify else ""))
+
+
+class _OneLineOptions(click.Command):
+    """Bad option values become one ``mtx: error:`` line (exit 2) instead of click's usage block."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            from mtx.errors import UsageError
+
+            raise UsageError(e.format_message().replace("\n", " ")) from None
+
+
+class _RichProgress:
+    """mtx.exporter.Progress on stderr with rich (silent when stderr is not a terminal)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = Console(stderr=True)
+        self.bar = Progress(TextColumn("{task.description:<10}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                            console=self.console, transient=True, disable=not self.console.is_terminal)
+
+    def __enter__(self) -> _RichProgress:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def task(self, description: str, total: int):
+        task = self.bar.add_task(description, total=max(total, 1))
+        return lambda n: self.bar.advance(task, n)
+
+    def stage(self, description: str) -> None:
+        if self.console.is_terminal:
+            self.bar.console.log(description)
+
+
+@main.command(cls=_OneLineOptions)
+@click.argument("ckpt", required=False)
+@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output folder (created; replaced only with --force).")
+@click.option("--target", type=click.Choice(["onnxruntime", "onnx", "tensorrt"]), default="onnxruntime",
+              show_default=True,
+              help="onnxruntime: attention and MoE lowered to ONNX Runtime contrib ops (GroupQueryAttention, MoE). "
+                   "onnx: portable mtx custom ops with standard-op function bodies. "
+                   "tensorrt: the mtx ops for the TensorRT plugins; builds the engine when TensorRT and the "
+                   "plugins are installed.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Model dtype T. Tensors already stored in T are referenced, not converted.")
+@click.option("--cache-capacity", type=int, default=None,
+              help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
+                   "max_position_embeddings for full attention.")
+@click.option("--max-batch", type=int, default=1, show_default=True,
+              help="Largest batch the runtime will use (TensorRT engine profile; recorded in mtx.json).")
+@click.option("--max-position", type=int, default=None,
+              help="onnxruntime target: positions must stay below this (rows of the rotary tables). "
+                   "Default: max_position_embeddings, or the capacity for full attention.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (an earlier export or any other folder).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (mtx.json) as JSON instead of a summary.")
+def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
+           max_position: int | None, force: bool, as_json: bool) -> None:
+    """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
+
+    Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
+    mtx), lowered to ONNX Runtime contrib ops for --target onnxruntime. The folder is written next
+    to OUT and moved into place when complete. CKPT defaults to the built-in Mistral.
+    """
+    from mtx.exporter import ExportOptions
+    from mtx.exporter import export as run_export
+
+    options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
+                            max_position=max_position, force=force)
+    with _RichProgress() as progress:
+        result = run_export(ckpt, out, options, progress)
+    m = result.manifest
+    if as_json:
+        emit_json({"out": str(result.out), **m.to_dict()})
+        return
+    click.echo(f"exported {m.checkpoint['path']} -> {result.out}")
+    click.echo(f"  target {m.target}, dtype {m.dtype}, capacity {m.capacity}, window {m.window or 'none'}, "
+               f"kv layout {m.kv.layout}")
+    click.echo(f"  attention: {m.attention_op}" + (f" (local_window_size {m.local_window_size})"
+                                                   if m.local_window_size is not None else ""))
+    if m.moe_op:
+        click.echo(f"  moe: {m.moe_op}")
+    w = m.weights
+    click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
+               f"{w['written_bytes']:,} bytes written")
+    for note in result.notes:
+        click.echo(f"  {note}")
+    click.echo(f"  files: {', '.join(f.path for f in m.files)}, {MANIFEST_NAME}")
 
 
 def _numel(shape: tuple[int, ...]) -> int:

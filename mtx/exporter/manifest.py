@@ -1,0 +1,213 @@
+"""``mtx.json``: what an export folder holds and how to run it (docs/ops.md §5 is the schema).
+
+:func:`read_manifest` validates a manifest completely (every key, type and allowed value, and that
+each listed file exists with the recorded size; optionally its sha256) and returns a
+:class:`Manifest`; ``Manifest.from_dict(d).to_dict() == d`` for every valid manifest ``d``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mtx.config import ModelConfig
+from mtx.errors import MtxError
+
+MANIFEST = "mtx.json"
+FORMAT = "mtx-export"
+FORMAT_VERSION = 1
+TARGETS = ("onnxruntime", "onnx", "tensorrt")
+DTYPES = ("float32", "float16", "bfloat16")
+LAYOUTS = ("ring", "ort_window")
+PAST_PRESENT = ("separate", "shared")
+MULTI_TOKEN = ("any", "first_call_only")
+ROLES = ("model", "weights", "checkpoint-weights", "tokenizer", "engine")
+
+
+class ManifestError(MtxError):
+    """An export folder whose mtx.json is missing, malformed or does not match its files."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: ``shape`` entries are ints or the dynamic axis names ``batch`` / ``seq``."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """How a runtime must hold and pass the per-layer KV buffers of this export."""
+
+    layout: str  # "ring": slot p mod C; "ort_window": ONNX Runtime's own windowed layout (opaque)
+    past_present: str  # "separate": never alias past and present; "shared": bind both to one buffer
+    multi_token_batch: str  # "any", or "first_call_only": seq > 1 with batch > 1 only if every start_pos is 0
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Blocks that kept their mtx node (and function body) although the target prefers another op."""
+
+    op: str
+    layers: list[int]
+    reason: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the export folder
+    role: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    format_version: int
+    target: str
+    model: str
+    dtype: str
+    config: dict[str, Any]
+    window: int  # the op attribute: sliding window W, 0 = full attention
+    capacity: int
+    max_batch: int
+    max_position: int | None
+    kv: KVSpec
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    ops: dict[str, int]  # node counts of the main graph by "domain::op_type"
+    attention_op: str
+    moe_op: str | None
+    local_window_size: int | None  # GroupQueryAttention attribute written (onnxruntime target)
+    fallbacks: list[Fallback]
+    engine: str | None
+    engine_status: str
+    checkpoint: dict[str, Any]
+    weights: dict[str, Any]
+    versions: dict[str, str | None]
+    files: list[FileEntry] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any, origin: str = MANIFEST) -> Manifest:
+        """Validate ``d`` (parsed JSON) and build a Manifest; raises ManifestError naming the key."""
+        _check_keys(d, cls, origin)
+        if d["format"] != FORMAT or d["format_version"] != FORMAT_VERSION:
+            raise ManifestError(f"{origin}: not an {FORMAT} v{FORMAT_VERSION} manifest "
+                                f"(format {d['format']!r}, version {d['format_version']!r})")
+        _choice(d, "target", TARGETS, origin)
+        _choice(d, "dtype", DTYPES, origin)
+        kv = d["kv"]
+        _check_keys(kv, KVSpec, f"{origin}: kv")
+        _choice(kv, "layout", LAYOUTS, f"{origin}: kv")
+        _choice(kv, "past_present", PAST_PRESENT, f"{origin}: kv")
+        _choice(kv, "multi_token_batch", MULTI_TOKEN, f"{origin}: kv")
+        for key in ("inputs", "outputs"):
+            for i, spec in enumerate(d[key]):
+                _check_keys(spec, TensorSpec, f"{origin}: {key}[{i}]")
+        for i, fb in enumerate(d["fallbacks"]):
+            _check_keys(fb, Fallback, f"{origin}: fallbacks[{i}]")
+        for i, entry in enumerate(d["files"]):
+            _check_keys(entry, FileEntry, f"{origin}: files[{i}]")
+            _choice(entry, "role", ROLES, f"{origin}: files[{i}]")
+        try:
+            ModelConfig.from_dict(d["config"], origin=f"{origin}: config")
+        except MtxError as e:
+            raise ManifestError(str(e)) from None
+        return cls(**{**d, "kv": KVSpec(**kv), "inputs": [TensorSpec(**s) for s in d["inputs"]],
+                      "outputs": [TensorSpec(**s) for s in d["outputs"]],
+                      "fallbacks": [Fallback(**f) for f in d["fallbacks"]],
+                      "files": [FileEntry(**f) for f in d["files"]]})
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.config, origin=MANIFEST)
+
+    def file(self, role: str) -> list[FileEntry]:
+        return [f for f in self.files if f.role == role]
+
+
+_TYPES: dict[str, Any] = {
+    "str": str, "int": int, "dict[str, Any]": dict, "list[int | str]": list, "list[int]": list,
+    "list[TensorSpec]": list, "list[Fallback]": list, "list[FileEntry]": list, "dict[str, int]": dict,
+    "dict[str, str | None]": dict, "KVSpec": dict,
+}
+
+
+def _check_keys(d: Any, cls: type, origin: str) -> None:
+    if not isinstance(d, dict):
+        raise ManifestError(f"{origin}: expected a JSON object")
+    names = [f.name for f in fields(cls)]
+    missing = [n for n in names if n not in d]
+    extra = sorted(set(d) - set(names))
+    if missing:
+        raise ManifestError(f"{origin}: missing key {missing[0]!r}")
+    if extra:
+        raise ManifestError(f"{origin}: unknown key {extra[0]!r}")
+    for f in fields(cls):
+        value, kind = d[f.name], str(f.type)
+        optional = kind.endswith(" | None")
+        if value is None and optional:
+            continue
+        want = _TYPES[kind.removesuffix(" | None")]
+        if isinstance(value, bool) or not isinstance(value, want):
+            raise ManifestError(f"{origin}: key {f.name!r} must be {kind}, got {value!r}"[:300])
+
+
+def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], origin: str) -> None:
+    if d[key] not in allowed:
+        raise ManifestError(f"{origin}: {key} {d[key]!r} is not one of {', '.join(allowed)}")
+
+
+def sha256_file(path: Path, progress=None, chunk: int = 16 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+            if progress:
+                progress(len(block))
+    return h.hexdigest()
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
+    path = out_dir / MANIFEST
+    path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return path
+
+
+def read_manifest(out_dir: str | Path, verify_hashes: bool = False) -> Manifest:
+    """Read and validate ``OUT/mtx.json``; check that every listed file exists with its size.
+
+    ``verify_hashes`` also recomputes each file's sha256 (reads every byte of the export).
+    """
+    out_dir = Path(out_dir)
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{out_dir}: not an mtx export (no {MANIFEST})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    manifest = Manifest.from_dict(data, origin=str(path))
+    for entry in manifest.files:
+        f = out_dir / entry.path
+        if Path(entry.path).is_absolute() or ".." in Path(entry.path).parts:
+            raise ManifestError(f"{path}: file path {entry.path!r} must stay inside the export folder")
+        if not f.is_file():
+            raise ManifestError(f"{f}: listed in {MANIFEST} but missing")
+        if f.stat().st_size != entry.bytes:
+            raise ManifestError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} records {entry.bytes}")
+        if verify_hashes and sha256_file(f) != entry.sha256:
+            raise ManifestError(f"{f}: sha256 differs from {MANIFEST}")
+    if not any(e.path == manifest.model and e.role == "model" for e in manifest.files):
+        raise ManifestError(f"{path}: model {manifest.model!r} is not listed under files")
+    return manifest

@@ -1,0 +1,166 @@
+"""Give the traced graph its weights without holding them in RAM twice.
+
+* A tensor whose canonical form is exactly the bytes stored in the checkpoint (``Source.is_plain``)
+  in the export dtype is not converted: its safetensors file is brought into the output folder as it
+  is and the ONNX initializer becomes external data at the tensor's byte offset in that file
+  (safetensors data is raw little-endian, which is what ONNX external data means by offset and
+  length). The file is cloned copy-on-write where the filesystem can (``FICLONE``: btrfs, XFS, ...;
+  no data is copied) and otherwise streamed in chunks while its sha256 is computed (if less than
+  half of a file is used, its used tensors are written to the data file instead). It is never
+  hard-linked: onnx (checker and loader) rejects external data files with several hard links as a
+  possible "hardlink attack", so a hard-linked export would fail ``onnx.checker.check_model``.
+* Every other tensor (dtype change, stacked experts, mistral-inference q/k permutation, tensors that
+  lowering derives, ``inv_freq``) is a lazy tensor: it is produced one at a time while
+  :data:`DATA_FILE` is written, and freed before the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
+
+from mtx.models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorRef
+
+#: The output folder's own external data file (converted and derived tensors).
+DATA_FILE = "model.onnx.data"
+
+
+def lazy(name: str, shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[], torch.Tensor]) -> ir.LazyTensor:
+    """An initializer value computed only when it is written (``make`` returns it on the CPU)."""
+    def evaluate() -> ir.TensorProtocol:
+        t = make()
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise AssertionError(f"{name}: produced {t.dtype} {list(t.shape)}, expected {dtype} {list(shape)}")
+        return TorchTensor(t.contiguous(), name=name)
+    return ir.LazyTensor(evaluate, dtype=from_torch_dtype(dtype), shape=ir.Shape(shape), name=name)
+
+
+@dataclass
+class WeightReport:
+    """What :func:`attach_weights` did: files linked or copied, and bytes referenced or written."""
+
+    files: dict[str, str] = field(default_factory=dict)  # checkpoint file name in OUT -> "reflink" | "copy"
+    sha256: dict[str, str] = field(default_factory=dict)  # of those files, computed while bringing them in
+    referenced_bytes: int = 0  # initializer bytes that point into checkpoint files
+    written_bytes: int = 0  # initializer bytes written to DATA_FILE
+    referenced: int = 0  # number of initializers referencing checkpoint bytes
+    written: int = 0  # number of initializers written to DATA_FILE
+
+
+FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int); fcntl.FICLONE from Python 3.12
+CHUNK = 16 << 20
+
+
+def _reflink(src: Path, dst: Path) -> bool:
+    """Copy-on-write clone of ``src`` at ``dst`` (no data copied). False (and no ``dst``) where unsupported."""
+    if sys.platform != "linux":
+        return False
+    import fcntl
+
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.EPERM, errno.ENOSYS):
+                raise
+    dst.unlink()
+    return False
+
+
+def _copy_hashing(src: Path, dst: Path | None, advance: Callable[[int], None]) -> str:
+    """sha256 of ``src``, copying it to ``dst`` on the way (one chunk in memory at a time)."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, (open(dst, "wb") if dst else contextlib.nullcontext()) as fout:
+        while block := fin.read(CHUNK):
+            if fout is not None:
+                fout.write(block)
+            h.update(block)
+            advance(len(block))
+    if dst:
+        shutil.copystat(src, dst)
+    return h.hexdigest()
+
+
+class _Silent:
+    def task(self, description: str, total: int) -> Callable[[int], None]:
+        return lambda n: None
+
+
+def _is_zero_copy(ck: Checkpoint, name: str, dtype: torch.dtype) -> TensorRef | None:
+    src = ck.sources.get(name)
+    if src is None or not src.is_plain:
+        return None
+    ref = src.refs[0]
+    return ref if SAFETENSORS_DTYPES[ref.dtype] == dtype else None
+
+
+def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir: Path,
+                   progress=None) -> WeightReport:
+    """Point every initializer of ``model`` at data under ``out_dir`` (the folder of model.onnx).
+
+    Initializers named after checkpoint tensors come from ``ck`` in ``dtype``; others must already
+    hold a value (a lazy tensor from lowering, or a small in-memory tensor). A checkpoint file whose
+    tensors are referenced is cloned (reflink) into ``out_dir``, or copied if at least half of its
+    bytes are referenced; otherwise its referenced tensors are written to :data:`DATA_FILE` like the
+    converted ones. Afterwards every initializer is an :class:`onnx_ir.ExternalTensor` relative to
+    ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.Progress).
+    """
+    progress = progress or _Silent()
+    report = WeightReport()
+    by_file: dict[Path, list[tuple[ir.Value, TensorRef]]] = {}
+    to_write: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for name, value in model.graph.initializers.items():
+        ref = _is_zero_copy(ck, name, dtype)
+        if ref is not None:
+            by_file.setdefault(ref.file, []).append((value, ref))
+        elif name in ck.sources:
+            to_write.append((value, lazy(name, ck.shapes[name], dtype, lambda n=name: ck.load(n, dtype))))
+        elif value.const_value is not None:
+            to_write.append((value, value.const_value))
+        else:
+            raise AssertionError(f"initializer {name!r} has no source")
+
+    if len({f.name for f in by_file}) != len(by_file) or DATA_FILE in {f.name for f in by_file}:
+        raise AssertionError("checkpoint file names collide in the output folder")
+    kept: dict[Path, str] = {}
+    for src, items in by_file.items():
+        if _reflink(src, out_dir / src.name):
+            kept[src] = "reflink"
+        elif 2 * sum(ref.nbytes for _, ref in items) >= src.stat().st_size:
+            kept[src] = "copy"
+        else:  # mostly unused (e.g. per-expert tensors that were stacked): write the few used ones instead
+            to_write += [(v, lazy(v.name, ref.shape, dtype, lambda n=v.name: ck.load(n, dtype))) for v, ref in items]
+
+    advance = progress.task("checkpoint", sum(src.stat().st_size for src in kept))
+    for src, method in kept.items():
+        local = src.name
+        report.sha256[local] = _copy_hashing(out_dir / local if method == "reflink" else src,
+                                             None if method == "reflink" else out_dir / local, advance)
+        report.files[local] = method
+        for value, ref in by_file[src]:
+            value.const_value = ir.ExternalTensor(local, ref.data_offset, ref.nbytes, from_torch_dtype(dtype),
+                                                  shape=ir.Shape(ref.shape), name=value.name, base_dir=str(out_dir))
+            report.referenced += 1
+            report.referenced_bytes += ref.nbytes
+
+    if to_write:
+        advance = progress.task("convert", sum(t.nbytes for _, t in to_write))
+        written = ir.external_data.convert_tensors_to_external(
+            [t for _, t in to_write], base_dir=str(out_dir), relative_path=DATA_FILE,
+            callback=lambda tensor, info: advance(tensor.nbytes))
+        for (value, _), ext in zip(to_write, written, strict=True):
+            value.const_value = ext
+            report.written += 1
+            report.written_bytes += ext.nbytes
+    return report

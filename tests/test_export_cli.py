@@ -1,0 +1,239 @@
+"""``mtx export`` as a user runs it: the folder it writes, the manifest, and clean one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from mtx.exporter import ExportOptions, Manifest, ManifestError, export, read_manifest
+from mtx.exporter import weights as weights_module
+from mtx.models.checkpoint import Checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 4096}',
+             "special_tokens_map.json": '{"bos_token": "<s>"}'}
+
+
+def run_mtx(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "mtx", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=env)
+
+
+def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtx: error: "), res.stderr
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(ckpt_factory, tmp_path_factory) -> Path:
+    """The tiny Mistral with tokenizer files next to it."""
+    folder = tmp_path_factory.mktemp("ckpt") / "mistral"
+    shutil.copytree(ckpt_factory("mistral"), folder)
+    for name, text in TOKENIZER.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cli_export(checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+    """One export through the command line (default target), with --json."""
+    out = tmp_path_factory.mktemp("cli") / "out"
+    res = run_mtx("export", checkpoint, "-o", out, "--json")
+    assert res.returncode == 0, res.stderr
+    return out, json.loads(res.stdout)
+
+
+def test_folder_and_manifest(cli_export, checkpoint):
+    out, printed = cli_export
+    assert printed.pop("out") == str(out)
+    on_disk = json.loads((out / "mtx.json").read_text())
+    assert printed == on_disk
+    m = read_manifest(out, verify_hashes=True)
+    assert Manifest.from_dict(on_disk).to_dict() == on_disk  # round trip
+    assert m.target == "onnxruntime" and m.dtype == "float32" and m.capacity == 8 and m.window == 8
+    assert [s.name for s in m.inputs] == ["input_ids", "start_pos", "past_key.0", "past_value.0", "past_key.1",
+                                          "past_value.1"]
+    assert [s.name for s in m.outputs] == ["logits", "present_key.0", "present_value.0", "present_key.1",
+                                           "present_value.1"]
+    assert m.inputs[0].shape == ["batch", "seq"] and m.inputs[2].shape == ["batch", 2, 8, 16]
+    assert m.outputs[0].shape == ["batch", "seq", 128]
+
+    # every artifact is listed with its real sha256; tokenizer files were copied
+    listed = {f.path: f for f in m.files}
+    assert set(listing(out)) == set(listed) | {"mtx.json"}
+    for path, entry in listed.items():
+        assert hashlib.sha256((out / path).read_bytes()).hexdigest() == entry.sha256
+    for name in [*TOKENIZER, "generation_config.json"]:
+        assert listed[name].role == "tokenizer" and (out / name).read_bytes() == (checkpoint / name).read_bytes()
+
+    # the model's external data points into the checkpoint's own safetensors file, byte for byte
+    assert m.file("checkpoint-weights")[0].path == "model.safetensors"
+    assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    assert os.stat(out / "model.safetensors").st_nlink == 1  # not a hard link (onnx refuses those)
+    ck = Checkpoint(checkpoint)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    refs = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer}
+    wq = ck.sources["layers.1.attn.wq.weight"].refs[0]
+    assert refs["layers.1.attn.wq.weight"] == {"location": "model.safetensors", "offset": str(wq.data_offset),
+                                               "length": str(wq.nbytes)}
+    assert m.weights["written_tensors"] == 2  # only the rotary cos/sin tables are computed
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+def test_summary_and_help(checkpoint, tmp_path):
+    res = run_mtx("export", "--help")
+    assert res.returncode == 0
+    for option in ("--target", "--dtype", "--cache-capacity", "--max-batch", "--max-position", "--force", "--json",
+                   "--out"):
+        assert option in res.stdout
+    out = tmp_path / "nested" / "out"  # missing parents are created
+    res = run_mtx("export", checkpoint, "-o", out, "--target", "tensorrt", "--max-batch", "4")
+    assert res.returncode == 0, res.stderr
+    assert "target tensorrt" in res.stdout and "engine: not built" in res.stdout
+    m = read_manifest(out)
+    assert m.max_batch == 4 and m.engine is None and m.attention_op == "mtx::SlidingWindowGQA"
+
+
+def test_replace_requires_force(cli_export, checkpoint, tmp_path):
+    out, _ = cli_export
+    before = (out / "mtx.json").read_bytes()
+    assert_clean_error(run_mtx("export", checkpoint, "-o", out), str(out), "--force", "mtx export")
+    assert (out / "mtx.json").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert_clean_error(run_mtx("export", checkpoint, "-o", other), "not an mtx export", "--force")
+    assert listing(other) == ["notes.txt"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert_clean_error(run_mtx("export", checkpoint, "-o", afile, "--force"), "not a folder")
+    # --force replaces the earlier export; nothing else is left next to it
+    res = run_mtx("export", checkpoint, "-o", other, "--target", "onnx", "--force")
+    assert res.returncode == 0, res.stderr
+    assert read_manifest(other).target == "onnx" and "notes.txt" not in listing(other)
+    assert listing(tmp_path) == ["afile", "other"]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--dtype", "float8"], ["--dtype", "float8"]),
+    (["--cache-capacity", "4"], ["--cache-capacity", "sliding window 8"]),
+    (["--cache-capacity", "many"], ["--cache-capacity", "many"]),
+    (["--target", "foo"], ["--target", "foo"]),
+    (["--max-batch", "0"], ["--max-batch"]),
+])
+def test_bad_options(checkpoint, tmp_path, args, needles):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    assert_clean_error(run_mtx("export", checkpoint, "-o", parent / "out", *args), *needles)
+    assert listing(parent) == []
+
+
+def _broken(checkpoint: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
+    folder = tmp_path / "broken"
+    shutil.copytree(checkpoint, folder)
+    st = folder / "model.safetensors"
+    if how == "truncated":
+        st.write_bytes(st.read_bytes()[:-1000])
+        return folder, str(st)
+    if how == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(st))
+        tensors.pop("model.layers.1.mlp.down_proj.weight")
+        save_file(tensors, str(st))
+        return folder, "model.layers.1.mlp.down_proj.weight"
+    if how == "no-config":
+        (folder / "config.json").unlink()
+        return folder, str(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_attention_heads"] = 3  # not a multiple of the KV heads
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder, "num_attention_heads"
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing-tensor", "no-config", "bad-config"])
+def test_bad_checkpoint(checkpoint, tmp_path, how):
+    folder, needle = _broken(checkpoint, tmp_path, how)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    assert_clean_error(run_mtx("export", folder, "-o", parent / "out"), needle)
+    assert listing(parent) == []
+
+
+def test_failure_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    """A failure while weights are written (here: a full disk) removes the partial folder and its parents."""
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(weights_module, "_copy_hashing", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export(checkpoint, tmp_path / "new" / "out", ExportOptions(target="onnx"))
+    assert listing(tmp_path) == []
+
+
+def test_manifest_validation(cli_export, tmp_path):
+    out, _ = cli_export
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    data = json.loads((copy / "mtx.json").read_text())
+
+    def broken(change) -> str:
+        d = json.loads(json.dumps(data))
+        change(d)
+        (copy / "mtx.json").write_text(json.dumps(d))
+        with pytest.raises(ManifestError) as e:
+            read_manifest(copy)
+        return str(e.value)
+
+    assert "kv" in broken(lambda d: d["kv"].update(layout="paged"))
+    assert "target" in broken(lambda d: d.update(target="tflite"))
+    assert "'capacity'" in broken(lambda d: d.pop("capacity"))
+    assert "'extra'" in broken(lambda d: d.update(extra=1))
+    assert "max_batch" in broken(lambda d: d.update(max_batch="1"))
+    (copy / "mtx.json").write_text(json.dumps(data))
+    (copy / "model.onnx.data").write_bytes(b"")
+    with pytest.raises(ManifestError, match="bytes"):
+        read_manifest(copy)
+
+
+def test_tensorrt_engine_build(checkpoint, tmp_path, monkeypatch):
+    """With TensorRT and the plugins present, mtx.tensorrt.build_engine is called and the engine listed."""
+    import types
+
+    calls = []
+
+    def build_engine(onnx_path, engine_path, **kwargs):
+        calls.append((Path(onnx_path).name, kwargs))
+        Path(engine_path).write_bytes(b"engine")
+
+    fake = types.ModuleType("mtx.tensorrt")
+    fake.available = lambda: (True, "")
+    fake.build_engine = build_engine
+    monkeypatch.setitem(sys.modules, "mtx.tensorrt", fake)
+    result = export(checkpoint, tmp_path / "trt", ExportOptions(target="tensorrt", max_batch=2))
+    m = read_manifest(tmp_path / "trt", verify_hashes=True)
+    assert calls == [("model.onnx", {"max_batch": 2, "max_seq": 8, "dtype": "float32"})]
+    assert m.engine == "model.engine" and m.engine_status == "built" and m.file("engine")[0].bytes == 6
+    assert "engine: built" in result.notes
+
+    fake.available = lambda: (False, "TensorRT 10 and libmtx_plugins.so not found")
+    export(checkpoint, tmp_path / "trt", ExportOptions(target="tensorrt", force=True))
+    m = read_manifest(tmp_path / "trt")
+    assert m.engine is None and m.engine_status == "not built: TensorRT 10 and libmtx_plugins.so not found"
