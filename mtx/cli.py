@@ -177,11 +177,14 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     mtx), lowered to ONNX Runtime contrib ops for --target onnxruntime. The folder is written next
     to OUT and moved into place when complete. CKPT defaults to the built-in Mistral.
     """
-    from mtx.exporter import ExportOptions
-    from mtx.exporter import export as run_export
+    from mtx.exporter.options import ExportOptions, check_out
 
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
                             max_position=max_position, force=force)
+    options.validate()  # cheap checks first: bad options fail before torch is imported
+    check_out(out, force)
+    from mtx.exporter import export as run_export
+
     with _RichProgress() as progress:
         result = run_export(ckpt, out, options, progress)
     m = result.manifest

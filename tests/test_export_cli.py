@@ -137,12 +137,21 @@ def test_replace_requires_force(cli_export, checkpoint, tmp_path):
     (["--cache-capacity", "many"], ["--cache-capacity", "many"]),
     (["--target", "foo"], ["--target", "foo"]),
     (["--max-batch", "0"], ["--max-batch"]),
+    (["--max-position", "100", "--target", "onnx"], ["--max-position", "onnxruntime"]),
 ])
 def test_bad_options(checkpoint, tmp_path, args, needles):
     parent = tmp_path / "parent"
     parent.mkdir()
     assert_clean_error(run_mtx("export", checkpoint, "-o", parent / "out", *args), *needles)
     assert listing(parent) == []
+
+
+def test_never_replaces_the_checkpoint(checkpoint, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    assert_clean_error(run_mtx("export", folder, "-o", folder, "--force"), "checkpoint folder")
+    assert_clean_error(run_mtx("export", folder / "model.safetensors", "-o", tmp_path / "out"), "expected a checkpoint")
+    assert listing(tmp_path) == ["ckpt"] and (folder / "model.safetensors").is_file()
 
 
 def _broken(checkpoint: Path, tmp_path: Path, how: str) -> tuple[Path, str]:

@@ -3,10 +3,27 @@
     from mtx.exporter import ExportOptions, export, read_manifest
     result = export("path/to/checkpoint", "out", ExportOptions(target="onnxruntime"))
     manifest = read_manifest("out")
+
+Names are imported on first use, so reading a manifest (``read_manifest``, ``Manifest``) or
+checking options does not import torch or onnx.
 """
 
-from mtx.exporter.core import ExportError, ExportOptions, ExportResult, Progress, export
-from mtx.exporter.manifest import MANIFEST, Manifest, ManifestError, read_manifest
+from __future__ import annotations
 
-__all__ = ["MANIFEST", "ExportError", "ExportOptions", "ExportResult", "Manifest", "ManifestError", "Progress",
-           "export", "read_manifest"]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MANIFEST": "mtx.exporter.manifest", "Manifest": "mtx.exporter.manifest",
+    "ManifestError": "mtx.exporter.manifest", "read_manifest": "mtx.exporter.manifest",
+    "ExportOptions": "mtx.exporter.options",
+    "ExportError": "mtx.exporter.core", "ExportResult": "mtx.exporter.core", "Progress": "mtx.exporter.core",
+    "export": "mtx.exporter.core",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mtx.exporter' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

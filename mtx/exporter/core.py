@@ -26,8 +26,9 @@ from mtx.assets import resolve_checkpoint
 from mtx.config import ModelConfig
 from mtx.errors import MtxError, UsageError
 from mtx.exporter import functions, ort_lowering, trace, weights
-from mtx.exporter.manifest import (DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, TARGETS, Fallback, FileEntry, KVSpec,
-                                   Manifest, TensorSpec, sha256_file, write_manifest)
+from mtx.exporter.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, Manifest, TensorSpec,
+                                   sha256_file, write_manifest)
+from mtx.exporter.options import ExportOptions, check_out
 from mtx.models.checkpoint import DTYPE_NAMES, Checkpoint
 
 MODEL_FILE = "model.onnx"
@@ -40,28 +41,6 @@ class ExportError(MtxError):
     """The export itself failed (not bad input): e.g. the written model does not pass the ONNX checker."""
 
     exit_code = 1
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Options of ``mtx export`` (see ``mtx export --help``)."""
-
-    target: str = "onnxruntime"
-    dtype: str = "float32"
-    cache_capacity: int | None = None  # default: the sliding window, or max_position_embeddings
-    max_batch: int = 1
-    max_position: int | None = None  # onnxruntime target: rows of the rotary tables
-    force: bool = False
-
-    def validate(self) -> None:
-        if self.target not in TARGETS:
-            raise UsageError(f"--target: unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        for opt, value in (("--cache-capacity", self.cache_capacity), ("--max-batch", self.max_batch),
-                           ("--max-position", self.max_position)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"{opt}: expected a positive integer, got {value!r}")
 
 
 class Progress:
@@ -86,18 +65,9 @@ class ExportResult:
 # Output folder
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse to replace anything without --force, and never replace a file with a folder."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"-o {out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        what = "an mtx export" if (out / MANIFEST).is_file() else "a folder that is not an mtx export (no mtx.json)"
-        raise UsageError(f"-o {out}: already exists and is {what}; pass --force to replace it")
-
-
 @contextlib.contextmanager
 def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``; removed (with any parents created for it) unless committed."""
+    """A temporary folder next to ``out``; removed (with any parents created for it) on failure."""
     created: list[Path] = []
     parent = out.parent
     while not parent.exists():
@@ -117,7 +87,7 @@ def _staging(out: Path) -> Iterator[Path]:
 
 
 def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; a previous export (checked by _check_out) is removed after."""
+    """Move the finished folder into place; what was at ``out`` (allowed by check_out) is removed after."""
     if out.is_dir():
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.rename(out, old)
@@ -140,7 +110,7 @@ def _capacity(cfg: ModelConfig, requested: int | None) -> int:
 
 
 def _layers_of(model: ir.Model, op: str) -> list[int]:
-    """Layer numbers of the mtx nodes ``op`` still in the graph (from the present_key output / order)."""
+    """Layer numbers of the mtx nodes ``op`` (one per layer, in graph order, so the n-th is layer n)."""
     return [i for i, n in enumerate(n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == op)]
 
 
@@ -187,59 +157,76 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: ExportOptions, capaci
     return ENGINE_FILE, "built"
 
 
+@dataclass
+class _GraphPlan:
+    """How the target shaped the graph: what the manifest reports about ops and KV buffers."""
+
+    attention_op: str
+    moe_op: str | None
+    kv: KVSpec
+    max_position: int | None = None
+    local_window_size: int | None = None
+    fallbacks: list[Fallback] = field(default_factory=list)
+
+
+def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: ExportOptions,
+                 max_position: int, progress: Progress) -> _GraphPlan:
+    """Lower to ONNX Runtime contrib ops (onnxruntime target) and attach the function bodies still needed."""
+    cfg = ck.config
+    window = cfg.sliding_window or 0
+    mtx_attention, mtx_moe = f"{functions.DOMAIN}::{functions.ATTENTION_OP}", f"{functions.DOMAIN}::{functions.MOE_OP}"
+    plan = _GraphPlan(mtx_attention, mtx_moe if cfg.is_moe else None,
+                      KVSpec("ring", "shared" if options.target == "tensorrt" else "separate", "any"))
+    if options.target == "onnxruntime":
+        progress.stage("checking ONNX Runtime's contrib ops against the reference")
+        ort = ort_lowering.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
+                                cfg.num_experts, cfg.num_experts_per_tok)
+        for op, cap in ((functions.ATTENTION_OP, ort.attention), (functions.MOE_OP, ort.moe)):
+            if cap is not None and not cap.ok:
+                plan.fallbacks.append(Fallback(f"{functions.DOMAIN}::{op}", _layers_of(model, op), cap.reason))
+        lower_moe = ort.moe is not None and ort.moe.ok
+        ort_lowering.lower(model, dtype=dtype, window_offset=ort.window_offset or 0, max_position=max_position,
+                           attention=ort.attention.ok, moe=lower_moe, load=lambda name: ck.load(name, dtype))
+        if ort.attention.ok:
+            plan.attention_op = f"{ort_lowering.MS_DOMAIN}::GroupQueryAttention"
+            plan.local_window_size = ort.local_window_size(window)
+            plan.max_position = max_position
+            plan.kv = KVSpec("ort_window" if window else "ring", "shared", "first_call_only")
+        if lower_moe:
+            plan.moe_op = f"{ort_lowering.MS_DOMAIN}::MoE"
+    trace.attach_functions(model)
+    return plan
+
+
 def export(checkpoint: str | Path | None, out: str | Path, options: ExportOptions = ExportOptions(),
            progress: Progress | None = None) -> ExportResult:
     """Export ``checkpoint`` (folder, ``builtin:NAME`` or None for the built-in model) into folder ``out``.
 
-    Raises :class:`mtx.errors.MtxError` on bad options or checkpoints (nothing is written then).
+    Raises :class:`mtx.errors.MtxError` on bad options or checkpoints (checked before anything is
+    written); any failure removes the partial output.
     """
     progress = progress or Progress()
     options.validate()
     out = Path(out)
-    _check_out(out, options.force)
+    check_out(out, options.force)
     ck = Checkpoint(resolve_checkpoint(checkpoint))
+    if out.resolve() == ck.root.resolve() or out.resolve() in ck.root.resolve().parents:
+        raise UsageError(f"-o {out}: would replace the checkpoint folder {ck.root}; choose another output folder")
     cfg = ck.config
     dtype = DTYPE_NAMES[options.dtype]
     capacity = _capacity(cfg, options.cache_capacity)
     window = cfg.sliding_window or 0
-    notes: list[str] = []
+    max_position = options.max_position or (cfg.max_position_embeddings if window else capacity)
+    if not window and max_position < capacity:
+        raise UsageError(f"--max-position: {max_position} is below the KV capacity {capacity} of this "
+                         f"full-attention model")
 
     with _staging(out) as tmp:
         progress.stage(f"tracing {cfg.num_layers} layers with torch.onnx (dynamo)")
         model = trace.trace(cfg, dtype, capacity)
-
-        fallbacks: list[Fallback] = []
-        local_window_size = None
-        max_position = None
-        attention_op, moe_op = f"{functions.DOMAIN}::{functions.ATTENTION_OP}", (
-            f"{functions.DOMAIN}::{functions.MOE_OP}" if cfg.is_moe else None)
-        kv = KVSpec("ring", "shared" if options.target == "tensorrt" else "separate", "any")
-        if options.target == "onnxruntime":
-            progress.stage("checking ONNX Runtime's contrib ops against the reference")
-            plan = ort_lowering.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
-                                     cfg.num_experts, cfg.num_experts_per_tok)
-            max_position = options.max_position or (cfg.max_position_embeddings if window else capacity)
-            if not window and max_position < capacity:
-                raise UsageError(f"--max-position: {max_position} is below the KV capacity {capacity} of this "
-                                 f"full-attention model")
-            for op, cap in ((functions.ATTENTION_OP, plan.attention), (functions.MOE_OP, plan.moe)):
-                if cap is not None and not cap.ok:
-                    fallbacks.append(Fallback(f"{functions.DOMAIN}::{op}", _layers_of(model, op), cap.reason))
-            ort_lowering.lower(model, dtype=dtype, window_offset=plan.window_offset or 0, max_position=max_position,
-                               attention=plan.attention.ok, moe=bool(plan.moe and plan.moe.ok),
-                               load=lambda name: ck.load(name, dtype))
-            if plan.attention.ok:
-                attention_op = f"{ort_lowering.MS_DOMAIN}::GroupQueryAttention"
-                local_window_size = plan.local_window_size(window)
-                kv = KVSpec("ort_window" if window else "ring", "shared", "first_call_only")
-            else:
-                max_position = None
-            if plan.moe is not None and plan.moe.ok:
-                moe_op = f"{ort_lowering.MS_DOMAIN}::MoE"
-            for fb in fallbacks:
-                notes.append(f"fallback: {fb.op} kept with its ONNX function body in layers "
-                             f"{_ranges(fb.layers)}: {fb.reason}")
-        trace.attach_functions(model)
+        plan = _shape_graph(model, ck, dtype, options, max_position, progress)
+        notes = [f"fallback: {fb.op} kept with its ONNX function body in layers {_ranges(fb.layers)}: {fb.reason}"
+                 for fb in plan.fallbacks]
 
         report = weights.attach_weights(model, ck, dtype, tmp, progress)
         model.ir_version = ort_lowering.IR_VERSION
@@ -272,11 +259,12 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         manifest = Manifest(
             format=FORMAT, format_version=FORMAT_VERSION, target=options.target, model=MODEL_FILE,
             dtype=options.dtype, config=cfg.to_dict(), window=window, capacity=capacity, max_batch=options.max_batch,
-            max_position=max_position, kv=kv,
+            max_position=plan.max_position, kv=plan.kv,
             inputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.inputs],
             outputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
-            ops=trace.count_ops(model), attention_op=attention_op, moe_op=moe_op, local_window_size=local_window_size,
-            fallbacks=fallbacks, engine=engine, engine_status=engine_status,
+            ops=trace.count_ops(model), attention_op=plan.attention_op, moe_op=plan.moe_op,
+            local_window_size=plan.local_window_size, fallbacks=plan.fallbacks, engine=engine,
+            engine_status=engine_status,
             checkpoint={"path": str(ck.root.resolve()), "format": cfg.source_format,
                         "dtype": str(ck.dtype).removeprefix("torch.")},
             weights={"referenced_bytes": report.referenced_bytes, "written_bytes": report.written_bytes,

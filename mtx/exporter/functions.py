@@ -38,14 +38,14 @@ MOE_OP = "MoE"
 
 mtx_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
-#: The model dtype T of docs/ops.md.
-T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16])
+#: The model dtype T of docs/ops.md. (onnxscript reads typing.Union / typing.Tuple annotations.)
+T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16])  # noqa: UP007
 
 
 @onnxscript.script(mtx_opset, default_opset=op)
 def SlidingWindowGQA(query: T, key: T, value: T, past_key: T, past_value: T, start_pos: INT64, inv_freq: FLOAT,
                      num_heads: int, num_kv_heads: int, window: int, scale: float,
-                     plugin_version: str = "1", plugin_namespace: str = "mtx") -> Tuple[T, T, T]:  # noqa: UP006 (onnxscript reads typing.Tuple)
+                     plugin_version: str = "1", plugin_namespace: str = "mtx") -> Tuple[T, T, T]:  # noqa: UP006
     """docs/ops.md §2: query [B,S,Hq*D], key/value [B,S,Hkv*D], buffers [B,Hkv,C,D], start_pos [B]."""
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)

@@ -209,7 +209,7 @@ def single_op_model(op: str, inputs: dict[str, torch.Tensor], consts: dict[str, 
                      const_value=TorchTensor(t, name=n)) for n, t in consts.items()]
     by_name = {v.name: v for v in graph_inputs + init}
     order = list(inputs) + list(consts)
-    node = ir.Node(functions.DOMAIN, op, [by_name[n] for n in order if n in by_name], ir.convenience.convert_attributes(attrs),
+    node = ir.Node(functions.DOMAIN, op, [by_name[n] for n in order], ir.convenience.convert_attributes(attrs),
                    num_outputs=num_outputs)
     graph = ir.Graph(graph_inputs, node.outputs, nodes=[node], initializers=init,
                      opset_imports={"": functions.OPSET, functions.DOMAIN: functions.DOMAIN_VERSION})

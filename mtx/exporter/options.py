@@ -1,0 +1,47 @@
+"""Options of ``mtx export`` and the output-folder rules, checked before any heavy import or work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mtx.errors import UsageError
+from mtx.exporter.manifest import DTYPES, MANIFEST, TARGETS
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of ``mtx export`` (see ``mtx export --help``)."""
+
+    target: str = "onnxruntime"
+    dtype: str = "float32"
+    cache_capacity: int | None = None  # default: the sliding window, or max_position_embeddings
+    max_batch: int = 1
+    max_position: int | None = None  # onnxruntime target: rows of the rotary tables
+    force: bool = False
+
+    def validate(self) -> None:
+        """Raise UsageError naming the option for any value that cannot work, whatever the checkpoint."""
+        if self.target not in TARGETS:
+            raise UsageError(f"--target: unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+        for opt, value in (("--cache-capacity", self.cache_capacity), ("--max-batch", self.max_batch),
+                           ("--max-position", self.max_position)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise UsageError(f"{opt}: expected a positive integer, got {value!r}")
+        if self.max_position is not None and self.target != "onnxruntime":
+            raise UsageError(f"--max-position: applies to --target onnxruntime only (the rotary tables of "
+                             f"GroupQueryAttention), not to --target {self.target}")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse to replace anything without --force, and never replace a file with a folder.
+
+    An absent or empty folder is fine; an earlier export or any other non-empty folder needs --force.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UsageError(f"-o {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        what = "an mtx export" if (out / MANIFEST).is_file() else "a folder that is not an mtx export (no mtx.json)"
+        raise UsageError(f"-o {out}: already exists and is {what}; pass --force to replace it")
