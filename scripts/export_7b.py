@@ -1,15 +1,16 @@
 #!/usr/bin/env python
 """Export a synthetic Mistral-7B-shaped checkpoint and report wall time and peak memory as JSON.
 
-    python scripts/export_7b.py [--workdir /tmp/mtx-7b] [--target onnxruntime] [--dtype float16] [--keep]
+    python scripts/export_7b.py [--workdir /tmp/mtx-7b] [--run onnxruntime:float16 ...] [--keep]
 
 The checkpoint has Mistral-7B's shapes (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128,
 intermediate 14336, vocab 32000, sliding window 4096) in float16, ~14.5 GB in three HF-style
 shards with ``model.safetensors.index.json``. Its data is cheap and deterministic (a small random
 block tiled over every tensor) and is written tensor by tensor, so neither this script nor the
-export ever holds the weights in memory. The export runs as ``python -m mtx export`` in a child
-process; the report gives its wall time and peak RSS (``getrusage(RUSAGE_CHILDREN)``). Both folders
-are deleted afterwards unless ``--keep``.
+export ever holds the weights in memory. Each ``--run TARGET:DTYPE`` runs ``python -m mtx export``
+in a child process; the report gives its wall time and peak RSS (the child's ``rusage`` from
+``wait4``, children of the child included). Everything is deleted afterwards unless ``--keep``;
+each export is deleted after its run to save disk.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,41 +97,55 @@ def make_checkpoint(folder: Path, layers: int, shards: int = 3) -> int:
     return total
 
 
+def run_export(ckpt: Path, out: Path, target: str, dtype: str) -> dict:
+    """Run ``mtx export`` in a child process; return its manifest and measured wall time / peak RSS."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", target, "--dtype", dtype,
+           "--json", "--force"]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.time() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0), stderr.seek(0)
+        if proc.returncode:
+            sys.stderr.write(stderr.read())
+            raise SystemExit(proc.returncode)
+        manifest = json.loads(stdout.read())
+    peak = usage.ru_maxrss * 1024  # Linux reports KiB
+    return {
+        "command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_bytes": peak,
+        "peak_rss_gib": round(peak / 2**30, 2), "target": manifest["target"], "dtype": manifest["dtype"],
+        "attention_op": manifest["attention_op"], "fallbacks": manifest["fallbacks"], "weights": manifest["weights"],
+        "output_bytes": sum(f["bytes"] for f in manifest["files"]),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mtx-7b"))
-    ap.add_argument("--target", default="onnxruntime", choices=["onnxruntime", "onnx", "tensorrt"])
-    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--run", action="append", metavar="TARGET:DTYPE",
+                    help="an export to measure (repeatable); default onnxruntime:float16")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick run")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the export")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the exports")
     a = ap.parse_args()
 
-    ckpt, out = a.workdir / "checkpoint", a.workdir / f"export-{a.target}"
+    ckpt = a.workdir / "checkpoint"
     t0 = time.time()
     size = make_checkpoint(ckpt, a.layers)
-    made = time.time() - t0
-    shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", a.target,
-           "--dtype", a.dtype, "--json"]
-    t0 = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.time() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
-    if res.returncode:
-        sys.stderr.write(res.stderr)
-        raise SystemExit(res.returncode)
-    manifest = json.loads(res.stdout)
-    report = {
-        "command": " ".join(cmd), "checkpoint_bytes": size, "checkpoint_write_s": round(made, 1),
-        "export_wall_s": round(wall, 1), "export_peak_rss_bytes": peak, "export_peak_rss_gib": round(peak / 2**30, 2),
-        "target": manifest["target"], "dtype": manifest["dtype"], "attention_op": manifest["attention_op"],
-        "weights": manifest["weights"], "fallbacks": manifest["fallbacks"],
-        "output_bytes": sum(f["bytes"] for f in manifest["files"]),
-    }
+    report: dict = {"checkpoint_bytes": size, "checkpoint_write_s": round(time.time() - t0, 1), "runs": []}
+    try:
+        for spec in a.run or ["onnxruntime:float16"]:
+            target, dtype = spec.split(":")
+            out = a.workdir / f"export-{target}-{dtype}"
+            report["runs"].append(run_export(ckpt, out, target, dtype))
+            if not a.keep:
+                shutil.rmtree(out)
+    finally:
+        if not a.keep:
+            shutil.rmtree(a.workdir, ignore_errors=True)
     print(json.dumps(report, indent=2))
-    if not a.keep:
-        shutil.rmtree(a.workdir)
 
 
 if __name__ == "__main__":

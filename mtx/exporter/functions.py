@@ -1,10 +1,13 @@
 """The two mtx ops in ONNX: node translations for torch.onnx and their standard-op function bodies.
 
-``SlidingWindowGQA`` and ``MoE`` (domain ``mtx``, version 1) are onnxscript functions. Used as
-torch.onnx custom translations of ``torch.ops.mtx.swa_gqa`` / ``torch.ops.mtx.moe`` they put one
-node per block into the graph and their bodies into the model as model-local functions, so any
-ONNX runtime can run the graph unmodified. The bodies implement docs/ops.md §1-§3 with standard
-ONNX ops only (default domain, opset :data:`OPSET`):
+``translate_swa_gqa`` / ``translate_moe`` are the torch.onnx custom translations of
+``torch.ops.mtx.swa_gqa`` / ``torch.ops.mtx.moe``: each puts one ``mtx::SlidingWindowGQA`` /
+``mtx::MoE`` node into the graph. ``SlidingWindowGQA`` and ``MoE`` below are onnxscript functions
+(domain ``mtx``, version 1) that define those ops with standard ONNX ops only (default domain,
+opset :data:`OPSET`); :func:`mtx.exporter.trace.attach_functions` adds them to the model as
+model-local functions after tracing (torch.onnx's version conversion would inline functions present
+during export), so any ONNX runtime can run the graph unmodified. The bodies implement docs/ops.md
+§1-§3:
 
 * attention reads the buffer as held *before* the call plus the chunk's own keys, then writes the
   last ``min(S, C)`` chunk tokens to slots ``p mod C`` (rule 5-6); RoPE from ``inv_freq`` in float32;
@@ -20,10 +23,10 @@ so that the TensorRT ONNX parser finds the ``mtx`` plugins.
 
 from __future__ import annotations
 
-import onnx
-import onnxscript
 from typing import Tuple, TypeVar, Union
 
+import onnx
+import onnxscript
 from onnxscript import BFLOAT16, FLOAT, FLOAT16, INT64
 from onnxscript import opset18 as op
 
@@ -38,6 +41,8 @@ MOE_OP = "MoE"
 
 mtx_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 
+_INT64_ZERO = onnx.helper.make_tensor("", onnx.TensorProto.INT64, [1], [0])
+
 #: The model dtype T of docs/ops.md. (onnxscript reads typing.Union / typing.Tuple annotations.)
 T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16])  # noqa: UP007
 
@@ -46,7 +51,10 @@ T = TypeVar("T", bound=Union[FLOAT, FLOAT16, BFLOAT16])  # noqa: UP007
 def SlidingWindowGQA(query: T, key: T, value: T, past_key: T, past_value: T, start_pos: INT64, inv_freq: FLOAT,
                      num_heads: int, num_kv_heads: int, window: int, scale: float,
                      plugin_version: str = "1", plugin_namespace: str = "mtx") -> Tuple[T, T, T]:  # noqa: UP006
-    """docs/ops.md §2: query [B,S,Hq*D], key/value [B,S,Hkv*D], buffers [B,Hkv,C,D], start_pos [B]."""
+    """docs/ops.md §2: query [B,S,Hq*D], key/value [B,S,Hkv*D], buffers [B,Hkv,C,D], start_pos [B].
+
+    (``Cast(to=1)`` is a cast to float32.)
+    """
     zero = op.Constant(value_int=0)
     one = op.Constant(value_int=1)
     seq = op.Shape(query, start=1, end=2)  # [1] = S
@@ -124,7 +132,7 @@ def MoE(input: T, router_weight: T, w1: T, w3: T, w2: T, top_k: int,
     top_p, top_e = op.TopK(probs, op.Reshape(top_k, op.Constant(value_ints=[1])), axis=-1, largest=1, sorted=1)
     weights = op.CastLike(op.Div(top_p, op.ReduceSum(top_p, op.Constant(value_ints=[-1]), keepdims=1)), input)
     dense = op.ScatterElements(op.CastLike(op.ConstantOfShape(op.Shape(probs)), input), top_e, weights, axis=1)
-    picked = op.ScatterElements(op.ConstantOfShape(op.Shape(probs), value=onnx.helper.make_tensor("", 7, [1], [0])),
+    picked = op.ScatterElements(op.ConstantOfShape(op.Shape(probs), value=_INT64_ZERO),
                                 top_e, op.Expand(op.Constant(value_int=1), op.Shape(top_e)), axis=1)
     xe = op.Unsqueeze(x, [0])  # [1, N, H]
     gate = op.MatMul(xe, op.Transpose(w1, perm=[0, 2, 1]))  # [E, N, I]
