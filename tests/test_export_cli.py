@@ -232,13 +232,16 @@ def test_tensorrt_engine_build(checkpoint, tmp_path, monkeypatch):
         calls.append((Path(onnx_path).name, kwargs))
         Path(engine_path).write_bytes(b"engine")
 
+    import mtx
+
     fake = types.ModuleType("mtx.tensorrt")
     fake.available = lambda: (True, "")
     fake.build_engine = build_engine
     monkeypatch.setitem(sys.modules, "mtx.tensorrt", fake)
+    monkeypatch.setattr(mtx, "tensorrt", fake, raising=False)
     result = export(checkpoint, tmp_path / "trt", ExportOptions(target="tensorrt", max_batch=2))
     m = read_manifest(tmp_path / "trt", verify_hashes=True)
-    assert calls == [("model.onnx", {"max_batch": 2, "max_seq": 8, "dtype": "float32"})]
+    assert calls == [("model.onnx", {"dtype": "float32", "batch": (1, 2, 2)})]
     assert m.engine == "model.engine" and m.engine_status == "built" and m.file("engine")[0].bytes == 6
     assert "engine: built" in result.notes
 

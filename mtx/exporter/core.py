@@ -143,17 +143,22 @@ def _validate_onnx(path: Path) -> None:
             from e
 
 
-def _build_engine(onnx_path: Path, out_dir: Path, options: ExportOptions, capacity: int) -> tuple[str | None, str]:
-    """Build the TensorRT engine if TensorRT and the mtx plugins are present: (engine file, status line)."""
+def _build_engine(onnx_path: Path, out_dir: Path, options: ExportOptions) -> tuple[str | None, str]:
+    """Build the TensorRT engine if TensorRT and the mtx plugins are present: (engine file, status line).
+
+    The profile spans batch 1 .. --max-batch (optimised for the full batch); ``seq`` keeps
+    mtx.tensorrt's default range. mtx.tensorrt loads the plugin library before parsing, so the
+    parser maps the mtx nodes to the plugins rather than to their function bodies.
+    """
     try:
-        from mtx import tensorrt as mtx_tensorrt  # provided by the kernels work (TensorRT plugins)
+        from mtx import tensorrt as mtx_tensorrt  # the TensorRT plugins' Python side (kernels work)
     except ImportError as e:
         return None, f"not built: mtx.tensorrt is not part of this installation ({e})"
     ok, reason = mtx_tensorrt.available()
     if not ok:
         return None, f"not built: {reason}"
-    mtx_tensorrt.build_engine(onnx_path, out_dir / ENGINE_FILE, max_batch=options.max_batch, max_seq=capacity,
-                              dtype=options.dtype)
+    mtx_tensorrt.build_engine(onnx_path, out_dir / ENGINE_FILE, dtype=options.dtype,
+                              batch=(1, options.max_batch, options.max_batch))
     return ENGINE_FILE, "built"
 
 
@@ -248,7 +253,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
             progress.stage("building the TensorRT engine")
-            engine, engine_status = _build_engine(onnx_path, tmp, options, capacity)
+            engine, engine_status = _build_engine(onnx_path, tmp, options)
             if engine:
                 roles[engine] = "engine"
             notes.append(f"engine: {engine_status}")
