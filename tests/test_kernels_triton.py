@@ -119,14 +119,15 @@ def test_swa_gqa_full_attention(variant):
         check(case, got, ref, torch.float32, f"S={seq} starts={starts}")
 
 
-@pytest.mark.parametrize("seq", [1, 3, 8, 11])
-def test_swa_gqa_every_slot_offset(seq):
+@pytest.mark.parametrize("seq,variant", [(1, {}), (3, {"block_m": 64}), (8, {}), (11, {"block_m": 64})],
+                         ids=["S1-split", "S3-direct", "S8-split", "S11-direct"])
+def test_swa_gqa_every_slot_offset(seq, variant):
     """C = 8 rows whose start positions cover every slot mod C, buffers already wrapped; S < C, = C, > C."""
     cap, window, hq, hkv = 8, 6, 4, 1
     starts = [2 * cap + r for r in range(cap)]
     case = attn_case(cap, seq, hq, hkv, 64, cap, starts, torch.float32, seed=seq)
-    got, ref = run_both(case, hq, hkv, window)
-    check(case, got, ref, torch.float32, f"S={seq}")
+    got, ref = run_both(case, hq, hkv, window, **variant)
+    check(case, got, ref, torch.float32, f"S={seq} {variant}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -316,3 +317,15 @@ def test_moe_comparison_is_sharp():
         ref = ops.moe_reference(*args, wrong)
         with pytest.raises(AssertionError):
             torch.testing.assert_close(got.float(), ref.float(), **TOL[torch.bfloat16])
+
+
+def test_model_path_selection():
+    """The eager model takes the kernels only for CUDA tensors; never on CPU, never in the interpreter."""
+    from mtx import kernels
+    from mtx.models import transformer
+
+    assert not kernels.enabled("cpu")
+    assert transformer._kernels_for(torch.zeros(1)) is None
+    if DEVICE == "cpu":
+        assert not kernels.enabled("cuda")
+    assert kernels.supports_head_dim(64) and kernels.supports_head_dim(16) and not kernels.supports_head_dim(96)

@@ -33,10 +33,10 @@ def enabled(device: torch.device | str) -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import triton
-    except ImportError:
+        from mtx.kernels import launch
+    except ImportError:  # no triton
         return False
-    if triton.knobs.runtime.interpret:
+    if launch.interpreting():
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8

@@ -8,7 +8,6 @@ the kernels on machines without a GPU.
 from __future__ import annotations
 
 import torch
-import triton
 
 from mtx import rolling_kv
 from mtx.kernels import plan as P
@@ -20,8 +19,11 @@ LOG2E = 1.4426950408889634
 
 
 def interpreting() -> bool:
-    """True when triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when the kernels were defined in Triton's CPU interpreter (TRITON_INTERPRET=1 when triton
+    was imported): they are then InterpretedFunction objects, not compiled JIT functions."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(KA.swa_gqa_attn_kernel, InterpretedFunction)
 
 
 def _check_device(*tensors: torch.Tensor) -> None:
@@ -111,8 +113,10 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
         KA.swa_gqa_combine_kernel[(P.cdiv(pl.rows, P.ATTN_COMBINE_BLOCK_R), b * hkv)](
             part_acc, part_ml, out, s, hkv, pl.group, pl.num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=d, BLOCK_R=P.ATTN_COMBINE_BLOCK_R, num_warps=4)
-    # docs/ops.md §1 rule 5: the write is a separate launch after attention on the same stream.
-    n_write = P.swa_gqa_n_write(s, cap)
+    # docs/ops.md §1 rule 5: the write is a separate launch after attention on the same stream;
+    # rule 6: it writes the last min(S, C) tokens.
+    written = rolling_kv.written_tokens(s, cap)
+    n_write = written.stop - written.start
     KA.swa_gqa_write_kernel[(P.cdiv(n_write, P.ATTN_BLOCK_T), b)](
         k_rot, value, k_buf, v_buf, start_pos, s, cap, hkv, n_write,
         value.stride(0), value.stride(1), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),

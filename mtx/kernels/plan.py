@@ -126,11 +126,6 @@ def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_d
     )
 
 
-def swa_gqa_n_write(seq: int, capacity: int) -> int:
-    """docs/ops.md §1 rule 6: the last min(S, C) chunk tokens are written."""
-    return min(seq, capacity)
-
-
 @dataclass(frozen=True)
 class MoePlan:
     """How one pass of ``moe`` over ``tokens`` tokens runs; workspace regions in order."""
