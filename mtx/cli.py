@@ -206,6 +206,100 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     click.echo(f"  files: {', '.join(f.path for f in m.files)}, {MANIFEST_NAME}")
 
 
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers, e.g. 1,2,3", param_hint="--ids") from None
+
+
+BACKENDS = click.Choice(["onnxruntime", "tensorrt", "torch"])
+
+
+@main.command()
+@click.argument("out", required=False)
+@click.option("--prompt", help="Prompt text (tokenized with OUT/tokenizer.json).")
+@click.option("--ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
+@click.option("--top-k", default=0, show_default=True, help="Sample from the k most likely tokens (0 = all).")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
+@click.option("--repetition-penalty", default=1.0, show_default=True, help="HF-style penalty on seen tokens.")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
+@click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "text": ...} instead of streaming.')
+def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
+             top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
+             backend: str | None, threads: int | None, as_json: bool) -> None:
+    """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
+
+    Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
+    generation runs. OUT defaults to the built-in Mistral checkpoint (torch backend).
+    """
+    import mtx.runtime
+
+    if (prompt is None) == (ids is None):
+        raise click.UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
+    gen = mtx.runtime.load(out, backend, threads=threads)
+    prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
+    kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+              seed=seed, stop=list(stop) or None)
+    produced: list[int] = []
+    printed = ""
+    stream_text = not as_json and gen.tokenizer is not None
+    for tok in gen.stream(prompt_value, max_new_tokens, **kw):
+        produced.append(tok)
+        if stream_text:
+            text = gen.decode(produced)
+            if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
+                click.echo(text[len(printed):], nl=False)
+                printed = text
+        elif not as_json:
+            click.echo(f"{tok} ", nl=False)
+    text = gen.decode(produced) if gen.tokenizer is not None else None
+    if as_json:
+        emit_json({"ids": produced, "text": text})
+    else:
+        if stream_text and text is not None:
+            click.echo(text[len(printed):], nl=False)
+        click.echo()
+
+
+@main.command()
+@click.argument("out", required=False)
+@click.option("--batch", default=1, show_default=True, help="Rows decoded together.")
+@click.option("--prompt-len", default=128, show_default=True, help="Prompt tokens per row (random ids).")
+@click.option("--new-tokens", default=256, show_default=True, help="Tokens generated per row.")
+@click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
+@click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
+          threads: int | None, seed: int, as_json: bool) -> None:
+    """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
+
+    Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
+    rolling buffer keeps attention cost and memory fixed however long generation runs.
+    """
+    import mtx.runtime
+    from mtx.runtime.bench import run_bench
+
+    gen = mtx.runtime.load(out, backend, threads=threads, max_batch=None)
+    res = run_bench(gen, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
+    if as_json:
+        emit_json(res)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"mtx bench ({res['backend']})", show_header=False)
+    for k, v in res.items():
+        t.add_row(k, str(v))
+    Console().print(t)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

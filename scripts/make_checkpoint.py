@@ -44,6 +44,7 @@ def make_hf(
     seed: int = 0,
     init_std: float = 0.15,
     max_shard_size: str | None = None,
+    tokenizer: bool = True,
 ) -> Path:
     """Save a random transformers model to ``out`` and return the folder."""
     from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
@@ -68,12 +69,27 @@ def make_hf(
     model = model.to(getattr(torch, dtype))
     kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(out, **kw)
+    if tokenizer:
+        write_word_tokenizer(out, vocab)
     if rope_theta_top_level:  # transformers 4 spelling
         cfg = json.loads((out / "config.json").read_text())
         cfg.pop("rope_parameters", None)
         cfg["rope_theta"] = theta
         (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def write_word_tokenizer(folder: str | Path, vocab: int) -> None:
+    """A word-level tokenizer.json with ``vocab`` entries (<unk>, <s>, </s>, then w3, w4, ...)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
 def interleave_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# The Triton kernel tests (test_kernels_triton.py) run the kernels in Triton's CPU interpreter on hosts
+# without a CUDA GPU. The interpreter must be chosen before triton is first imported, so it is set
+# here; on GPU hosts it stays off and the same tests run the compiled kernels on the GPU. (Nothing
+# else in the suite uses triton in-process; the AOT build runs in a subprocess that unsets it.)
+if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
+    import torch as _torch
+
+    if not _torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +78,35 @@ def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+def _cuda_toolkit_root() -> Path | None:
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and (Path(cand) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(cand)
+    nvcc = shutil.which("nvcc")
+    if nvcc and (Path(nvcc).resolve().parents[1] / "include" / "cuda_runtime_api.h").is_file():
+        return Path(nvcc).resolve().parents[1]
+    return None
+
+
+@pytest.fixture(scope="session")
+def plugins_build_dir(tmp_path_factory) -> Path:
+    """plugins/ configured and built (CMake) into a temp folder: libmtx_kernels.so, and
+    libmtx_trt_plugins.so when the environment names a TensorRT SDK in TensorRT_ROOT."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not found: would configure and build plugins/ (libmtx_kernels.so) and check it")
+    cuda = _cuda_toolkit_root()
+    if cuda is None:
+        pytest.skip("CUDA toolkit (cuda_runtime_api.h, nvcc) not found: would build plugins/ (libmtx_kernels.so)")
+    pytest.importorskip("triton", reason="triton not installed: would compile the kernels to cubins")
+    out = tmp_path_factory.mktemp("plugins_build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the AOT compiler needs real JIT
+    cmd = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(out), f"-DPython3_EXECUTABLE={sys.executable}",
+           f"-DCUDAToolkit_ROOT={cuda}"]
+    if os.environ.get("TensorRT_ROOT"):
+        cmd.append(f"-DTensorRT_ROOT={os.environ['TensorRT_ROOT']}")
+    for step in (cmd, ["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2)]):
+        r = subprocess.run(step, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return out

@@ -7,8 +7,10 @@ each listed file exists with the recorded size; optionally its sha256) and retur
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,10 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(Mapping[str, Any]):
+    """A validated mtx.json. Typed attributes (``m.kv.layout``) and, as a read-only mapping, the
+    JSON form (``m["kv"]["layout"]``, ``m.get("engine")``)."""
+
     format: str
     format_version: int
     target: str
@@ -94,7 +99,21 @@ class Manifest:
     files: list[FileEntry] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The JSON object (fresh copy); ``Manifest.from_dict(m.to_dict()) == m``."""
         return asdict(self)
+
+    @functools.cached_property
+    def _json(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __getitem__(self, key: str) -> Any:
+        return self._json[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._json)
+
+    def __len__(self) -> int:
+        return len(self._json)
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = MANIFEST) -> Manifest:

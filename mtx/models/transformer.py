@@ -22,6 +22,19 @@ from mtx.config import ModelConfig
 from mtx.models import ops
 
 
+def _kernels_for(x: torch.Tensor):
+    """``mtx.kernels`` if the eager forward should run the Triton kernels on ``x``'s device, else None.
+
+    Only CUDA tensors qualify (mtx.kernels.enabled: compute capability >= 8.0, triton present,
+    ``MTX_KERNELS`` not ``0``); CPU runs are unchanged and never import triton.
+    """
+    if not x.is_cuda:
+        return None
+    from mtx import kernels
+
+    return kernels if kernels.enabled(x.device) else None
+
+
 class RMSNorm(nn.Module):
     """x * rsqrt(mean(x^2) + eps) computed in float32, cast back, times weight (as transformers)."""
 
@@ -56,7 +69,11 @@ class Attention(nn.Module):
         if functional:
             out, present_key, present_value = ops.swa_gqa(*args)
         else:
-            out = ops.swa_gqa_inplace(*args)
+            kernels = _kernels_for(x)
+            if kernels is not None and kernels.supports_head_dim(self.head_dim):
+                out = kernels.swa_gqa(*args)  # same contract as swa_gqa_inplace, on the GPU
+            else:
+                out = ops.swa_gqa_inplace(*args)
             present_key, present_value = past_key, past_value
         return self.wo(out), present_key, present_value
 
@@ -87,7 +104,8 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(e, i, h))
 
     def forward(self, x: torch.Tensor, functional: bool) -> torch.Tensor:
-        fn = ops.moe if functional else ops.moe_reference
+        kernels = None if functional else _kernels_for(x)
+        fn = ops.moe if functional else (kernels.moe if kernels is not None else ops.moe_reference)
         return fn(x, self.gate.weight, self.w1, self.w3, self.w2, self.top_k)
 
 

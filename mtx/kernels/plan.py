@@ -1,0 +1,214 @@
+"""Launch plans of the mtx kernels: tile sizes, split counts, grids and workspace layouts.
+
+Pure Python, no torch and no triton: the one statement of these rules. ``plugins/src/mtx_kernels.c``
+implements the same functions in C for the ahead-of-time kernels (``tests/test_plugins_build.py``
+checks that both give the same workspace sizes), and ``plugins/aot/compile_kernels.py`` compiles
+exactly the specializations these rules can pick for the shapes listed in plugins/README.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Workspace regions start at multiples of this many bytes.
+ALIGN = 256
+
+#: Attention: aim for at least this many programs before splitting the key range (about 2 per SM
+#: on an H100); never more than ATTN_MAX_SPLITS splits, nor splits of fewer than
+#: ATTN_MIN_KEYS_PER_SPLIT keys.
+ATTN_TARGET_CTAS = 256
+ATTN_MAX_SPLITS = 64
+ATTN_MIN_KEYS_PER_SPLIT = 64
+#: Chunk tokens per program of the RoPE and write kernels; query rows per program of the combine kernel.
+ATTN_BLOCK_T = 16
+ATTN_COMBINE_BLOCK_R = 16
+
+#: MoE: tokens per pass (bounds the workspace; a longer input runs in several passes).
+MOE_TOKENS_PER_PASS = 4096
+#: Router block widths compiled ahead of time (experts are padded up to one of these).
+MOE_ROUTER_BLOCK_E = (16, 64, 256)
+#: Selected experts are padded up to this (the ahead-of-time router supports top_k <= 8).
+MOE_ROUTER_BLOCK_K = 8
+MOE_ROUTER_BLOCK_T = 16
+MOE_ROUTER_BLOCK_H = 64
+MOE_COMBINE_BLOCK_H = 128
+MOE_COMBINE_BLOCK_T = 16
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def align(n: int) -> int:
+    return cdiv(n, ALIGN) * ALIGN
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def elem_size(dtype_name: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype_name]
+
+
+@dataclass(frozen=True)
+class SwaGqaPlan:
+    """How one ``swa_gqa`` call runs: four launches, grids below, workspace regions in order."""
+
+    group: int            # G = Hq / Hkv
+    rows: int             # S * G query rows per (batch row, KV head)
+    block_m: int
+    block_n: int
+    m_blocks: int
+    num_splits: int
+    split: bool           # attention writes fp32 partials and the combine kernel runs
+    num_warps: int
+    num_stages: int
+    q_rot_bytes: int
+    k_rot_bytes: int
+    part_acc_bytes: int
+    part_ml_bytes: int
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(align(n) for n in (self.q_rot_bytes, self.k_rot_bytes, self.part_acc_bytes, self.part_ml_bytes))
+
+    def offsets(self) -> tuple[int, int, int, int]:
+        """Byte offsets of q_rot, k_rot, part_acc, part_ml in the workspace."""
+        o, out = 0, []
+        for n in (self.q_rot_bytes, self.k_rot_bytes, self.part_acc_bytes, self.part_ml_bytes):
+            out.append(o)
+            o += align(n)
+        return tuple(out)  # type: ignore[return-value]
+
+
+def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_dim: int, window: int,
+                 elem_bytes: int, num_splits: int | None = None, block_m: int | None = None) -> SwaGqaPlan:
+    """Plan for a chunk of ``seq`` tokens; ``window`` is the *effective* W (docs/ops.md §1 rule 4).
+
+    Two attention variants exist (and are compiled ahead of time):
+
+    * BLOCK_M = 64 rows, no split — when rows = S*G > 32 and B*Hkv*cdiv(rows, 64) programs already
+      reach ATTN_TARGET_CTAS;
+    * BLOCK_M = 16 rows, split over the key range (flash-decoding, >= 1 split, then the combine
+      kernel) — otherwise (decode, short chunks, small batches). Splits: enough to reach
+      ATTN_TARGET_CTAS programs, at most ATTN_MAX_SPLITS, and no split shorter than
+      ATTN_MIN_KEYS_PER_SPLIT of the keys one block can see (W - 1 + its tokens).
+
+    BLOCK_N = 64 keys for 16-bit types, 32 for float32 (shared memory on sm_89).
+    Tests force a variant: ``block_m=64`` (with ``num_splits`` None or 1) the direct kernel,
+    ``num_splits=k`` the split kernel with k splits.
+    """
+    group = num_heads // num_kv_heads
+    rows = seq * group
+    block_n = 32 if elem_bytes == 4 else 64
+    big_ctas = cdiv(rows, 64) * batch * num_kv_heads
+    if block_m == 64 and num_splits in (None, 1):
+        split, num_splits = False, 1
+    elif block_m is None and num_splits is None and rows > 32 and big_ctas >= ATTN_TARGET_CTAS:
+        block_m, split, num_splits = 64, False, 1
+    else:
+        block_m, split = block_m or 16, True
+        if num_splits is None:
+            ctas = cdiv(rows, block_m) * batch * num_kv_heads
+            key_bound = window - 1 + min(seq, cdiv(block_m, group) + 1)
+            num_splits = max(1, min(ATTN_MAX_SPLITS, cdiv(ATTN_TARGET_CTAS, ctas),
+                                    cdiv(key_bound, ATTN_MIN_KEYS_PER_SPLIT)))
+    m_blocks = cdiv(rows, block_m)
+    part_rows = batch * num_kv_heads * num_splits * rows if split else 0
+    return SwaGqaPlan(
+        group=group, rows=rows, block_m=block_m, block_n=block_n, m_blocks=m_blocks,
+        num_splits=num_splits, split=split, num_warps=4, num_stages=2,
+        q_rot_bytes=batch * seq * num_heads * head_dim * elem_bytes,
+        k_rot_bytes=batch * seq * num_kv_heads * head_dim * elem_bytes,
+        part_acc_bytes=part_rows * head_dim * 4,
+        part_ml_bytes=part_rows * 2 * 4,
+    )
+
+
+@dataclass(frozen=True)
+class MoePlan:
+    """How one pass of ``moe`` over ``tokens`` tokens runs; workspace regions in order."""
+
+    tokens: int           # tokens in this pass (<= MOE_TOKENS_PER_PASS)
+    pairs: int            # tokens * top_k
+    tile_m: int           # BLOCK_M of both grouped GEMMs and of the align kernel's tiles
+    block_n: int
+    block_k: int
+    max_tiles: int        # cdiv(pairs, tile_m) + min(E, pairs): each expert adds at most one partial tile
+    router_block_e: int
+    router_block_k: int
+    align_block_p: int
+    num_warps: int
+    num_stages: int
+    region_bytes: tuple[int, ...]  # topk_weight, topk_ids, sorted_pair, tile_expert, tile_start, tile_end, act, y
+
+    @property
+    def workspace_bytes(self) -> int:
+        return sum(align(n) for n in self.region_bytes)
+
+    def offsets(self) -> tuple[int, ...]:
+        o, out = 0, []
+        for n in self.region_bytes:
+            out.append(o)
+            o += align(n)
+        return tuple(out)
+
+
+def moe_router_block_e(num_experts: int) -> int:
+    for b in MOE_ROUTER_BLOCK_E:
+        if num_experts <= b:
+            return b
+    return next_pow2(num_experts)
+
+
+def moe_plan(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, elem_bytes: int) -> MoePlan:
+    """Plan for one pass of ``tokens`` (<= MOE_TOKENS_PER_PASS) tokens.
+
+    tile_m = 16 when experts get fewer than 32 pairs on average (decode), else 64.
+    """
+    pairs = tokens * top_k
+    tile_m = 16 if pairs < 32 * num_experts else 64
+    max_tiles = cdiv(pairs, tile_m) + min(num_experts, pairs)
+    block_e = moe_router_block_e(num_experts)
+    regions = (pairs * 4, pairs * 4, pairs * 4, max_tiles * 4, max_tiles * 4, max_tiles * 4,
+               pairs * inter * elem_bytes, pairs * hidden * elem_bytes)
+    return MoePlan(
+        tokens=tokens, pairs=pairs, tile_m=tile_m, block_n=64, block_k=32 if elem_bytes == 4 else 64,
+        max_tiles=max_tiles, router_block_e=block_e,
+        router_block_k=MOE_ROUTER_BLOCK_K if top_k <= MOE_ROUTER_BLOCK_K else next_pow2(top_k),
+        align_block_p=max(32, 8192 // block_e), num_warps=4, num_stages=2 if elem_bytes == 4 else 3,
+        region_bytes=regions,
+    )
+
+
+def swa_gqa_partial_rows_bound(batch: int, seq: int, num_heads: int, num_kv_heads: int) -> int:
+    """Upper bound of the split partial rows (B*Hkv*num_splits*S*G) of any plan with batch' <= batch
+    and seq' <= seq, non-decreasing in both (plans are not: the split choice flips with the grid).
+
+    With X = B*Hkv and r = S*G: num_splits <= 1 + TARGET / ctas and ctas >= X*r/16, so the rows are
+    at most 16*TARGET + X*r; a split plan has X*r < 64*TARGET or r <= 32 (then X*r <= 32*X); and
+    never more than X*r*MAX_SPLITS.
+    """
+    x = batch * num_kv_heads
+    xr = x * seq * (num_heads // num_kv_heads)
+    return min(xr * ATTN_MAX_SPLITS, 16 * ATTN_TARGET_CTAS + min(xr, max(64 * ATTN_TARGET_CTAS, 32 * x)))
+
+
+def swa_gqa_workspace_bytes(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_dim: int, window: int,
+                            elem_bytes: int) -> int:
+    """Workspace enough for every call with batch' <= batch and seq' <= seq (what the C API and the
+    TensorRT plugin allocate). ``window`` is accepted for symmetry; the bound does not depend on it."""
+    rows = swa_gqa_partial_rows_bound(batch, seq, num_heads, num_kv_heads)
+    return (align(batch * seq * num_heads * head_dim * elem_bytes) + align(batch * seq * num_kv_heads * head_dim * elem_bytes)
+            + align(rows * head_dim * 4) + align(rows * 2 * 4))
+
+
+def moe_workspace_bytes(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, elem_bytes: int) -> int:
+    """Workspace enough for every call with tokens' <= tokens (one pass of at most MOE_TOKENS_PER_PASS):
+    the plan's regions with max_tiles taken at tile_m = 16, the smallest tile."""
+    pairs = min(tokens, MOE_TOKENS_PER_PASS) * top_k
+    tiles = cdiv(pairs, 16) + min(num_experts, pairs)
+    regions = (pairs * 4, pairs * 4, pairs * 4, tiles * 4, tiles * 4, tiles * 4,
+               pairs * inter * elem_bytes, pairs * hidden * elem_bytes)
+    return sum(align(n) for n in regions)

@@ -1,0 +1,92 @@
+"""Engines behind a :class:`mtx.runtime.Generator`: each runs one call of the exported graph contract.
+
+A backend owns the model (a torch module, an ONNX Runtime session or a TensorRT engine) and makes
+KV states: the rolling buffers of up to ``max_batch`` rows, allocated once at capacity ``C``. A call
+``run(state, rows, input_ids, start_pos)`` feeds a chunk for a contiguous range of rows, reading and
+updating their buffers in place (docs/ops.md §1 and §4). Backends are thread-safe: many states may be
+used from many threads at once; one state is used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtx import rolling_kv
+from mtx.config import ModelConfig
+
+
+class Backend(ABC):
+    """One engine. ``multi_token_rows`` is how many rows a call with ``seq > 1`` after a row's first
+    call may carry (None: any); the generator splits calls to respect it."""
+
+    name: str
+    config: ModelConfig
+    capacity: int
+    max_batch: int
+    max_position: int | None = None
+    multi_token_rows: int | None = None
+
+    @property
+    def window(self) -> int | None:
+        return self.config.sliding_window
+
+    @abstractmethod
+    def new_state(self, batch: int) -> Any:
+        """KV buffers for ``batch`` rows, allocated once, never reallocated."""
+
+    @abstractmethod
+    def state_nbytes(self, state: Any) -> int:
+        """Bytes held by the KV buffers of ``state``."""
+
+    @abstractmethod
+    def run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
+            last_only: bool) -> np.ndarray:
+        """Feed input_ids [b, S] (int64) at start_pos [b] for ``rows`` of ``state``.
+
+        Returns float32 logits [b, S, V], or [b, 1, V] for the last token when ``last_only``.
+        """
+
+    def check_positions(self, end_pos: int) -> None:
+        """Raise a clear error if a row would run past what this engine can hold."""
+        rolling_kv.check_full_attention_context(end_pos, self.window, self.capacity)
+        if self.max_position is not None and end_pos > self.max_position:
+            from mtx.errors import UsageError
+            raise UsageError(f"position {end_pos} exceeds max_position {self.max_position} of this export "
+                             f"(its RoPE tables); re-export with a larger --max-position")
+
+
+class TorchBackend(Backend):
+    """The PyTorch reference (eager, KV updated in place); same contract as the exported graph."""
+
+    name = "torch"
+
+    def __init__(self, model: torch.nn.Module, capacity: int | None = None, max_batch: int = 8,
+                 device: str | torch.device = "cpu") -> None:
+        self.model = model
+        self.config = model.cfg
+        self.device = torch.device(device)
+        self.capacity = capacity or rolling_kv.default_capacity(self.config.sliding_window,
+                                                                self.config.max_position_embeddings)
+        rolling_kv.effective_window(self.config.sliding_window, self.capacity)
+        self.max_batch = max_batch
+        self.dtype = model.embed.weight.dtype
+
+    def new_state(self, batch: int) -> Any:
+        return self.model.new_kv(batch, self.capacity, self.dtype, self.device)
+
+    def state_nbytes(self, state: Any) -> int:
+        return state.nbytes()
+
+    def run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
+            last_only: bool) -> np.ndarray:
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+        start = torch.from_numpy(np.ascontiguousarray(start_pos, dtype=np.int64)).to(self.device)
+        with torch.no_grad():
+            logits = self.model(ids, start, state.rows(rows))
+            if last_only:
+                logits = logits[:, -1:]
+            return logits.float().cpu().numpy()

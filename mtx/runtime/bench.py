@@ -1,0 +1,85 @@
+"""Throughput and memory of one loaded model: prefill and decode tokens/s, time to first token,
+peak RSS, KV bytes, and decode latency by position (to show memory and latency stay flat)."""
+
+from __future__ import annotations
+
+import resource
+import time
+from typing import Any
+
+import numpy as np
+import psutil
+
+from mtx.errors import UsageError
+from mtx.runtime.generator import Generator
+
+
+def _rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, seed: int = 0,
+              warmup: int = 1) -> dict[str, Any]:
+    """Greedy decode of random prompts; all timings wall-clock on this process.
+
+    Decode latency is reported as the median per-step time in windows of positions, so a user can
+    compare the step at position W with the step at 20W.
+    """
+    be = gen.backend
+    if batch > be.max_batch:
+        raise UsageError(f"--batch {batch} exceeds the maximum batch {be.max_batch} of this model")
+    if prompt_len <= 0 or new_tokens <= 0:
+        raise UsageError("--prompt-len and --new-tokens must be positive")
+    be.check_positions(prompt_len + new_tokens)
+    rng = np.random.default_rng(seed)
+    prompts = rng.integers(3, gen.config.vocab_size, size=(batch, prompt_len)).tolist()
+    for _ in range(warmup):  # first calls build kernels / allocate arenas
+        gen.generate([prompts[0][: min(prompt_len, 16)]], max_new_tokens=4, stop_token_ids=[])
+
+    rss_before = _rss_mb()
+    state = be.new_state(batch)
+    kv_bytes = be.state_nbytes(state)
+    t0 = time.perf_counter()
+    logits = np.stack([gen._prefill(state, r, prompts[r], 0, want_all=False) for r in range(batch)])
+    last = logits.argmax(-1).astype(np.int64)[:, None]
+    t_first = time.perf_counter()
+    rss_after_prefill = _rss_mb()
+    pos = np.full(batch, prompt_len, dtype=np.int64)
+    steps = []
+    for _ in range(new_tokens - 1):
+        s0 = time.perf_counter()
+        logits = be.run(state, slice(0, batch), last, pos, last_only=True)[:, 0]
+        last = logits.argmax(-1).astype(np.int64)[:, None]
+        steps.append(time.perf_counter() - s0)
+        pos += 1
+    t_end = time.perf_counter()
+    rss_end = _rss_mb()
+    decode_s = t_end - t_first
+    window = gen.config.sliding_window or be.capacity
+    by_pos = {}
+    for start in sorted({window, 2 * window, 5 * window, 10 * window, 20 * window, prompt_len + new_tokens - window}):
+        lo = start - prompt_len - 1
+        sel = steps[max(0, lo): max(0, lo) + min(window, 64)]
+        if lo >= 0 and len(sel) >= 4:
+            by_pos[str(start)] = round(1000 * float(np.median(sel)), 3)
+    return {
+        "backend": be.name,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "window": gen.config.sliding_window,
+        "kv_capacity": be.capacity,
+        "time_to_first_token_s": round(t_first - t0, 4),
+        "prefill_tokens_per_s": round(batch * prompt_len / (t_first - t0), 1),
+        "decode_tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1) if new_tokens > 1 else None,
+        "decode_step_ms_median": round(1000 * float(np.median(steps)), 3) if steps else None,
+        "decode_step_ms_by_position": by_pos,
+        "kv_bytes": kv_bytes,
+        "rss_mb": {"before": round(rss_before, 1), "after_prefill": round(rss_after_prefill, 1),
+                   "end": round(rss_end, 1), "growth_during_decode": round(rss_end - rss_after_prefill, 1)},
+        "peak_rss_mb": round(_peak_rss_mb(), 1),
+    }

@@ -1,0 +1,147 @@
+"""ONNX Runtime backend: one InferenceSession, KV buffers bound with IOBinding (never copied per step).
+
+The manifest's ``kv`` section (docs/ops.md §5) says how state passes between calls:
+* ``past_present = "shared"``: ``past_*`` and ``present_*`` are bound to the same buffer, which the
+  graph updates in place (GroupQueryAttention's shared cache).
+* ``past_present = "separate"``: the graph (an mtx function body) writes ``present_*`` as new tensors,
+  so each state has two buffer sets used in turn; each row remembers which set holds its state.
+Buffers are allocated once per state at ``[batch, Hkv, C, D]``; a call on rows ``a:b`` binds views
+(pointer offsets) into them, so rows can be prefilled one at a time and decoded together.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtx.config import ModelConfig
+from mtx.errors import UsageError
+from mtx.runtime.backends import Backend
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class OrtKV:
+    """KV buffers of ``batch`` rows: ``sets[s][2*l]`` keys, ``sets[s][2*l+1]`` values of layer l."""
+
+    sets: list[list[Any]]
+    current: np.ndarray  # [batch] index of the set holding each row's state (always 0 when shared)
+    row_bytes: int
+    batch: int
+    device: str
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None,
+                 device: str | None = None, max_batch: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.root = root
+        self.manifest = manifest
+        self.config = ModelConfig.from_dict(manifest["config"], origin=str(root / "mtx.json"))
+        self.capacity = int(manifest["capacity"])
+        self.max_batch = max_batch or int(manifest["max_batch"])
+        self.max_position = manifest.get("max_position")
+        kv = manifest["kv"]
+        self.shared = kv["past_present"] == "shared"
+        self.multi_token_rows = 1 if kv["multi_token_batch"] == "first_call_only" else None
+        dtype = manifest["dtype"]
+        if dtype not in _NP_DTYPES:
+            raise UsageError(f"{root}: the onnxruntime backend runs float32 and float16 exports, this one is {dtype}")
+        self.np_dtype = _NP_DTYPES[dtype]
+        self.device = device or "cpu"
+        providers = ["CPUExecutionProvider"]
+        if self.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UsageError("--device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+            providers.insert(0, "CUDAExecutionProvider")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.inter_op_num_threads = 1
+        if threads:
+            so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.session = ort.InferenceSession(str(root / manifest["model"]), so, providers=providers)
+        names = {i.name for i in self.session.get_inputs()}
+        self.layers = self.config.num_layers
+        self.past = [(f"past_key.{l}", f"past_value.{l}") for l in range(self.layers)]
+        self.present = [(f"present_key.{l}", f"present_value.{l}") for l in range(self.layers)]
+        missing = [n for pair in self.past for n in pair if n not in names] + \
+                  [n for n in ("input_ids", "start_pos") if n not in names]
+        if missing:
+            raise UsageError(f"{root / manifest['model']}: graph input {missing[0]!r} missing (docs/ops.md §4)")
+        self.kv_shape = (self.config.num_kv_heads, self.capacity, self.config.head_dim)
+        self._ort = ort
+        self._lock = threading.Lock()
+
+    def new_state(self, batch: int) -> OrtKV:
+        if batch > self.max_batch:
+            raise UsageError(f"batch {batch} exceeds the maximum batch {self.max_batch}")
+        shape = (batch, *self.kv_shape)
+        n_sets = 1 if self.shared else 2
+        sets = []
+        for _ in range(n_sets):
+            if self.device == "cpu":
+                sets.append([np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * self.layers)])
+            else:
+                sets.append([self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.np_dtype), "cuda", 0)
+                             for _ in range(2 * self.layers)])
+        row_bytes = int(np.prod(self.kv_shape)) * np.dtype(self.np_dtype).itemsize
+        return OrtKV(sets, np.zeros(batch, dtype=np.int64), row_bytes, batch, self.device)
+
+    def state_nbytes(self, state: OrtKV) -> int:
+        return len(state.sets) * 2 * self.layers * state.batch * state.row_bytes
+
+    def _ptr(self, buf: Any, row: int, row_bytes: int) -> int:
+        base = buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+        return base + row * row_bytes
+
+    def _align_rows(self, state: OrtKV, rows: slice) -> int:
+        """Separate buffers: make every row of ``rows`` live in the same set (copy once if needed)."""
+        cur = state.current[rows]
+        target = int(np.bincount(cur, minlength=2).argmax())
+        for r in np.nonzero(cur != target)[0] + rows.start:
+            for src, dst in zip(state.sets[1 - target], state.sets[target]):
+                if isinstance(dst, np.ndarray):
+                    dst[r] = src[r]
+                else:  # device buffers: a row copy through host, only after per-row prefill
+                    host_src, host_dst = src.numpy(), dst.numpy()
+                    host_dst[r] = host_src[r]
+                    dst.update_inplace(host_dst)
+            state.current[r] = target
+        return target
+
+    def run(self, state: OrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
+            last_only: bool) -> np.ndarray:
+        b = rows.stop - rows.start
+        if input_ids.shape[1] > 1 and b > 1 and self.multi_token_rows == 1 and np.any(start_pos != 0):
+            raise UsageError("this export runs multi-token chunks one row at a time after the first call")
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
+        src = 0 if self.shared else self._align_rows(state, rows)
+        dst = src if self.shared else 1 - src
+        shape = [b, *self.kv_shape]
+        dev = "cpu" if state.device == "cpu" else "cuda"
+        for l in range(self.layers):
+            for j in range(2):
+                io.bind_input(self.past[l][j], dev, 0, self.np_dtype, shape,
+                              self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes))
+                io.bind_output(self.present[l][j], dev, 0, self.np_dtype, shape,
+                               self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes))
+        io.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(io)
+        if not self.shared:
+            state.current[rows] = dst
+        logits = io.get_outputs()[0].numpy()
+        if last_only:
+            logits = logits[:, -1:]
+        return logits.astype(np.float32, copy=False)

@@ -1,0 +1,163 @@
+"""plugins/ builds on a CPU-only machine: Triton cubins for sm_80/89/90 and libmtx_kernels.so with
+exactly the C ABI of plugins/include/mtx_kernels.h; its launch rules (workspace sizes) agree with
+mtx/kernels/plan.py; argument errors come back as status codes.
+
+The CMake build runs once per session into a temporary folder (fixture ``plugins_build_dir`` in
+conftest.py; triton.compile results are cached in Triton's own cache, so a second run is quick). Set
+TensorRT_ROOT to a TensorRT SDK (or only its headers) to also build and check libmtx_trt_plugins.so.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtx.kernels import plan as P
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+C_ABI = {"mtx_kernels_version", "mtx_last_error", "mtx_swa_gqa_workspace_size", "mtx_swa_gqa_forward",
+         "mtx_moe_workspace_size", "mtx_moe_forward"}
+TRT_ENTRY_POINTS = {"getCreators", "setLoggerFinder"}
+ARCHS = (80, 89, 90)
+DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
+MTX_SUCCESS, MTX_ERROR_INVALID_ARGUMENT, MTX_ERROR_UNSUPPORTED, MTX_ERROR_NO_KERNEL_IMAGE, MTX_ERROR_WORKSPACE, \
+    MTX_ERROR_CUDA = range(6)
+
+
+def _defined_dynamic_symbols(lib: Path) -> set[str]:
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], check=True, capture_output=True, text=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="session")
+def lib(plugins_build_dir) -> ctypes.CDLL:
+    so = ctypes.CDLL(str(plugins_build_dir / "libmtx_kernels.so"))
+    so.mtx_kernels_version.restype = ctypes.c_char_p
+    so.mtx_last_error.restype = ctypes.c_char_p
+    so.mtx_swa_gqa_workspace_size.restype = ctypes.c_size_t
+    so.mtx_swa_gqa_workspace_size.argtypes = [ctypes.c_int] * 7 + [ctypes.c_int]
+    so.mtx_moe_workspace_size.restype = ctypes.c_size_t
+    so.mtx_moe_workspace_size.argtypes = [ctypes.c_int64] + [ctypes.c_int] * 4 + [ctypes.c_int]
+    so.mtx_swa_gqa_forward.restype = ctypes.c_int
+    so.mtx_moe_forward.restype = ctypes.c_int
+    return so
+
+
+def test_exports_exactly_the_c_abi(plugins_build_dir):
+    assert _defined_dynamic_symbols(plugins_build_dir / "libmtx_kernels.so") == C_ABI
+    header = (PLUGINS / "include" / "mtx_kernels.h").read_text()
+    declared = set(re.findall(r"MTX_API\s+[\w\s\*]+?\b(mtx_\w+)\s*\(", header))
+    assert declared == C_ABI, "header and exported symbols disagree"
+
+
+def test_library_needs_no_cuda_shared_runtime(plugins_build_dir):
+    needed = subprocess.run(["readelf", "-d", str(plugins_build_dir / "libmtx_kernels.so")], check=True,
+                            capture_output=True, text=True).stdout
+    assert "libcudart" not in needed and "libcuda.so" not in needed
+
+
+def test_cubins_for_every_arch_and_specialization(plugins_build_dir):
+    """Every specialization is compiled for sm_80, sm_89 and sm_90 and the cubin really is for that arch."""
+    sys.path.insert(0, str(PLUGINS / "aot"))
+    try:
+        import compile_kernels
+    finally:
+        sys.path.pop(0)
+    manifest = json.loads((plugins_build_dir / "generated" / "mtx_kernels_manifest.json").read_text())["kernels"]
+    want = {(s.symbol, a) for s in compile_kernels.specs() for a in ARCHS}
+    assert {(e["symbol"], e["arch"]) for e in manifest} == want
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"  # bundled with triton
+    for e in manifest:
+        blob = Path(e["cubin"]).read_bytes()
+        assert blob[:4] == b"\x7fELF" and int.from_bytes(blob[18:20], "little") == 190, e["symbol"]  # EM_CUDA
+        assert e["num_warps"] >= 1 and e["shared"] >= 0 and e["grid"]
+    sample = [e for e in manifest if e["kind"] == "SWA_ATTN" and e["dtype"] == "bfloat16" and e["p0"] == 128]
+    for e in sample:
+        head = subprocess.run([str(cuobjdump), "-elf", e["cubin"]], capture_output=True, text=True).stdout
+        assert re.search(rf"sm={e['arch']}a?\b", head), (e["symbol"], e["arch"], head[:200])
+
+
+def test_version_names_triton_and_archs(lib):
+    v = lib.mtx_kernels_version().decode()
+    assert v.startswith("0.1.0") and "triton" in v and all(f"sm_{a}" in v for a in ARCHS), v
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE))
+def test_workspace_sizes_match_plan(lib, dtype):
+    eb = P.elem_size(dtype)
+    for b, s, hq, hkv, d, cap, win in [(1, 1, 32, 8, 128, 4096, 4096), (4, 1, 32, 8, 128, 4096, 0),
+                                       (1, 512, 32, 8, 128, 4096, 4096), (8, 33, 16, 2, 64, 64, 16),
+                                       (64, 1, 48, 8, 128, 8192, 0), (2, 4096, 32, 8, 128, 8192, 8192)]:
+        w = win or cap
+        assert lib.mtx_swa_gqa_workspace_size(b, s, hq, hkv, d, cap, win, DTYPE[dtype]) == \
+            P.swa_gqa_workspace_bytes(b, s, hq, hkv, d, w, eb), (b, s, hq, hkv, d)
+    for n, h, i, e, k in [(1, 4096, 14336, 8, 2), (300, 4096, 14336, 8, 2), (9000, 2048, 1408, 64, 6),
+                          (17, 64, 32, 256, 8)]:
+        assert lib.mtx_moe_workspace_size(n, h, i, e, k, DTYPE[dtype]) == \
+            P.moe_workspace_bytes(n, h, i, e, k, eb), (n, h, i, e, k)
+
+
+def _swa(lib, head_dim=128, window=4096, capacity=4096, ws=1 << 30, ptr=256, heads=(32, 8)):
+    p = ctypes.c_void_p
+    return lib.mtx_swa_gqa_forward(*([p(ptr)] * 8), 1, 1, heads[0], heads[1], head_dim, capacity, window,
+                                   ctypes.c_float(0.088), 1, p(ptr), ctypes.c_size_t(ws), p(0))
+
+
+def test_argument_errors_are_status_codes(lib):
+    assert _swa(lib, head_dim=96) == MTX_ERROR_UNSUPPORTED and b"head_dim 96" in lib.mtx_last_error()
+    assert _swa(lib, window=5000) == MTX_ERROR_INVALID_ARGUMENT and b"window" in lib.mtx_last_error()
+    assert _swa(lib, heads=(30, 8)) == MTX_ERROR_INVALID_ARGUMENT
+    assert _swa(lib, ptr=260) == MTX_ERROR_INVALID_ARGUMENT and b"aligned" in lib.mtx_last_error()
+    assert _swa(lib, ws=100) == MTX_ERROR_WORKSPACE
+    p = ctypes.c_void_p
+    rc = lib.mtx_moe_forward(*([p(256)] * 6), ctypes.c_int64(4), 4096, 14336, 8, 9, 1, p(256),
+                             ctypes.c_size_t(1 << 30), p(0))
+    assert rc == MTX_ERROR_INVALID_ARGUMENT and b"top_k" in lib.mtx_last_error()
+    rc = lib.mtx_moe_forward(*([p(256)] * 6), ctypes.c_int64(4), 4100, 14336, 8, 2, 1, p(256),
+                             ctypes.c_size_t(1 << 30), p(0))
+    assert rc == MTX_ERROR_UNSUPPORTED and b"multiples of 16" in lib.mtx_last_error()
+
+
+def test_valid_call_without_gpu_reports_cuda_error(lib):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: tests/test_gpu.py runs the library for real")
+    assert _swa(lib) == MTX_ERROR_CUDA
+    assert b"cuda" in lib.mtx_last_error().lower()
+
+
+def test_tensorrt_plugin_library(plugins_build_dir):
+    if not os.environ.get("TensorRT_ROOT"):
+        pytest.skip("TensorRT_ROOT not set: would build libmtx_trt_plugins.so against it and check that it "
+                    "exports exactly getCreators and setLoggerFinder")
+    so = plugins_build_dir / "tensorrt" / "libmtx_trt_plugins.so"
+    assert _defined_dynamic_symbols(so) == TRT_ENTRY_POINTS
+
+
+def test_c_launches_pass_every_kernel_parameter(plugins_build_dir):
+    """Each launch in mtx_kernels.c passes as many arguments as its cubin's entry point takes, pointers
+    where the kernel has pointers (checked statically: the launches only run on a GPU)."""
+    src = (PLUGINS / "src" / "mtx_kernels.c").read_text()
+    manifest = json.loads((plugins_build_dir / "generated" / "mtx_kernels_manifest.json").read_text())["kernels"]
+    params = {e["kind"]: e["params"] for e in manifest}
+    launches = re.findall(r"void \*args\[\] = \{(.*?)\};\s*CHECK\(launch\(&ctx, MTX_K_(\w+),", src, re.S)
+    assert {kind for _, kind in launches} == set(params)
+    pointer_vars = {"query", "key", "value", "k_buf", "v_buf", "start_pos", "inv_freq", "output", "q_rot", "k_rot",
+                    "part_acc", "part_ml", "null_ptr", "xs", "os", "router_weight", "w1", "w3", "w2"}
+    for body, kind in launches:
+        args = [a.strip().lstrip("&") for a in body.replace("\n", " ").split(",") if a.strip()]
+        assert len(args) == len(params[kind]), (kind, args, [p["name"] for p in params[kind]])
+        for a, p in zip(args, params[kind]):
+            is_ptr = a in pointer_vars or a.startswith("reg[")
+            assert is_ptr == p["type"].startswith("*"), (kind, a, p)

@@ -1,0 +1,131 @@
+"""mtx.runtime against transformers (full-sequence forwards, no cache) and against itself run alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import hf_logits
+from mtx.errors import UsageError
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [64, 2 + 1, 77], [9] * 13]
+
+
+def hf_greedy(folder, prompt: list[int], n: int) -> list[int]:
+    """Oracle: greedy decoding by re-running transformers on the whole sequence each step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32).eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.fixture(scope="module", params=["torch"])
+def backend_name(request):
+    return request.param
+
+
+def load(folder, backend_name, **kw):
+    import mtx.runtime
+
+    return mtx.runtime.load(folder, backend=backend_name, prefill_chunk=kw.pop("prefill_chunk", 5), **kw)
+
+
+@pytest.mark.parametrize("name", ["mistral", "mixtral4", "mistral_full"])
+def test_generate_matches_transformers(ckpt_factory, backend_name, name):
+    folder = ckpt_factory(name)
+    gen = load(folder, backend_name, capacity=64 if name == "mistral_full" else None)
+    n = 30  # prompt 7 + 30 tokens: several windows of 8
+    got = gen.generate([PROMPTS[0]], max_new_tokens=n, stop_token_ids=[])[0]
+    assert got == hf_greedy(folder, PROMPTS[0], n)
+
+
+@pytest.mark.parametrize("name", ["mistral", "mixtral4"])
+def test_score_matches_transformers(ckpt_factory, backend_name, name):
+    folder = ckpt_factory(name)
+    ids = torch.randint(0, 128, (1, 37), generator=torch.Generator().manual_seed(11))
+    ref = hf_logits(folder, ids)[0].numpy()
+    got = load(folder, backend_name).score(ids[0].tolist())
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_ragged_batch_equals_alone(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mixtral4"), backend_name)
+    together = gen.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[])
+    for p, t in zip(PROMPTS, together):
+        assert gen.generate([p], max_new_tokens=20, stop_token_ids=[])[0] == t
+
+
+def test_seeded_sampling_reproducible(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mistral"), backend_name)
+    kw = dict(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, stop_token_ids=[])
+    a = gen.generate(PROMPTS, seed=7, **kw)
+    b = gen.generate(PROMPTS, seed=7, **kw)
+    c = gen.generate(PROMPTS, seed=8, **kw)
+    assert a == b
+    assert a != c
+    greedy = gen.generate(PROMPTS, max_new_tokens=24, stop_token_ids=[])
+    assert a != greedy  # sampling did sample
+
+
+def test_stop_tokens(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mistral"), backend_name)
+    free = gen.generate([PROMPTS[0]], max_new_tokens=20, stop_token_ids=[])[0]
+    stop = free[6]
+    first = free.index(stop)
+    got = gen.generate([PROMPTS[0]], max_new_tokens=20, stop_token_ids=[stop])[0]
+    assert got == free[: first + 1]
+
+
+def test_session_continuation_equals_single_shot(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mixtral4"), backend_name)
+    s = gen.session()
+    s.append(PROMPTS[0])
+    g1 = s.generate(9, stop_token_ids=[])
+    s.append(PROMPTS[1])
+    g2 = s.generate(12, stop_token_ids=[])
+    assert s.position == len(s.tokens) - 1  # last generated token is pending
+    single = gen.generate([PROMPTS[0] + g1 + PROMPTS[1]], max_new_tokens=12, stop_token_ids=[])[0]
+    assert g2 == single
+
+
+def test_sessions_on_threads(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mistral"), backend_name)
+    expect = [gen.generate([p], max_new_tokens=16, stop_token_ids=[])[0] for p in PROMPTS]
+    results: dict[int, list[int]] = {}
+
+    def work(i: int) -> None:
+        s = gen.session()
+        s.append(PROMPTS[i % 3])
+        results[i] = s.generate(16, stop_token_ids=[])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] == expect[i % 3] for i in range(6))
+
+
+@pytest.mark.parametrize("prompts,needle", [
+    ([[1, 2, 500]], "token id 500 is out of range"),
+    ([[]], "empty"),
+    ([[1]] * 9, "exceeds the maximum batch 8"),
+])
+def test_bad_input(ckpt_factory, backend_name, prompts, needle):
+    gen = load(ckpt_factory("mistral"), backend_name, max_batch=8)
+    with pytest.raises(UsageError, match=needle):
+        gen.generate(prompts, max_new_tokens=2)
+
+
+def test_full_attention_refuses_past_capacity(ckpt_factory, backend_name):
+    gen = load(ckpt_factory("mistral_full"), backend_name, capacity=16)
+    with pytest.raises(UsageError, match="exceeds the KV capacity 16"):
+        gen.generate([PROMPTS[0]], max_new_tokens=10)
