@@ -67,6 +67,8 @@ def test_folder_and_manifest(cli_export, checkpoint):
     assert printed == on_disk
     m = read_manifest(out, verify_hashes=True)
     assert Manifest.from_dict(on_disk).to_dict() == on_disk  # round trip
+    assert m == Manifest.from_dict(on_disk) and dict(m) == on_disk  # also a read-only mapping of the JSON
+    assert m["kv"]["layout"] == m.kv.layout == "ort_window" and m.get("engine") is None
     assert m.target == "onnxruntime" and m.dtype == "float32" and m.capacity == 8 and m.window == 8
     assert [s.name for s in m.inputs] == ["input_ids", "start_pos", "past_key.0", "past_value.0", "past_key.1",
                                           "past_value.1"]
