@@ -47,11 +47,16 @@ def fc1_name(w1_name: str) -> str:
     return w1_name.removesuffix(".w1") + ".fc1_swiglu_interleaved"
 
 
-def interleave_swiglu(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
-    """[E, I, H] gate and up projections -> [E, 2I, H] with rows 2i = w1[i], 2i+1 = w3[i]."""
+def interleave_swiglu(load: Callable[[str], torch.Tensor], w1_name: str, w3_name: str) -> torch.Tensor:
+    """[E, I, H] gate (w1) and up (w3) projections -> [E, 2I, H] with rows 2i = w1[i], 2i+1 = w3[i].
+
+    The two are loaded one after the other, so at most the result and one input are in memory.
+    """
+    w1 = load(w1_name)
     out = torch.empty((w1.shape[0], 2 * w1.shape[1], *w1.shape[2:]), dtype=w1.dtype)
     out[:, 0::2] = w1
-    out[:, 1::2] = w3
+    del w1
+    out[:, 1::2] = load(w3_name)
     return out
 
 
@@ -141,7 +146,7 @@ def _lower_moe(graph: ir.Graph, node: ir.Node, dtype: torch.dtype, load: Callabl
     else:
         w1_name, w3_name = w1.name, w3.name
         fc1 = _add_initializer(graph, name, lazy(name, (e, 2 * i, h), dtype,
-                                                 lambda: interleave_swiglu(load(w1_name), load(w3_name))))
+                                                 lambda: interleave_swiglu(load, w1_name, w3_name)))
     tape = ir.tape.Tape()
     # Routing per docs/ops.md §3 (float32 softmax, top-k with ties to the lower index, renormalise) ...
     hidden = tape.op("Shape", [x], {"start": -1})

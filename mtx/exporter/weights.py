@@ -47,7 +47,7 @@ def lazy(name: str, shape: tuple[int, ...], dtype: torch.dtype, make: Callable[[
 
 @dataclass
 class WeightReport:
-    """What :func:`attach_weights` did: files linked or copied, and bytes referenced or written."""
+    """What :func:`attach_weights` did: checkpoint files cloned or copied, and bytes referenced or written."""
 
     files: dict[str, str] = field(default_factory=dict)  # checkpoint file name in OUT -> "reflink" | "copy"
     sha256: dict[str, str] = field(default_factory=dict)  # of those files, computed while bringing them in
