@@ -149,7 +149,7 @@ class _RichProgress:
 
 @main.command(cls=_OneLineOptions)
 @click.argument("ckpt", required=False)
-@click.option("-o", "--out", "out", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--out", "out", default=Path("mtx-out"), show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; replaced only with --force).")
 @click.option("--target", type=click.Choice(["onnxruntime", "onnx", "tensorrt"]), default="onnxruntime",
               show_default=True,
@@ -162,8 +162,9 @@ class _RichProgress:
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
                    "max_position_embeddings for full attention.")
-@click.option("--max-batch", type=int, default=1, show_default=True,
-              help="Largest batch the runtime will use (TensorRT engine profile; recorded in mtx.json).")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="Largest batch the runtime will use: the TensorRT engine profile, and the limit mtx.runtime "
+                   "enforces for every target (recorded in mtx.json).")
 @click.option("--max-position", type=int, default=None,
               help="onnxruntime target: positions must stay below this (rows of the rotary tables). "
                    "Default: max_position_embeddings, or the capacity for full attention.")

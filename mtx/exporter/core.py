@@ -88,6 +88,9 @@ def _staging(out: Path) -> Iterator[Path]:
 
 def _commit(tmp: Path, out: Path) -> None:
     """Move the finished folder into place; what was at ``out`` (allowed by check_out) is removed after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the export is an ordinary folder
     if out.is_dir():
         old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
         os.rename(out, old)

@@ -16,7 +16,7 @@ class ExportOptions:
     target: str = "onnxruntime"
     dtype: str = "float32"
     cache_capacity: int | None = None  # default: the sliding window, or max_position_embeddings
-    max_batch: int = 1
+    max_batch: int = 8
     max_position: int | None = None  # onnxruntime target: rows of the rotary tables
     force: bool = False
 

@@ -131,13 +131,13 @@ class OrtBackend(Backend):
         dst = src if self.shared else 1 - src
         shape = [b, *self.kv_shape]
         dev = "cpu" if state.device == "cpu" else "cuda"
+        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
         for l in range(self.layers):
             for j in range(2):
                 io.bind_input(self.past[l][j], dev, 0, self.np_dtype, shape,
                               self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes))
                 io.bind_output(self.present[l][j], dev, 0, self.np_dtype, shape,
                                self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes))
-        io.bind_output("logits", "cpu")
         self.session.run_with_iobinding(io)
         if not self.shared:
             state.current[rows] = dst
