@@ -212,11 +212,19 @@ class TrtRunner:
                 return inp + output_name[len(out):]
         return None
 
+    def new_context(self) -> Any:
+        """Another execution context of the same engine (one per concurrent caller)."""
+        return self.engine.create_execution_context()
+
     def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor] | None = None,
-            stream: torch.cuda.Stream | None = None) -> dict[str, torch.Tensor]:
-        """Execute once; returns all outputs (present_* are the past_* tensors, updated in place)."""
+            stream: torch.cuda.Stream | None = None, context: Any = None) -> dict[str, torch.Tensor]:
+        """Execute once; returns all outputs (present_* are the past_* tensors, updated in place).
+
+        ``context`` (from :meth:`new_context`) lets several threads run the engine at once.
+        """
         import torch
 
+        ctx = context if context is not None else self.context
         missing = set(self.input_names) - set(inputs)
         if missing:
             raise UsageError(f"engine inputs missing: {', '.join(sorted(missing))}")
@@ -224,8 +232,8 @@ class TrtRunner:
             t = inputs[name]
             if not t.is_cuda or not t.is_contiguous():
                 raise UsageError(f"input {name} must be a contiguous CUDA tensor")
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
         result: dict[str, torch.Tensor] = {}
         for name in self.output_names:
             if outputs is not None and name in outputs:
@@ -233,12 +241,12 @@ class TrtRunner:
             elif self.aliased_input(name) in inputs:
                 t = inputs[self.aliased_input(name)]
             else:
-                shape = tuple(self.context.get_tensor_shape(name))
+                shape = tuple(ctx.get_tensor_shape(name))
                 t = torch.empty(shape, dtype=_torch_dtype(self._trt, self.engine.get_tensor_dtype(name)),
                                 device=self.device)
-            self.context.set_tensor_address(name, t.data_ptr())
+            ctx.set_tensor_address(name, t.data_ptr())
             result[name] = t
         stream = stream or torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
+        if not ctx.execute_async_v3(stream.cuda_stream):
             raise TensorRTError("TensorRT execution failed (see the log above)")
         return result

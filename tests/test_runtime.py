@@ -26,45 +26,78 @@ def hf_greedy(folder, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-@pytest.fixture(scope="module", params=["torch"])
+#: backend name -> export target. "torch" runs the checkpoint through the PyTorch reference;
+#: "onnxruntime" runs an onnxruntime-target export (GroupQueryAttention, shared opaque buffers);
+#: "onnx" runs an onnx-target export in ONNX Runtime (mtx function bodies, separate ring buffers).
+BACKENDS = {"torch": None, "onnxruntime": "onnxruntime", "onnx": "onnx"}
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
 def backend_name(request):
     return request.param
 
 
-def load(folder, backend_name, **kw):
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """(checkpoint folder, target, capacity) -> export folder, made once per module."""
+    cache = {}
+
+    def get(folder, target, capacity):
+        from mtx.exporter import ExportOptions, export
+
+        key = (str(folder), target, capacity)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("export") / "out"
+            export(folder, out, ExportOptions(target=target, cache_capacity=capacity, max_batch=8))
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def load(backend_name, artifacts):
+    """load(checkpoint_folder, capacity=None, max_batch=8) -> Generator on this test's backend."""
     import mtx.runtime
 
-    return mtx.runtime.load(folder, backend=backend_name, prefill_chunk=kw.pop("prefill_chunk", 5), **kw)
+    def make(folder, capacity=None, max_batch=8, prefill_chunk=5):
+        target = BACKENDS[backend_name]
+        if target is None:
+            return mtx.runtime.load(folder, backend="torch", capacity=capacity, max_batch=max_batch,
+                                    prefill_chunk=prefill_chunk)
+        return mtx.runtime.load(artifacts(folder, target, capacity), max_batch=max_batch, prefill_chunk=prefill_chunk)
+
+    return make
 
 
 @pytest.mark.parametrize("name", ["mistral", "mixtral4", "mistral_full"])
-def test_generate_matches_transformers(ckpt_factory, backend_name, name):
+def test_generate_matches_transformers(ckpt_factory, load, name):
     folder = ckpt_factory(name)
-    gen = load(folder, backend_name, capacity=64 if name == "mistral_full" else None)
+    gen = load(folder, capacity=64 if name == "mistral_full" else None)
     n = 30  # prompt 7 + 30 tokens: several windows of 8
     got = gen.generate([PROMPTS[0]], max_new_tokens=n, stop_token_ids=[])[0]
     assert got == hf_greedy(folder, PROMPTS[0], n)
 
 
 @pytest.mark.parametrize("name", ["mistral", "mixtral4"])
-def test_score_matches_transformers(ckpt_factory, backend_name, name):
+def test_score_matches_transformers(ckpt_factory, load, name):
     folder = ckpt_factory(name)
     ids = torch.randint(0, 128, (1, 37), generator=torch.Generator().manual_seed(11))
     ref = hf_logits(folder, ids)[0].numpy()
-    got = load(folder, backend_name).score(ids[0].tolist())
+    got = load(folder).score(ids[0].tolist())
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() <= 1e-4
 
 
-def test_ragged_batch_equals_alone(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mixtral4"), backend_name)
+def test_ragged_batch_equals_alone(ckpt_factory, load):
+    gen = load(ckpt_factory("mixtral4"))
     together = gen.generate(PROMPTS, max_new_tokens=20, stop_token_ids=[])
     for p, t in zip(PROMPTS, together):
         assert gen.generate([p], max_new_tokens=20, stop_token_ids=[])[0] == t
 
 
-def test_seeded_sampling_reproducible(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mistral"), backend_name)
+def test_seeded_sampling_reproducible(ckpt_factory, load):
+    gen = load(ckpt_factory("mistral"))
     kw = dict(max_new_tokens=24, temperature=1.0, top_k=50, top_p=0.95, stop_token_ids=[])
     a = gen.generate(PROMPTS, seed=7, **kw)
     b = gen.generate(PROMPTS, seed=7, **kw)
@@ -75,8 +108,8 @@ def test_seeded_sampling_reproducible(ckpt_factory, backend_name):
     assert a != greedy  # sampling did sample
 
 
-def test_stop_tokens(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mistral"), backend_name)
+def test_stop_tokens(ckpt_factory, load):
+    gen = load(ckpt_factory("mistral"))
     free = gen.generate([PROMPTS[0]], max_new_tokens=20, stop_token_ids=[])[0]
     stop = free[6]
     first = free.index(stop)
@@ -84,8 +117,8 @@ def test_stop_tokens(ckpt_factory, backend_name):
     assert got == free[: first + 1]
 
 
-def test_session_continuation_equals_single_shot(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mixtral4"), backend_name)
+def test_session_continuation_equals_single_shot(ckpt_factory, load):
+    gen = load(ckpt_factory("mixtral4"))
     s = gen.session()
     s.append(PROMPTS[0])
     g1 = s.generate(9, stop_token_ids=[])
@@ -96,8 +129,8 @@ def test_session_continuation_equals_single_shot(ckpt_factory, backend_name):
     assert g2 == single
 
 
-def test_sessions_on_threads(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mistral"), backend_name)
+def test_sessions_on_threads(ckpt_factory, load):
+    gen = load(ckpt_factory("mistral"))
     expect = [gen.generate([p], max_new_tokens=16, stop_token_ids=[])[0] for p in PROMPTS]
     results: dict[int, list[int]] = {}
 
@@ -119,13 +152,40 @@ def test_sessions_on_threads(ckpt_factory, backend_name):
     ([[]], "empty"),
     ([[1]] * 9, "exceeds the maximum batch 8"),
 ])
-def test_bad_input(ckpt_factory, backend_name, prompts, needle):
-    gen = load(ckpt_factory("mistral"), backend_name, max_batch=8)
+def test_bad_input(ckpt_factory, load, prompts, needle):
+    gen = load(ckpt_factory("mistral"), max_batch=8)
     with pytest.raises(UsageError, match=needle):
         gen.generate(prompts, max_new_tokens=2)
 
 
-def test_full_attention_refuses_past_capacity(ckpt_factory, backend_name):
-    gen = load(ckpt_factory("mistral_full"), backend_name, capacity=16)
+def test_full_attention_refuses_past_capacity(ckpt_factory, load):
+    gen = load(ckpt_factory("mistral_full"), capacity=16)
     with pytest.raises(UsageError, match="exceeds the KV capacity 16"):
         gen.generate([PROMPTS[0]], max_new_tokens=10)
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("name", ["mistral", "mixtral4"])
+def test_tensorrt_backend_matches_transformers(ckpt_factory, tmp_path, name):
+    """A tensorrt-target export with its engine: generate and score equal the oracle."""
+    from mtx import tensorrt as mtrt
+
+    what = f"export {name} with --target tensorrt, build the engine and compare generate/score with transformers"
+    if not torch.cuda.is_available():
+        pytest.skip(f"no CUDA GPU: would {what}")
+    ok, why = mtrt.available()
+    if not ok:
+        pytest.skip(f"{why}: would {what}")
+    import mtx.runtime
+    from mtx.exporter import ExportOptions, export
+
+    folder = ckpt_factory(name)
+    out = tmp_path / "trt"
+    export(folder, out, ExportOptions(target="tensorrt", max_batch=4))
+    gen = mtx.runtime.load(out, prefill_chunk=5)
+    assert gen.backend.name == "tensorrt"
+    assert gen.generate([PROMPTS[0]], max_new_tokens=30, stop_token_ids=[])[0] == hf_greedy(folder, PROMPTS[0], 30)
+    ids = torch.randint(0, 128, (1, 37), generator=torch.Generator().manual_seed(11))
+    assert np.abs(gen.score(ids[0].tolist()) - hf_logits(folder, ids)[0].numpy()).max() <= 1e-4
+    together = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
+    assert together == [gen.generate([p], max_new_tokens=12, stop_token_ids=[])[0] for p in PROMPTS]
