@@ -25,7 +25,7 @@ from mtx import rolling_kv
 from mtx.assets import resolve_checkpoint
 from mtx.config import ModelConfig
 from mtx.errors import MtxError, UsageError
-from mtx.exporter import functions, ort_lowering, trace, weights
+from mtx.exporter import functions, ort_fusions, ort_lowering, trace, weights
 from mtx.exporter.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, Manifest, TensorSpec,
                                    sha256_file, write_manifest)
 from mtx.exporter.options import ExportOptions, check_out
@@ -195,6 +195,7 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
         lower_moe = ort.moe is not None and ort.moe.ok
         ort_lowering.lower(model, dtype=dtype, window_offset=ort.window_offset or 0, max_position=max_position,
                            attention=ort.attention.ok, moe=lower_moe, load=lambda name: ck.load(name, dtype))
+        ort_fusions.fuse(model, dtype, lambda name: ck.load(name, dtype))
         if ort.attention.ok:
             plan.attention_op = f"{ort_lowering.MS_DOMAIN}::GroupQueryAttention"
             plan.local_window_size = ort.local_window_size(window)

@@ -12,7 +12,7 @@ Buffers are allocated once per state at ``[batch, Hkv, C, D]``; a call on rows `
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ class OrtKV:
     row_bytes: int
     batch: int
     device: str
+    bindings: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (row0, row1, src set) -> IOBinding
 
 
 class OrtBackend(Backend):
@@ -119,28 +120,37 @@ class OrtBackend(Backend):
             state.current[r] = target
         return target
 
-    def run(self, state: OrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
-            last_only: bool) -> np.ndarray:
-        b = rows.stop - rows.start
-        if input_ids.shape[1] > 1 and b > 1 and self.multi_token_rows == 1 and np.any(start_pos != 0):
-            raise UsageError("this export runs multi-token chunks one row at a time after the first call")
+    def _bind_kv(self, state: OrtKV, rows: slice, src: int) -> Any:
+        """An IOBinding with logits (bound first) and this row range's past/present buffer views."""
         io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
-        src = 0 if self.shared else self._align_rows(state, rows)
-        dst = src if self.shared else 1 - src
-        shape = [b, *self.kv_shape]
-        dev = "cpu" if state.device == "cpu" else "cuda"
         io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        dst = src if self.shared else 1 - src
+        shape = [rows.stop - rows.start, *self.kv_shape]
+        dev = "cpu" if state.device == "cpu" else "cuda"
         for l in range(self.layers):
             for j in range(2):
                 io.bind_input(self.past[l][j], dev, 0, self.np_dtype, shape,
                               self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes))
                 io.bind_output(self.present[l][j], dev, 0, self.np_dtype, shape,
                                self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes))
+        return io
+
+    def run(self, state: OrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
+            last_only: bool) -> np.ndarray:
+        b = rows.stop - rows.start
+        if input_ids.shape[1] > 1 and b > 1 and self.multi_token_rows == 1 and np.any(start_pos != 0):
+            raise UsageError("this export runs multi-token chunks one row at a time after the first call")
+        src = 0 if self.shared else self._align_rows(state, rows)
+        io = state.bindings.get((rows.start, rows.stop, src))
+        if io is None:  # KV views of these rows, bound once and reused by every later call on them
+            io = self._bind_kv(state, rows, src)
+            state.bindings[(rows.start, rows.stop, src)] = io
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
+        io.bind_output("logits", "cpu")  # rebinding keeps its place (first) and lets ORT size it anew
         self.session.run_with_iobinding(io)
         if not self.shared:
-            state.current[rows] = dst
+            state.current[rows] = 1 - src
         logits = io.get_outputs()[0].numpy()
         if last_only:
             logits = logits[:, -1:]
