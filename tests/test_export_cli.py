@@ -92,10 +92,12 @@ def test_folder_and_manifest(cli_export, checkpoint):
     ck = Checkpoint(checkpoint)
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     refs = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer}
-    wq = ck.sources["layers.1.attn.wq.weight"].refs[0]
-    assert refs["layers.1.attn.wq.weight"] == {"location": "model.safetensors", "offset": str(wq.data_offset),
-                                               "length": str(wq.nbytes)}
-    assert m.weights["written_tensors"] == 2  # only the rotary cos/sin tables are computed
+    wo = ck.sources["layers.1.attn.wo.weight"].refs[0]
+    assert refs["layers.1.attn.wo.weight"] == {"location": "model.safetensors", "offset": str(wo.data_offset),
+                                               "length": str(wo.nbytes)}
+    # computed: the rotary cos/sin tables and, per layer, the packed [Wq; Wk; Wv] of the fused QKV MatMul
+    assert m.weights["written_tensors"] == 2 + 2
+    assert "layers.1.attn.wq.weight" not in refs and "layers.1.attn.wqkv.weight" in refs
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 
