@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from mtx import __version__
-from mtx.errors import MtxError
+from mtx.errors import MtxError, UsageError
 
 MANIFEST_NAME = "mtx.json"
 
@@ -22,8 +22,24 @@ CKPT_HELP = ("Checkpoint folder (config.json or params.json with *.safetensors),
              "builtin:mixtral. Default: the built-in Mistral.")
 
 
+class _OneLineOptions(click.Command):
+    """Bad option values become one ``mtx: error:`` line (exit 2) instead of click's usage block."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            from mtx.errors import UsageError
+
+            raise UsageError(e.format_message().replace("\n", " ")) from None
+
+
 class _Group(click.Group):
-    """Turns MtxError into one line and exit code 2, unless --debug."""
+    """Turns MtxError into one line and exit code 2, unless --debug. Subcommands parse options with
+    :class:`_OneLineOptions`."""
+
+    command_class = _OneLineOptions
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -107,19 +123,6 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     click.echo("ok: every tensor present with the expected shape" + (" and finite data" if verify else ""))
 
 
-class _OneLineOptions(click.Command):
-    """Bad option values become one ``mtx: error:`` line (exit 2) instead of click's usage block."""
-
-    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
-                     **extra: Any) -> click.Context:
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except click.UsageError as e:
-            from mtx.errors import UsageError
-
-            raise UsageError(e.format_message().replace("\n", " ")) from None
-
-
 class _RichProgress:
     """mtx.exporter.Progress on stderr with rich (silent when stderr is not a terminal)."""
 
@@ -147,7 +150,7 @@ class _RichProgress:
             self.bar.console.log(description)
 
 
-@main.command(cls=_OneLineOptions)
+@main.command()
 @click.argument("ckpt", required=False)
 @click.option("-o", "--out", "out", default=Path("mtx-out"), show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; replaced only with --force).")
@@ -211,7 +214,7 @@ def _parse_ids(text: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise click.BadParameter("expected comma-separated integers, e.g. 1,2,3", param_hint="--ids") from None
+        raise UsageError(f"--ids: expected comma-separated integers such as 1,2,3, got {text!r}") from None
 
 
 BACKENDS = click.Choice(["onnxruntime", "tensorrt", "torch"])
@@ -242,7 +245,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
     import mtx.runtime
 
     if (prompt is None) == (ids is None):
-        raise click.UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
+        raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
     gen = mtx.runtime.load(out, backend, threads=threads)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
