@@ -83,6 +83,7 @@ def test_correct_export_passes(parity_export, ckpt_factory, variant, target):
 def test_cli_json_plot_and_backend_comparison(parity_export, ckpt_factory, tmp_path):
     """The whole command in a subprocess: --json on stdout, --plot written, Polygraphy pair check."""
     out = parity_export("mixtral4", "onnx")
+    before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
     plot = tmp_path / "parity.png"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-m", "mtx", "parity", str(ckpt_factory("mixtral4")), str(out), "--json",
@@ -100,6 +101,9 @@ def test_cli_json_plot_and_backend_comparison(parity_export, ckpt_factory, tmp_p
     assert pair["calls_compared"] == len(data["run"]["prefill_chunks"]) + 20
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.png"]  # written atomically, nothing left over
+    # --per-layer promoted the layer values in memory only: OUT is untouched
+    assert {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()} == before
+    read_manifest(out, verify_hashes=True)
 
 
 def test_backend_comparison_uses_polygraphy():

@@ -180,3 +180,16 @@ def test_polygraphy_comparison_fails_on_a_broken_backend(parity_export, ckpt_fac
     (pair,) = data["comparisons"]
     assert pair["tool"] == "polygraphy" and pair["passed"] is False
     assert pair["first_failed_call_start"] == 6 and pair["max_absdiff"] > 1e-2  # call 6-8 holds position 8
+
+
+def test_artifact_that_fails_to_run(parity_export, ckpt_factory, tmp_path):
+    """local_window_size W+1 does not fit ONNX Runtime's buffer of C = W slots: ORT refuses to run it.
+    That is a failed check (exit 1) reported in one line, not bad input."""
+    broken = edited_export(parity_export("mistral", "onnxruntime"), tmp_path / "broken",
+                           shift_attribute("GroupQueryAttention", "local_window_size", +1))
+    result = CliRunner().invoke(main, ["parity", str(ckpt_factory("mistral")), str(broken)])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mtx: error: onnxruntime failed on the prefill call at positions "
+                                                   "0-2: "), result.stderr
+    assert "local_window_size" in lines[0]

@@ -177,7 +177,7 @@ def render(report: ParityReport, console: Any = None) -> None:
     for note in report.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
 
-    t = Table(title="summary: logits at every position", box=box.SIMPLE_HEAD)
+    t = Table(title="summary: logits at every position", box=box.SIMPLE_HEAD, pad_edge=False)
     t.add_column("")
     ran = [r for r in report.backends]
     for res in ran:
@@ -208,7 +208,7 @@ def render(report: ParityReport, console: Any = None) -> None:
     for res in report.ran:
         lg = res.logits
         t = Table(title=f"{res.name}: logits error by position (window boundaries at multiples of "
-                        f"{sched.effective_window})", box=box.SIMPLE_HEAD)
+                        f"{sched.effective_window})", box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("pos", "phase", "max abs", "mean abs", "max rel", "1−cos", "top1", "top5", "bad"):
             t.add_column(col, justify="left" if col in ("pos", "phase") else "right", no_wrap=True)
         for phase, a, b in _segments(report):
@@ -221,7 +221,8 @@ def render(report: ParityReport, console: Any = None) -> None:
         console.print(t)
         layers = _layers_json(res)
         if layers:
-            t = Table(title=f"{res.name}: residual stream per layer (same tolerance rule)", box=box.SIMPLE_HEAD)
+            t = Table(title=f"{res.name}: residual stream per layer (same tolerance rule)", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
             for col in ("layer", "attn max abs", "attn rel", "attn failing (first)", "block max abs", "block rel",
                         "block failing (first)"):
                 t.add_column(col, justify="right")
@@ -237,7 +238,7 @@ def render(report: ParityReport, console: Any = None) -> None:
 
     if report.comparisons:
         t = Table(title="backend vs backend, per call (Polygraphy Comparator.compare_accuracy, SimpleCompareFunc "
-                        "elemwise)", box=box.SIMPLE_HEAD)
+                        "elemwise)", box=box.SIMPLE_HEAD, pad_edge=False)
         for col in ("pair", "atol (2× tolerance)", "calls failed", "first failed call", "max |a-b|", "verdict"):
             t.add_column(col)
         for c in report.comparisons:
@@ -252,13 +253,14 @@ def render(report: ParityReport, console: Any = None) -> None:
         console.print(f"[{style}]diagnosis[/{style}] {res.name}: {res.finding.line}")
     for f in report.findings:
         console.print(f"[red]diagnosis[/red] {f.line}")
+    skipped = "".join(f"; {r.name} skipped: {r.reason}" for r in report.backends if r.status != "ran")
     if report.passed:
-        console.print(f"[bold green]PASS[/bold green]: every backend within tolerance at all {sched.positions} "
-                      f"positions")
+        console.print(f"[bold green]PASS[/bold green]: {', '.join(r.name for r in report.ran)} within tolerance at all "
+                      f"{sched.positions} positions{skipped}")
     else:
         failing = [r.name for r in report.ran if not r.passed] + \
                   [f"{c.first} vs {c.second}" for c in report.comparisons if not c.passed]
-        console.print(f"[bold red]FAIL[/bold red]: {', '.join(failing)} outside tolerance")
+        console.print(f"[bold red]FAIL[/bold red]: {', '.join(failing)} outside tolerance{skipped}")
 
 
 # --------------------------------------------------------------------------------------------------
