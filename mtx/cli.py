@@ -304,6 +304,89 @@ def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend
     Console().print(t)
 
 
+def _parse_backends(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+@main.command(cls=_OneLineOptions)
+@click.argument("ckpt")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--backends", default=None, metavar="LIST",
+              help="Comma-separated artifact backends: onnxruntime, tensorrt, torch (the PyTorch model in the "
+                   "export's dtype). Default: onnxruntime, plus tensorrt when OUT has an engine (skipped, with the "
+                   "reason, where TensorRT cannot run). Two or more are also compared with each other (Polygraphy).")
+@click.option("--prompt", default=None, help="Prefill text, tokenized with OUT/tokenizer.json.")
+@click.option("--prompt-len", type=int, default=None,
+              help="Prefill this many random token ids (from --seed). Default: 2·C + 1 (past two buffer wraps), "
+                   "or half the capacity for full attention.")
+@click.option("--steps", type=int, default=None,
+              help="Decode steps after the prefill, one token each, teacher-forced with the reference's greedy "
+                   "token. Default: 3·C + chunk (past three buffer wraps); fewer than 3·C is reported as a note.")
+@click.option("--chunk", type=int, default=None,
+              help="Prefill chunk length. Default: about W/3, chosen not to divide W, so chunk boundaries cross "
+                   "window boundaries.")
+@click.option("--per-layer", is_flag=True,
+              help="Also compare every layer's residual stream after attention and after the block, read from the "
+                   "artifact itself (mtx.json layer_outputs), to show where the error starts.")
+@click.option("--atol", type=float, default=None,
+              help="Absolute tolerance. Default by dtype: float32 1e-4, float16 1e-2, bfloat16 8e-2.")
+@click.option("--rtol", type=float, default=None,
+              help="Relative tolerance, times the largest |reference logit| of the position. Default by dtype: "
+                   "float32 0, float16 1e-2, bfloat16 8e-2.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt ids.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (per-step records, summary, diagnosis) instead of tables.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
+              help="Write a plot of the error vs position with window boundaries marked (format from the suffix).")
+def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, prompt_len: int | None,
+           steps: int | None, chunk: int | None, per_layer: bool, atol: float | None, rtol: float | None, seed: int,
+           as_json: bool, plot: Path | None) -> None:
+    """Check an export OUT against the PyTorch reference built from CKPT, position by position.
+
+    Runs a chunked prefill and then single-token decoding past several wraps of the rolling KV buffer
+    through the artifact's runtime backends and the float32 reference, on the same tokens, and reports
+    per position the max/mean abs and relative error of the logits, cosine similarity, top-1 and top-5
+    agreement, plus greedy-token agreement and a diagnosis of where errors start and why.
+    Exit code 0: within tolerance; 1: outside it; 2: bad input. CKPT may be builtin:mistral / builtin:mixtral.
+    """
+    import importlib.util
+
+    from mtx.errors import UsageError
+    from mtx.parity.options import ParityOptions
+
+    options = ParityOptions(backends=_parse_backends(backends), prompt=prompt, prompt_len=prompt_len, steps=steps,
+                            chunk=chunk, per_layer=per_layer, atol=atol, rtol=rtol, seed=seed)
+    options.validate()
+    if plot is not None and (plot.is_dir() or not plot.parent.is_dir()):
+        raise UsageError(f"--plot {plot}: expected a file path in an existing folder")
+    if plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib, which is not installed (pip install matplotlib)")
+    from mtx.parity import report as parity_report
+    from mtx.parity import run_parity
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    bar = Progress(TextColumn("parity calls"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    with bar:
+        task = bar.add_task("calls", total=None)
+        result = run_parity(ckpt, out, options, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                        total=total))
+    if plot is not None:
+        parity_report.write_plot(result, plot)
+    if as_json:
+        emit_json(parity_report.to_json(result))
+    else:
+        parity_report.render(result)
+        if plot is not None:
+            click.echo(f"plot: {plot}")
+    sys.exit(result.exit_code)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -71,6 +71,29 @@ def mistral_layout_factory(ckpt_factory, tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def parity_export(ckpt_factory, tmp_path_factory):
+    """parity_export(variant, target, checkpoint=None, **ExportOptions) -> export folder, made once per session.
+
+    Full-attention variants get a capacity of 64 (the whole parity run must fit, docs/ops.md §1 rule 8).
+    """
+    from mtx.exporter import ExportOptions, export
+
+    cache: dict[tuple, Path] = {}
+
+    def make(variant: str, target: str, checkpoint: Path | None = None, **options) -> Path:
+        key = (variant, target, str(checkpoint), tuple(sorted(options.items())))
+        if key not in cache:
+            if variant.endswith("full"):
+                options.setdefault("cache_capacity", 64)
+            out = tmp_path_factory.mktemp("parity") / f"{variant}-{target}"
+            export(checkpoint or ckpt_factory(variant), out, ExportOptions(target=target, **options))
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
 def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
     """Oracle: transformers eager, one full forward over the whole sequence (no cache), float32."""
     from transformers import AutoModelForCausalLM

@@ -26,8 +26,9 @@ from mtx.assets import resolve_checkpoint
 from mtx.config import ModelConfig
 from mtx.errors import MtxError, UsageError
 from mtx.exporter import functions, ort_fusions, ort_lowering, trace, weights
-from mtx.exporter.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, Manifest, TensorSpec,
-                                   sha256_file, write_manifest)
+from mtx.exporter.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
+                                   TensorSpec, sha256_file, write_manifest)
+from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
 from mtx.exporter.options import ExportOptions, check_out
 from mtx.models.checkpoint import DTYPE_NAMES, Checkpoint
 
@@ -253,6 +254,10 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             if (ck.root / name).is_file():
                 shutil.copyfile(ck.root / name, tmp / name)
                 roles[name] = "tokenizer"
+        kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]
+        write_data_loader(tmp, vocab_size=cfg.vocab_size, capacity=capacity, dtype=options.dtype,
+                          kv_shape=(1, cfg.num_kv_heads, capacity, cfg.head_dim), kv_inputs=kv_inputs)
+        roles[DATA_LOADER_FILE] = "tooling"
 
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
@@ -272,7 +277,8 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             inputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.inputs],
             outputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
             ops=trace.count_ops(model), attention_op=plan.attention_op, moe_op=plan.moe_op,
-            local_window_size=plan.local_window_size, fallbacks=plan.fallbacks, engine=engine,
+            local_window_size=plan.local_window_size, fallbacks=plan.fallbacks,
+            layer_outputs=_layer_outputs(model, cfg.num_layers), engine=engine,
             engine_status=engine_status,
             checkpoint={"path": str(ck.root.resolve()), "format": cfg.source_format,
                         "dtype": str(ck.dtype).removeprefix("torch.")},
@@ -283,6 +289,19 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         write_manifest(tmp, manifest)
         _commit(tmp, out)
     return ExportResult(out, manifest, notes)
+
+
+def _layer_outputs(model: ir.Model, num_layers: int) -> list[LayerOutput]:
+    """The per-layer residual-stream values (traced by name, docs/ops.md §5), checked to be in the final graph."""
+    produced = {v.name for node in model.graph for v in node.outputs}
+    entries = []
+    for layer, (attention, block) in enumerate(trace.layer_output_names(num_layers)):
+        for name in (attention, block):
+            if name not in produced:
+                raise ExportError(f"layer output {name!r} is missing from the {model.graph.name or 'main'} graph "
+                                  f"after lowering")
+        entries.append(LayerOutput(layer, attention, block))
+    return entries
 
 
 def _dims(value: ir.Value) -> list[int | str]:

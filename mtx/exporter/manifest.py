@@ -20,13 +20,13 @@ from mtx.errors import MtxError
 
 MANIFEST = "mtx.json"
 FORMAT = "mtx-export"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: layer_outputs, role "tooling" (docs/ops.md §5)
 TARGETS = ("onnxruntime", "onnx", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = ("ring", "ort_window")
 PAST_PRESENT = ("separate", "shared")
 MULTI_TOKEN = ("any", "first_call_only")
-ROLES = ("model", "weights", "checkpoint-weights", "tokenizer", "engine")
+ROLES = ("model", "weights", "checkpoint-weights", "tokenizer", "engine", "tooling")
 
 
 class ManifestError(MtxError):
@@ -61,6 +61,15 @@ class Fallback:
 
 
 @dataclass(frozen=True)
+class LayerOutput:
+    """Names of values inside model.onnx holding layer ``layer``'s residual stream [batch, seq, H] in T."""
+
+    layer: int
+    after_attention: str  # x + attention(attn_norm(x))
+    after_block: str  # the layer's output
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the export folder
     role: str
@@ -91,6 +100,7 @@ class Manifest(Mapping[str, Any]):
     moe_op: str | None
     local_window_size: int | None  # GroupQueryAttention attribute written (onnxruntime target)
     fallbacks: list[Fallback]
+    layer_outputs: list[LayerOutput]
     engine: str | None
     engine_status: str
     checkpoint: dict[str, Any]
@@ -121,7 +131,8 @@ class Manifest(Mapping[str, Any]):
         _check_keys(d, cls, origin)
         if d["format"] != FORMAT or d["format_version"] != FORMAT_VERSION:
             raise ManifestError(f"{origin}: not an {FORMAT} v{FORMAT_VERSION} manifest "
-                                f"(format {d['format']!r}, version {d['format_version']!r})")
+                                f"(format {d['format']!r}, version {d['format_version']!r}); "
+                                f"export the checkpoint again with this mtx")
         _choice(d, "target", TARGETS, origin)
         _choice(d, "dtype", DTYPES, origin)
         kv = d["kv"]
@@ -134,16 +145,24 @@ class Manifest(Mapping[str, Any]):
                 _check_keys(spec, TensorSpec, f"{origin}: {key}[{i}]")
         for i, fb in enumerate(d["fallbacks"]):
             _check_keys(fb, Fallback, f"{origin}: fallbacks[{i}]")
+        for i, lo in enumerate(d["layer_outputs"]):
+            _check_keys(lo, LayerOutput, f"{origin}: layer_outputs[{i}]")
+            if lo["layer"] != i:
+                raise ManifestError(f"{origin}: layer_outputs[{i}] is for layer {lo['layer']}; expected layer {i}")
         for i, entry in enumerate(d["files"]):
             _check_keys(entry, FileEntry, f"{origin}: files[{i}]")
             _choice(entry, "role", ROLES, f"{origin}: files[{i}]")
         try:
-            ModelConfig.from_dict(d["config"], origin=f"{origin}: config")
+            cfg = ModelConfig.from_dict(d["config"], origin=f"{origin}: config")
         except MtxError as e:
             raise ManifestError(str(e)) from None
+        if len(d["layer_outputs"]) != cfg.num_layers:
+            raise ManifestError(f"{origin}: layer_outputs has {len(d['layer_outputs'])} entries for "
+                                f"{cfg.num_layers} layers")
         return cls(**{**d, "kv": KVSpec(**kv), "inputs": [TensorSpec(**s) for s in d["inputs"]],
                       "outputs": [TensorSpec(**s) for s in d["outputs"]],
                       "fallbacks": [Fallback(**f) for f in d["fallbacks"]],
+                      "layer_outputs": [LayerOutput(**lo) for lo in d["layer_outputs"]],
                       "files": [FileEntry(**f) for f in d["files"]]})
 
     @property
@@ -156,8 +175,8 @@ class Manifest(Mapping[str, Any]):
 
 _TYPES: dict[str, Any] = {
     "str": str, "int": int, "dict[str, Any]": dict, "list[int | str]": list, "list[int]": list,
-    "list[TensorSpec]": list, "list[Fallback]": list, "list[FileEntry]": list, "dict[str, int]": dict,
-    "dict[str, str | None]": dict, "KVSpec": dict,
+    "list[TensorSpec]": list, "list[Fallback]": list, "list[LayerOutput]": list, "list[FileEntry]": list,
+    "dict[str, int]": dict, "dict[str, str | None]": dict, "KVSpec": dict,
 }
 
 

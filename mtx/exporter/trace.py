@@ -9,6 +9,11 @@ Graph interface (docs/ops.md §4): inputs ``input_ids`` [batch, seq] int64, ``st
 int64, then ``past_key.{l}``, ``past_value.{l}`` [batch, Hkv, C, D] per layer; outputs ``logits``
 [batch, seq, vocab] then ``present_key.{l}``, ``present_value.{l}``. Each attention block is one
 ``mtx::SlidingWindowGQA`` node and each MoE block one ``mtx::MoE`` node.
+
+Layer outputs: the residual stream of layer ``l`` after attention and after the whole block
+([batch, seq, H], dtype T) are plain values of the graph named by :func:`layer_output_names`. They
+are traced as extra graph outputs (so torch.onnx names them) and then demoted to intermediate values;
+``mtx parity --per-layer`` promotes them again in an in-memory copy (docs/ops.md §5 ``layer_outputs``).
 """
 
 from __future__ import annotations
@@ -39,13 +44,22 @@ def output_names(num_layers: int) -> list[str]:
     return ["logits"] + [f"present_{kv}.{layer}" for layer in range(num_layers) for kv in ("key", "value")]
 
 
+def layer_output_names(num_layers: int) -> list[tuple[str, str]]:
+    """Per layer: names of the residual stream after attention and after the block (graph values)."""
+    return [(f"layers.{layer}.after_attention", f"layers.{layer}.after_block") for layer in range(num_layers)]
+
+
 class _Traceable(Transformer):
-    """``forward_functional`` with flat, interleaved KV buffers (past_key.0, past_value.0, past_key.1, ...)."""
+    """``forward_functional`` with flat, interleaved KV buffers (past_key.0, past_value.0, past_key.1, ...),
+    returning the per-layer residual streams after the graph outputs (demoted after tracing)."""
 
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor,  # type: ignore[override]
                 past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        logits, keys, values, _ = self.forward_functional(input_ids, start_pos, past[0::2], past[1::2])
-        return (logits, *[t for kv in zip(keys, values) for t in kv])
+        after_attention: list[torch.Tensor] = []
+        logits, keys, values, hidden = self.forward_functional(input_ids, start_pos, past[0::2], past[1::2],
+                                                               with_hidden=True, attention_states=after_attention)
+        return (logits, *[t for kv in zip(keys, values) for t in kv],
+                *[t for pair in zip(after_attention, hidden) for t in pair])
 
 
 @contextlib.contextmanager
@@ -90,20 +104,36 @@ def _trace_cached(cfg: ModelConfig, dtype: torch.dtype, capacity: int) -> ir.Mod
     past = [torch.zeros(kv_shape, dtype=dtype, device="meta") for _ in range(2 * layers)]
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
     dynamic = ({0: batch, 1: seq}, {0: batch}, [{0: batch}] * (2 * layers))
+    probes = [name for pair in layer_output_names(layers) for name in pair]
     with _quiet():
         program = torch.onnx.export(
             model, (ids, start, past), dynamo=True, optimize=False, opset_version=functions.OPSET,
-            dynamic_shapes=dynamic, input_names=input_names(layers), output_names=output_names(layers),
+            dynamic_shapes=dynamic, input_names=input_names(layers), output_names=output_names(layers) + probes,
             custom_translation_table={torch.ops.mtx.swa_gqa.default: functions.translate_swa_gqa,
                                       torch.ops.mtx.moe.default: functions.translate_moe},
             verbose=False)
     onnx_model = program.model
+    _demote_outputs(onnx_model.graph, probes)
     inv = onnx_model.graph.initializers[INV_FREQ]
     table = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
     inv.const_value = ir.tensor(table.numpy(), name=INV_FREQ)
     _name_dims(onnx_model.graph)
     onnx_model.producer_name = "mtx"
     return onnx_model
+
+
+def _demote_outputs(graph: ir.Graph, names: list[str]) -> None:
+    """Remove the outputs ``names`` from the graph's outputs; they stay as named intermediate values."""
+    by_name = {v.name: v for v in graph.outputs}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise AssertionError(f"torch.onnx did not name the traced output {missing[0]!r}")
+    for name in names:
+        value = by_name[name]
+        graph.outputs.remove(value)
+        if value.producer() is None:
+            raise AssertionError(f"layer output {name!r} is not computed by a node of the graph")
+        value.shape = ir.Shape([ir.SymbolicDim(BATCH), ir.SymbolicDim(SEQ), value.shape[2]])
 
 
 def _name_dims(graph: ir.Graph) -> None:

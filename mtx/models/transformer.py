@@ -119,10 +119,14 @@ class Block(nn.Module):
         self.ffn = None if cfg.is_moe else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, start_pos: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-                inv_freq: torch.Tensor, functional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                inv_freq: torch.Tensor, functional: bool, after_attention: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block output, present_key, present_value); appends x + attention [B, S, H] to ``after_attention``."""
         a, present_key, present_value = self.attn(self.attn_norm(x), start_pos, past_key, past_value,
                                                   inv_freq, functional)
         h = x + a
+        if after_attention is not None:
+            after_attention.append(h)
         f = self.ffn_norm(h)
         f = self.moe(f, functional) if self.moe is not None else self.ffn(f)
         return h + f, present_key, present_value
@@ -187,31 +191,35 @@ class Transformer(nn.Module):
         return F.linear(h, w)
 
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor, kv: KVBuffers,
-                hidden_states: list[torch.Tensor] | None = None) -> torch.Tensor:
+                hidden_states: list[torch.Tensor] | None = None,
+                attention_states: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Logits [B, S, V] for a chunk; updates ``kv`` in place.
 
         input_ids [B, S] int64; start_pos [B] int64 (absolute position of each row's first token).
-        If ``hidden_states`` is a list, each layer's output [B, S, H] is appended to it.
+        If ``hidden_states`` is a list, each layer's output [B, S, H] is appended to it; if
+        ``attention_states`` is a list, each layer's residual stream after attention (x + attn) [B, S, H].
         """
         h = self.embed(input_ids)
         for layer, k, v in zip(self.layers, kv.keys, kv.values):
-            h, _, _ = layer(h, start_pos, k, v, self.inv_freq, functional=False)
+            h, _, _ = layer(h, start_pos, k, v, self.inv_freq, functional=False, after_attention=attention_states)
             if hidden_states is not None:
                 hidden_states.append(h)
         return self.logits(self.norm(h))
 
     def forward_functional(self, input_ids: torch.Tensor, start_pos: torch.Tensor, past_keys: list[torch.Tensor],
-                           past_values: list[torch.Tensor], with_hidden: bool = False
+                           past_values: list[torch.Tensor], with_hidden: bool = False,
+                           attention_states: list[torch.Tensor] | None = None
                            ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """Traceable form: returns (logits, present_keys, present_values, hidden_states).
 
         One ``mtx::swa_gqa`` and (Mixtral) one ``mtx::moe`` node per layer; buffers are not mutated.
-        ``hidden_states`` holds each layer's output when ``with_hidden`` is true, else is empty.
+        ``hidden_states`` holds each layer's output when ``with_hidden`` is true, else is empty;
+        ``attention_states``, if a list, receives each layer's residual stream after attention.
         """
         h = self.embed(input_ids)
         keys, values, hidden = [], [], []
         for layer, k, v in zip(self.layers, past_keys, past_values):
-            h, k2, v2 = layer(h, start_pos, k, v, self.inv_freq, functional=True)
+            h, k2, v2 = layer(h, start_pos, k, v, self.inv_freq, functional=True, after_attention=attention_states)
             keys.append(k2)
             values.append(v2)
             if with_hidden:

@@ -51,7 +51,10 @@ class OrtBackend(Backend):
         self.max_batch = max_batch or int(manifest["max_batch"])
         self.max_position = manifest.get("max_position")
         kv = manifest["kv"]
-        self.shared = kv["past_present"] == "shared"
+        # docs/ops.md §5: ONNX Runtime running an mtx function body (a tensorrt export) must not alias
+        # past and present, whatever the target's own runtime does (found by mtx parity: aliased, the
+        # body's ScatterElements overwrites keys the chunk still reads).
+        self.shared = kv["past_present"] == "shared" and not manifest["attention_op"].startswith("mtx::")
         self.multi_token_rows = 1 if kv["multi_token_batch"] == "first_call_only" else None
         dtype = manifest["dtype"]
         if dtype not in _NP_DTYPES:
@@ -70,7 +73,7 @@ class OrtBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(root / manifest["model"]), so, providers=providers)
+        self.session = self._open_session(so, providers)
         names = {i.name for i in self.session.get_inputs()}
         self.layers = self.config.num_layers
         self.past = [(f"past_key.{l}", f"past_value.{l}") for l in range(self.layers)]
@@ -82,6 +85,13 @@ class OrtBackend(Backend):
         self.kv_shape = (self.config.num_kv_heads, self.capacity, self.config.head_dim)
         self._ort = ort
         self._lock = threading.Lock()
+
+    def _open_session(self, options: Any, providers: list[str]) -> Any:
+        """Hook: the InferenceSession of ``root/model.onnx``. ``mtx parity`` overrides it to open an
+        in-memory copy with extra graph outputs (mtx/parity/ort_probe.py); ``run`` binds only its own."""
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(self.root / self.manifest["model"]), options, providers=providers)
 
     def new_state(self, batch: int) -> OrtKV:
         if batch > self.max_batch:

@@ -1,0 +1,312 @@
+"""``mtx parity``: run an export and the PyTorch reference on the same inputs and say where they differ.
+
+The reference is the float32 model built from CKPT (independent of the artifact: its own rolling
+buffer of W slots, or of the whole run for full attention). Both sides see the same calls
+(:mod:`mtx.parity.schedule`): a chunked prefill, then single-token decoding teacher-forced with the
+reference's greedy token (the artifact's own greedy choice is recorded, not fed). Every position is
+measured (:mod:`mtx.parity.metrics`), with ``per_layer`` also each layer's residual stream after
+attention and after the block, taken from the artifact itself (``layer_outputs`` of mtx.json).
+Calls are processed one at a time and then dropped, so memory does not grow with the run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mtx.errors import MtxError, UsageError
+from mtx.exporter.manifest import Manifest, read_manifest
+from mtx.parity import diagnosis
+from mtx.parity.compare import BackendComparison, PairResult
+from mtx.parity.metrics import LogitErrors, RowErrors
+from mtx.parity.options import ParityOptions, Tolerance, tolerance_for
+from mtx.parity.runners import BackendRunner, OrtProbeRunner, Runner, TorchRunner
+from mtx.parity.schedule import Schedule, plan_schedule
+
+REFERENCE = "reference"
+
+
+class BackendFailed(MtxError):
+    """An artifact backend raised while running a call: the artifact does not run (exit code 1)."""
+
+    exit_code = 1
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(e).__name__).split("Status Message: ")[-1]
+LOGIT_FIELDS = ("max_abs", "mean_abs", "rel", "ref_max", "cosine", "top1", "top5_overlap", "reference_token",
+                "artifact_token")
+
+
+@dataclass
+class BackendResult:
+    """One artifact backend over the run. Arrays are per position [T] (``layers``: [L, 2, T])."""
+
+    name: str
+    status: str  # "ran" or "skipped"
+    reason: str | None = None
+    logits: dict[str, np.ndarray] = field(default_factory=dict)  # LOGIT_FIELDS -> [T]
+    layer_max_abs: np.ndarray | None = None
+    layer_rel: np.ndarray | None = None
+    layer_ref_max: np.ndarray | None = None
+    within: np.ndarray | None = None  # [T] bool
+    layer_within: np.ndarray | None = None  # [L, 2, T] bool
+    finding: diagnosis.Finding | None = None
+
+    @property
+    def passed(self) -> bool | None:
+        return None if self.status != "ran" else bool(self.within.all())
+
+
+@dataclass
+class ParityReport:
+    """Everything ``mtx parity`` measured; :mod:`mtx.parity.report` renders it."""
+
+    checkpoint: Path
+    out: Path
+    manifest: Manifest
+    schedule: Schedule
+    tolerance: Tolerance
+    input_tokens: np.ndarray  # [T] the token fed at each position
+    backends: list[BackendResult]
+    comparisons: list[PairResult]
+    router_margin: np.ndarray | None  # [L, T] reference router top-k margin (MoE)
+    prompt: str | None
+    seed: int
+    per_layer: bool
+    notes: list[str] = field(default_factory=list)
+    findings: list[diagnosis.Finding] = field(default_factory=list)  # run-level (across backends)
+
+    @property
+    def ran(self) -> list[BackendResult]:
+        return [b for b in self.backends if b.status == "ran"]
+
+    @property
+    def passed(self) -> bool:
+        return all(b.passed for b in self.ran) and all(c.passed for c in self.comparisons)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.passed else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def _check_checkpoint(ckpt_root: Path, config: dict[str, Any], manifest: Manifest, out: Path) -> None:
+    """CKPT must be the model the export was made from (same config, whatever its file layout)."""
+    theirs = manifest.config
+    differing = sorted(k for k in set(config) | set(theirs) if k != "source_format" and config.get(k) != theirs.get(k))
+    if differing:
+        k = differing[0]
+        raise UsageError(f"{ckpt_root}: config does not match {out / 'mtx.json'}: {k} is {config.get(k)!r} in the "
+                         f"checkpoint, {theirs.get(k)!r} in the export; give the checkpoint the export was made from")
+
+
+def _prompt_ids(out: Path, prompt: str, vocab: int) -> list[int]:
+    from mtx.runtime.generator import load_tokenizer
+
+    tokenizer = load_tokenizer(out)
+    if tokenizer is None:
+        raise UsageError(f"--prompt: {out} has no tokenizer.json; use --prompt-len N for random token ids")
+    ids = list(tokenizer.encode(prompt).ids)
+    if not ids:
+        raise UsageError("--prompt: the text encodes to no tokens")
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise UsageError(f"--prompt: token id {bad[0]} from {out / 'tokenizer.json'} is outside the vocabulary "
+                         f"of {vocab}")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------------
+# Backends
+
+
+def tensorrt_unavailable(manifest: Manifest, out: Path) -> str | None:
+    """Why the TensorRT backend cannot run this export here, or None if it can."""
+    if not manifest.engine:
+        return f"{out} has no TensorRT engine ({manifest.engine_status})"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt Python package is not installed"
+    if importlib.util.find_spec("mtx.runtime.trt_backend") is None:
+        return "this mtx has no TensorRT runtime backend (mtx.runtime.trt_backend)"
+    return None
+
+
+def _default_backends(manifest: Manifest) -> list[str]:
+    return ["onnxruntime"] + (["tensorrt"] if manifest.engine else [])
+
+
+def _open_backend(name: str, out: Path, manifest: Manifest, ckpt_root: Path, per_layer: bool) -> Runner:
+    if name == "onnxruntime":
+        from mtx.parity.ort_probe import ParityOrtBackend
+
+        backend = ParityOrtBackend(out, manifest, probe=per_layer, max_batch=1)
+        return OrtProbeRunner(name, backend) if per_layer else BackendRunner(name, backend)
+    if name == "torch":
+        from mtx.models import build_model
+
+        return TorchRunner(name, build_model(ckpt_root, manifest.dtype), manifest.capacity)
+    from mtx.runtime.trt_backend import TrtBackend  # only reached when tensorrt_unavailable() is None
+
+    return BackendRunner(name, TrtBackend(out, manifest, max_batch=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOptions = ParityOptions(),
+               progress: Callable[[int, int], None] | None = None) -> ParityReport:
+    """Run the parity check; raises MtxError on bad input, else returns the report (pass or fail).
+
+    ``progress(done, total)`` is called after each engine call.
+    """
+    options.validate()
+    out = Path(out)
+    if not out.exists():
+        raise UsageError(f"{out}: no such folder (OUT must be an `mtx export` folder)")
+    manifest = read_manifest(out)
+    from mtx.assets import resolve_checkpoint
+    from mtx.models.checkpoint import Checkpoint
+
+    ck = Checkpoint(resolve_checkpoint(checkpoint))
+    _check_checkpoint(ck.root, ck.config.to_dict(), manifest, out)
+    cfg = ck.config
+    tolerance = tolerance_for(manifest.dtype, options.atol, options.rtol)
+
+    prompt_ids = _prompt_ids(out, options.prompt, cfg.vocab_size) if options.prompt is not None else None
+    sched = plan_schedule(window=manifest.window, capacity=manifest.capacity, max_position=manifest.max_position,
+                          vocab_size=cfg.vocab_size, prompt_ids=prompt_ids, prompt_len=options.prompt_len,
+                          steps=options.steps, chunk=options.chunk, seed=options.seed)
+    notes = list(sched.notes)
+
+    names = list(options.backends) if options.backends else _default_backends(manifest)
+    results: dict[str, BackendResult] = {}
+    if "tensorrt" in names:
+        reason = tensorrt_unavailable(manifest, out)
+        if reason and options.backends:
+            raise UsageError(f"--backends tensorrt: cannot run here: {reason}")
+        if reason:
+            results["tensorrt"] = BackendResult("tensorrt", "skipped", reason)
+    runners = []
+    for name in (n for n in names if n not in results):
+        try:
+            runners.append(_open_backend(name, out, manifest, ck.root, options.per_layer))
+        except MtxError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a runtime that cannot load the artifact: one line, exit 2
+            raise UsageError(f"{out}: the {name} backend cannot load this export: {_first_line(e)}") from e
+    if options.per_layer:
+        for r in runners:
+            if not r.has_layers:
+                notes.append(f"per-layer: not available for {r.name} (an engine's outputs are fixed when it is "
+                             f"built); its logits are compared")
+
+    from mtx.models import build_model
+
+    ref_capacity = sched.effective_window if sched.window else sched.positions
+    reference = TorchRunner(REFERENCE, build_model(ck.root, "float32"), ref_capacity, router_margins=cfg.is_moe)
+
+    t, n_layers = sched.positions, cfg.num_layers
+    for r in runners:
+        res = BackendResult(r.name, "ran", logits={k: np.zeros(t, np.float64) for k in LOGIT_FIELDS})
+        if options.per_layer and r.has_layers:
+            res.layer_max_abs, res.layer_rel, res.layer_ref_max = (np.zeros((n_layers, 2, t)) for _ in range(3))
+        results[r.name] = res
+    comparison = BackendComparison([r.name for r in runners]) if len(runners) >= 2 else None
+    router_margin = np.full((n_layers, t), np.nan, np.float32) if cfg.is_moe else None
+    input_tokens = np.zeros(t, np.int64)
+
+    next_token = 0
+    for i, call in enumerate(sched.calls):
+        ids = np.asarray(sched.prompt_ids[call.start:call.stop] if call.phase == "prefill" else [next_token], np.int64)
+        input_tokens[call.start:call.stop] = ids
+        ref = reference.run(ids, call.start)
+        if router_margin is not None:
+            router_margin[:, call.start:call.stop] = ref.router_margin
+        outputs = {r.name: _run(r, ids, call) for r in runners}
+        for name, got in outputs.items():
+            res = results[name]
+            err = LogitErrors.of(got.logits, ref.logits)
+            for k in LOGIT_FIELDS:
+                res.logits[k][call.start:call.stop] = getattr(err, k)
+            if res.layer_max_abs is not None:
+                lay = RowErrors.of(got.layers, ref.layers)
+                res.layer_max_abs[..., call.start:call.stop] = lay.max_abs
+                res.layer_rel[..., call.start:call.stop] = lay.rel
+                res.layer_ref_max[..., call.start:call.stop] = lay.ref_max
+        if comparison is not None:
+            limit = tolerance.limit(float(np.abs(ref.logits).max()))
+            comparison.add_call(call.start, {n: o.logits for n, o in outputs.items()}, limit)
+        next_token = int(ref.logits[-1].argmax())
+        if progress:
+            progress(i + 1, len(sched.calls))
+
+    report = ParityReport(ck.root, out, manifest, sched, tolerance, input_tokens,
+                          [results[n] for n in names], comparison.results if comparison else [], router_margin,
+                          options.prompt, options.seed, options.per_layer, notes)
+    _judge(report, cfg.is_moe, cfg.num_experts_per_tok)
+    return report
+
+
+def _run(runner: Runner, ids: np.ndarray, call: Any) -> Any:
+    try:
+        return runner.run(ids, call.start)
+    except MtxError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the artifact fails to run: a parity failure, said in one line
+        raise BackendFailed(f"{runner.name} failed on the {call.phase} call at positions {call.start}-{call.stop - 1}: "
+                            f"{_first_line(e)}") from e
+
+
+def _judge(report: ParityReport, is_moe: bool, top_k: int) -> None:
+    """Apply the tolerance per position and diagnose each backend; add cross-backend findings."""
+    tol = report.tolerance
+    for res in report.ran:
+        lg = res.logits
+        res.within = lg["max_abs"] <= tol.atol + tol.rtol * lg["ref_max"]
+        if res.layer_max_abs is not None:
+            res.layer_within = res.layer_max_abs <= tol.atol + tol.rtol * res.layer_ref_max
+        observed = diagnosis.Observed(~res.within, lg["max_abs"], lg["top1"].astype(bool),
+                                      None if res.layer_within is None else ~res.layer_within, res.layer_max_abs)
+        res.finding = diagnosis.diagnose(observed, report.schedule, is_moe=is_moe, top_k=top_k,
+                                         router_margin=report.router_margin, dtype=report.manifest.dtype)
+    torch_model = next((r for r in report.ran if r.name == "torch"), None)
+    graph = [r for r in report.ran if r is not torch_model]  # backends that run the exported graph
+    graph_names = {r.name for r in graph}
+    failing = [r for r in graph if not r.passed]
+    if torch_model is not None and report.manifest.dtype != "float32":
+        dtype = report.manifest.dtype
+        for res in failing:
+            own = ~res.within
+            shared = float((own & ~torch_model.within).sum() / own.sum())
+            if shared >= 0.5:
+                report.findings.append(diagnosis.Finding(
+                    "dtype_inherent", f"{res.name}: the PyTorch model in {dtype} (torch backend) fails at "
+                                      f"{shared:.0%} of the same positions → these differences come from {dtype} "
+                                      f"itself (rounding; for MoE, near-tied experts flipping), not from the artifact",
+                    evidence={"shared_failing": shared}))
+            else:
+                report.findings.append(diagnosis.Finding(
+                    "artifact_specific", f"{res.name}: the PyTorch model in {dtype} (torch backend) fails at only "
+                                         f"{shared:.0%} of these positions → the artifact differs from the "
+                                         f"specification beyond {dtype} rounding", evidence={"shared_failing": shared}))
+    if len(graph) >= 2 and failing:
+        pairs = [c for c in report.comparisons if {c.first, c.second} <= graph_names]
+        if len(failing) == len(graph) and all(c.passed for c in pairs):
+            report.findings.append(diagnosis.Finding(
+                "graph_level", f"all runtimes ({', '.join(r.name for r in graph)}) differ from the reference and agree "
+                               f"with each other (Polygraphy) → the exported graph itself differs, not one runtime"))
+        elif len(failing) < len(graph):
+            report.findings.append(diagnosis.Finding(
+                "runtime_specific", f"only {', '.join(r.name for r in failing)} differ from the reference → a "
+                                    f"problem of that runtime (or of its plugins), not of the exported graph"))
