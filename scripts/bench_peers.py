@@ -66,23 +66,34 @@ def memory_bandwidth_gbs(threads: int) -> float:
     return best / 1e9
 
 
-def bench_mtx(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int) -> dict:
+def mtx_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
+    """A function timing one greedy generation with mtx (ONNX Runtime backend): (ttft, step times, tokens)."""
     import mtx.runtime
-    from mtx.runtime.bench import run_bench
 
     out = work / "mtx-ort"
     if not (out / "mtx.json").exists():
         subprocess.run([sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", "onnxruntime",
-                        "--force"], check=True)
+                        "--force"], check=True, stdout=subprocess.DEVNULL)
     gen = mtx.runtime.load(out, threads=threads)
-    res = run_bench(gen, batch=1, prompt_len=len(prompt), new_tokens=new)
-    tokens = gen.generate([prompt], max_new_tokens=new, stop_token_ids=[])[0]
-    return {"decode_tokens_per_s": res["decode_tokens_per_s"], "time_to_first_token_s": res["time_to_first_token_s"],
-            "decode_step_ms_median": res["decode_step_ms_median"], "peak_rss_mb": res["peak_rss_mb"],
-            "tokens": tokens}
+
+    def run() -> tuple[float, list[float], list[int]]:
+        t0 = time.perf_counter()
+        stream = gen.stream(prompt, new, stop_token_ids=[])
+        tokens = [next(stream)]
+        ttft = time.perf_counter() - t0
+        steps = []
+        s = time.perf_counter()
+        for tok in stream:
+            steps.append(time.perf_counter() - s)
+            tokens.append(tok)
+            s = time.perf_counter()
+        return ttft, steps, tokens
+
+    return run
 
 
-def bench_genai(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int) -> dict:
+def genai_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
+    """A function timing one greedy generation with onnxruntime-genai: (ttft, step times, tokens)."""
     import onnxruntime_genai as og
 
     src = work / "mistral-125m-genai-src"
@@ -121,10 +132,19 @@ def bench_genai(ckpt: Path, work: Path, threads: int, prompt: list[int], new: in
             steps.append(time.perf_counter() - s)
         return ttft, steps, [int(t) for t in g.get_sequence(0)[len(prompt):]]
 
-    run()  # warm-up
-    ttft, steps, tokens = run()
-    return {"decode_tokens_per_s": round(len(steps) / sum(steps), 1), "time_to_first_token_s": round(ttft, 4),
-            "decode_step_ms_median": round(1000 * float(np.median(steps)), 3), "tokens": tokens}
+    return run
+
+
+def summarize(runs: list[tuple[float, list[float], list[int]]]) -> dict:
+    """Medians over repeated timed runs (each after its own warm-up run)."""
+    ttfts = [r[0] for r in runs]
+    tps = [len(r[1]) / sum(r[1]) for r in runs]
+    return {"decode_tokens_per_s": round(float(np.median(tps)), 1),
+            "time_to_first_token_s": round(float(np.median(ttfts)), 4),
+            "decode_step_ms_median": round(1000 * float(np.median([np.median(r[1]) for r in runs])), 3),
+            "samples": {"decode_tokens_per_s": [round(x, 1) for x in tps],
+                        "time_to_first_token_s": [round(x, 4) for x in ttfts]},
+            "tokens": runs[-1][2]}
 
 
 def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int) -> dict:
@@ -154,24 +174,55 @@ def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int) ->
             "decode_step_ms_median": round(1000 * float(np.median(steps)), 3), "tokens": tokens}
 
 
+def child(system: str, a: argparse.Namespace) -> None:
+    """One system in its own process: a warm-up run, then one timed run; prints JSON on stdout."""
+    ckpt = make_checkpoint(a.work)
+    prompt = np.random.default_rng(0).integers(3, SHAPE["vocab"], a.prompt_len).tolist()
+    if system == "transformers":
+        print(json.dumps(bench_transformers(ckpt, a.threads, prompt, a.new_tokens)))
+        return
+    run = (mtx_runner if system == "mtx" else genai_runner)(ckpt, a.work, a.threads, prompt, a.new_tokens)
+    run()
+    ttft, steps, tokens = run()
+    print(json.dumps({"ttft": ttft, "steps": steps, "tokens": tokens}))
+
+
+def in_child(system: str, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--child", system, "--work", str(a.work), "--threads", str(a.threads),
+           "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"bench_peers: {system} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/mtx-bench"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per system, alternating mtx and genai")
     ap.add_argument("--skip", action="append", default=[], choices=["genai", "transformers"])
+    ap.add_argument("--child", choices=["mtx", "genai", "transformers"], help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    if a.child:
+        child(a.child, a)
+        return
     ckpt = make_checkpoint(a.work)
-    prompt = np.random.default_rng(0).integers(3, SHAPE["vocab"], a.prompt_len).tolist()
-    results: dict[str, dict] = {}
-    # Each system runs in this process one after another; the order is fixed (mtx first).
-    results["mtx"] = bench_mtx(ckpt, a.work, a.threads, prompt, a.new_tokens)
-    if "genai" not in a.skip:
-        results["onnxruntime-genai"] = bench_genai(ckpt, a.work, a.threads, prompt, a.new_tokens)
+    # Each system runs in a process of its own (two ONNX Runtime sessions in one process compete
+    # through their spinning thread pools on 2 cores), after a warm-up run; mtx and genai alternate, so
+    # drifts of this shared machine's speed hit both alike. Medians are reported with every sample.
+    systems = ["mtx"] + ([] if "genai" in a.skip else ["genai"])
+    runs: dict[str, list] = {name: [] for name in systems}
+    for _ in range(a.repeats):
+        for name in systems:
+            r = in_child(name, a)
+            runs[name].append((r["ttft"], r["steps"], r["tokens"]))
+    results = {("onnxruntime-genai" if n == "genai" else n): summarize(runs[n]) for n in systems}
     if "transformers" not in a.skip:
-        results["transformers-eager"] = bench_transformers(ckpt, a.threads, prompt, a.new_tokens)
+        results["transformers-eager"] = in_child("transformers", a)
     total, per_token = weight_bytes(ckpt)
     bw = memory_bandwidth_gbs(a.threads)
     bound = bw * 1e9 / per_token
