@@ -233,10 +233,11 @@ BACKENDS = click.Choice(["onnxruntime", "tensorrt", "torch"])
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
 @click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
+@click.option("--device", default=None, help="cpu (default) or cuda (onnxruntime-gpu, or torch with the Triton kernels).")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "text": ...} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
-             backend: str | None, threads: int | None, as_json: bool) -> None:
+             backend: str | None, threads: int | None, device: str | None, as_json: bool) -> None:
     """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
 
     Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
@@ -246,7 +247,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    gen = mtx.runtime.load(out, backend, threads=threads)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               seed=seed, stop=list(stop) or None)
@@ -278,10 +279,11 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @click.option("--new-tokens", default=256, show_default=True, help="Tokens generated per row.")
 @click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
 @click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
+@click.option("--device", default=None, help="cpu (default) or cuda.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
-          threads: int | None, seed: int, as_json: bool) -> None:
+          threads: int | None, device: str | None, seed: int, as_json: bool) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
 
     Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
@@ -290,7 +292,7 @@ def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend
     import mtx.runtime
     from mtx.runtime.bench import run_bench
 
-    gen = mtx.runtime.load(out, backend, threads=threads, max_batch=None)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device)
     res = run_bench(gen, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
     if as_json:
         emit_json(res)
