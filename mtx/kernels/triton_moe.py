@@ -127,6 +127,15 @@ def moe_align_kernel(
 
 
 @triton.jit
+def _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M: tl.constexpr):
+    """Sorted-order rows [start, end) of one expert tile, as BLOCK_M row ids and their mask (end - start <= BLOCK_M)."""
+    r0 = tl.load(tile_start_ptr + tile)
+    r1 = tl.load(tile_end_ptr + tile)
+    rows = r0 + tl.arange(0, BLOCK_M)
+    return rows, rows < r1
+
+
+@triton.jit
 def moe_gemm13_kernel(
     x_ptr,                       # [N, H] tokens, last dim contiguous
     w1_ptr, w3_ptr,              # [E, I, H] contiguous
@@ -141,10 +150,7 @@ def moe_gemm13_kernel(
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return
-    r0 = tl.load(tile_start_ptr + tile)
-    r1 = tl.load(tile_end_ptr + tile)
-    rows = r0 + tl.arange(0, BLOCK_M)
-    rmask = rows < r1
+    rows, rmask = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     tok = tl.load(sorted_pair_ptr + rows, mask=rmask, other=0) // top_k
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < I
@@ -184,10 +190,7 @@ def moe_gemm2_kernel(
     expert = tl.load(tile_expert_ptr + tile)
     if expert < 0:
         return
-    r0 = tl.load(tile_start_ptr + tile)
-    r1 = tl.load(tile_end_ptr + tile)
-    rows = r0 + tl.arange(0, BLOCK_M)
-    rmask = rows < r1
+    rows, rmask = _tile_rows(tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
     pair = tl.load(sorted_pair_ptr + rows, mask=rmask, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < H

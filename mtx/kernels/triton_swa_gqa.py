@@ -69,6 +69,19 @@ def swa_gqa_rope_kernel(
 
 
 @triton.jit
+def _attend_tile(q, kt, vt, vis, qk_scale, m_i, l_i, acc):
+    """One online-softmax step over a key tile (scores in log2 units); a row with no visible key is left as it was."""
+    s = tl.where(vis, tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+    return m_new, l_i, acc
+
+
+@triton.jit
 def swa_gqa_attn_kernel(
     q_rot_ptr,                   # [B, S, Hq, D] rotated queries (contiguous)
     k_rot_ptr,                   # [B, S, Hkv, D] rotated chunk keys (contiguous)
@@ -136,17 +149,9 @@ def swa_gqa_attn_kernel(
         offs = slot[:, None] * stride_cs + d[None, :]
         kt = tl.load(kb_row + offs, mask=kmask[:, None], other=0.0)
         vt = tl.load(vb_row + offs, mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
         # resident k < start <= p, so only the window's lower edge p - W < k matters
         vis = kmask[None, :] & (kpos[None, :] > qpos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, kt, vt, vis, qk_scale, m_i, l_i, acc)
 
     # Chunk keys: position k is chunk token k - start; causal (k <= p) and window (p - W < k).
     for k0 in range(tl.maximum(k_begin, start), k_end, BLOCK_N):
@@ -155,16 +160,8 @@ def swa_gqa_attn_kernel(
         j = kpos - start
         kt = tl.load(k_row + (j * num_kv_heads + hk)[:, None] * HEAD_DIM + d[None, :], mask=kmask[:, None], other=0.0)
         vt = tl.load(v_row + j[:, None] * stride_vs + hk * HEAD_DIM + d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kt), input_precision="ieee") * qk_scale
         vis = kmask[None, :] & (kpos[None, :] <= qpos[:, None]) & (kpos[None, :] > qpos[:, None] - window)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, kt, vt, vis, qk_scale, m_i, l_i, acc)
 
     if SPLIT:
         prow = (pid_bh * num_splits + split) * n_rows + rows
