@@ -56,10 +56,11 @@ class _Traceable(Transformer):
     def forward(self, input_ids: torch.Tensor, start_pos: torch.Tensor,  # type: ignore[override]
                 past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         after_attention: list[torch.Tensor] = []
-        logits, keys, values, hidden = self.forward_functional(input_ids, start_pos, past[0::2], past[1::2],
-                                                               with_hidden=True, attention_states=after_attention)
+        after_block: list[torch.Tensor] = []
+        logits, keys, values = self.forward_functional(input_ids, start_pos, past[0::2], past[1::2],
+                                                       hidden_states=after_block, attention_states=after_attention)
         return (logits, *[t for kv in zip(keys, values) for t in kv],
-                *[t for pair in zip(after_attention, hidden) for t in pair])
+                *[t for pair in zip(after_attention, after_block) for t in pair])
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ for how Hugging Face and mistral-inference names map onto them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from mtx.config import ModelConfig
 from mtx.models import ops
 
 
-def _kernels_for(x: torch.Tensor):
-    """``mtx.kernels`` if the eager forward should run the Triton kernels on ``x``'s device, else None.
+def _kernels_for(x: torch.Tensor) -> Any:
+    """``mtx.kernels`` if the eager forward should run the Triton kernels on ``x``'s device, else None
+    (decided once per forward call).
 
     Only CUDA tensors qualify (mtx.kernels.enabled: compute capability >= 8.0, triton present,
     ``MTX_KERNELS`` not ``0``); CPU runs are unchanged and never import triton.
@@ -63,13 +65,13 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, start_pos: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-                inv_freq: torch.Tensor, functional: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                inv_freq: torch.Tensor, functional: bool, kernels: Any = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         args = (self.wq(x), self.wk(x), self.wv(x), past_key, past_value, start_pos, inv_freq,
                 self.num_heads, self.num_kv_heads, self.window, self.scale)
         if functional:
             out, present_key, present_value = ops.swa_gqa(*args)
         else:
-            kernels = _kernels_for(x)
             if kernels is not None and kernels.supports_head_dim(self.head_dim):
                 out = kernels.swa_gqa(*args)  # same contract as swa_gqa_inplace, on the GPU
             else:
@@ -103,8 +105,7 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.w3 = nn.Parameter(torch.empty(e, i, h))
 
-    def forward(self, x: torch.Tensor, functional: bool) -> torch.Tensor:
-        kernels = None if functional else _kernels_for(x)
+    def forward(self, x: torch.Tensor, functional: bool, kernels: Any = None) -> torch.Tensor:
         fn = ops.moe if functional else (kernels.moe if kernels is not None else ops.moe_reference)
         return fn(x, self.gate.weight, self.w1, self.w3, self.w2, self.top_k)
 
@@ -119,16 +120,19 @@ class Block(nn.Module):
         self.ffn = None if cfg.is_moe else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, start_pos: torch.Tensor, past_key: torch.Tensor, past_value: torch.Tensor,
-                inv_freq: torch.Tensor, functional: bool, after_attention: list[torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(block output, present_key, present_value); appends x + attention [B, S, H] to ``after_attention``."""
+                inv_freq: torch.Tensor, functional: bool, kernels: Any = None,
+                after_attention: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block output, present_key, present_value); appends x + attention [B, S, H] to ``after_attention``.
+
+        ``kernels``: ``mtx.kernels`` to run the eager (non-functional) ops on the GPU, else None.
+        """
         a, present_key, present_value = self.attn(self.attn_norm(x), start_pos, past_key, past_value,
-                                                  inv_freq, functional)
+                                                  inv_freq, functional, kernels)
         h = x + a
         if after_attention is not None:
             after_attention.append(h)
         f = self.ffn_norm(h)
-        f = self.moe(f, functional) if self.moe is not None else self.ffn(f)
+        f = self.moe(f, functional, kernels) if self.moe is not None else self.ffn(f)
         return h + f, present_key, present_value
 
 
@@ -200,28 +204,29 @@ class Transformer(nn.Module):
         ``attention_states`` is a list, each layer's residual stream after attention (x + attn) [B, S, H].
         """
         h = self.embed(input_ids)
+        kernels = _kernels_for(h)
         for layer, k, v in zip(self.layers, kv.keys, kv.values):
-            h, _, _ = layer(h, start_pos, k, v, self.inv_freq, functional=False, after_attention=attention_states)
+            h, _, _ = layer(h, start_pos, k, v, self.inv_freq, functional=False, kernels=kernels,
+                            after_attention=attention_states)
             if hidden_states is not None:
                 hidden_states.append(h)
         return self.logits(self.norm(h))
 
     def forward_functional(self, input_ids: torch.Tensor, start_pos: torch.Tensor, past_keys: list[torch.Tensor],
-                           past_values: list[torch.Tensor], with_hidden: bool = False,
+                           past_values: list[torch.Tensor], hidden_states: list[torch.Tensor] | None = None,
                            attention_states: list[torch.Tensor] | None = None
-                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Traceable form: returns (logits, present_keys, present_values, hidden_states).
+                           ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Traceable form: returns (logits, present_keys, present_values).
 
         One ``mtx::swa_gqa`` and (Mixtral) one ``mtx::moe`` node per layer; buffers are not mutated.
-        ``hidden_states`` holds each layer's output when ``with_hidden`` is true, else is empty;
-        ``attention_states``, if a list, receives each layer's residual stream after attention.
+        ``hidden_states`` and ``attention_states`` are filled as in :meth:`forward`.
         """
         h = self.embed(input_ids)
-        keys, values, hidden = [], [], []
+        keys, values = [], []
         for layer, k, v in zip(self.layers, past_keys, past_values):
             h, k2, v2 = layer(h, start_pos, k, v, self.inv_freq, functional=True, after_attention=attention_states)
             keys.append(k2)
             values.append(v2)
-            if with_hidden:
-                hidden.append(h)
-        return self.logits(self.norm(h)), keys, values, hidden
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.logits(self.norm(h)), keys, values
