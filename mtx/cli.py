@@ -16,8 +16,6 @@ import click
 from mtx import __version__
 from mtx.errors import MtxError, UsageError
 
-MANIFEST_NAME = "mtx.json"
-
 CKPT_HELP = ("Checkpoint folder (config.json or params.json with *.safetensors), or builtin:mistral / "
              "builtin:mixtral. Default: the built-in Mistral.")
 
@@ -30,8 +28,6 @@ class _OneLineOptions(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            from mtx.errors import UsageError
-
             raise UsageError(e.format_message().replace("\n", " ")) from None
 
 
@@ -207,7 +203,9 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                f"{w['written_bytes']:,} bytes written")
     for note in result.notes:
         click.echo(f"  {note}")
-    click.echo(f"  files: {', '.join(f.path for f in m.files)}, {MANIFEST_NAME}")
+    from mtx.exporter.manifest import MANIFEST
+
+    click.echo(f"  files: {', '.join(f.path for f in m.files)}, {MANIFEST}")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -312,7 +310,7 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
-@main.command(cls=_OneLineOptions)
+@main.command()
 @click.argument("ckpt")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--backends", default=None, metavar="LIST",
@@ -355,7 +353,6 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
     """
     import importlib.util
 
-    from mtx.errors import UsageError
     from mtx.parity.options import ParityOptions
 
     options = ParityOptions(backends=_parse_backends(backends), prompt=prompt, prompt_len=prompt_len, steps=steps,

@@ -146,6 +146,21 @@ def _as_eos(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def generation_eos_ids(folder: Path, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``eos_token_id`` (int or list) of ``folder/generation_config.json`` where it has one, else ``default``.
+
+    transformers' ``generate`` stops on these; a file that is not JSON is ignored.
+    """
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return default
+    try:
+        value = json.loads(path.read_text()).get("eos_token_id")
+    except json.JSONDecodeError:
+        return default
+    return _as_eos(value) if isinstance(value, (int, list)) else default
+
+
 def _typed(origin: Path, name: str, value: Any, kind: type) -> Any:
     try:
         return kind(value)

@@ -166,6 +166,16 @@ class Manifest(Mapping[str, Any]):
                       "files": [FileEntry(**f) for f in d["files"]]})
 
     @property
+    def ort_aliases_past_present(self) -> bool:
+        """Whether ONNX Runtime may bind past_* and present_* to the same memory (docs/ops.md §5).
+
+        Only where the target shares them and attention runs as an ORT op: ORT running an mtx function
+        body (a tensorrt export) must not alias them, or the body's ScatterElements overwrites keys the
+        chunk still reads.
+        """
+        return self.kv.past_present == "shared" and not self.attention_op.startswith("mtx::")
+
+    @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.config, origin=MANIFEST)
 

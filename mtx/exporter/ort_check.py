@@ -1,6 +1,6 @@
 """A minimal ONNX Runtime driver for an export folder: one call at a time, KV buffers held per mtx.json.
 
-This is the check harness of the exporter (tests, ``scripts/export_7b.py``), not the runtime: it
+This is the check harness of the exporter's tests, not the runtime (mtx.runtime.ort_backend): it
 does no sampling, batching policy or device placement. Everything it knows about the buffers comes
 from the manifest's ``kv`` section (docs/ops.md §5):
 
@@ -46,9 +46,8 @@ class OrtStepper:
         self.kv_names = [s.name for s in self.manifest.inputs if s.name.startswith("past_")]
         self.buffers = {s.name: np.zeros([batch, *s.shape[1:]], _np_dtype(s.dtype))
                         for s in self.manifest.inputs if s.name.startswith("past_")}
-        kv = self.manifest.kv
-        self.alias = kv.past_present == "shared" and not self.manifest.attention_op.startswith("mtx::")
-        self.split_rows = kv.multi_token_batch == "first_call_only"
+        self.alias = self.manifest.ort_aliases_past_present
+        self.split_rows = self.manifest.kv.multi_token_batch == "first_call_only"
 
     def __call__(self, input_ids: np.ndarray, start_pos: np.ndarray, rows: slice = slice(None)) -> np.ndarray:
         """Logits [b, S, vocab] for ``input_ids`` [b, S] of buffer rows ``rows`` at ``start_pos`` [b].

@@ -27,23 +27,21 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     """
     from mtx.assets import resolve_checkpoint
     from mtx.errors import UsageError
+    from mtx.exporter.manifest import MANIFEST
 
     root = resolve_checkpoint(path)
     if not root.exists():
         raise UsageError(f"{root}: no such folder")
-    if (root / "mtx.json").is_file():
+    if (root / MANIFEST).is_file():
         from mtx.runtime.artifact import load_artifact
 
         return load_artifact(root, backend, device=device, threads=threads, prefill_chunk=prefill_chunk,
                              max_batch=max_batch)
     if backend not in (None, "torch"):
         raise UsageError(f"{root}: not an mtx export (no mtx.json); backend {backend!r} needs `mtx export` output")
-    import torch
+    from mtx.config import generation_eos_ids
 
-    from mtx.models import build_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = build_model(root, dtype or "float32", device=device or "cpu")
-    be = TorchBackend(model, capacity=capacity, max_batch=max_batch or 8, device=device or "cpu")
-    return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk)
+    be = TorchBackend.from_checkpoint(root, dtype or "float32", capacity=capacity, max_batch=max_batch or 8,
+                                      threads=threads, device=device)
+    return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk,
+                     eos_token_ids=generation_eos_ids(root, be.config.eos_token_ids))

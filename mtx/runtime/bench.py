@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from mtx import rolling_kv
 from mtx.errors import UsageError
 from mtx.runtime.generator import Generator
 
@@ -59,7 +60,7 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     t_end = time.perf_counter()
     rss_end = _rss_mb()
     decode_s = t_end - t_first
-    window = gen.config.sliding_window or be.capacity
+    window = rolling_kv.effective_window(be.window, be.capacity)
     by_pos = {}
     for start in sorted({window, 2 * window, 5 * window, 10 * window, 20 * window, prompt_len + new_tokens - window}):
         lo = start - prompt_len - 1

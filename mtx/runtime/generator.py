@@ -136,8 +136,8 @@ class Generator:
                 if stops[r].done:
                     last[r, 0] = stops[r].generated[-1]
                     continue
-                seen = np.asarray(ids[r] + stops[r].generated, dtype=np.int64)
-                tok = select_token(logits[r], params, rngs[r], seen if repetition_penalty != 1.0 else None)
+                seen = np.asarray(ids[r] + stops[r].generated, dtype=np.int64) if repetition_penalty != 1.0 else None
+                tok = select_token(logits[r], params, rngs[r], seen)
                 stops[r].add(tok)
                 last[r, 0] = tok
                 yield r, tok

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mtx.config import ModelConfig
 from mtx.errors import UsageError
+from mtx.exporter.manifest import Manifest
 from mtx.runtime.backends import Backend
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -40,22 +40,18 @@ class OrtKV:
 class OrtBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], threads: int | None = None,
+    def __init__(self, root: Path, manifest: Manifest, threads: int | None = None,
                  device: str | None = None, max_batch: int | None = None) -> None:
         import onnxruntime as ort
 
         self.root = root
         self.manifest = manifest
-        self.config = ModelConfig.from_dict(manifest["config"], origin=str(root / "mtx.json"))
+        self.config = manifest.model_config
         self.capacity = int(manifest["capacity"])
         self.max_batch = max_batch or int(manifest["max_batch"])
         self.max_position = manifest.get("max_position")
-        kv = manifest["kv"]
-        # docs/ops.md §5: ONNX Runtime running an mtx function body (a tensorrt export) must not alias
-        # past and present, whatever the target's own runtime does (found by mtx parity: aliased, the
-        # body's ScatterElements overwrites keys the chunk still reads).
-        self.shared = kv["past_present"] == "shared" and not manifest["attention_op"].startswith("mtx::")
-        self.multi_token_rows = 1 if kv["multi_token_batch"] == "first_call_only" else None
+        self.shared = manifest.ort_aliases_past_present
+        self.multi_token_rows = 1 if manifest.kv.multi_token_batch == "first_call_only" else None
         dtype = manifest["dtype"]
         if dtype not in _NP_DTYPES:
             raise UsageError(f"{root}: the onnxruntime backend runs float32 and float16 exports, this one is {dtype}")

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from mtx.config import ModelConfig
 from mtx.errors import UsageError
+from mtx.exporter.manifest import Manifest
 from mtx.runtime.backends import Backend
 
 
@@ -33,7 +33,7 @@ class TrtKV:
 class TrtBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, root: Path, manifest: dict[str, Any], max_batch: int | None = None,
+    def __init__(self, root: Path, manifest: Manifest, max_batch: int | None = None,
                  device: str = "cuda") -> None:
         import torch
 
@@ -44,7 +44,7 @@ class TrtBackend(Backend):
             raise UsageError(f"{root}: cannot run the TensorRT engine: {why}")
         if not torch.cuda.is_available():
             raise UsageError(f"{root}: the TensorRT backend needs a CUDA GPU")
-        self.config = ModelConfig.from_dict(manifest["config"], origin=str(root / "mtx.json"))
+        self.config = manifest.model_config
         self.capacity = int(manifest["capacity"])
         self.max_batch = min(max_batch or int(manifest["max_batch"]), int(manifest["max_batch"]))
         self.dtype = getattr(torch, manifest["dtype"])
