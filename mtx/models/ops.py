@@ -144,14 +144,18 @@ def _(query, key, value, past_key, past_value, start_pos, inv_freq, num_heads, n
     return torch.empty_like(query), torch.empty_like(past_key), torch.empty_like(past_value)
 
 
+def router_probs(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """Router probabilities [N, E] float32: softmax in float32 of x @ router_weight.T (computed in x's dtype)."""
+    return torch.softmax(F.linear(x, router_weight).float(), dim=-1)
+
+
 def moe_route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Router: logits = x @ router_weight.T in x's dtype, softmax in float32, top-k, renormalise.
 
     x [N, H]; router_weight [E, H]. Returns (weights [N, k] float32 summing to 1, experts [N, k] int64).
     Ties go to the lower expert index.
     """
-    logits = F.linear(x, router_weight)
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = router_probs(x, router_weight)
     top, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
     top, idx = top[:, :top_k], idx[:, :top_k]
     return top / top.sum(dim=-1, keepdim=True), idx

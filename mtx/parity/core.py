@@ -11,11 +11,10 @@ Calls are processed one at a time and then dropped, so memory does not grow with
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +26,9 @@ from mtx.parity.metrics import LogitErrors, RowErrors
 from mtx.parity.options import ParityOptions, Tolerance, tolerance_for
 from mtx.parity.runners import BackendRunner, OrtProbeRunner, Runner, TorchRunner
 from mtx.parity.schedule import Schedule, plan_schedule
+
+if TYPE_CHECKING:
+    from mtx.models.checkpoint import Checkpoint
 
 REFERENCE = "reference"
 
@@ -134,18 +136,21 @@ def tensorrt_unavailable(manifest: Manifest, out: Path) -> str | None:
     """Why the TensorRT backend cannot run this export here, or None if it can."""
     if not manifest.engine:
         return f"{out} has no TensorRT engine ({manifest.engine_status})"
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt Python package is not installed"
-    if importlib.util.find_spec("mtx.runtime.trt_backend") is None:
-        return "this mtx has no TensorRT runtime backend (mtx.runtime.trt_backend)"
-    return None
+    from mtx import tensorrt
+
+    ok, why = tensorrt.available()  # the checks TrtBackend makes before it opens the engine
+    if not ok:
+        return why
+    import torch
+
+    return None if torch.cuda.is_available() else "no CUDA GPU"
 
 
 def _default_backends(manifest: Manifest) -> list[str]:
     return ["onnxruntime"] + (["tensorrt"] if manifest.engine else [])
 
 
-def _open_backend(name: str, out: Path, manifest: Manifest, ckpt_root: Path, per_layer: bool) -> Runner:
+def _open_backend(name: str, out: Path, manifest: Manifest, ck: Checkpoint, per_layer: bool) -> Runner:
     if name == "onnxruntime":
         from mtx.parity.ort_probe import ParityOrtBackend
 
@@ -154,7 +159,7 @@ def _open_backend(name: str, out: Path, manifest: Manifest, ckpt_root: Path, per
     if name == "torch":
         from mtx.models import build_model
 
-        return TorchRunner(name, build_model(ckpt_root, manifest.dtype), manifest.capacity)
+        return TorchRunner(name, build_model(ck, manifest.dtype), manifest.capacity)
     from mtx.runtime.trt_backend import TrtBackend  # only reached when tensorrt_unavailable() is None
 
     return BackendRunner(name, TrtBackend(out, manifest, max_batch=1))
@@ -200,7 +205,7 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
     runners = []
     for name in (n for n in names if n not in results):
         try:
-            runners.append(_open_backend(name, out, manifest, ck.root, options.per_layer))
+            runners.append(_open_backend(name, out, manifest, ck, options.per_layer))
         except MtxError:
             raise
         except Exception as e:  # noqa: BLE001 - a runtime that cannot load the artifact: one line, exit 2
@@ -214,7 +219,7 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
     from mtx.models import build_model
 
     ref_capacity = sched.effective_window if sched.window else sched.positions
-    reference = TorchRunner(REFERENCE, build_model(ck.root, "float32"), ref_capacity, router_margins=cfg.is_moe)
+    reference = TorchRunner(REFERENCE, build_model(ck, "float32"), ref_capacity, router_margins=cfg.is_moe)
 
     t, n_layers = sched.positions, cfg.num_layers
     for r in runners:
@@ -273,9 +278,9 @@ def _judge(report: ParityReport, is_moe: bool, top_k: int) -> None:
     tol = report.tolerance
     for res in report.ran:
         lg = res.logits
-        res.within = lg["max_abs"] <= tol.atol + tol.rtol * lg["ref_max"]
+        res.within = lg["max_abs"] <= tol.limit(lg["ref_max"])
         if res.layer_max_abs is not None:
-            res.layer_within = res.layer_max_abs <= tol.atol + tol.rtol * res.layer_ref_max
+            res.layer_within = res.layer_max_abs <= tol.limit(res.layer_ref_max)
         observed = diagnosis.Observed(~res.within, lg["max_abs"], lg["top1"].astype(bool),
                                       None if res.layer_within is None else ~res.layer_within, res.layer_max_abs)
         res.finding = diagnosis.diagnose(observed, report.schedule, is_moe=is_moe, top_k=top_k,

@@ -25,11 +25,14 @@ class RowErrors:
 
     @classmethod
     def of(cls, a: np.ndarray, r: np.ndarray) -> RowErrors:
-        a64, r64 = a.astype(np.float64), r.astype(np.float64)
-        diff = np.abs(a64 - r64)
-        norm = np.linalg.norm(r64, axis=-1)
-        return cls(diff.max(-1), diff.mean(-1), np.linalg.norm(a64 - r64, axis=-1) / np.maximum(norm, 1e-30),
-                   np.abs(r64).max(-1))
+        return cls(*_row_errors(a.astype(np.float64), r.astype(np.float64)))
+
+
+def _row_errors(a64: np.ndarray, r64: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(max_abs, mean_abs, rel, ref_max) of float64 rows."""
+    diff = np.abs(a64 - r64)
+    rel = np.linalg.norm(diff, axis=-1) / np.maximum(np.linalg.norm(r64, axis=-1), 1e-30)
+    return diff.max(-1), diff.mean(-1), rel, np.abs(r64).max(-1)
 
 
 @dataclass
@@ -44,7 +47,6 @@ class LogitErrors(RowErrors):
 
     @classmethod
     def of(cls, a: np.ndarray, r: np.ndarray) -> LogitErrors:
-        base = RowErrors.of(a, r)
         a64, r64 = a.astype(np.float64), r.astype(np.float64)
         cosine = (a64 * r64).sum(-1) / np.maximum(np.linalg.norm(a64, axis=-1) * np.linalg.norm(r64, axis=-1), 1e-30)
         k = min(TOP_K, a.shape[-1])
@@ -52,4 +54,4 @@ class LogitErrors(RowErrors):
         top_r = np.argpartition(-r, k - 1, axis=-1)[..., :k].reshape(-1, k)
         overlap = np.array([len(set(x) & set(y)) for x, y in zip(top_a, top_r)]).reshape(a.shape[:-1])
         tok_a, tok_r = a.argmax(-1), r.argmax(-1)  # ties: the lower id, as greedy decoding
-        return cls(base.max_abs, base.mean_abs, base.rel, base.ref_max, cosine, tok_a == tok_r, overlap, tok_r, tok_a)
+        return cls(*_row_errors(a64, r64), cosine, tok_a == tok_r, overlap, tok_r, tok_a)

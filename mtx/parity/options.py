@@ -23,6 +23,7 @@ Defaults (see :data:`DEFAULT_TOLERANCES`):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mtx.errors import UsageError
 
@@ -45,7 +46,8 @@ class Tolerance:
     rtol: float
     source: str
 
-    def limit(self, ref_max: float) -> float:
+    def limit(self, ref_max: Any) -> Any:
+        """The allowed max abs error for ``ref_max`` (a float or an array of per-position maxima)."""
         return self.atol + self.rtol * ref_max
 
 

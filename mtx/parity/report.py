@@ -292,7 +292,7 @@ def write_plot(report: ParityReport, path: str | Path) -> Path:
         bad = ~res.within
         ax.scatter(pos[bad], err[bad], s=14, color=line.get_color(), marker="x")
     if report.ran:
-        limit = tol.atol + tol.rtol * report.ran[0].logits["ref_max"]
+        limit = tol.limit(report.ran[0].logits["ref_max"])
         ax.plot(pos, np.maximum(limit, floor), "k--", lw=0.8, label="tolerance")
     ax.set_yscale("log")
     ax.set_ylabel("max |artifact − reference|")

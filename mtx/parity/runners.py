@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from mtx.models import ops
 from mtx.models.transformer import Transformer
 
 
@@ -80,7 +81,7 @@ class TorchRunner:
             moe = layer.moe
             if x is None or moe.top_k >= moe.w1.shape[0]:
                 continue
-            probs = torch.softmax(torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), moe.gate.weight).float(), -1)
+            probs = ops.router_probs(x.reshape(-1, x.shape[-1]), moe.gate.weight)
             top = torch.topk(probs, moe.top_k + 1, dim=-1).values
             out[i] = (top[:, -2] - top[:, -1]).numpy()
         return out

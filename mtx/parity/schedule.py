@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mtx import rolling_kv
 from mtx.errors import UsageError
 
 #: Largest default prefill chunk (a chunk of W/3 tokens is fine for a window of 8, not of 4096).
@@ -40,7 +41,6 @@ class Schedule:
     """The whole run. ``window`` is the op attribute (0 = full attention), ``effective_window`` W."""
 
     window: int
-    effective_window: int
     capacity: int
     chunk: int
     prompt_ids: list[int]
@@ -57,6 +57,10 @@ class Schedule:
         """Number of positions with logits: the prompt plus one per decode step."""
         return self.prompt_len + self.steps
 
+    @property
+    def effective_window(self) -> int:
+        return rolling_kv.effective_window(self.window, self.capacity)
+
     def window_boundaries(self) -> list[int]:
         """Positions k·W (k >= 1) inside the run: the first positions whose window drops a key."""
         w = self.effective_window
@@ -65,13 +69,6 @@ class Schedule:
     def buffer_wraps(self) -> list[int]:
         """Positions k·C (k >= 1) inside the run: where slot p mod C starts over."""
         return list(range(self.capacity, self.positions, self.capacity))
-
-    def call_of_position(self) -> np.ndarray:
-        """[T] index of the call that feeds each position."""
-        out = np.empty(self.positions, dtype=np.int64)
-        for i, c in enumerate(self.calls):
-            out[c.start:c.stop] = i
-        return out
 
 
 def default_chunk(window: int) -> int:
@@ -91,7 +88,7 @@ def plan_schedule(*, window: int, capacity: int, max_position: int | None, vocab
     ``max_position``); returns notes where it is weaker than the default (fewer than 3 wraps, ...).
     """
     windowed = window > 0
-    w = window if windowed else capacity
+    w = rolling_kv.effective_window(window, capacity)
     chunk = chunk or default_chunk(w)
     notes: list[str] = []
     if prompt_ids is None:
@@ -128,5 +125,5 @@ def plan_schedule(*, window: int, capacity: int, max_position: int | None, vocab
 
     calls = [Call(s, min(chunk, p - s), "prefill") for s in range(0, p, chunk)]
     calls += [Call(p + i, 1, "decode") for i in range(steps)]
-    return Schedule(window=window, effective_window=w, capacity=capacity, chunk=chunk, prompt_ids=list(prompt_ids),
+    return Schedule(window=window, capacity=capacity, chunk=chunk, prompt_ids=list(prompt_ids),
                     steps=steps, calls=calls, notes=notes)
