@@ -24,9 +24,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from mtx.exporter.ort_lowering import MS_DOMAIN, add_initializer
 from mtx.exporter.weights import lazy
-
-MS_DOMAIN = "com.microsoft"
 
 
 def _producer(v: ir.Value | None, op: str) -> ir.Node | None:
@@ -164,8 +163,7 @@ def pack_qkv(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Te
         cols = int(projections[0][1].shape[1])
         name = names[0].replace(".wq.", ".wqkv.")
         tensor = lazy(name, (rows, cols), dtype, lambda names=names: torch.cat([load(n) for n in names], dim=0))
-        w = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
-        graph.register_initializer(w)
+        w = add_initializer(graph, name, tensor)
         old = [v.producer() for v in node.inputs[:3]]
         transposes = [n.inputs[1].producer() for n in old]
         tape = ir.tape.Tape()
@@ -182,9 +180,7 @@ def pack_qkv(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Te
             if not any(True for out in n.outputs for _ in out.uses()):
                 graph.remove(n, safe=True)
         packed += 1
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        graph.initializers.pop(name)
-    return packed
+    return packed  # the separate q/k/v weights, now unused, go with fuse()'s RemoveUnusedNodesPass
 
 
 def fuse(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Tensor]) -> dict[str, int]:

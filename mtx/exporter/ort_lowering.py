@@ -74,7 +74,8 @@ def _attr(node: ir.Node, name: str):
     return node.attributes[name].value
 
 
-def _add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register ``tensor`` (e.g. a lazy one) as initializer ``name`` of ``graph``; returns its value."""
     value = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
@@ -122,7 +123,7 @@ def _lower_attention(graph: ir.Graph, node: ir.Node, shared: dict[str, ir.Value]
         inv_t = torch.from_numpy(np.asarray(inv.numpy()).copy())
         half = inv_t.shape[0]
         for i, name in enumerate((ROPE_COS, ROPE_SIN)):
-            rope[name] = _add_initializer(graph, name, lazy(
+            rope[name] = add_initializer(graph, name, lazy(
                 name, (max_position, half), dtype, lambda i=i: rope_tables(inv_t, max_position, dtype)[i]))
     window = _attr(node, "window")
     attrs: dict[str, object] = {"num_heads": _attr(node, "num_heads"), "kv_num_heads": _attr(node, "num_kv_heads"),
@@ -145,7 +146,7 @@ def _lower_moe(graph: ir.Graph, node: ir.Node, dtype: torch.dtype, load: Callabl
         fc1 = graph.initializers[name]
     else:
         w1_name, w3_name = w1.name, w3.name
-        fc1 = _add_initializer(graph, name, lazy(name, (e, 2 * i, h), dtype,
+        fc1 = add_initializer(graph, name, lazy(name, (e, 2 * i, h), dtype,
                                                  lambda: interleave_swiglu(load, w1_name, w3_name)))
     tape = ir.tape.Tape()
     # Routing per docs/ops.md §3 (float32 softmax, top-k with ties to the lower index, renormalise) ...
@@ -183,7 +184,6 @@ class Capability:
 class OrtPlan:
     """What :func:`plan` decided for one model and dtype."""
 
-    onnxruntime_version: str
     window_offset: int | None  # local_window_size = W - window_offset; None: no convention matched
     attention: Capability
     moe: Capability | None  # None for dense models
@@ -359,10 +359,7 @@ def _first_line(e: BaseException) -> str:
 def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, windowed: bool,
          experts: int = 0, top_k: int = 0) -> OrtPlan:
     """Decide which blocks to lower for this model and dtype on the installed ONNX Runtime."""
-    import onnxruntime
-
     return OrtPlan(
-        onnxruntime_version=onnxruntime.__version__,
         window_offset=window_offset(),
         attention=attention_capability(dtype, heads, kv_heads, head_dim, windowed),
         moe=moe_capability(dtype, experts, top_k) if experts else None,

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import shutil
@@ -24,12 +23,17 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
+from mtx.exporter.manifest import sha256_file
 from mtx.models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorRef
+
+if TYPE_CHECKING:
+    from mtx.exporter.core import Progress
 
 #: The output folder's own external data file (converted and derived tensors).
 DATA_FILE = "model.onnx.data"
@@ -78,23 +82,16 @@ def _reflink(src: Path, dst: Path) -> bool:
     return False
 
 
-def _copy_hashing(src: Path, dst: Path | None, advance: Callable[[int], None]) -> str:
+def _copy_hashing(src: Path, dst: Path, advance: Callable[[int], None]) -> str:
     """sha256 of ``src``, copying it to ``dst`` on the way (one chunk in memory at a time)."""
     h = hashlib.sha256()
-    with open(src, "rb") as fin, (open(dst, "wb") if dst else contextlib.nullcontext()) as fout:
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
         while block := fin.read(CHUNK):
-            if fout is not None:
-                fout.write(block)
+            fout.write(block)
             h.update(block)
             advance(len(block))
-    if dst:
-        shutil.copystat(src, dst)
+    shutil.copystat(src, dst)
     return h.hexdigest()
-
-
-class _Silent:
-    def task(self, description: str, total: int) -> Callable[[int], None]:
-        return lambda n: None
 
 
 def _is_zero_copy(ck: Checkpoint, name: str, dtype: torch.dtype) -> TensorRef | None:
@@ -106,7 +103,7 @@ def _is_zero_copy(ck: Checkpoint, name: str, dtype: torch.dtype) -> TensorRef | 
 
 
 def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir: Path,
-                   progress=None) -> WeightReport:
+                   progress: Progress) -> WeightReport:
     """Point every initializer of ``model`` at data under ``out_dir`` (the folder of model.onnx).
 
     Initializers named after checkpoint tensors come from ``ck`` in ``dtype``; others must already
@@ -116,7 +113,6 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     converted ones. Afterwards every initializer is an :class:`onnx_ir.ExternalTensor` relative to
     ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.Progress).
     """
-    progress = progress or _Silent()
     report = WeightReport()
     by_file: dict[Path, list[tuple[ir.Value, TensorRef]]] = {}
     to_write: list[tuple[ir.Value, ir.TensorProtocol]] = []
@@ -145,8 +141,8 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     advance = progress.task("checkpoint", sum(src.stat().st_size for src in kept))
     for src, method in kept.items():
         local = src.name
-        report.sha256[local] = _copy_hashing(out_dir / local if method == "reflink" else src,
-                                             None if method == "reflink" else out_dir / local, advance)
+        report.sha256[local] = (sha256_file(out_dir / local, advance) if method == "reflink"
+                                else _copy_hashing(src, out_dir / local, advance))
         report.files[local] = method
         for value, ref in by_file[src]:
             value.const_value = ir.ExternalTensor(local, ref.data_offset, ref.nbytes, from_torch_dtype(dtype),
