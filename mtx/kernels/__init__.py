@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from mtx.kernels.plan import supports_head_dim
+
 if TYPE_CHECKING:  # torch is imported lazily: the AOT compiler imports mtx.kernels.plan without it
     import torch
 
@@ -40,11 +42,6 @@ def enabled(device: torch.device | str) -> bool:
         return False
     major, _ = torch.cuda.get_device_capability(device)
     return major >= 8
-
-
-def supports_head_dim(head_dim: int) -> bool:
-    """Head sizes the attention kernels take: powers of two from 16 (tl.arange, tl.dot)."""
-    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,

@@ -70,7 +70,7 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
                          f"buffers {tuple(k_buf.shape)}")
     if key.shape != (b, s, hkv * d) or value.shape != (b, s, hkv * d) or k_buf.shape[0] != b:
         raise ValueError(f"key/value must be [B, S, Hkv*D] = {(b, s, hkv * d)}, buffers [B, ...]")
-    if d < 16 or d & (d - 1):
+    if not P.supports_head_dim(d):
         raise ValueError(f"head size {d} is not supported by the Triton kernels (a power of two >= 16)")
     if start_pos.dtype != torch.int64 or start_pos.shape != (b,):
         raise ValueError(f"start_pos must be int64 [B], got {start_pos.dtype} {tuple(start_pos.shape)}")
@@ -202,8 +202,8 @@ def moe_route_and_group(x: torch.Tensor, router_weight: torch.Tensor, top_k: int
     _check_device(x, router_weight)
     n, h = x.shape
     e = router_weight.shape[0]
-    pl = P.moe_plan(n, h, 16, e, top_k, x.element_size())
-    max_tiles = P.cdiv(pl.pairs, tile_m) + min(e, pl.pairs)
+    pl = P.moe_plan(n, h, 16, e, top_k, x.element_size(), tile_m=tile_m)
+    max_tiles = pl.max_tiles
     dev = x.device
     r = {name: torch.empty(pl.pairs, dtype=torch.int32, device=dev) for name in ("topk_ids", "sorted_pair")}
     r["topk_weight"] = torch.empty(pl.pairs, dtype=torch.float32, device=dev)

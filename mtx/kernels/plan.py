@@ -33,6 +33,8 @@ MOE_ROUTER_BLOCK_T = 16
 MOE_ROUTER_BLOCK_H = 64
 MOE_COMBINE_BLOCK_H = 128
 MOE_COMBINE_BLOCK_T = 16
+#: Output columns per program of both grouped GEMMs.
+MOE_BLOCK_N = 64
 
 
 def cdiv(a: int, b: int) -> int:
@@ -51,9 +53,34 @@ def elem_size(dtype_name: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype_name]
 
 
+def supports_head_dim(head_dim: int) -> bool:
+    """Head sizes the attention kernels take: powers of two from 16 (tl.arange, tl.dot)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def attn_block_n(elem_bytes: int) -> int:
+    """Keys per attention tile: 64 for 16-bit types, 32 for float32 (shared memory on sm_89)."""
+    return 32 if elem_bytes == 4 else 64
+
+
+def moe_block_k(elem_bytes: int) -> int:
+    """Reduction depth per step of both grouped GEMMs."""
+    return 32 if elem_bytes == 4 else 64
+
+
+def moe_num_stages(elem_bytes: int) -> int:
+    """Software-pipelining stages of both grouped GEMMs."""
+    return 2 if elem_bytes == 4 else 3
+
+
+def moe_align_block_p(router_block_e: int) -> int:
+    """Pairs per step of the align kernel for a router block of ``router_block_e`` experts."""
+    return max(32, 8192 // router_block_e)
+
+
 @dataclass(frozen=True)
 class SwaGqaPlan:
-    """How one ``swa_gqa`` call runs: four launches, grids below, workspace regions in order."""
+    """How one ``swa_gqa`` call runs: four launches and their grids (workspace: swa_gqa_workspace_bytes)."""
 
     group: int            # G = Hq / Hkv
     rows: int             # S * G query rows per (batch row, KV head)
@@ -64,22 +91,6 @@ class SwaGqaPlan:
     split: bool           # attention writes fp32 partials and the combine kernel runs
     num_warps: int
     num_stages: int
-    q_rot_bytes: int
-    k_rot_bytes: int
-    part_acc_bytes: int
-    part_ml_bytes: int
-
-    @property
-    def workspace_bytes(self) -> int:
-        return sum(align(n) for n in (self.q_rot_bytes, self.k_rot_bytes, self.part_acc_bytes, self.part_ml_bytes))
-
-    def offsets(self) -> tuple[int, int, int, int]:
-        """Byte offsets of q_rot, k_rot, part_acc, part_ml in the workspace."""
-        o, out = 0, []
-        for n in (self.q_rot_bytes, self.k_rot_bytes, self.part_acc_bytes, self.part_ml_bytes):
-            out.append(o)
-            o += align(n)
-        return tuple(out)  # type: ignore[return-value]
 
 
 def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_dim: int, window: int,
@@ -95,13 +106,13 @@ def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_d
       ATTN_TARGET_CTAS programs, at most ATTN_MAX_SPLITS, and no split shorter than
       ATTN_MIN_KEYS_PER_SPLIT of the keys one block can see (W - 1 + its tokens).
 
-    BLOCK_N = 64 keys for 16-bit types, 32 for float32 (shared memory on sm_89).
+    BLOCK_N: :func:`attn_block_n`.
     Tests force a variant: ``block_m=64`` (with ``num_splits`` None or 1) the direct kernel,
     ``num_splits=k`` the split kernel with k splits.
     """
     group = num_heads // num_kv_heads
     rows = seq * group
-    block_n = 32 if elem_bytes == 4 else 64
+    block_n = attn_block_n(elem_bytes)
     big_ctas = cdiv(rows, 64) * batch * num_kv_heads
     if block_m == 64 and num_splits in (None, 1):
         split, num_splits = False, 1
@@ -114,16 +125,8 @@ def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_d
             key_bound = window - 1 + min(seq, cdiv(block_m, group) + 1)
             num_splits = max(1, min(ATTN_MAX_SPLITS, cdiv(ATTN_TARGET_CTAS, ctas),
                                     cdiv(key_bound, ATTN_MIN_KEYS_PER_SPLIT)))
-    m_blocks = cdiv(rows, block_m)
-    part_rows = batch * num_kv_heads * num_splits * rows if split else 0
-    return SwaGqaPlan(
-        group=group, rows=rows, block_m=block_m, block_n=block_n, m_blocks=m_blocks,
-        num_splits=num_splits, split=split, num_warps=4, num_stages=2,
-        q_rot_bytes=batch * seq * num_heads * head_dim * elem_bytes,
-        k_rot_bytes=batch * seq * num_kv_heads * head_dim * elem_bytes,
-        part_acc_bytes=part_rows * head_dim * 4,
-        part_ml_bytes=part_rows * 2 * 4,
-    )
+    return SwaGqaPlan(group=group, rows=rows, block_m=block_m, block_n=block_n, m_blocks=cdiv(rows, block_m),
+                      num_splits=num_splits, split=split, num_warps=4, num_stages=2)
 
 
 @dataclass(frozen=True)
@@ -147,13 +150,6 @@ class MoePlan:
     def workspace_bytes(self) -> int:
         return sum(align(n) for n in self.region_bytes)
 
-    def offsets(self) -> tuple[int, ...]:
-        o, out = 0, []
-        for n in self.region_bytes:
-            out.append(o)
-            o += align(n)
-        return tuple(out)
-
 
 def moe_router_block_e(num_experts: int) -> int:
     for b in MOE_ROUTER_BLOCK_E:
@@ -162,22 +158,23 @@ def moe_router_block_e(num_experts: int) -> int:
     return next_pow2(num_experts)
 
 
-def moe_plan(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, elem_bytes: int) -> MoePlan:
+def moe_plan(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, elem_bytes: int,
+             tile_m: int | None = None) -> MoePlan:
     """Plan for one pass of ``tokens`` (<= MOE_TOKENS_PER_PASS) tokens.
 
-    tile_m = 16 when experts get fewer than 32 pairs on average (decode), else 64.
+    tile_m = 16 when experts get fewer than 32 pairs on average (decode), else 64 (tests may force it).
     """
     pairs = tokens * top_k
-    tile_m = 16 if pairs < 32 * num_experts else 64
+    tile_m = tile_m or (16 if pairs < 32 * num_experts else 64)
     max_tiles = cdiv(pairs, tile_m) + min(num_experts, pairs)
     block_e = moe_router_block_e(num_experts)
     regions = (pairs * 4, pairs * 4, pairs * 4, max_tiles * 4, max_tiles * 4, max_tiles * 4,
                pairs * inter * elem_bytes, pairs * hidden * elem_bytes)
     return MoePlan(
-        tokens=tokens, pairs=pairs, tile_m=tile_m, block_n=64, block_k=32 if elem_bytes == 4 else 64,
+        tokens=tokens, pairs=pairs, tile_m=tile_m, block_n=MOE_BLOCK_N, block_k=moe_block_k(elem_bytes),
         max_tiles=max_tiles, router_block_e=block_e,
         router_block_k=MOE_ROUTER_BLOCK_K if top_k <= MOE_ROUTER_BLOCK_K else next_pow2(top_k),
-        align_block_p=max(32, 8192 // block_e), num_warps=4, num_stages=2 if elem_bytes == 4 else 3,
+        align_block_p=moe_align_block_p(block_e), num_warps=4, num_stages=moe_num_stages(elem_bytes),
         region_bytes=regions,
     )
 
@@ -207,8 +204,5 @@ def swa_gqa_workspace_bytes(batch: int, seq: int, num_heads: int, num_kv_heads: 
 def moe_workspace_bytes(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, elem_bytes: int) -> int:
     """Workspace enough for every call with tokens' <= tokens (one pass of at most MOE_TOKENS_PER_PASS):
     the plan's regions with max_tiles taken at tile_m = 16, the smallest tile."""
-    pairs = min(tokens, MOE_TOKENS_PER_PASS) * top_k
-    tiles = cdiv(pairs, 16) + min(num_experts, pairs)
-    regions = (pairs * 4, pairs * 4, pairs * 4, tiles * 4, tiles * 4, tiles * 4,
-               pairs * inter * elem_bytes, pairs * hidden * elem_bytes)
-    return sum(align(n) for n in regions)
+    return moe_plan(min(tokens, MOE_TOKENS_PER_PASS), hidden, inter, num_experts, top_k, elem_bytes,
+                    tile_m=16).workspace_bytes

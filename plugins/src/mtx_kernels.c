@@ -349,8 +349,8 @@ MTX_API int mtx_swa_gqa_forward(const void *query, const void *key, const void *
 /* ------------------------------------------------------------------ MoE */
 
 typedef struct moe_plan {
-    long long tokens, pairs, max_tiles;
-    int tile_m, block_e, align_block_p;
+    long long pairs, max_tiles;
+    int tile_m, block_e;
     size_t region[8]; /* topk_weight, topk_ids, sorted_pair, tile_expert, tile_start, tile_end, act, y */
 } moe_plan;
 
@@ -361,17 +361,15 @@ static int router_block_e(int e) {
     return 0;
 }
 
-/* Port of plan.moe_plan. */
+/* Port of plan.moe_plan (tile_m 0: chosen by the plan's rule). */
 static moe_plan moe_plan_for(long long tokens, long long hidden, long long inter, long long e, long long top_k,
-                             int eb) {
+                             int eb, int tile_m) {
     moe_plan p;
     memset(&p, 0, sizeof p);
-    p.tokens = tokens;
     p.pairs = tokens * top_k;
-    p.tile_m = p.pairs < 32 * e ? 16 : 64;
+    p.tile_m = tile_m ? tile_m : (p.pairs < 32 * e ? 16 : 64);
     p.max_tiles = cdivll(p.pairs, p.tile_m) + min_ll(e, p.pairs);
     p.block_e = router_block_e((int)e);
-    p.align_block_p = (int)max_ll(32, 8192 / p.block_e);
     size_t r[8] = {(size_t)p.pairs * 4, (size_t)p.pairs * 4, (size_t)p.pairs * 4, (size_t)p.max_tiles * 4,
                    (size_t)p.max_tiles * 4, (size_t)p.max_tiles * 4, (size_t)(p.pairs * inter * eb),
                    (size_t)(p.pairs * hidden * eb)};
@@ -399,15 +397,18 @@ static int moe_validate(long long tokens, int hidden, int inter, int num_experts
     return MTX_SUCCESS;
 }
 
-/* Port of plan.moe_workspace_bytes: one pass, max_tiles at the smallest tile (16 rows). */
+/* Port of plan.moe_workspace_bytes: one pass, max_tiles at the smallest tile (16 rows). Arguments validated. */
+static size_t moe_workspace_bound(long long tokens, int hidden, int inter, int num_experts, int top_k, int eb) {
+    moe_plan p = moe_plan_for(min_ll(tokens, MTX_MOE_TOKENS_PER_PASS), hidden, inter, num_experts, top_k, eb, 16);
+    size_t total = 0;
+    for (int i = 0; i < 8; ++i) total += align_up(p.region[i]);
+    return total;
+}
+
 MTX_API size_t mtx_moe_workspace_size(int64_t tokens, int hidden, int inter, int num_experts, int top_k,
                                       mtx_dtype dtype) {
     if (moe_validate(tokens, hidden, inter, num_experts, top_k, dtype) || tokens == 0) return 0;
-    long long eb = elem_size(dtype);
-    long long pairs = min_ll(tokens, MTX_MOE_TOKENS_PER_PASS) * top_k;
-    long long tiles = cdivll(pairs, 16) + min_ll(num_experts, pairs);
-    return 3 * align_up((size_t)pairs * 4) + 3 * align_up((size_t)tiles * 4) +
-           align_up((size_t)(pairs * inter * eb)) + align_up((size_t)(pairs * hidden * eb));
+    return moe_workspace_bound(tokens, hidden, inter, num_experts, top_k, elem_size(dtype));
 }
 
 MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void *w1, const void *w3,
@@ -422,7 +423,7 @@ MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void
     CHECK(check_ptr(w3, "w3"));
     CHECK(check_ptr(w2, "w2"));
     CHECK(check_ptr(output, "output"));
-    size_t need = mtx_moe_workspace_size(tokens, hidden, inter, num_experts, top_k, dtype);
+    size_t need = moe_workspace_bound(tokens, hidden, inter, num_experts, top_k, elem_size(dtype));
     if (workspace_size < need)
         return fail(MTX_ERROR_WORKSPACE, "workspace of %zu bytes, need %zu (mtx_moe_workspace_size)", workspace_size,
                     need);
@@ -435,7 +436,7 @@ MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void
     void *null_ptr = NULL;
     for (long long n0 = 0; n0 < tokens; n0 += MTX_MOE_TOKENS_PER_PASS) {
         int n = (int)min_ll(tokens - n0, MTX_MOE_TOKENS_PER_PASS);
-        moe_plan p = moe_plan_for(n, hidden, inter, num_experts, top_k, eb);
+        moe_plan p = moe_plan_for(n, hidden, inter, num_experts, top_k, eb, 0);
         char *ws = (char *)workspace;
         void *reg[8];
         size_t off = 0;
@@ -462,14 +463,14 @@ MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void
         {
             void *args[] = {&xs, &w1, &w3, &reg[6], &reg[2], &reg[3], &reg[4], &reg[5], &h, &inter_, &k, &stride,
                             &null_ptr, &null_ptr};
-            CHECK(launch(&ctx, MTX_K_MOE_GEMM13, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(inter, 64), 1,
+            CHECK(launch(&ctx, MTX_K_MOE_GEMM13, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(inter, MTX_MOE_BLOCK_N), 1,
                          args, (int)(sizeof args / sizeof *args)));
         }
         /* 4. grouped GEMM with w2, times the routing weight */
         {
             void *args[] = {&reg[6], &w2, &reg[7], &reg[2], &reg[0], &reg[3], &reg[4], &reg[5], &h, &inter_,
                             &null_ptr, &null_ptr};
-            CHECK(launch(&ctx, MTX_K_MOE_GEMM2, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(hidden, 64), 1,
+            CHECK(launch(&ctx, MTX_K_MOE_GEMM2, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(hidden, MTX_MOE_BLOCK_N), 1,
                          args, (int)(sizeof args / sizeof *args)));
         }
         /* 5. sum each token's top_k expert outputs */
