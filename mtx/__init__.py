@@ -20,3 +20,10 @@ def load(*args: Any, **kwargs: Any) -> Generator:
     from mtx.runtime import load as _load
 
     return _load(*args, **kwargs)
+
+
+def export(*args: Any, **kwargs: Any) -> Any:
+    """:func:`mtx.exporter.core.export` (imported on first use)."""
+    from mtx.exporter.core import export as _export
+
+    return _export(*args, **kwargs)

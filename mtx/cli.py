@@ -7,18 +7,17 @@ with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
 
 from mtx import __version__
 from mtx.errors import MtxError, UsageError
-
-CKPT_HELP = ("Checkpoint folder (config.json or params.json with *.safetensors), or builtin:mistral / "
-             "builtin:mixtral. Default: the built-in Mistral.")
-
+from mtx.names import BACKENDS, DTYPES, TARGETS
 
 class _OneLineOptions(click.Command):
     """Bad option values become one ``mtx: error:`` line (exit 2) instead of click's usage block."""
@@ -43,11 +42,23 @@ class _Group(click.Group):
         except MtxError as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"mtx: error: {e}", err=True)
+            click.echo(f"mtx: error: {_in_flags(str(e), e.params, self.get_command(ctx, ctx.invoked_subcommand or ''))}",
+                       err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("mtx: interrupted", err=True)
             sys.exit(130)
+
+
+def _in_flags(message: str, params: tuple[str, ...], command: click.Command | None) -> str:
+    """``message`` with each Python parameter name in ``params`` (first mention) written as the
+    command's flag (``cache_capacity`` -> ``--cache-capacity``)."""
+    flags = {p.name: max(p.opts, key=len) for p in (command.params if command else [])
+             if isinstance(p, click.Option)}
+    for name in params:
+        if name in flags:
+            message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flags[name], message, count=1)
+    return message
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -74,10 +85,28 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def json_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--json`` (parameter ``as_json``): one JSON object on stdout instead of tables or text."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--backend --threads --device``: which engine runs an export, and where."""
+    for option in reversed([
+        click.option("--backend", type=click.Choice(BACKENDS), default=None,
+                     help="Engine (default: the export's target; torch: the PyTorch reference of its checkpoint)."),
+        click.option("--threads", type=int, default=None, help="CPU threads for the engine."),
+        click.option("--device", default=None,
+                     help="cpu (default) or cuda (onnxruntime-gpu, or torch with the Triton kernels)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("ckpt", required=False)
 @click.option("--verify", is_flag=True, help="Also read every tensor and check it holds finite values.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of a table.")
+@json_option("Print a JSON object instead of a table.")
 def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     """Check a checkpoint and show its config.
 
@@ -120,7 +149,7 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
 
 
 class _RichProgress:
-    """mtx.exporter.Progress on stderr with rich (silent when stderr is not a terminal)."""
+    """mtx.exporter.progress.Progress on stderr with rich (silent when stderr is not a terminal)."""
 
     def __init__(self) -> None:
         from rich.console import Console
@@ -150,13 +179,13 @@ class _RichProgress:
 @click.argument("ckpt", required=False)
 @click.option("-o", "--out", "out", default=Path("mtx-out"), show_default=True, type=click.Path(path_type=Path),
               help="Output folder (created; replaced only with --force).")
-@click.option("--target", type=click.Choice(["onnxruntime", "onnx", "tensorrt"]), default="onnxruntime",
+@click.option("--target", type=click.Choice(TARGETS), default="onnxruntime",
               show_default=True,
               help="onnxruntime: attention and MoE lowered to ONNX Runtime contrib ops (GroupQueryAttention, MoE). "
                    "onnx: portable mtx custom ops with standard-op function bodies. "
                    "tensorrt: the mtx ops for the TensorRT plugins; builds the engine when TensorRT and the "
                    "plugins are installed.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Model dtype T. Tensors already stored in T are referenced, not converted.")
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
@@ -168,7 +197,7 @@ class _RichProgress:
               help="onnxruntime target: positions must stay below this (rows of the rotary tables). "
                    "Default: max_position_embeddings, or the capacity for full attention.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an earlier export or any other folder).")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest (mtx.json) as JSON instead of a summary.")
+@json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
@@ -183,7 +212,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                             max_position=max_position, force=force)
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
-    from mtx.exporter import export as run_export
+    from mtx.exporter.core import export as run_export
 
     with _RichProgress() as progress:
         result = run_export(ckpt, out, options, progress)
@@ -203,7 +232,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                f"{w['written_bytes']:,} bytes written")
     for note in result.notes:
         click.echo(f"  {note}")
-    from mtx.exporter.manifest import MANIFEST
+    from mtx.manifest import MANIFEST
 
     click.echo(f"  files: {', '.join(f.path for f in m.files)}, {MANIFEST}")
 
@@ -213,9 +242,6 @@ def _parse_ids(text: str) -> list[int]:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
         raise UsageError(f"--ids: expected comma-separated integers such as 1,2,3, got {text!r}") from None
-
-
-BACKENDS = click.Choice(["onnxruntime", "tensorrt", "torch"])
 
 
 @main.command()
@@ -229,10 +255,8 @@ BACKENDS = click.Choice(["onnxruntime", "tensorrt", "torch"])
 @click.option("--repetition-penalty", default=1.0, show_default=True, help="HF-style penalty on seen tokens.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
-@click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
-@click.option("--device", default=None, help="cpu (default) or cuda (onnxruntime-gpu, or torch with the Triton kernels).")
-@click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "text": ...} instead of streaming.')
+@engine_options
+@json_option('Print {"ids": [...], "text": ...} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
              backend: str | None, threads: int | None, device: str | None, as_json: bool) -> None:
@@ -275,11 +299,9 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @click.option("--batch", default=1, show_default=True, help="Rows decoded together.")
 @click.option("--prompt-len", default=128, show_default=True, help="Prompt tokens per row (random ids).")
 @click.option("--new-tokens", default=256, show_default=True, help="Tokens generated per row.")
-@click.option("--backend", type=BACKENDS, default=None, help="Engine (default: the export's target).")
-@click.option("--threads", type=int, default=None, help="CPU threads for the engine.")
-@click.option("--device", default=None, help="cpu (default) or cuda.")
+@engine_options
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
           threads: int | None, device: str | None, seed: int, as_json: bool) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
@@ -336,8 +358,7 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
               help="Relative tolerance, times the largest |reference logit| of the position. Default by dtype: "
                    "float32 0, float16 1e-2, bfloat16 8e-2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt ids.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object (per-step records, summary, diagnosis) instead of tables.")
+@json_option("Print one JSON object (per-step records, summary, diagnosis) instead of tables.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
               help="Write a plot of the error vs position with window boundaries marked (format from the suffix).")
 def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, prompt_len: int | None,

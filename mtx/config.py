@@ -58,11 +58,6 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
-    @property
-    def gqa_groups(self) -> int:
-        """Query heads per KV head."""
-        return self.num_heads // self.num_kv_heads
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("extra")
@@ -80,11 +75,6 @@ class ModelConfig:
         kw["eos_token_ids"] = tuple(kw.get("eos_token_ids", (2,)))
         cfg = cls(**kw)
         cfg.validate(origin)
-        return cfg
-
-    def with_(self, **changes: Any) -> ModelConfig:
-        cfg = dataclasses.replace(self, **changes)
-        cfg.validate("config")
         return cfg
 
     def validate(self, origin: str) -> None:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 
 class MtxError(Exception):
-    """A user-facing error. Its message is one line naming the file, tensor or option at fault."""
+    """A user-facing error. Its message is one line naming the file, tensor or option at fault.
+
+    ``params`` are the Python parameter names the message mentions (``cache_capacity``); the CLI
+    shows each as its flag (``--cache-capacity``), so the library never speaks in CLI flags.
+    """
 
     exit_code: int = 2
+
+    def __init__(self, message: str, *, params: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.params = params
 
 
 class ConfigError(MtxError):

@@ -21,19 +21,26 @@ from mtx.errors import UsageError
 
 
 def effective_window(window: int | None, capacity: int) -> int:
-    """W used by the op: the sliding window, or the capacity for full attention (window None/0)."""
+    """W used by the op: the sliding window, or the capacity for full attention (window None/0).
+
+    Raises UsageError unless ``capacity >= W``: the capacity rule.
+    """
     if capacity <= 0:
-        raise UsageError(f"KV capacity must be positive, got {capacity}")
+        raise UsageError(f"cache_capacity must be positive, got {capacity}", params=("cache_capacity",))
     if not window:
         return capacity
     if capacity < window:
-        raise UsageError(f"KV capacity {capacity} is smaller than the sliding window {window}; need capacity >= window")
+        raise UsageError(f"cache_capacity {capacity} is smaller than the sliding window {window}; "
+                         f"need a capacity >= the window", params=("cache_capacity",))
     return window
 
 
-def default_capacity(window: int | None, max_positions: int) -> int:
-    """Capacity when the user names none: the window, or the model's maximum context for full attention."""
-    return window if window else max_positions
+def capacity_for(window: int | None, max_positions: int, requested: int | None = None) -> int:
+    """The KV capacity C: ``requested``, or by default the window (full attention: ``max_positions``,
+    the model's maximum context); checked against the capacity rule C >= W."""
+    capacity = requested if requested is not None else (window or max_positions)
+    effective_window(window, capacity)
+    return capacity
 
 
 def slot_of(pos: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -74,4 +81,4 @@ def check_full_attention_context(end_pos: int, window: int | None, capacity: int
     if not window and end_pos > capacity:
         raise UsageError(
             f"context of {end_pos} tokens exceeds the KV capacity {capacity} of this full-attention model; "
-            f"use a larger capacity (mtx export --cache-capacity)")
+            f"export it with a larger cache_capacity", params=("cache_capacity",))

@@ -26,13 +26,12 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 SHAPE = dict(vocab=32000, hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, window=256)
 
 
 def make_checkpoint(work: Path) -> Path:
-    import make_checkpoint as mk
+    from mtx import synthetic_checkpoints as mk
 
     ckpt = work / "mistral-125m"
     if not (ckpt / "config.json").exists():

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import make_checkpoint  # noqa: E402
+from mtx import synthetic_checkpoints as make_checkpoint
 
 VARIANTS = {
     "mistral (window 8)": dict(arch="mistral"),

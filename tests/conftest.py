@@ -23,9 +23,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import make_checkpoint  # noqa: E402  (scripts/ is not a package)
+from mtx import synthetic_checkpoints as make_checkpoint  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -77,7 +76,8 @@ def parity_export(ckpt_factory, tmp_path_factory):
 
     Full-attention variants get a capacity of 64 (the whole parity run must fit, docs/ops.md §1 rule 8).
     """
-    from mtx.exporter import ExportOptions, export
+    from mtx.exporter.core import export
+    from mtx.exporter.options import ExportOptions
 
     cache: dict[tuple, Path] = {}
 

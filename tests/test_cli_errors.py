@@ -128,3 +128,24 @@ def test_help_lists_commands():
     res = run_mtx("--help")
     assert res.returncode == 0
     assert "inspect" in res.stdout
+
+
+@pytest.mark.parametrize("kwargs,param,flag", [
+    (dict(temperature=-1.0), "temperature", "--temperature"),
+    (dict(top_p=0.0), "top_p", "--top-p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty", "--repetition-penalty"),
+])
+def test_library_errors_name_parameters_cli_names_flags(ckpt_factory, kwargs, param, flag):
+    """The Python API names its own parameter (no CLI flag); the CLI shows the same error with its flag."""
+    import mtx
+    from mtx.errors import UsageError
+
+    folder = ckpt_factory("mistral")
+    with pytest.raises(UsageError) as info:
+        mtx.load(folder).generate([[1, 2, 3]], max_new_tokens=2, **kwargs)
+    message = str(info.value)
+    assert message.startswith(param) and "--" not in message and info.value.params == (param,)
+    value = str(next(iter(kwargs.values())))
+    res = run_mtx("generate", str(folder), "--ids", "1,2,3", "--max-new-tokens", "2", flag, value)
+    assert_clean_error(res, flag)
+    assert res.stderr.strip() == f"mtx: error: {message.replace(param, flag, 1)}"

@@ -13,8 +13,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from mtx.exporter import ExportOptions, Manifest, ManifestError, export, read_manifest
 from mtx.exporter import weights as weights_module
+from mtx.exporter.core import export
+from mtx.exporter.options import ExportOptions
+from mtx.manifest import Manifest, ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,8 +69,8 @@ def test_folder_and_manifest(cli_export, checkpoint):
     assert printed == on_disk
     m = read_manifest(out, verify_hashes=True)
     assert Manifest.from_dict(on_disk).to_dict() == on_disk  # round trip
-    assert m == Manifest.from_dict(on_disk) and dict(m) == on_disk  # also a read-only mapping of the JSON
-    assert m["kv"]["layout"] == m.kv.layout == "ort_window" and m.get("engine") is None
+    assert m == Manifest.from_dict(on_disk) and m.to_dict() == on_disk
+    assert on_disk["kv"]["layout"] == m.kv.layout == "ort_window" and m.engine is None
     assert m.target == "onnxruntime" and m.dtype == "float32" and m.capacity == 8 and m.window == 8
     assert [s.name for s in m.inputs] == ["input_ids", "start_pos", "past_key.0", "past_value.0", "past_key.1",
                                           "past_value.1"]

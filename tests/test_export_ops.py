@@ -12,8 +12,8 @@ import pytest
 import torch
 from packaging.version import Version
 
-from mtx.exporter import functions, ort_lowering, trace
-from mtx.exporter.ort_lowering import single_op_model
+from mtx.exporter import functions, ort_lowering, ort_probes, trace
+from mtx.exporter.ort_probes import single_op_model
 from mtx.models import ops
 
 ATOL = 1e-5
@@ -36,7 +36,7 @@ def attention_session(heads: int, kv_heads: int, head_dim: int, window: int, cap
                  plugin_version="1", plugin_namespace="mtx")
     model = single_op_model(functions.ATTENTION_OP, probe, {"inv_freq": ops.rope_inv_freq(d, 10000.0)}, attrs, 3)
     if lower:
-        ort_lowering.lower(model, dtype=torch.float32, window_offset=ort_lowering.window_offset(), max_position=256,
+        ort_lowering.lower(model, dtype=torch.float32, window_offset=ort_probes.window_offset(), max_position=256,
                            attention=True, moe=False, load=None)
     else:
         trace.attach_functions(model)
@@ -114,10 +114,10 @@ def test_moe(experts, top_k, lower):
 def test_local_window_size_convention():
     """The exporter's empirical finding agrees with the documented change in ORT 1.24, and is sharp."""
     expected = 0 if Version(ort.__version__) >= Version("1.24") else 1
-    assert ort_lowering.window_offset() == expected
+    assert ort_probes.window_offset() == expected
     chunks = [7, 2, 1, 1, 1, 1, 1]
-    right = ort_lowering._run_attention(torch.float32, 2, 1, 16, 4, 6, chunks, offset=expected)
-    wrong = ort_lowering._run_attention(torch.float32, 2, 1, 16, 4, 6, chunks, offset=1 - expected)
+    right = ort_probes._run_attention(torch.float32, 2, 1, 16, 4, 6, chunks, offset=expected)
+    wrong = ort_probes._run_attention(torch.float32, 2, 1, 16, 4, 6, chunks, offset=1 - expected)
     assert right <= 1e-5 and wrong > 1e-2, (right, wrong)
 
 
@@ -169,7 +169,7 @@ def test_lowered_attention_batched(window, capacity):
 @pytest.mark.parametrize("dtype,head_dim,ok", [(torch.float32, 16, True), (torch.float32, 24, False),
                                                (torch.float16, 32, True), (torch.bfloat16, 16, False)])
 def test_attention_capability(dtype, head_dim, ok):
-    cap = ort_lowering.attention_capability(dtype, 4, 2, head_dim, True)
+    cap = ort_probes.attention_capability(dtype, 4, 2, head_dim, True)
     assert cap.ok == ok, cap.reason
     if not ok:
         assert ("multiple of 16" in cap.reason) if head_dim % 16 else ("bfloat16" in cap.reason)

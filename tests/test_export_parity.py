@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import make_checkpoint
-from mtx.exporter import ExportOptions, export, read_manifest
-from mtx.exporter.ort_check import OrtStepper
+from mtx.exporter.core import export
+from mtx.exporter.options import ExportOptions
+from mtx.manifest import read_manifest
+from mtx.runtime.ort_backend import OrtBackend
+from mtx import synthetic_checkpoints as make_checkpoint
 from mtx.models import build_model
 
 ATOL = 1e-4
@@ -74,9 +76,21 @@ def reference_logits(folder: Path, ids: torch.Tensor, capacity: int, window: int
     return torch.cat(out, dim=1).numpy()
 
 
+def ort_stepper(out: Path, batch: int):
+    """step(input_ids [b, S], start_pos [b], rows) -> logits [b, S, V]: ONNX Runtime over ``batch`` KV rows."""
+    backend = OrtBackend(out, read_manifest(out), max_batch=batch)
+    state = backend.new_state(batch)
+
+    def step(input_ids: np.ndarray, start_pos: np.ndarray, rows: slice | None = None) -> np.ndarray:
+        rows = rows or slice(0, len(input_ids))
+        return backend.run(state, rows, np.asarray(input_ids, np.int64), np.asarray(start_pos, np.int64),
+                           last_only=False)
+    return step
+
+
 def exported_logits(out: Path, ids: torch.Tensor) -> np.ndarray:
     b = ids.shape[0]
-    step = OrtStepper(out, b)
+    step = ort_stepper(out, b)
     logits, pos = [], 0
     for n in SCHEDULE:
         logits.append(step(ids[:, pos:pos + n].numpy(), np.full(b, pos)))
@@ -159,7 +173,7 @@ def test_ragged_rows(exported, ckpt_factory, target):
     ids = token_ids()
     model = build_model(folder, "float32")
     kv = model.new_kv(2, read_manifest(out).capacity)
-    step = OrtStepper(out, 2)
+    step = ort_stepper(out, 2)
     pos = [0, 0]
 
     def call(rows: slice, n: int) -> None:

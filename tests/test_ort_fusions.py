@@ -9,7 +9,8 @@ import onnx
 import pytest
 import torch
 
-from mtx.exporter import ExportOptions, export
+from mtx.exporter.core import export
+from mtx.exporter.options import ExportOptions
 from mtx.models import build_model
 
 

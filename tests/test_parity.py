@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from mtx.cli import main
-from mtx.exporter import read_manifest
+from mtx.manifest import read_manifest
 from mtx.parity import ParityOptions, run_parity
 from mtx.parity import report as parity_report
 from mtx.parity.compare import BackendComparison

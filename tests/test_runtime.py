@@ -43,7 +43,8 @@ def artifacts(tmp_path_factory):
     cache = {}
 
     def get(folder, target, capacity):
-        from mtx.exporter import ExportOptions, export
+        from mtx.exporter.core import export
+        from mtx.exporter.options import ExportOptions
 
         key = (str(folder), target, capacity)
         if key not in cache:
@@ -177,7 +178,8 @@ def test_tensorrt_backend_matches_transformers(ckpt_factory, tmp_path, name):
     if not ok:
         pytest.skip(f"{why}: would {what}")
     import mtx.runtime
-    from mtx.exporter import ExportOptions, export
+    from mtx.exporter.core import export
+    from mtx.exporter.options import ExportOptions
 
     folder = ckpt_factory(name)
     out = tmp_path / "trt"

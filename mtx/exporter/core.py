@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,14 +23,15 @@ import torch
 import mtx
 from mtx import rolling_kv
 from mtx.assets import resolve_checkpoint
-from mtx.config import ModelConfig
 from mtx.errors import MtxError, UsageError
-from mtx.exporter import functions, ort_fusions, ort_lowering, trace, weights
-from mtx.exporter.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
+from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, trace, weights
+from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
                                    TensorSpec, sha256_file, write_manifest)
 from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
 from mtx.exporter.options import ExportOptions, check_out
-from mtx.models.checkpoint import DTYPE_NAMES, Checkpoint
+from mtx.exporter.progress import Progress
+from mtx.models.checkpoint import Checkpoint
+from mtx.names import onnx_dtype_name, torch_dtype
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
@@ -42,17 +43,6 @@ class ExportError(MtxError):
     """The export itself failed (not bad input): e.g. the written model does not pass the ONNX checker."""
 
     exit_code = 1
-
-
-class Progress:
-    """Where the exporter reports long work. The default reports nothing."""
-
-    def task(self, description: str, total: int) -> Callable[[int], None]:
-        """Start a task of ``total`` units (bytes); returns a function that advances it."""
-        return lambda n: None
-
-    def stage(self, description: str) -> None:
-        """A step without a measurable size (tracing, checking)."""
 
 
 @dataclass
@@ -105,22 +95,9 @@ def _commit(tmp: Path, out: Path) -> None:
 # Export
 
 
-def _capacity(cfg: ModelConfig, requested: int | None) -> int:
-    capacity = requested or rolling_kv.default_capacity(cfg.sliding_window, cfg.max_position_embeddings)
-    if cfg.sliding_window and capacity < cfg.sliding_window:
-        raise UsageError(f"--cache-capacity: {capacity} is smaller than the model's sliding window "
-                         f"{cfg.sliding_window}; need a capacity >= the window")
-    return capacity
-
-
 def _layers_of(model: ir.Model, op: str) -> list[int]:
     """Layer numbers of the mtx nodes ``op`` (one per layer, in graph order, so the n-th is layer n)."""
     return [i for i, n in enumerate(n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == op)]
-
-
-def _dtype_name(dtype: ir.DataType) -> str:
-    return {ir.DataType.FLOAT: "float32", ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16",
-            ir.DataType.INT64: "int64", ir.DataType.INT32: "int32"}[dtype]
 
 
 def _versions() -> dict[str, str | None]:
@@ -188,7 +165,7 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
                       KVSpec("ring", "shared" if options.target == "tensorrt" else "separate", "any"))
     if options.target == "onnxruntime":
         progress.stage("checking ONNX Runtime's contrib ops against the reference")
-        ort = ort_lowering.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
+        ort = ort_probes.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
                                 cfg.num_experts, cfg.num_experts_per_tok)
         for op, cap in ((functions.ATTENTION_OP, ort.attention), (functions.MOE_OP, ort.moe)):
             if cap is not None and not cap.ok:
@@ -221,15 +198,16 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     check_out(out, options.force)
     ck = Checkpoint(resolve_checkpoint(checkpoint))
     if out.resolve() == ck.root.resolve() or out.resolve() in ck.root.resolve().parents:
-        raise UsageError(f"-o {out}: would replace the checkpoint folder {ck.root}; choose another output folder")
+        raise UsageError(f"out {out}: would replace the checkpoint folder {ck.root}; choose another output folder",
+                         params=("out",))
     cfg = ck.config
-    dtype = DTYPE_NAMES[options.dtype]
-    capacity = _capacity(cfg, options.cache_capacity)
+    dtype = torch_dtype(options.dtype)
+    capacity = rolling_kv.capacity_for(cfg.sliding_window, cfg.max_position_embeddings, options.cache_capacity)
     window = cfg.sliding_window or 0
     max_position = options.max_position or (cfg.max_position_embeddings if window else capacity)
     if not window and max_position < capacity:
-        raise UsageError(f"--max-position: {max_position} is below the KV capacity {capacity} of this "
-                         f"full-attention model")
+        raise UsageError(f"max_position: {max_position} is below the KV capacity {capacity} of this "
+                         f"full-attention model", params=("max_position",))
 
     with _staging(out) as tmp:
         progress.stage(f"tracing {cfg.num_layers} layers with torch.onnx (dynamo)")
@@ -237,28 +215,10 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         plan = _shape_graph(model, ck, dtype, options, max_position, progress)
         notes = [f"fallback: {fb.op} kept with its ONNX function body in layers {_ranges(fb.layers)}: {fb.reason}"
                  for fb in plan.fallbacks]
-
         report = weights.attach_weights(model, ck, dtype, tmp, progress)
-        model.ir_version = ort_lowering.IR_VERSION
-        model.doc_string = f"mtx export of {ck.root.name} (target {options.target}); see mtx.json"
-        onnx_path = tmp / MODEL_FILE
-        ir.save(model, onnx_path)
-        progress.stage("checking the model (onnx.checker full check, shape inference)")
-        _validate_onnx(onnx_path)
-
-        roles: dict[str, str] = {MODEL_FILE: "model"}
-        if report.written:
-            roles[weights.DATA_FILE] = "weights"
-        roles.update({name: "checkpoint-weights" for name in report.files})
-        for name in TOKENIZER_FILES:
-            if (ck.root / name).is_file():
-                shutil.copyfile(ck.root / name, tmp / name)
-                roles[name] = "tokenizer"
-        kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]
-        write_data_loader(tmp, vocab_size=cfg.vocab_size, capacity=capacity, dtype=options.dtype,
-                          kv_shape=(1, cfg.num_kv_heads, capacity, cfg.head_dim), kv_inputs=kv_inputs)
-        roles[DATA_LOADER_FILE] = "tooling"
-
+        onnx_path = _save_model(model, tmp, f"mtx export of {ck.root.name} (target {options.target}); see mtx.json",
+                                progress)
+        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype)
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
             progress.stage("building the TensorRT engine")
@@ -274,21 +234,47 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             format=FORMAT, format_version=FORMAT_VERSION, target=options.target, model=MODEL_FILE,
             dtype=options.dtype, config=cfg.to_dict(), window=window, capacity=capacity, max_batch=options.max_batch,
             max_position=plan.max_position, kv=plan.kv,
-            inputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.inputs],
-            outputs=[TensorSpec(v.name, _dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
+            inputs=[TensorSpec(v.name, onnx_dtype_name(v.dtype), _dims(v)) for v in model.graph.inputs],
+            outputs=[TensorSpec(v.name, onnx_dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
             ops=trace.count_ops(model), attention_op=plan.attention_op, moe_op=plan.moe_op,
             local_window_size=plan.local_window_size, fallbacks=plan.fallbacks,
-            layer_outputs=_layer_outputs(model, cfg.num_layers), engine=engine,
-            engine_status=engine_status,
+            layer_outputs=_layer_outputs(model, cfg.num_layers), engine=engine, engine_status=engine_status,
             checkpoint={"path": str(ck.root.resolve()), "format": cfg.source_format,
                         "dtype": str(ck.dtype).removeprefix("torch.")},
-            weights={"referenced_bytes": report.referenced_bytes, "written_bytes": report.written_bytes,
-                     "referenced_tensors": report.referenced, "written_tensors": report.written,
-                     "checkpoint_files": report.files},
-            versions=_versions(), files=files)
+            weights=report.manifest_entry(), versions=_versions(), files=files)
         write_manifest(tmp, manifest)
         _commit(tmp, out)
     return ExportResult(out, manifest, notes)
+
+
+def _save_model(model: ir.Model, folder: Path, doc: str, progress: Progress) -> Path:
+    """Write ``folder/model.onnx`` (external data already attached) and validate it."""
+    model.ir_version = ort_lowering.IR_VERSION
+    model.doc_string = doc
+    onnx_path = folder / MODEL_FILE
+    ir.save(model, onnx_path)
+    progress.stage("checking the model (onnx.checker full check, shape inference)")
+    _validate_onnx(onnx_path)
+    return onnx_path
+
+
+def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weights.WeightReport, capacity: int,
+                     dtype: str) -> dict[str, str]:
+    """Copy the tokenizer files and write the Polygraphy data loader; the role of every file so far."""
+    roles: dict[str, str] = {MODEL_FILE: "model"}
+    if report.written:
+        roles[weights.DATA_FILE] = "weights"
+    roles.update({name: "checkpoint-weights" for name in report.files})
+    for name in TOKENIZER_FILES:
+        if (ck.root / name).is_file():
+            shutil.copyfile(ck.root / name, folder / name)
+            roles[name] = "tokenizer"
+    cfg = ck.config
+    kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]
+    write_data_loader(folder, vocab_size=cfg.vocab_size, capacity=capacity, dtype=dtype,
+                      kv_shape=(1, cfg.num_kv_heads, capacity, cfg.head_dim), kv_inputs=kv_inputs)
+    roles[DATA_LOADER_FILE] = "tooling"
+    return roles
 
 
 def _layer_outputs(model: ir.Model, num_layers: int) -> list[LayerOutput]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtx.errors import UsageError
-from mtx.exporter.manifest import DTYPES, MANIFEST, TARGETS
+from mtx.manifest import DTYPES, MANIFEST, TARGETS
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,17 @@ class ExportOptions:
     def validate(self) -> None:
         """Raise UsageError naming the option for any value that cannot work, whatever the checkpoint."""
         if self.target not in TARGETS:
-            raise UsageError(f"--target: unknown target {self.target!r}; expected one of {', '.join(TARGETS)}")
+            raise UsageError(f"target: unknown target {self.target!r}; expected one of {', '.join(TARGETS)}",
+                             params=("target",))
         if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}")
-        for opt, value in (("--cache-capacity", self.cache_capacity), ("--max-batch", self.max_batch),
-                           ("--max-position", self.max_position)):
+            raise UsageError(f"dtype: unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}", params=("dtype",))
+        for opt, value in (("cache_capacity", self.cache_capacity), ("max_batch", self.max_batch),
+                           ("max_position", self.max_position)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise UsageError(f"{opt}: expected a positive integer, got {value!r}")
+                raise UsageError(f"{opt}: expected a positive integer, got {value!r}", params=(opt,))
         if self.max_position is not None and self.target != "onnxruntime":
-            raise UsageError(f"--max-position: applies to --target onnxruntime only (the rotary tables of "
-                             f"GroupQueryAttention), not to --target {self.target}")
+            raise UsageError(f"max_position: applies to target onnxruntime only (the rotary tables of "
+                             f"GroupQueryAttention), not to {self.target}", params=("max_position", "target"))
 
 
 def check_out(out: Path, force: bool) -> None:
@@ -41,7 +42,7 @@ def check_out(out: Path, force: bool) -> None:
     An absent or empty folder is fine; an earlier export or any other non-empty folder needs --force.
     """
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise UsageError(f"-o {out}: exists and is not a folder")
+        raise UsageError(f"out {out}: exists and is not a folder", params=("out",))
     if out.is_dir() and any(out.iterdir()) and not force:
         what = "an mtx export" if (out / MANIFEST).is_file() else "a folder that is not an mtx export (no mtx.json)"
-        raise UsageError(f"-o {out}: already exists and is {what}; pass --force to replace it")
+        raise UsageError(f"out {out}: already exists and is {what}; pass force to replace it", params=("out", "force"))

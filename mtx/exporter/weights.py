@@ -23,17 +23,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
-from mtx.exporter.manifest import sha256_file
+from mtx.exporter.progress import Progress
+from mtx.manifest import sha256_file
 from mtx.models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorRef
-
-if TYPE_CHECKING:
-    from mtx.exporter.core import Progress
 
 #: The output folder's own external data file (converted and derived tensors).
 DATA_FILE = "model.onnx.data"
@@ -59,6 +56,12 @@ class WeightReport:
     written_bytes: int = 0  # initializer bytes written to DATA_FILE
     referenced: int = 0  # number of initializers referencing checkpoint bytes
     written: int = 0  # number of initializers written to DATA_FILE
+
+    def manifest_entry(self) -> dict[str, object]:
+        """The manifest's ``weights`` object (docs/ops.md §5)."""
+        return {"referenced_bytes": self.referenced_bytes, "written_bytes": self.written_bytes,
+                "referenced_tensors": self.referenced, "written_tensors": self.written,
+                "checkpoint_files": self.files}
 
 
 FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int); fcntl.FICLONE from Python 3.12
@@ -111,7 +114,7 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     tensors are referenced is cloned (reflink) into ``out_dir``, or copied if at least half of its
     bytes are referenced; otherwise its referenced tensors are written to :data:`DATA_FILE` like the
     converted ones. Afterwards every initializer is an :class:`onnx_ir.ExternalTensor` relative to
-    ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.Progress).
+    ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
     """
     report = WeightReport()
     by_file: dict[Path, list[tuple[ir.Value, TensorRef]]] = {}

@@ -21,21 +21,21 @@ from safetensors import SafetensorError, safe_open
 
 from mtx.config import ModelConfig, load_config
 from mtx.errors import CheckpointError
+from mtx.names import DTYPES, torch_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
 }
-DTYPE_NAMES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: str | torch.dtype, option: str = "--dtype") -> torch.dtype:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    if name not in DTYPE_NAMES:
-        raise CheckpointError(f"{option}: unknown dtype {name!r}; expected one of {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype: unknown dtype {name!r}; expected one of {', '.join(DTYPES)}", params=("dtype",))
+    return torch_dtype(name)
 
 
 @dataclass(frozen=True)

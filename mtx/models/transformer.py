@@ -181,8 +181,7 @@ class Transformer(nn.Module):
     def new_kv(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> KVBuffers:
         """Zeroed rolling buffers of ``capacity`` slots (default: the window, or max context)."""
-        cap = capacity or rolling_kv.default_capacity(self.cfg.sliding_window, self.cfg.max_position_embeddings)
-        rolling_kv.effective_window(self.cfg.sliding_window, cap)
+        cap = rolling_kv.capacity_for(self.cfg.sliding_window, self.cfg.max_position_embeddings, capacity)
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
         shape = (batch, self.cfg.num_kv_heads, cap, self.cfg.head_dim)

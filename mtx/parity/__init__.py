@@ -12,6 +12,6 @@ backends (onnxruntime, tensorrt, or torch in the export dtype). See :mod:`mtx.pa
 from __future__ import annotations
 
 from mtx.parity.core import ParityReport, run_parity
-from mtx.parity.options import BACKENDS, DEFAULT_TOLERANCES, ParityOptions
+from mtx.parity.options import DEFAULT_TOLERANCES, ParityOptions
 
-__all__ = ["BACKENDS", "DEFAULT_TOLERANCES", "ParityOptions", "ParityReport", "run_parity"]
+__all__ = ["DEFAULT_TOLERANCES", "ParityOptions", "ParityReport", "run_parity"]

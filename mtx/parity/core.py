@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mtx import rolling_kv
 from mtx.errors import MtxError, UsageError
-from mtx.exporter.manifest import Manifest, read_manifest
+from mtx.manifest import Manifest, read_manifest
 from mtx.parity import diagnosis
 from mtx.parity.compare import BackendComparison, PairResult
 from mtx.parity.metrics import LogitErrors, RowErrors
 from mtx.parity.options import ParityOptions, Tolerance, tolerance_for
-from mtx.parity.runners import BackendRunner, OrtProbeRunner, Runner, TorchRunner
+from mtx.parity.runners import BackendRunner, Runner, TorchRunner
 from mtx.parity.schedule import Schedule, plan_schedule
 
 if TYPE_CHECKING:
@@ -117,14 +118,15 @@ def _prompt_ids(out: Path, prompt: str, vocab: int) -> list[int]:
 
     tokenizer = load_tokenizer(out)
     if tokenizer is None:
-        raise UsageError(f"--prompt: {out} has no tokenizer.json; use --prompt-len N for random token ids")
+        raise UsageError(f"prompt: {out} has no tokenizer.json; use prompt_len N for random token ids",
+                         params=("prompt", "prompt_len"))
     ids = list(tokenizer.encode(prompt).ids)
     if not ids:
-        raise UsageError("--prompt: the text encodes to no tokens")
+        raise UsageError("prompt: the text encodes to no tokens", params=("prompt",))
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
-        raise UsageError(f"--prompt: token id {bad[0]} from {out / 'tokenizer.json'} is outside the vocabulary "
-                         f"of {vocab}")
+        raise UsageError(f"prompt: token id {bad[0]} from {out / 'tokenizer.json'} is outside the vocabulary "
+                         f"of {vocab}", params=("prompt",))
     return ids
 
 
@@ -152,10 +154,13 @@ def _default_backends(manifest: Manifest) -> list[str]:
 
 def _open_backend(name: str, out: Path, manifest: Manifest, ck: Checkpoint, per_layer: bool) -> Runner:
     if name == "onnxruntime":
-        from mtx.parity.ort_probe import ParityOrtBackend
+        from mtx.runtime.ort_backend import OrtBackend
 
-        backend = ParityOrtBackend(out, manifest, probe=per_layer, max_batch=1)
-        return OrtProbeRunner(name, backend) if per_layer else BackendRunner(name, backend)
+        pairs = [(lo.after_attention, lo.after_block) for lo in manifest.layer_outputs] if per_layer else []
+        # threads sleep between calls: spinning ones would take the cores from the reference run in between
+        backend = OrtBackend(out, manifest, max_batch=1, extra_outputs=[n for p in pairs for n in p],
+                             spin_wait=False)
+        return BackendRunner(name, backend, pairs)
     if name == "torch":
         from mtx.models import build_model
 
@@ -196,10 +201,30 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
 
     names = list(options.backends) if options.backends else _default_backends(manifest)
     results: dict[str, BackendResult] = {}
+    runners = _open_runners(names, out, manifest, ck, options, results, notes)
+
+    from mtx.models import build_model
+
+    ref_capacity = rolling_kv.capacity_for(sched.window, sched.positions)  # the reference's own minimal buffer
+    reference = TorchRunner(REFERENCE, build_model(ck, "float32"), ref_capacity, router_margins=cfg.is_moe)
+    comparison, router_margin, input_tokens = _compare_calls(reference, runners, sched, tolerance, options.per_layer,
+                                                             results, progress)
+
+    report = ParityReport(ck.root, out, manifest, sched, tolerance, input_tokens,
+                          [results[n] for n in names], comparison.results if comparison else [], router_margin,
+                          options.prompt, options.seed, options.per_layer, notes)
+    _judge(report, cfg.is_moe, cfg.num_experts_per_tok)
+    return report
+
+
+def _open_runners(names: list[str], out: Path, manifest: Manifest, ck: Checkpoint, options: ParityOptions,
+                  results: dict[str, BackendResult], notes: list[str]) -> list[Runner]:
+    """Runners of the backends that can run here; a TensorRT backend that cannot is recorded in
+    ``results`` as skipped (or refused when asked for by name)."""
     if "tensorrt" in names:
         reason = tensorrt_unavailable(manifest, out)
         if reason and options.backends:
-            raise UsageError(f"--backends tensorrt: cannot run here: {reason}")
+            raise UsageError(f"backends tensorrt: cannot run here: {reason}", params=("backends",))
         if reason:
             results["tensorrt"] = BackendResult("tensorrt", "skipped", reason)
     runners = []
@@ -215,16 +240,20 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
             if not r.has_layers:
                 notes.append(f"per-layer: not available for {r.name} (an engine's outputs are fixed when it is "
                              f"built); its logits are compared")
+    return runners
 
-    from mtx.models import build_model
 
-    ref_capacity = sched.effective_window if sched.window else sched.positions
-    reference = TorchRunner(REFERENCE, build_model(ck, "float32"), ref_capacity, router_margins=cfg.is_moe)
-
+def _compare_calls(reference: TorchRunner, runners: list[Runner], sched: Schedule, tolerance: Tolerance,
+                   per_layer: bool, results: dict[str, BackendResult],
+                   progress: Callable[[int, int], None] | None
+                   ) -> tuple[BackendComparison | None, np.ndarray | None, np.ndarray]:
+    """Run every call of ``sched`` on the reference and the runners, filling ``results`` with per-position
+    errors; returns the backend-vs-backend comparison, the router margins [L, T] and the input tokens [T]."""
+    cfg = reference.model.cfg
     t, n_layers = sched.positions, cfg.num_layers
     for r in runners:
         res = BackendResult(r.name, "ran", logits={k: np.zeros(t, np.float64) for k in LOGIT_FIELDS})
-        if options.per_layer and r.has_layers:
+        if per_layer and r.has_layers:
             res.layer_max_abs, res.layer_rel, res.layer_ref_max = (np.zeros((n_layers, 2, t)) for _ in range(3))
         results[r.name] = res
     comparison = BackendComparison([r.name for r in runners]) if len(runners) >= 2 else None
@@ -255,12 +284,7 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
         next_token = int(ref.logits[-1].argmax())
         if progress:
             progress(i + 1, len(sched.calls))
-
-    report = ParityReport(ck.root, out, manifest, sched, tolerance, input_tokens,
-                          [results[n] for n in names], comparison.results if comparison else [], router_margin,
-                          options.prompt, options.seed, options.per_layer, notes)
-    _judge(report, cfg.is_moe, cfg.num_experts_per_tok)
-    return report
+    return comparison, router_margin, input_tokens
 
 
 def _run(runner: Runner, ids: np.ndarray, call: Any) -> Any:

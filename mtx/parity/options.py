@@ -26,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mtx.errors import UsageError
+from mtx.names import BACKENDS
 
-#: Artifact backends ``mtx parity`` can run (the PyTorch reference always runs).
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 #: dtype -> (atol, rtol) of the per-position rule ``max|a - r| <= atol + rtol * max|r|``.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -88,21 +87,22 @@ class ParityOptions:
         """Raise UsageError naming the option for values that can never work."""
         if self.backends is not None:
             if not self.backends:
-                raise UsageError(f"--backends: give at least one of {', '.join(BACKENDS)}")
+                raise UsageError(f"backends: give at least one of {', '.join(BACKENDS)}", params=("backends",))
             for name in self.backends:
                 if name not in BACKENDS:
-                    raise UsageError(f"--backends: unknown backend {name!r}; expected a comma-separated list of "
-                                     f"{', '.join(BACKENDS)}")
+                    raise UsageError(f"backends: unknown backend {name!r}; expected a comma-separated list of "
+                                     f"{', '.join(BACKENDS)}", params=("backends",))
             if len(set(self.backends)) != len(self.backends):
-                raise UsageError(f"--backends: {','.join(self.backends)} names a backend twice")
+                raise UsageError(f"backends: {','.join(self.backends)} names a backend twice", params=("backends",))
         if self.prompt is not None and self.prompt_len is not None:
-            raise UsageError("--prompt and --prompt-len: give one of them (text, or a number of random ids)")
+            raise UsageError("prompt and prompt_len: give one of them (text, or a number of random ids)",
+                             params=("prompt", "prompt_len"))
         if self.prompt is not None and not self.prompt.strip():
-            raise UsageError("--prompt: empty text")
-        for opt, value, low in (("--prompt-len", self.prompt_len, 1), ("--steps", self.steps, 0),
-                                ("--chunk", self.chunk, 1)):
+            raise UsageError("prompt: empty text", params=("prompt",))
+        for opt, value, low in (("prompt_len", self.prompt_len, 1), ("steps", self.steps, 0),
+                                ("chunk", self.chunk, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                raise UsageError(f"{opt}: expected an integer >= {low}, got {value!r}")
-        for opt, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+                raise UsageError(f"{opt}: expected an integer >= {low}, got {value!r}", params=(opt,))
+        for opt, value in (("atol", self.atol), ("rtol", self.rtol)):
             if value is not None and not (isinstance(value, (int, float)) and value >= 0 and value == value):
-                raise UsageError(f"{opt}: expected a number >= 0, got {value!r}")
+                raise UsageError(f"{opt}: expected a number >= 0, got {value!r}", params=(opt,))

@@ -160,11 +160,29 @@ def _opt(x: int | None) -> str:
 
 def render(report: ParityReport, console: Any = None) -> None:
     """Print the report for humans (rich tables) on ``console`` (default: stdout)."""
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
+    _print_header(report, console)
+    console.print(_summary_table(report))
+    for res in report.ran:
+        console.print(_positions_table(report, res))
+        layers = _layers_json(res)
+        if layers:
+            console.print(_layers_table(res.name, layers))
+    if report.comparisons:
+        console.print(_comparisons_table(report))
+    _print_verdict(report, console)
+
+
+def _table(title: str) -> Any:
+    from rich import box
+    from rich.table import Table
+
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+
+
+def _print_header(report: ParityReport, console: Any) -> None:
     m, sched, tol = report.manifest, report.schedule, report.tolerance
     console.print(f"[bold]mtx parity[/bold] {report.checkpoint} vs {report.out} "
                   f"(target {m.target}, {m.dtype}, {m.attention_op}{', ' + m.moe_op if m.moe_op else ''})")
@@ -177,77 +195,81 @@ def render(report: ParityReport, console: Any = None) -> None:
     for note in report.notes:
         console.print(f"  [yellow]note:[/yellow] {note}")
 
-    t = Table(title="summary: logits at every position", box=box.SIMPLE_HEAD, pad_edge=False)
+
+SUMMARY_ROWS = ("verdict", "failing positions", "first failing", "max abs", "mean abs", "max rel ‖a−r‖/‖r‖",
+                "1 − min cosine", "top-1 agreement", "top-5 overlap", "greedy tokens agreeing", "first divergence")
+
+
+def _summary_cells(report: ParityReport, res: BackendResult) -> list[str]:
+    """One column of the summary table (SUMMARY_ROWS in order)."""
+    if res.status != "ran":
+        return ["[yellow]skipped[/yellow]", res.reason or ""] + [""] * (len(SUMMARY_ROWS) - 2)
+    s = summary(report, res)
+    g, div = s["greedy"], s["greedy"]["first_divergence"]
+    return ["[green]PASS[/green]" if res.passed else "[red]FAIL[/red]",
+            f"{s['failing_positions']}/{s['positions']}", _opt(s["first_failing_position"]), _fmt(s["max_abs"]),
+            _fmt(s["mean_abs"]), _fmt(s["max_rel"]), _fmt(1 - s["min_cosine"]), f"{s['top1_agreement']:.1%}",
+            f"{s['top5_overlap']:.1%}", f"{round(g['agreement'] * g['tokens'])}/{g['tokens']}",
+            "-" if div is None else f"position {div['position']}: {div['artifact_token']} (reference "
+                                    f"{div['reference_token']})"]
+
+
+def _summary_table(report: ParityReport) -> Any:
+    t = _table("summary: logits at every position")
     t.add_column("")
-    ran = [r for r in report.backends]
-    for res in ran:
+    for res in report.backends:
         t.add_column(res.name, overflow="fold")
-    rows: dict[str, list[str]] = {k: [] for k in (
-        "verdict", "failing positions", "first failing", "max abs", "mean abs", "max rel ‖a−r‖/‖r‖",
-        "1 − min cosine", "top-1 agreement", "top-5 overlap", "greedy tokens agreeing", "first divergence")}
-    for res in ran:
-        if res.status != "ran":
-            for k, cells in rows.items():
-                cells.append("[yellow]skipped[/yellow]" if k == "verdict" else (res.reason or "") if k ==
-                             "failing positions" else "")
-            continue
-        s = summary(report, res)
-        g, div = s["greedy"], s["greedy"]["first_divergence"]
-        values = ["[green]PASS[/green]" if res.passed else "[red]FAIL[/red]",
-                  f"{s['failing_positions']}/{s['positions']}", _opt(s["first_failing_position"]), _fmt(s["max_abs"]),
-                  _fmt(s["mean_abs"]), _fmt(s["max_rel"]), _fmt(1 - s["min_cosine"]), f"{s['top1_agreement']:.1%}",
-                  f"{s['top5_overlap']:.1%}", f"{round(g['agreement'] * g['tokens'])}/{g['tokens']}",
-                  "-" if div is None else f"position {div['position']}: {div['artifact_token']} (reference "
-                                          f"{div['reference_token']})"]
-        for cells, v in zip(rows.values(), values):
-            cells.append(v)
-    for k, cells in rows.items():
-        t.add_row(k, *cells)
-    console.print(t)
+    columns = [_summary_cells(report, res) for res in report.backends]
+    for i, name in enumerate(SUMMARY_ROWS):
+        t.add_row(name, *(col[i] for col in columns))
+    return t
 
-    for res in report.ran:
-        lg = res.logits
-        t = Table(title=f"{res.name}: logits error by position (window boundaries at multiples of "
-                        f"{sched.effective_window})", box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("pos", "phase", "max abs", "mean abs", "max rel", "1−cos", "top1", "top5", "bad"):
-            t.add_column(col, justify="left" if col in ("pos", "phase") else "right", no_wrap=True)
-        for phase, a, b in _segments(report):
-            sl = slice(a, b)
-            failing = int((~res.within[sl]).sum())
-            t.add_row(f"{a}-{b - 1}" if b - a > 1 else str(a), phase, _fmt(lg["max_abs"][sl].max()),
-                      _fmt(lg["mean_abs"][sl].mean()), _fmt(lg["rel"][sl].max()), _fmt(1 - lg["cosine"][sl].min()),
-                      f"{lg['top1'][sl].mean():.0%}", f"{lg['top5_overlap'][sl].mean() / 5:.0%}",
-                      f"[red]{failing}[/red]" if failing else "0")
-        console.print(t)
-        layers = _layers_json(res)
-        if layers:
-            t = Table(title=f"{res.name}: residual stream per layer (same tolerance rule)", box=box.SIMPLE_HEAD,
-                      pad_edge=False)
-            for col in ("layer", "attn max abs", "attn rel", "attn failing (first)", "block max abs", "block rel",
-                        "block failing (first)"):
-                t.add_column(col, justify="right")
-            for entry in layers:
-                cells = [str(entry["layer"])]
-                for stage in STAGES:
-                    e = entry[stage]
-                    bad = e["failing_positions"]
-                    cells += [_fmt(e["max_abs"]), _fmt(e["max_rel"]),
-                              f"[red]{bad} ({e['first_failing_position']})[/red]" if bad else "0"]
-                t.add_row(*cells)
-            console.print(t)
 
-    if report.comparisons:
-        t = Table(title="backend vs backend, per call (Polygraphy Comparator.compare_accuracy, SimpleCompareFunc "
-                        "elemwise)", box=box.SIMPLE_HEAD, pad_edge=False)
-        for col in ("pair", "atol (2× tolerance)", "calls failed", "first failed call", "max |a-b|", "verdict"):
-            t.add_column(col)
-        for c in report.comparisons:
-            j = c.to_json()
-            t.add_row(f"{c.first} vs {c.second}", f"{j['atol']:.2g}",
-                      f"{j['calls_failed']}/{j['calls_compared']}", _opt(j["first_failed_call_start"]),
-                      _fmt(j["max_absdiff"]), "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]")
-        console.print(t)
+def _positions_table(report: ParityReport, res: BackendResult) -> Any:
+    lg = res.logits
+    t = _table(f"{res.name}: logits error by position (window boundaries at multiples of "
+               f"{report.schedule.effective_window})")
+    for col in ("pos", "phase", "max abs", "mean abs", "max rel", "1−cos", "top1", "top5", "bad"):
+        t.add_column(col, justify="left" if col in ("pos", "phase") else "right", no_wrap=True)
+    for phase, a, b in _segments(report):
+        sl = slice(a, b)
+        failing = int((~res.within[sl]).sum())
+        t.add_row(f"{a}-{b - 1}" if b - a > 1 else str(a), phase, _fmt(lg["max_abs"][sl].max()),
+                  _fmt(lg["mean_abs"][sl].mean()), _fmt(lg["rel"][sl].max()), _fmt(1 - lg["cosine"][sl].min()),
+                  f"{lg['top1'][sl].mean():.0%}", f"{lg['top5_overlap'][sl].mean() / 5:.0%}",
+                  f"[red]{failing}[/red]" if failing else "0")
+    return t
 
+
+def _layers_table(name: str, layers: list[dict[str, Any]]) -> Any:
+    t = _table(f"{name}: residual stream per layer (same tolerance rule)")
+    for col in ("layer", "attn max abs", "attn rel", "attn failing (first)", "block max abs", "block rel",
+                "block failing (first)"):
+        t.add_column(col, justify="right")
+    for entry in layers:
+        cells = [str(entry["layer"])]
+        for stage in STAGES:
+            e = entry[stage]
+            bad = e["failing_positions"]
+            cells += [_fmt(e["max_abs"]), _fmt(e["max_rel"]),
+                      f"[red]{bad} ({e['first_failing_position']})[/red]" if bad else "0"]
+        t.add_row(*cells)
+    return t
+
+
+def _comparisons_table(report: ParityReport) -> Any:
+    t = _table("backend vs backend, per call (Polygraphy Comparator.compare_accuracy, SimpleCompareFunc elemwise)")
+    for col in ("pair", "atol (2× tolerance)", "calls failed", "first failed call", "max |a-b|", "verdict"):
+        t.add_column(col)
+    for c in report.comparisons:
+        j = c.to_json()
+        t.add_row(f"{c.first} vs {c.second}", f"{j['atol']:.2g}", f"{j['calls_failed']}/{j['calls_compared']}",
+                  _opt(j["first_failed_call_start"]), _fmt(j["max_absdiff"]),
+                  "[green]PASS[/green]" if c.passed else "[red]FAIL[/red]")
+    return t
+
+
+def _print_verdict(report: ParityReport, console: Any) -> None:
     for res in report.ran:
         style = "green" if res.finding.code == "match" else "red" if not res.passed else "yellow"
         console.print(f"[{style}]diagnosis[/{style}] {res.name}: {res.finding.line}")
@@ -256,7 +278,7 @@ def render(report: ParityReport, console: Any = None) -> None:
     skipped = "".join(f"; {r.name} skipped: {r.reason}" for r in report.backends if r.status != "ran")
     if report.passed:
         console.print(f"[bold green]PASS[/bold green]: {', '.join(r.name for r in report.ran)} within tolerance at all "
-                      f"{sched.positions} positions{skipped}")
+                      f"{report.schedule.positions} positions{skipped}")
     else:
         failing = [r.name for r in report.ran if not r.passed] + \
                   [f"{c.first} vs {c.second}" for c in report.comparisons if not c.passed]

@@ -9,8 +9,8 @@ runner keeps its own KV state between calls (docs/ops.md §1).
   from CKPT, independent of the artifact) or the ``torch`` backend (the export's dtype and capacity).
   It also measures the router's top-k margin per MoE layer and token (the gap between the k-th and
   (k+1)-th expert probability, float32), which the diagnosis uses.
-* :class:`BackendRunner` — any :class:`mtx.runtime.Backend` (onnxruntime, tensorrt): logits only.
-* :class:`OrtProbeRunner` — onnxruntime with the export's ``layer_outputs`` promoted to outputs.
+* :class:`BackendRunner` — any :class:`mtx.runtime.Backend` (onnxruntime, tensorrt): logits, and the
+  layers where the backend fetches the export's ``layer_outputs`` (onnxruntime's ``extra_outputs``).
 """
 
 from __future__ import annotations
@@ -88,27 +88,25 @@ class TorchRunner:
 
 
 class BackendRunner:
-    """A runtime backend (``mtx.runtime.Backend``) driven on row 0 of a one-row state: logits only."""
+    """A runtime backend (``mtx.runtime.Backend``) driven on row 0 of a one-row state.
 
-    has_layers = False
+    ``layer_names``: per layer the ``after_attention`` and ``after_block`` value names the backend
+    fetches as extra outputs into ``state.extra`` (onnxruntime); empty for logits only.
+    """
 
-    def __init__(self, name: str, backend: Any) -> None:
+    def __init__(self, name: str, backend: Any, layer_names: list[tuple[str, str]] | None = None) -> None:
         self.name = name
         self.backend = backend
         self.state = backend.new_state(1)
+        self.layer_names = layer_names or []
+        self.has_layers = bool(self.layer_names)
 
     def run(self, ids: np.ndarray, start: int) -> StepOutput:
         logits = self.backend.run(self.state, slice(0, 1), np.asarray(ids, dtype=np.int64)[None],
                                   np.asarray([start], dtype=np.int64), last_only=False)
-        return StepOutput(np.asarray(logits[0], dtype=np.float32))
-
-
-class OrtProbeRunner(BackendRunner):
-    """onnxruntime with the per-layer values of the export (:class:`mtx.parity.ort_probe.ParityOrtBackend`)."""
-
-    has_layers = True
-
-    def run(self, ids: np.ndarray, start: int) -> StepOutput:
-        out = super().run(ids, start)
-        out.layers = self.backend.layer_values()[:, :, 0]  # [L, 2, S, H]
-        return out
+        layers = None
+        if self.layer_names:
+            extra = self.state.extra
+            layers = np.stack([np.stack([extra[a][0], extra[b][0]]) for a, b in self.layer_names])
+        return StepOutput(np.asarray(logits[0], dtype=np.float32),
+                          None if layers is None else layers.astype(np.float32, copy=False))

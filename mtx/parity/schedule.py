@@ -101,12 +101,13 @@ def plan_schedule(*, window: int, capacity: int, max_position: int | None, vocab
     total = p + steps
 
     if not windowed and total > capacity:
-        raise UsageError(f"--prompt-len/--steps: {p} + {steps} = {total} positions exceed the KV capacity {capacity} "
+        raise UsageError(f"prompt_len/steps: {p} + {steps} = {total} positions exceed the KV capacity {capacity} "
                          f"of this full-attention export (docs/ops.md §1 rule 8); use fewer, or export with a larger "
-                         f"--cache-capacity")
+                         f"cache capacity", params=("prompt_len", "steps"))
     if max_position is not None and total > max_position:
-        raise UsageError(f"--prompt-len/--steps: {total} positions exceed max_position {max_position} of this export "
-                         f"(its rotary tables); use fewer, or export with a larger --max-position")
+        raise UsageError(f"prompt_len/steps: {total} positions exceed max_position {max_position} of this export "
+                         f"(its rotary tables); use fewer, or export with a larger max_position",
+                         params=("prompt_len", "steps"))
     if windowed:
         if steps < 3 * capacity:
             notes.append(f"decoding runs {steps} steps, fewer than 3 wraps of the buffer (3·C = {3 * capacity}): "

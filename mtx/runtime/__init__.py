@@ -27,7 +27,7 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     """
     from mtx.assets import resolve_checkpoint
     from mtx.errors import UsageError
-    from mtx.exporter.manifest import MANIFEST
+    from mtx.manifest import MANIFEST
 
     root = resolve_checkpoint(path)
     if not root.exists():

@@ -7,7 +7,7 @@ from typing import Any
 
 from mtx.config import generation_eos_ids
 from mtx.errors import UsageError
-from mtx.exporter import Manifest, read_manifest
+from mtx.manifest import Manifest, read_manifest
 from mtx.runtime.backends import TorchBackend
 from mtx.runtime.generator import Generator, load_tokenizer
 
@@ -15,16 +15,17 @@ from mtx.runtime.generator import Generator, load_tokenizer
 def load_artifact(root: Path, backend: str | None, *, device: str | None = None, threads: int | None = None,
                   prefill_chunk: int = 256, max_batch: int | None = None) -> Generator:
     manifest = read_manifest(root)
-    target = manifest["target"]
-    name = backend or ("tensorrt" if target == "tensorrt" and manifest.get("engine") else "onnxruntime")
+    target = manifest.target
+    name = backend or ("tensorrt" if target == "tensorrt" and manifest.engine else "onnxruntime")
     if name == "onnxruntime":
         from mtx.runtime.ort_backend import OrtBackend
 
         be: Any = OrtBackend(root, manifest, threads=threads, device=device, max_batch=max_batch)
     elif name == "tensorrt":
-        if not manifest.get("engine"):
-            raise UsageError(f"{root}: no TensorRT engine in this export ({manifest['engine_status']}); "
-                             f"use --backend onnxruntime or re-export with --target tensorrt on a TensorRT host")
+        if not manifest.engine:
+            raise UsageError(f"{root}: no TensorRT engine in this export ({manifest.engine_status}); "
+                             f"use backend onnxruntime, or export again with target tensorrt on a TensorRT host",
+                             params=("backend",))
         from mtx.runtime.trt_backend import TrtBackend
 
         be = TrtBackend(root, manifest, max_batch=max_batch)
@@ -39,10 +40,10 @@ def load_artifact(root: Path, backend: str | None, *, device: str | None = None,
 def _torch_backend(root: Path, manifest: Manifest, *, threads: int | None, device: str | None,
                    max_batch: int | None) -> TorchBackend:
     """The PyTorch reference of an export: the source checkpoint recorded in the manifest."""
-    ckpt = Path(manifest["checkpoint"]["path"])
+    ckpt = Path(manifest.checkpoint["path"])
     if not ckpt.is_dir():
         raise UsageError(f"{root}/mtx.json: the torch backend needs the source checkpoint {ckpt}, which is gone; "
                          f"pass the checkpoint folder itself to mtx.load")
-    return TorchBackend.from_checkpoint(ckpt, manifest["dtype"], capacity=int(manifest["capacity"]),
-                                        max_batch=max_batch or int(manifest["max_batch"]), threads=threads,
+    return TorchBackend.from_checkpoint(ckpt, manifest.dtype, capacity=manifest.capacity,
+                                        max_batch=max_batch or manifest.max_batch, threads=threads,
                                         device=device)

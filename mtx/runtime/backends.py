@@ -20,15 +20,13 @@ from mtx.config import ModelConfig
 
 
 class Backend(ABC):
-    """One engine. ``multi_token_rows`` is how many rows a call with ``seq > 1`` after a row's first
-    call may carry (None: any); the generator splits calls to respect it."""
+    """One engine: ``capacity`` C slots per KV row, at most ``max_batch`` rows per state."""
 
     name: str
     config: ModelConfig
     capacity: int
     max_batch: int
     max_position: int | None = None
-    multi_token_rows: int | None = None
 
     @property
     def window(self) -> int | None:
@@ -56,7 +54,7 @@ class Backend(ABC):
         if self.max_position is not None and end_pos > self.max_position:
             from mtx.errors import UsageError
             raise UsageError(f"position {end_pos} exceeds max_position {self.max_position} of this export "
-                             f"(its RoPE tables); re-export with a larger --max-position")
+                             f"(its RoPE tables); export it again with a larger max_position", params=("max_position",))
 
 
 class TorchBackend(Backend):
@@ -69,9 +67,8 @@ class TorchBackend(Backend):
         self.model = model
         self.config = model.cfg
         self.device = torch.device(device)
-        self.capacity = capacity or rolling_kv.default_capacity(self.config.sliding_window,
-                                                                self.config.max_position_embeddings)
-        rolling_kv.effective_window(self.config.sliding_window, self.capacity)
+        self.capacity = rolling_kv.capacity_for(self.config.sliding_window, self.config.max_position_embeddings,
+                                                capacity)
         self.max_batch = max_batch
         self.dtype = model.embed.weight.dtype
 

@@ -32,9 +32,9 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     """
     be = gen.backend
     if batch > be.max_batch:
-        raise UsageError(f"--batch {batch} exceeds the maximum batch {be.max_batch} of this model")
+        raise UsageError(f"batch {batch} exceeds the maximum batch {be.max_batch} of this model", params=("batch",))
     if prompt_len <= 0 or new_tokens <= 0:
-        raise UsageError("--prompt-len and --new-tokens must be positive")
+        raise UsageError("prompt_len and new_tokens must be positive", params=("prompt_len", "new_tokens"))
     be.check_positions(prompt_len + new_tokens)
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, gen.config.vocab_size, size=(batch, prompt_len)).tolist()

@@ -52,7 +52,7 @@ class Generator:
     def __init__(self, backend: Backend, tokenizer: Any | None = None, prefill_chunk: int = 256,
                  eos_token_ids: Sequence[int] | None = None) -> None:
         if prefill_chunk <= 0:
-            raise UsageError(f"prefill_chunk must be positive, got {prefill_chunk}")
+            raise UsageError(f"prefill_chunk must be positive, got {prefill_chunk}", params=("prefill_chunk",))
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
@@ -117,9 +117,9 @@ class Generator:
             raise UsageError("no prompts given")
         if len(prompts) > self.backend.max_batch:
             raise UsageError(f"batch of {len(prompts)} prompts exceeds the maximum batch {self.backend.max_batch} "
-                             f"of this model (mtx export --max-batch)")
+                             f"of this model (max_batch of the export)", params=("max_batch",))
         if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}", params=("max_new_tokens",))
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         params.validate()
         ids = [self.to_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]

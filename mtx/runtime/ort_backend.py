@@ -5,24 +5,35 @@ The manifest's ``kv`` section (docs/ops.md §5) says how state passes between ca
   graph updates in place (GroupQueryAttention's shared cache).
 * ``past_present = "separate"``: the graph (an mtx function body) writes ``present_*`` as new tensors,
   so each state has two buffer sets used in turn; each row remembers which set holds its state.
+* ``multi_token_batch = "first_call_only"``: a multi-token call on several rows not all at position 0
+  runs one row at a time.
 Buffers are allocated once per state at ``[batch, Hkv, C, D]``; a call on rows ``a:b`` binds views
 (pointer offsets) into them, so rows can be prefilled one at a time and decoded together.
+
+``extra_outputs`` names values inside the graph (``mtx.json`` ``layer_outputs``) to fetch as well:
+the session is then opened on an in-memory copy of the graph with those values as outputs (external
+data resolved against the export folder, which is never modified), and each call leaves them in
+``state.extra``.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mtx.errors import UsageError
-from mtx.exporter.manifest import Manifest
+from mtx.errors import MtxError, UsageError
+from mtx.manifest import Manifest
+from mtx.names import ONNX_ELEMENT_TYPES, numpy_dtype
 from mtx.runtime.backends import Backend
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+#: Dtypes whose exports ONNX Runtime's CPU and CUDA providers run.
+ORT_DTYPES = ("float32", "float16")
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+ALLOW_SPINNING = "session.intra_op.allow_spinning"
 
 
 @dataclass
@@ -35,32 +46,60 @@ class OrtKV:
     batch: int
     device: str
     bindings: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (row0, row1, src set) -> IOBinding
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # extra_outputs of the last call [b, S, ...]
+
+
+def graph_with_outputs(root: Path, manifest: Manifest, names: Sequence[str]) -> bytes:
+    """``root/model.onnx`` (without its external data) with ``names`` appended to the graph outputs.
+
+    Each is declared ``[batch, seq, H]`` in the export dtype. Raises MtxError if a name is not a
+    value of the main graph.
+    """
+    import onnx
+
+    path = root / manifest.model
+    model = onnx.load(str(path), load_external_data=False)
+    produced = {out for node in model.graph.node for out in node.output}
+    hidden = manifest.model_config.hidden_size
+    for name in names:
+        if name not in produced:
+            raise MtxError(f"{path}: value {name!r} (mtx.json layer_outputs) is not computed in the graph; "
+                           f"the export and its manifest disagree")
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, ONNX_ELEMENT_TYPES[manifest.dtype],
+                                                                     ["batch", "seq", hidden]))
+    return model.SerializeToString()
 
 
 class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None,
-                 device: str | None = None, max_batch: int | None = None) -> None:
+                 device: str | None = None, max_batch: int | None = None,
+                 extra_outputs: Sequence[str] = (), spin_wait: bool = True) -> None:
+        """``spin_wait=False``: intra-op threads sleep after a run instead of spinning (for callers
+        that run other compute between calls, such as ``mtx parity``)."""
         import onnxruntime as ort
 
         self.root = root
         self.manifest = manifest
         self.config = manifest.model_config
-        self.capacity = int(manifest["capacity"])
-        self.max_batch = max_batch or int(manifest["max_batch"])
-        self.max_position = manifest.get("max_position")
+        self.capacity = manifest.capacity
+        self.max_batch = max_batch or manifest.max_batch
+        self.max_position = manifest.max_position
         self.shared = manifest.ort_aliases_past_present
-        self.multi_token_rows = 1 if manifest.kv.multi_token_batch == "first_call_only" else None
-        dtype = manifest["dtype"]
-        if dtype not in _NP_DTYPES:
-            raise UsageError(f"{root}: the onnxruntime backend runs float32 and float16 exports, this one is {dtype}")
-        self.np_dtype = _NP_DTYPES[dtype]
+        self.rows_one_at_a_time = manifest.kv.multi_token_batch == "first_call_only"
+        dtype = manifest.dtype
+        if dtype not in ORT_DTYPES:
+            raise UsageError(f"{root}: the onnxruntime backend runs {' and '.join(ORT_DTYPES)} exports, "
+                             f"this one is {dtype}")
+        self.np_dtype = numpy_dtype(dtype)
+        self.extra_outputs = list(extra_outputs)
         self.device = device or "cpu"
         providers = ["CPUExecutionProvider"]
         if self.device.startswith("cuda"):
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise UsageError("--device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)")
+                raise UsageError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available)",
+                                 params=("device",))
             providers.insert(0, "CUDAExecutionProvider")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -68,8 +107,15 @@ class OrtBackend(Backend):
         so.inter_op_num_threads = 1
         if threads:
             so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        self.session = self._open_session(so, providers)
+        so.log_severity_level = 4  # failures surface as exceptions, reported in one line
+        if not spin_wait:
+            so.add_session_config_entry(ALLOW_SPINNING, "0")
+        if self.extra_outputs:
+            so.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(root.resolve()))
+            model: Any = graph_with_outputs(root, manifest, self.extra_outputs)
+        else:
+            model = str(root / manifest.model)
+        self.session = ort.InferenceSession(model, so, providers=providers)
         names = {i.name for i in self.session.get_inputs()}
         self.layers = self.config.num_layers
         self.past = [(f"past_key.{l}", f"past_value.{l}") for l in range(self.layers)]
@@ -77,17 +123,9 @@ class OrtBackend(Backend):
         missing = [n for pair in self.past for n in pair if n not in names] + \
                   [n for n in ("input_ids", "start_pos") if n not in names]
         if missing:
-            raise UsageError(f"{root / manifest['model']}: graph input {missing[0]!r} missing (docs/ops.md §4)")
+            raise UsageError(f"{root / manifest.model}: graph input {missing[0]!r} missing (docs/ops.md §4)")
         self.kv_shape = (self.config.num_kv_heads, self.capacity, self.config.head_dim)
         self._ort = ort
-        self._lock = threading.Lock()
-
-    def _open_session(self, options: Any, providers: list[str]) -> Any:
-        """Hook: the InferenceSession of ``root/model.onnx``. ``mtx parity`` overrides it to open an
-        in-memory copy with extra graph outputs (mtx/parity/ort_probe.py); ``run`` binds only its own."""
-        import onnxruntime as ort
-
-        return ort.InferenceSession(str(self.root / self.manifest["model"]), options, providers=providers)
 
     def new_state(self, batch: int) -> OrtKV:
         if batch > self.max_batch:
@@ -127,9 +165,10 @@ class OrtBackend(Backend):
         return target
 
     def _bind_kv(self, state: OrtKV, rows: slice, src: int) -> Any:
-        """An IOBinding with logits (bound first) and this row range's past/present buffer views."""
+        """An IOBinding with logits (bound first), this row range's past/present buffer views, then
+        the extra outputs (last): get_outputs() follows binding order."""
         io = self.session.io_binding()
-        io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
+        io.bind_output("logits", "cpu")
         dst = src if self.shared else 1 - src
         shape = [rows.stop - rows.start, *self.kv_shape]
         dev = "cpu" if state.device == "cpu" else "cuda"
@@ -139,13 +178,17 @@ class OrtBackend(Backend):
                               self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes))
                 io.bind_output(self.present[l][j], dev, 0, self.np_dtype, shape,
                                self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes))
+        for name in self.extra_outputs:
+            io.bind_output(name, "cpu")
         return io
 
     def run(self, state: OrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
         b = rows.stop - rows.start
-        if input_ids.shape[1] > 1 and b > 1 and self.multi_token_rows == 1 and np.any(start_pos != 0):
-            raise UsageError("this export runs multi-token chunks one row at a time after the first call")
+        if input_ids.shape[1] > 1 and b > 1 and self.rows_one_at_a_time and np.any(start_pos != 0):
+            parts = [self.run(state, slice(r, r + 1), input_ids[i:i + 1], start_pos[i:i + 1], last_only)
+                     for i, r in enumerate(range(rows.start, rows.stop))]
+            return np.concatenate(parts)
         src = 0 if self.shared else self._align_rows(state, rows)
         io = state.bindings.get((rows.start, rows.stop, src))
         if io is None:  # KV views of these rows, bound once and reused by every later call on them
@@ -153,11 +196,17 @@ class OrtBackend(Backend):
             state.bindings[(rows.start, rows.stop, src)] = io
         io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
-        io.bind_output("logits", "cpu")  # rebinding keeps its place (first) and lets ORT size it anew
+        io.bind_output("logits", "cpu")  # rebinding keeps its place and lets ORT size it anew
+        for name in self.extra_outputs:
+            io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
         if not self.shared:
             state.current[rows] = 1 - src
-        logits = io.get_outputs()[0].numpy()
+        outputs = io.get_outputs()
+        logits = outputs[0].numpy()
+        if self.extra_outputs:
+            extra = outputs[len(outputs) - len(self.extra_outputs):]
+            state.extra = {name: v.numpy() for name, v in zip(self.extra_outputs, extra)}
         if last_only:
             logits = logits[:, -1:]
         return logits.astype(np.float32, copy=False)

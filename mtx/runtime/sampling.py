@@ -20,13 +20,14 @@ class SamplingParams:
 
     def validate(self) -> None:
         if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0, got {self.temperature}", params=("temperature",))
         if self.top_k < 0:
-            raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 0, got {self.top_k}", params=("top_k",))
         if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}", params=("top_p",))
         if self.repetition_penalty <= 0:
-            raise UsageError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+            raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+                             params=("repetition_penalty",))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:

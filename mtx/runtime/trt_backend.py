@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from mtx.errors import UsageError
-from mtx.exporter.manifest import Manifest
+from mtx.manifest import Manifest
 from mtx.runtime.backends import Backend
 
 
@@ -45,11 +45,11 @@ class TrtBackend(Backend):
         if not torch.cuda.is_available():
             raise UsageError(f"{root}: the TensorRT backend needs a CUDA GPU")
         self.config = manifest.model_config
-        self.capacity = int(manifest["capacity"])
-        self.max_batch = min(max_batch or int(manifest["max_batch"]), int(manifest["max_batch"]))
-        self.dtype = getattr(torch, manifest["dtype"])
+        self.capacity = manifest.capacity
+        self.max_batch = min(max_batch or manifest.max_batch, manifest.max_batch)
+        self.dtype = getattr(torch, manifest.dtype)
         self.device = torch.device(device)
-        self.runner = tensorrt.TrtRunner(root / manifest["engine"], device=self.device)
+        self.runner = tensorrt.TrtRunner(root / manifest.engine, device=self.device)
 
     def new_state(self, batch: int) -> TrtKV:
         import torch

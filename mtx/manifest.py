@@ -7,22 +7,19 @@ each listed file exists with the recorded size; optionally its sha256) and retur
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from mtx.config import ModelConfig
 from mtx.errors import MtxError
+from mtx.names import DTYPES, TARGETS
 
 MANIFEST = "mtx.json"
 FORMAT = "mtx-export"
 FORMAT_VERSION = 2  # 2: layer_outputs, role "tooling" (docs/ops.md §5)
-TARGETS = ("onnxruntime", "onnx", "tensorrt")
-DTYPES = ("float32", "float16", "bfloat16")
 LAYOUTS = ("ring", "ort_window")
 PAST_PRESENT = ("separate", "shared")
 MULTI_TOKEN = ("any", "first_call_only")
@@ -78,9 +75,8 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
-class Manifest(Mapping[str, Any]):
-    """A validated mtx.json. Typed attributes (``m.kv.layout``) and, as a read-only mapping, the
-    JSON form (``m["kv"]["layout"]``, ``m.get("engine")``)."""
+class Manifest:
+    """A validated mtx.json, read by attribute (``m.capacity``, ``m.kv.layout``)."""
 
     format: str
     format_version: int
@@ -111,19 +107,6 @@ class Manifest(Mapping[str, Any]):
     def to_dict(self) -> dict[str, Any]:
         """The JSON object (fresh copy); ``Manifest.from_dict(m.to_dict()) == m``."""
         return asdict(self)
-
-    @functools.cached_property
-    def _json(self) -> dict[str, Any]:
-        return self.to_dict()
-
-    def __getitem__(self, key: str) -> Any:
-        return self._json[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._json)
-
-    def __len__(self) -> int:
-        return len(self._json)
 
     @classmethod
     def from_dict(cls, d: Any, origin: str = MANIFEST) -> Manifest:
