@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 from pathlib import Path
 from collections.abc import Callable
@@ -18,6 +19,15 @@ import click
 from mtx import __version__
 from mtx.errors import MtxError, UsageError
 from mtx.names import BACKENDS, DTYPES, TARGETS
+
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt, so every cleanup runs."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
+
 
 class _OneLineOptions(click.Command):
     """Bad option values become one ``mtx: error:`` line (exit 2) instead of click's usage block."""
@@ -37,6 +47,7 @@ class _Group(click.Group):
     command_class = _OneLineOptions
 
     def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, _terminate)  # cleans up like Ctrl-C (partial exports are removed)
         try:
             return super().invoke(ctx)
         except MtxError as e:
@@ -48,6 +59,9 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("mtx: interrupted", err=True)
             sys.exit(130)
+        except Terminated:
+            click.echo("mtx: terminated (SIGTERM)", err=True)
+            sys.exit(143)
 
 
 def _in_flags(message: str, params: tuple[str, ...], command: click.Command | None) -> str:
@@ -91,13 +105,17 @@ def json_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--backend --threads --device``: which engine runs an export, and where."""
+    """``--backend --threads --device --verify``: which engine runs an export, and where."""
     for option in reversed([
         click.option("--backend", type=click.Choice(BACKENDS), default=None,
                      help="Engine (default: the export's target; torch: the PyTorch reference of its checkpoint)."),
         click.option("--threads", type=int, default=None, help="CPU threads for the engine."),
         click.option("--device", default=None,
                      help="cpu (default) or cuda (onnxruntime-gpu, or torch with the Triton kernels)."),
+        click.option("--verify/--no-verify", default=True, show_default=True,
+                     help="Check the export's files against the sha256 in mtx.json before loading (weights once "
+                          "per file state, remembered in ~/.cache/mtx); the graph is always checked against "
+                          "mtx.json."),
     ]):
         command = option(command)
     return command
@@ -197,9 +215,11 @@ class _RichProgress:
               help="onnxruntime target: positions must stay below this (rows of the rotary tables). "
                    "Default: max_position_embeddings, or the capacity for full attention.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an earlier export or any other folder).")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
-           max_position: int | None, force: bool, as_json: bool) -> None:
+           max_position: int | None, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -209,7 +229,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     from mtx.exporter.options import ExportOptions, check_out
 
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
-                            max_position=max_position, force=force)
+                            max_position=max_position, force=force, allow_nonfinite=allow_nonfinite)
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
     from mtx.exporter.core import export as run_export
@@ -259,7 +279,7 @@ def _parse_ids(text: str) -> list[int]:
 @json_option('Print {"ids": [...], "text": ...} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
-             backend: str | None, threads: int | None, device: str | None, as_json: bool) -> None:
+             backend: str | None, threads: int | None, device: str | None, verify: bool, as_json: bool) -> None:
     """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
 
     Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
@@ -269,7 +289,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               seed=seed, stop=list(stop) or None)
@@ -303,7 +323,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
 @json_option("Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
-          threads: int | None, device: str | None, seed: int, as_json: bool) -> None:
+          threads: int | None, device: str | None, verify: bool, seed: int, as_json: bool) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
 
     Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
@@ -312,7 +332,7 @@ def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend
     import mtx.runtime
     from mtx.runtime.bench import run_bench
 
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
     res = run_bench(gen, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
     if as_json:
         emit_json(res)

@@ -241,4 +241,7 @@ def read_manifest(out_dir: str | Path, verify_hashes: bool = False) -> Manifest:
             raise ManifestError(f"{f}: sha256 differs from {MANIFEST}")
     if not any(e.path == manifest.model and e.role == "model" for e in manifest.files):
         raise ManifestError(f"{path}: model {manifest.model!r} is not listed under files")
+    if manifest.engine is not None and not any(e.path == manifest.engine and e.role == "engine"
+                                               for e in manifest.files):
+        raise ManifestError(f"{path}: engine {manifest.engine!r} is not listed under files with role engine")
     return manifest

@@ -16,12 +16,13 @@ import pytest
 from mtx.exporter import weights as weights_module
 from mtx.exporter.core import export
 from mtx.exporter.options import ExportOptions
+from mtx.exporter.output import OutputError
 from mtx.manifest import Manifest, ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = {"tokenizer.json": '{"version": "1.0"}', "tokenizer_config.json": '{"model_max_length": 4096}',
-             "special_tokens_map.json": '{"bos_token": "<s>"}'}
+# written next to the checkpoint's own (real) tokenizer.json, which the export checks by loading it
+TOKENIZER = {"tokenizer_config.json": '{"model_max_length": 4096}', "special_tokens_map.json": '{"bos_token": "<s>"}'}
 
 
 def run_mtx(*args: str) -> subprocess.CompletedProcess:
@@ -84,7 +85,7 @@ def test_folder_and_manifest(cli_export, checkpoint):
     assert set(listing(out)) == set(listed) | {"mtx.json"}
     for path, entry in listed.items():
         assert hashlib.sha256((out / path).read_bytes()).hexdigest() == entry.sha256
-    for name in [*TOKENIZER, "generation_config.json"]:
+    for name in ["tokenizer.json", *TOKENIZER, "generation_config.json"]:
         assert listed[name].role == "tokenizer" and (out / name).read_bytes() == (checkpoint / name).read_bytes()
 
     # the model's external data points into the checkpoint's own safetensors file, byte for byte
@@ -198,7 +199,7 @@ def test_failure_leaves_nothing(checkpoint, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(weights_module, "_copy_hashing", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="cannot write the export .No space left on device"):  # one line, exit 1
         export(checkpoint, tmp_path / "new" / "out", ExportOptions(target="onnx"))
     assert listing(tmp_path) == []
 

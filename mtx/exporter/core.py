@@ -1,18 +1,14 @@
 """``mtx export``: checkpoint -> folder with model.onnx, external weights, mtx.json, tokenizer files.
 
 The folder is assembled in a temporary sibling of OUT and renamed into place only when complete,
-so a failure (bad input, a full disk, Ctrl-C) leaves nothing behind. Weights are never held in RAM
+so a failure (bad input, a full disk, Ctrl-C) leaves nothing behind (:mod:`mtx.exporter.output`). Weights are never held in RAM
 twice: the model is traced on the meta device and tensors are linked or streamed one at a time
 (:mod:`mtx.exporter.weights`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +20,7 @@ import mtx
 from mtx import rolling_kv
 from mtx.assets import resolve_checkpoint
 from mtx.errors import MtxError, UsageError
-from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, trace, weights
+from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, output, trace, weights
 from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
                                    TensorSpec, sha256_file, write_manifest)
 from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
@@ -32,11 +28,10 @@ from mtx.exporter.options import ExportOptions, check_out
 from mtx.exporter.progress import Progress
 from mtx.models.checkpoint import Checkpoint
 from mtx.names import onnx_dtype_name, torch_dtype
+from mtx.tokenizer import TOKENIZER_FILES, check_side_files
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "tokenizer.model")
 
 
 class ExportError(MtxError):
@@ -50,45 +45,6 @@ class ExportResult:
     out: Path
     manifest: Manifest
     notes: list[str] = field(default_factory=list)  # fallbacks and engine status, one line each
-
-
-# --------------------------------------------------------------------------------------------------
-# Output folder
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder next to ``out``; removed (with any parents created for it) on failure."""
-    created: list[Path] = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    for p in reversed(created):
-        p.mkdir()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for p in created:
-            with contextlib.suppress(OSError):
-                p.rmdir()
-        raise
-
-
-def _commit(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; what was at ``out`` (allowed by check_out) is removed after."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700; the export is an ordinary folder
-    if out.is_dir():
-        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -208,17 +164,18 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     if not window and max_position < capacity:
         raise UsageError(f"max_position: {max_position} is below the KV capacity {capacity} of this "
                          f"full-attention model", params=("max_position",))
+    check_side_files(ck.root, cfg.eos_token_ids)  # a malformed tokenizer or generation config fails now, not at load
 
-    with _staging(out) as tmp:
+    with output.staging(out) as tmp:
         progress.stage(f"tracing {cfg.num_layers} layers with torch.onnx (dynamo)")
         model = trace.trace(cfg, dtype, capacity)
         plan = _shape_graph(model, ck, dtype, options, max_position, progress)
         notes = [f"fallback: {fb.op} kept with its ONNX function body in layers {_ranges(fb.layers)}: {fb.reason}"
                  for fb in plan.fallbacks]
-        report = weights.attach_weights(model, ck, dtype, tmp, progress)
+        report = weights.attach_weights(model, ck, dtype, tmp, progress, options.allow_nonfinite)
         onnx_path = _save_model(model, tmp, f"mtx export of {ck.root.name} (target {options.target}); see mtx.json",
                                 progress)
-        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype)
+        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype, notes)
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
             progress.stage("building the TensorRT engine")
@@ -243,7 +200,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
                         "dtype": str(ck.dtype).removeprefix("torch.")},
             weights=report.manifest_entry(), versions=_versions(), files=files)
         write_manifest(tmp, manifest)
-        _commit(tmp, out)
+        output.commit(tmp, out, options.force)
     return ExportResult(out, manifest, notes)
 
 
@@ -259,15 +216,24 @@ def _save_model(model: ir.Model, folder: Path, doc: str, progress: Progress) -> 
 
 
 def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weights.WeightReport, capacity: int,
-                     dtype: str) -> dict[str, str]:
-    """Copy the tokenizer files and write the Polygraphy data loader; the role of every file so far."""
+                     dtype: str, notes: list[str]) -> dict[str, str]:
+    """Copy the tokenizer files and write the Polygraphy data loader; the role of every file so far.
+
+    A tokenizer file that is a symlink to a file outside the checkpoint folder (the Hugging Face cache
+    is laid out so) is copied, and a note says what was followed.
+    """
     roles: dict[str, str] = {MODEL_FILE: "model"}
     if report.written:
         roles[weights.DATA_FILE] = "weights"
     roles.update({name: "checkpoint-weights" for name in report.files})
+    inside = ck.root.resolve()
     for name in TOKENIZER_FILES:
-        if (ck.root / name).is_file():
-            shutil.copyfile(ck.root / name, folder / name)
+        src = ck.root / name
+        if src.is_file():
+            target = src.resolve()
+            if src.is_symlink() and inside not in target.parents:
+                notes.append(f"{name}: copied from {target}, the target of a symlink outside the checkpoint folder")
+            shutil.copyfile(target, folder / name)
             roles[name] = "tokenizer"
     cfg = ck.config
     kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]

@@ -19,6 +19,7 @@ class ExportOptions:
     max_batch: int = 8
     max_position: int | None = None  # onnxruntime target: rows of the rotary tables
     force: bool = False
+    allow_nonfinite: bool = False  # export weights holding NaN or Inf (refused by default)
 
     def validate(self) -> None:
         """Raise UsageError naming the option for any value that cannot work, whatever the checkpoint."""
@@ -41,6 +42,10 @@ def check_out(out: Path, force: bool) -> None:
 
     An absent or empty folder is fine; an earlier export or any other non-empty folder needs --force.
     """
+    resolved, here = out.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UsageError(f"out {out}: is the current folder or a folder above it; name a folder of its own",
+                         params=("out",))
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise UsageError(f"out {out}: exists and is not a folder", params=("out",))
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -30,7 +30,7 @@ from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
 from mtx.exporter.progress import Progress
 from mtx.manifest import sha256_file
-from mtx.models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorRef
+from mtx.models.checkpoint import SAFETENSORS_DTYPES, Checkpoint, TensorRef, check_finite
 
 #: The output folder's own external data file (converted and derived tensors).
 DATA_FILE = "model.onnx.data"
@@ -106,7 +106,7 @@ def _is_zero_copy(ck: Checkpoint, name: str, dtype: torch.dtype) -> TensorRef | 
 
 
 def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir: Path,
-                   progress: Progress) -> WeightReport:
+                   progress: Progress, allow_nonfinite: bool = False) -> WeightReport:
     """Point every initializer of ``model`` at data under ``out_dir`` (the folder of model.onnx).
 
     Initializers named after checkpoint tensors come from ``ck`` in ``dtype``; others must already
@@ -115,7 +115,15 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     bytes are referenced; otherwise its referenced tensors are written to :data:`DATA_FILE` like the
     converted ones. Afterwards every initializer is an :class:`onnx_ir.ExternalTensor` relative to
     ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
+    Every checkpoint tensor is checked for NaN and Inf as it is streamed (CheckpointError naming it),
+    unless ``allow_nonfinite``.
     """
+    def load(name: str) -> torch.Tensor:
+        t = ck.load(name, dtype)
+        if not allow_nonfinite:
+            check_finite(name, t, ck.sources[name].refs[0])
+        return t
+
     report = WeightReport()
     by_file: dict[Path, list[tuple[ir.Value, TensorRef]]] = {}
     to_write: list[tuple[ir.Value, ir.TensorProtocol]] = []
@@ -124,7 +132,7 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
         if ref is not None:
             by_file.setdefault(ref.file, []).append((value, ref))
         elif name in ck.sources:
-            to_write.append((value, lazy(name, ck.shapes[name], dtype, lambda n=name: ck.load(n, dtype))))
+            to_write.append((value, lazy(name, ck.shapes[name], dtype, lambda n=name: load(n))))
         elif value.const_value is not None:
             to_write.append((value, value.const_value))
         else:
@@ -139,7 +147,7 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
         elif 2 * sum(ref.nbytes for _, ref in items) >= src.stat().st_size:
             kept[src] = "copy"
         else:  # mostly unused (e.g. per-expert tensors that were stacked): write the few used ones instead
-            to_write += [(v, lazy(v.name, ref.shape, dtype, lambda n=v.name: ck.load(n, dtype))) for v, ref in items]
+            to_write += [(v, lazy(v.name, ref.shape, dtype, lambda n=v.name: load(n))) for v, ref in items]
 
     advance = progress.task("checkpoint", sum(src.stat().st_size for src in kept))
     for src, method in kept.items():
@@ -148,6 +156,8 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
                                 else _copy_hashing(src, out_dir / local, advance))
         report.files[local] = method
         for value, ref in by_file[src]:
+            if not allow_nonfinite:  # the file's bytes were just read: its tensors come from the page cache
+                check_finite(value.name, ck.load(value.name), ref)
             value.const_value = ir.ExternalTensor(local, ref.data_offset, ref.nbytes, from_torch_dtype(dtype),
                                                   shape=ir.Shape(ref.shape), name=value.name, base_dir=str(out_dir))
             report.referenced += 1

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from mtx.config import ModelConfig, load_config
+from mtx.config import ModelConfig, load_config, read_json_object
 from mtx.errors import CheckpointError
 from mtx.names import DTYPES, torch_dtype
 
@@ -77,7 +77,7 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     except SafetensorError as e:
         raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({e})") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -91,33 +91,61 @@ def read_header(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+def _merge(refs: dict[str, TensorRef], more: dict[str, TensorRef]) -> None:
+    """Add ``more`` to ``refs``; a tensor stored in two files is an error naming both."""
+    for key, ref in more.items():
+        if key in refs:
+            raise CheckpointError(f"{ref.file}: tensor {key!r} is also stored in {refs[key].file}; "
+                                  f"a checkpoint holds each tensor once (remove the stray file)")
+        refs[key] = ref
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    data = read_json_object(index_path, CheckpointError)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map' of tensor name -> file name")
+    for key, name in weight_map.items():
+        path = Path(name)
+        if not name or path.is_absolute() or ".." in path.parts:
+            raise CheckpointError(f"{index_path}: tensor {key!r} points at {name!r}, outside the checkpoint folder")
+    return weight_map
+
+
 def _index_files(root: Path, fmt: str) -> dict[str, TensorRef]:
     index_path = root / INDEX_FILE
+    refs: dict[str, TensorRef] = {}
     if fmt == "hf" and index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index_path}: expected a JSON object with a 'weight_map'") from None
-        files = sorted(set(weight_map.values()))
-        refs: dict[str, TensorRef] = {}
-        for name in files:
+        weight_map = _read_weight_map(index_path)
+        for name in sorted(set(weight_map.values())):
             if not (root / name).is_file():
                 keys = [k for k, v in weight_map.items() if v == name]
                 raise CheckpointError(f"{root / name}: shard listed in {INDEX_FILE} is missing "
                                       f"(holds tensor {keys[0]!r})")
-            refs.update(read_header(root / name))
+            _merge(refs, read_header(root / name))
         for key, name in weight_map.items():
-            if key not in refs:
+            if key not in refs or refs[key].file != root / name:
                 raise CheckpointError(f"{root / name}: tensor {key!r} listed in {INDEX_FILE} is not in the file")
         return refs
     pattern = "consolidated*.safetensors" if fmt == "mistral" else "*.safetensors"
     files = sorted(root.glob(pattern))
     if not files:
         raise CheckpointError(f"{root}: no {pattern} files found")
-    refs = {}
     for path in files:
-        refs.update(read_header(path))
+        _merge(refs, read_header(path))
     return refs
+
+
+#: Checkpoint tensors that no canonical tensor uses but that are not model weights (older
+#: transformers saved the rotary frequencies as buffers).
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def check_finite(name: str, tensor: torch.Tensor, ref: TensorRef) -> None:
+    """Raise CheckpointError naming the stored tensor if ``tensor`` holds NaN or Inf."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CheckpointError(f"{ref.file}: tensor {ref.key!r} ({name}) holds NaN or Inf values; "
+                              f"pass allow_nonfinite to export it anyway", params=("allow_nonfinite",))
 
 
 def hf_names(cfg: ModelConfig, refs: dict[str, TensorRef]) -> dict[str, tuple[str | list[str], str]]:
@@ -240,6 +268,14 @@ class Checkpoint:
             src = Source(tuple(refs), "rope_permute" if heads else kind, heads)
             self._check_source(name, src)
             self.sources[name] = src
+        used = {ref.key for src in self.sources.values() for ref in src.refs}
+        unused = sorted(k for k in self.refs if k not in used and not k.endswith(IGNORED_SUFFIXES))
+        if unused:
+            ref = self.refs[unused[0]]
+            raise CheckpointError(f"{ref.file}: tensor {ref.key!r} (and {len(unused) - 1} more) is not used by the "
+                                  f"model the config describes ({self.config.num_layers} layers"
+                                  f"{', tied embeddings' if self.config.tie_word_embeddings else ''}); "
+                                  f"the config and the checkpoint disagree")
         self.dtype = SAFETENSORS_DTYPES[self.sources["embed.weight"].refs[0].dtype]
 
     def _check_source(self, name: str, src: Source) -> None:
@@ -269,6 +305,8 @@ class Checkpoint:
                 return f.get_tensor(ref.key)
         except SafetensorError as e:
             raise CheckpointError(f"{ref.file}: cannot read tensor {ref.key!r} ({e})") from None
+        except OSError as e:
+            raise CheckpointError(f"{ref.file}: cannot read tensor {ref.key!r} ({e.strerror or e})") from None
 
     def load(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The canonical tensor ``name``, converted to ``dtype`` (default: as stored)."""
@@ -297,11 +335,9 @@ class Checkpoint:
             yield name, self.load(name, dtype)
 
     def verify_data(self) -> None:
-        """Read every tensor once and check it is finite (catches corrupt data past the header)."""
-        for name, t in self.tensors():
-            if not torch.isfinite(t).all():
-                ref = self.sources[name].refs[0]
-                raise CheckpointError(f"{ref.file}: tensor {ref.key!r} holds NaN or Inf values")
+        """Read every stored tensor once and check it is finite (catches corrupt data past the header)."""
+        for ref in {ref for src in self.sources.values() for ref in src.refs}:
+            check_finite(ref.key, self._read(ref), ref)
 
 
 def build_model(ckpt: Checkpoint | str | Path, dtype: torch.dtype | str | None = None,

@@ -114,7 +114,7 @@ def _check_checkpoint(ckpt_root: Path, config: dict[str, Any], manifest: Manifes
 
 
 def _prompt_ids(out: Path, prompt: str, vocab: int) -> list[int]:
-    from mtx.runtime.generator import load_tokenizer
+    from mtx.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(out)
     if tokenizer is None:

@@ -11,24 +11,46 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtx.runtime.backends import Backend, TorchBackend
-from mtx.runtime.generator import Generator, Session, load_tokenizer
+from mtx.runtime.generator import Generator, Session
+from mtx.tokenizer import load_tokenizer
 from mtx.runtime.sampling import SamplingParams
 
 __all__ = ["Backend", "Generator", "SamplingParams", "Session", "TorchBackend", "load"]
 
 
+def check_engine_options(backend: str | None, threads: int | None, device: str | None) -> None:
+    """Backend a known name, threads within 1..the CPU count, device cpu / cuda / cuda:N."""
+    import os
+    import re
+
+    from mtx.errors import UsageError
+    from mtx.names import BACKENDS
+
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"backend: unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}",
+                         params=("backend",))
+    cpus = os.cpu_count() or 1
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus):
+        raise UsageError(f"threads must be an integer from 1 to {cpus} (the CPUs of this machine), got {threads!r}",
+                         params=("threads",))
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
+        raise UsageError(f"device: expected cpu, cuda or cuda:N, got {device!r}", params=("device",))
+
+
 def load(path: str | Path | None = None, backend: str | None = None, *, device: str | None = None,
          threads: int | None = None, prefill_chunk: int = 256, max_batch: int | None = None,
-         capacity: int | None = None, dtype: str | None = None) -> Generator:
+         capacity: int | None = None, dtype: str | None = None, verify: bool = True) -> Generator:
     """A :class:`Generator` for an export folder (``mtx.json`` inside) or a checkpoint folder.
 
     ``backend``: ``onnxruntime``, ``tensorrt`` or ``torch`` (the reference). Default: the export's
     target, or ``torch`` for a checkpoint folder. ``threads`` sets intra-op threads (CPU).
+    ``verify``: check an export's files against the sha256 in ``mtx.json`` (:mod:`mtx.integrity`).
     """
     from mtx.assets import resolve_checkpoint
     from mtx.errors import UsageError
     from mtx.manifest import MANIFEST
 
+    check_engine_options(backend, threads, device)
     root = resolve_checkpoint(path)
     if not root.exists():
         raise UsageError(f"{root}: no such folder")
@@ -36,7 +58,7 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
         from mtx.runtime.artifact import load_artifact
 
         return load_artifact(root, backend, device=device, threads=threads, prefill_chunk=prefill_chunk,
-                             max_batch=max_batch)
+                             max_batch=max_batch, verify=verify)
     if backend not in (None, "torch"):
         raise UsageError(f"{root}: not an mtx export (no mtx.json); backend {backend!r} needs `mtx export` output")
     from mtx.config import generation_eos_ids

@@ -7,14 +7,18 @@ from typing import Any
 
 from mtx.config import generation_eos_ids
 from mtx.errors import UsageError
+from mtx.integrity import verify_export
 from mtx.manifest import Manifest, read_manifest
 from mtx.runtime.backends import TorchBackend
-from mtx.runtime.generator import Generator, load_tokenizer
+from mtx.runtime.generator import Generator
+from mtx.tokenizer import load_tokenizer
 
 
 def load_artifact(root: Path, backend: str | None, *, device: str | None = None, threads: int | None = None,
-                  prefill_chunk: int = 256, max_batch: int | None = None) -> Generator:
+                  prefill_chunk: int = 256, max_batch: int | None = None, verify: bool = True) -> Generator:
+    """``verify``: recompute the files' sha256 (weights once per file state, mtx.integrity)."""
     manifest = read_manifest(root)
+    verify_export(root, manifest, verify)
     target = manifest.target
     name = backend or ("tensorrt" if target == "tensorrt" and manifest.engine else "onnxruntime")
     if name == "onnxruntime":

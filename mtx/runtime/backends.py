@@ -9,6 +9,7 @@ used from many threads at once; one state is used by one thread at a time.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -71,6 +72,9 @@ class TorchBackend(Backend):
                                                 capacity)
         self.max_batch = max_batch
         self.dtype = model.embed.weight.dtype
+        # One call at a time: torch's intra-op pool already uses every thread it was given, and calls
+        # from several threads at once oversubscribe it (measured: 0.3x the throughput under 8 threads).
+        self._run_lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, ckpt: Any, dtype: str, *, capacity: int | None = None, max_batch: int = 8,
@@ -93,7 +97,7 @@ class TorchBackend(Backend):
             last_only: bool) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
         start = torch.from_numpy(np.ascontiguousarray(start_pos, dtype=np.int64)).to(self.device)
-        with torch.no_grad():
+        with self._run_lock, torch.no_grad():
             logits = self.model(ids, start, state.rows(rows))
             if last_only:
                 logits = logits[:, -1:]

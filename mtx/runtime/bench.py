@@ -31,6 +31,8 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     compare the step at position W with the step at 20W.
     """
     be = gen.backend
+    if batch < 1:
+        raise UsageError(f"batch must be >= 1, got {batch}", params=("batch",))
     if batch > be.max_batch:
         raise UsageError(f"batch {batch} exceeds the maximum batch {be.max_batch} of this model", params=("batch",))
     if prompt_len <= 0 or new_tokens <= 0:

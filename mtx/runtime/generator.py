@@ -12,14 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
-from mtx.runtime.sampling import SamplingParams, select_token
+from mtx.runtime.sampling import SamplingParams, check_seed, select_token
+from mtx.tokenizer import encode_checked
 
 Prompt = Union[str, Sequence[int]]
 
@@ -45,6 +45,16 @@ class _RowStop:
         return self.done
 
 
+def _check_prompts(prompts: object) -> None:
+    if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], (int, np.integer))):
+        raise UsageError("prompts must be a list of strings or of token-id lists", params=("prompts",))
+
+
+def _check_max_new_tokens(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {value!r}", params=("max_new_tokens",))
+
+
 class Generator:
     """Text generation from one loaded model. Thread-safe: share one Generator, give each thread its own
     :class:`Session` (or call :meth:`generate`, which makes its own buffers per call)."""
@@ -63,7 +73,7 @@ class Generator:
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise UsageError("this model folder has no tokenizer.json: pass token ids instead of text")
-        return list(self.tokenizer.encode(text).ids)
+        return encode_checked(self.tokenizer, text, "tokenizer.json")
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.tokenizer is None:
@@ -72,7 +82,18 @@ class Generator:
 
     def to_ids(self, prompt: Prompt, what: str = "prompt") -> list[int]:
         """Validate a prompt (text or token ids) and return its ids."""
-        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (shell, file)
+                raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})", params=("prompt",)) from None
+            ids = self.encode(prompt)
+        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            ids = [int(t) for t in prompt]
+        else:
+            raise UsageError(f"{what}: expected text or a list of token ids, got {type(prompt).__name__}"
+                             f"{' holding ' + type(prompt[0]).__name__ if isinstance(prompt, (list, tuple)) and prompt else ''}")
         if not ids:
             raise UsageError(f"{what} is empty: give at least one token")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
@@ -111,17 +132,16 @@ class Generator:
                      stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None
                      ) -> Iterator[tuple[int, int]]:
         """Yield (row, token) as tokens are produced for a batch of prompts."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            raise UsageError("prompts must be a list of strings or of token-id lists")
+        _check_prompts(prompts)
         if not prompts:
             raise UsageError("no prompts given")
         if len(prompts) > self.backend.max_batch:
             raise UsageError(f"batch of {len(prompts)} prompts exceeds the maximum batch {self.backend.max_batch} "
                              f"of this model (max_batch of the export)", params=("max_batch",))
-        if max_new_tokens < 0:
-            raise UsageError(f"max_new_tokens must be >= 0, got {max_new_tokens}", params=("max_new_tokens",))
+        _check_max_new_tokens(max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         params.validate()
+        check_seed(seed)
         ids = [self.to_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
         b = len(ids)
         self.backend.check_positions(max(len(x) for x in ids) + max_new_tokens)
@@ -148,6 +168,7 @@ class Generator:
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
         """Generated token ids per prompt (stop tokens included). See :meth:`stream_batch` for options."""
+        _check_prompts(prompts)
         out: list[list[int]] = [[] for _ in prompts]
         for row, tok in self.stream_batch(prompts, max_new_tokens, **kw):
             out[row].append(tok)
@@ -168,13 +189,16 @@ class Session:
     """One sequence and its KV buffers (allocated once). Appending a turn reuses the KV state.
 
     ``tokens`` is the whole conversation; all but possibly the last generated token are in the buffer.
-    A session must be used by one thread at a time (a lock enforces it).
+    Thread-safe: each call holds the session's lock, and a stream holds it only while it computes a
+    token, never across ``yield``. A paused stream whose session was changed meanwhile (an append, or
+    another stream) raises UsageError when resumed; an abandoned stream blocks nothing.
     """
 
     def __init__(self, generator: Generator) -> None:
         self.generator = generator
         self._state = generator.backend.new_state(1)
         self._lock = threading.Lock()
+        self._version = 0  # bumped by every change of tokens / KV state
         self.tokens: list[int] = []
         self._fed = 0
         self._logits: np.ndarray | None = None
@@ -201,6 +225,7 @@ class Session:
         with self._lock:
             ids = self.generator.to_ids(prompt, "turn")
             n_pending = len(self.tokens) - self._fed
+            self._version += 1
             self.tokens.extend(ids)
             logits = self._feed_pending(want_all)
             return logits[n_pending:] if want_all else logits
@@ -210,8 +235,10 @@ class Session:
                stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None
                ) -> Iterator[int]:
         """Continue the sequence, yielding tokens as they are produced."""
+        _check_max_new_tokens(max_new_tokens)
         params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
         params.validate()
+        check_seed(seed)
         g = self.generator
         stopper = g._stopper(stop_token_ids, stop)
         rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
@@ -221,23 +248,29 @@ class Session:
             g.backend.check_positions(len(self.tokens) + max_new_tokens)
             if self._fed < len(self.tokens):
                 self._feed_pending(want_all=False)
-            for step in range(max_new_tokens):
+            self._version += 1
+            mine = self._version
+        for step in range(max_new_tokens):
+            with self._lock:
+                self._check_unchanged(mine)
                 seen = np.asarray(self.tokens, dtype=np.int64) if repetition_penalty != 1.0 else None
                 tok = select_token(self._logits, params, rng, seen)
                 self.tokens.append(tok)
-                yield tok
-                if stopper.add(tok) or step == max_new_tokens - 1:
-                    return  # the last token stays pending until the next append/generate
+                self._version += 1
+                mine = self._version
+            yield tok
+            if stopper.add(tok) or step == max_new_tokens - 1:
+                return  # the last token stays pending until the next append/generate
+            with self._lock:
+                self._check_unchanged(mine)
                 self._feed_pending(want_all=False)
+                self._version += 1
+                mine = self._version
+
+    def _check_unchanged(self, version: int) -> None:
+        if self._version != version:
+            raise UsageError("this session changed while the stream was paused (append or another stream); "
+                             "start a new stream to continue")
 
     def generate(self, max_new_tokens: int = 64, **kw: Any) -> list[int]:
         return list(self.stream(max_new_tokens, **kw))
-
-
-def load_tokenizer(folder: Path) -> Any | None:
-    path = folder / "tokenizer.json"
-    if not path.is_file():
-        return None
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,12 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise UsageError(f"{name} must be a finite number, got {value!r}", params=(name,))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            raise UsageError(f"top_k must be an integer, got {self.top_k!r}", params=("top_k",))
         if self.temperature < 0:
             raise UsageError(f"temperature must be >= 0, got {self.temperature}", params=("temperature",))
         if self.top_k < 0:
@@ -28,6 +35,12 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                              params=("repetition_penalty",))
+
+
+def check_seed(seed: object) -> None:
+    """A sampling seed is None or an integer >= 0 (numpy's SeedSequence rule)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise UsageError(f"seed must be an integer >= 0, got {seed!r}", params=("seed",))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
