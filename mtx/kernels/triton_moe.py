@@ -89,24 +89,29 @@ def moe_align_kernel(
     num_pairs, E, max_tiles, tile_m,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """grid (1,): a deterministic counting sort of the pairs by expert (E <= BLOCK_E)."""
+    """grid (1,): a deterministic counting sort of the pairs by expert (E <= BLOCK_E).
+
+    A pair whose expert id is not in [0, E) (the router's pick for a NaN row) is left out: it gets no
+    sorted row and no tile, so it cannot overwrite another pair's slot.
+    """
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     pp = tl.arange(0, BLOCK_P)
     counts = tl.zeros([BLOCK_E], tl.int32)
     for p0 in range(0, num_pairs, BLOCK_P):
         ids = tl.load(topk_ids_ptr + p0 + pp, mask=(p0 + pp) < num_pairs, other=-1)
-        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+        counts += tl.sum(((ids[:, None] == e[None, :]) & emask[None, :]).to(tl.int32), 0)
     offsets = tl.cumsum(counts, 0) - counts          # first sorted row of each expert
     seen = tl.zeros([BLOCK_E], tl.int32)             # pairs of each expert placed so far
     for p0 in range(0, num_pairs, BLOCK_P):
         p = p0 + pp
         pm = p < num_pairs
         ids = tl.load(topk_ids_ptr + p, mask=pm, other=-1)
-        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        valid = pm & (ids >= 0) & (ids < E)
+        onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)
         rank = tl.cumsum(onehot, 0) - onehot         # earlier pairs of the same expert in this block
         dest = tl.sum(onehot * (offsets + seen)[None, :] + onehot * rank, 1)
-        tl.store(sorted_pair_ptr + dest, p, mask=pm)
+        tl.store(sorted_pair_ptr + dest, p, mask=valid)
         seen += tl.sum(onehot, 0)
     # Tiles: expert e owns tiles [tile_begin[e], tile_stop[e]) covering its rows tile_m at a time.
     tiles = tl.where(emask, (counts + tile_m - 1) // tile_m, 0)
