@@ -61,12 +61,13 @@ def _plugin_layers(trt, network) -> list[tuple[str, str | None]]:
             continue
         name = None
         if hasattr(trt.LayerType, "PLUGIN_V3") and layer.type == trt.LayerType.PLUGIN_V3:
-            try:
+            try:  # the bindings expose the plugin's name on some releases only; otherwise it counts unnamed
                 layer.__class__ = trt.IPluginV3Layer
                 core = layer.plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
-                core.__class__ = trt.IPluginV3OneCore
-                name = core.plugin_name if core.plugin_namespace == mtrt.PLUGIN_NAMESPACE else f"other:{core.plugin_name}"
-            except Exception:  # noqa: BLE001  (bindings differ between releases: count it unnamed)
+                plugin, namespace = getattr(core, "plugin_name", None), getattr(core, "plugin_namespace", None)
+                if plugin is not None:
+                    name = plugin if namespace == mtrt.PLUGIN_NAMESPACE else f"other:{namespace}::{plugin}"
+            except Exception:  # noqa: BLE001
                 name = None
         else:
             name = "other:plugin_v2"
