@@ -92,6 +92,7 @@ def test_cubins_for_every_arch_and_specialization(plugins_build_dir):
 def test_version_names_triton_and_archs(lib):
     v = lib.mtx_kernels_version().decode()
     assert v.startswith("0.1.0") and "triton" in v and all(f"sm_{a}" in v for a in ARCHS), v
+    assert re.search(r"; CUDA 1[2-9]\.\d+\)$", v), v
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE))
@@ -274,3 +275,45 @@ def test_c_launches_pass_every_kernel_parameter(plugins_build_dir):
         for a, p in zip(args, params[kind]):
             is_ptr = a in pointer_vars or a.startswith("reg[")
             assert is_ptr == p["type"].startswith("*"), (kind, a, p)
+
+
+@pytest.fixture(scope="module")
+def cuda12_build_dir(tmp_path_factory) -> Path:
+    """The CUDA 12 flavour (MTX_CUDA_ROOT=build/cuda12 from scripts/get_cuda12.sh), sm_90 only to keep
+    the build short: same sources, CUDA 12.9 headers, static runtime and ptxas."""
+    import shutil
+
+    root = ROOT / "build" / "cuda12"
+    if not (root / "bin" / "ptxas").is_file() or shutil.which("cmake") is None:
+        pytest.skip("build/cuda12 missing (scripts/get_cuda12.sh could not fetch nvidia-cuda-runtime-cu12 and "
+                    "nvidia-cuda-nvcc-cu12) or no cmake: would build the CUDA 12 flavour of libmtx_kernels.so")
+    pytest.importorskip("triton", reason="triton not installed: would compile the kernels to cubins")
+    out = tmp_path_factory.mktemp("plugins_cu12")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for step in (["cmake", "-S", str(PLUGINS), "-B", str(out), f"-DPython3_EXECUTABLE={sys.executable}",
+                  f"-DMTX_CUDA_ROOT={root}", "-DMTX_CUDA_ARCHS=90"],
+                 ["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2), "--target", "mtx_kernels"]):
+        r = subprocess.run(step, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return out
+
+
+def test_cuda12_flavour(cuda12_build_dir):
+    """Built with CUDA 12.9 (runtime and ptxas from PyPI): same ABI, no shared CUDA runtime, cubins for
+    sm_90a assembled by ptxas 12.9 without spills, and it asks for a CUDA 12 driver (R525+)."""
+    so_path = cuda12_build_dir / "libmtx_kernels.so"
+    assert _defined_dynamic_symbols(so_path) == C_ABI
+    needed = subprocess.run(["readelf", "-d", str(so_path)], check=True, capture_output=True, text=True).stdout
+    assert "libcudart" not in needed
+    manifest = json.loads((cuda12_build_dir / "generated" / "mtx_kernels_manifest.json").read_text())["kernels"]
+    assert {e["arch"] for e in manifest} == {90} and all(e["stack"] == 0 for e in manifest)
+    assert all("release 12.9" in e["ptxas"] for e in manifest), {e["ptxas"] for e in manifest}
+    so = ctypes.CDLL(str(so_path))
+    so.mtx_kernels_version.restype = ctypes.c_char_p
+    so.mtx_last_error.restype = ctypes.c_char_p
+    assert so.mtx_kernels_version().decode().endswith("CUDA 12.9)")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert so.mtx_check_device(-1) == MTX_ERROR_CUDA
+        assert "CUDA >= 12.0 (R525 or newer)" in so.mtx_last_error().decode()

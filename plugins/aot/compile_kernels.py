@@ -177,6 +177,17 @@ def resource_usage(cubin: Path) -> dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"\b([A-Z]+):(\d+)", line)}
 
 
+def _ptxas_release(arch: int) -> str:
+    """The release line of the ptxas Triton assembles sm_<arch> with (TRITON_PTXAS_PATH / _BLACKWELL_PATH)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas_version
+
+        lines = get_ptxas_version(arch).strip().splitlines()
+        return next((ln for ln in lines if "release" in ln), lines[-1]).strip()
+    except Exception as e:  # noqa: BLE001  (internal triton API: report, do not fail the build)
+        return f"unknown ({e})"
+
+
 def compile_one(spec: Spec, arch: int, out_dir: str) -> dict:
     """triton.compile one specialization for sm_<arch>; returns its manifest entry."""
     import importlib
@@ -227,7 +238,7 @@ def compile_one(spec: Spec, arch: int, out_dir: str) -> dict:
         "divisible_by_16": [n for n in names if sig[n].startswith("*") or n in spec.hints16],
         "grid": GRIDS[spec.kind], "cubin": str(path), "cubin_bytes": len(cubin),
         "sha256": hashlib.sha256(cubin).hexdigest(), "compile_s": round(time.time() - t0, 2),
-        "triton_version": triton.__version__,
+        "triton_version": triton.__version__, "ptxas": _ptxas_release(arch),
     }
 
 

@@ -50,7 +50,7 @@ typedef enum mtx_status {
     MTX_ERROR_DRIVER = 6            /* the driver is older than the CUDA toolkit the library was built with */
 } mtx_status;
 
-/* "MAJOR.MINOR.PATCH (triton X.Y.Z; sm_80 sm_89 sm_90)". */
+/* "MAJOR.MINOR.PATCH (triton X.Y.Z; sm_80 sm_89 sm_90; CUDA 13.0)": CUDA = the toolkit it was built with. */
 MTX_API const char *mtx_kernels_version(void);
 
 /* Message of the last failed call on this thread ("" if none). */

@@ -47,9 +47,20 @@ static int cuda_fail(cudaError_t e, const char *what) {
 
 MTX_API const char *mtx_last_error(void) { return g_error; }
 
+static char g_version[192];
+static pthread_once_t g_version_once = PTHREAD_ONCE_INIT;
+
+static void make_version(void) {
+    snprintf(g_version, sizeof g_version, "%s (%s; CUDA %d.%d)",
+             MTX_STR(MTX_KERNELS_VERSION_MAJOR) "." MTX_STR(MTX_KERNELS_VERSION_MINOR) "." MTX_STR(
+                 MTX_KERNELS_VERSION_PATCH),
+             MTX_TRITON_VERSION_STRING, CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+}
+
+/* "0.1.0 (triton X.Y.Z; sm_80 sm_89 sm_90; CUDA 13.0)": the CUDA version the runtime and ptxas are from. */
 MTX_API const char *mtx_kernels_version(void) {
-    return MTX_STR(MTX_KERNELS_VERSION_MAJOR) "." MTX_STR(MTX_KERNELS_VERSION_MINOR) "." MTX_STR(
-        MTX_KERNELS_VERSION_PATCH) " (" MTX_TRITON_VERSION_STRING ")";
+    pthread_once(&g_version_once, make_version);
+    return g_version;
 }
 
 /* ------------------------------------------------------------------ kernels */
@@ -129,8 +140,9 @@ static int stream_device(mtx_stream_t stream, int *device) {
 #if CUDART_VERSION >= 12080
     if (stream) {
         cudaError_t e = cudaStreamGetDevice((cudaStream_t)stream, device);
-        if (e != cudaSuccess) return cuda_fail(e, "cudaStreamGetDevice");
-        return MTX_SUCCESS;
+        if (e == cudaSuccess) return MTX_SUCCESS;
+        if (e != cudaErrorCallRequiresNewerDriver) return cuda_fail(e, "cudaStreamGetDevice");
+        (void)cudaGetLastError(); /* a driver before CUDA 12.8: fall back to the current device */
     }
 #endif
     cudaError_t e = cudaGetDevice(device);
