@@ -283,7 +283,8 @@ def test_moe_grouping_bookkeeping():
 @pytest.mark.parametrize("e", [8, 64])
 def test_moe_nan_router_row_loses_no_other_row(e):
     """A token whose router row is NaN gets no valid expert id; the grouping leaves its pairs out
-    instead of writing them to sorted row 0, so every other token's output still equals the reference."""
+    instead of writing them to sorted row 0, so every other token's output still equals the reference,
+    and that token's output is NaN, as in the reference."""
     k, n, h, inter, bad = 2, 9, 64, 32, 4
     x, router, w1, w3, w2 = moe_case(n, h, inter, e, torch.float32, seed=e)
     x[bad] = float("nan")
@@ -298,8 +299,9 @@ def test_moe_nan_router_row_loses_no_other_row(e):
     n_tiles = int(sum((c + 15) // 16 for c in counts.tolist()))
     assert (r["tile_expert"][n_tiles:] == -1).all() and int(r["tile_end"][:n_tiles].max()) == len(order)
     got = launch.moe(x.to(DEVICE), router.to(DEVICE), w1.to(DEVICE), w3.to(DEVICE), w2.to(DEVICE), k).cpu()
-    ref = ops.moe_reference(x[keep], router, w1, w3, w2, k)
-    torch.testing.assert_close(got[keep], ref, **TOL[torch.float32])
+    ref = ops.moe_reference(x, router, w1, w3, w2, k)
+    assert torch.isnan(ref[bad]).all() and torch.isnan(got[bad]).all()  # NaN in, NaN out, as the reference
+    torch.testing.assert_close(got[keep], ref[keep], **TOL[torch.float32])
 
 
 def test_moe_router_ties_go_to_lower_index():

@@ -193,7 +193,7 @@ def _moe_pass(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w3
         BLOCK_M=pl.tile_m, BLOCK_N=pl.block_n, BLOCK_K=pl.block_k, num_warps=pl.num_warps,
         num_stages=pl.num_stages)
     KM.moe_combine_kernel[(P.cdiv(n, P.MOE_COMBINE_BLOCK_T), P.cdiv(h, P.MOE_COMBINE_BLOCK_H))](
-        y, out, n, h, top_k, out.stride(0), BLOCK_T=P.MOE_COMBINE_BLOCK_T, BLOCK_H=P.MOE_COMBINE_BLOCK_H, num_warps=P.MOE_COMBINE_NUM_WARPS)
+        y, topk_ids, out, n, h, e, top_k, out.stride(0), BLOCK_T=P.MOE_COMBINE_BLOCK_T, BLOCK_H=P.MOE_COMBINE_BLOCK_H, num_warps=P.MOE_COMBINE_NUM_WARPS)
 
 
 def moe_route_and_group(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, tile_m: int

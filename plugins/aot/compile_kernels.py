@@ -140,7 +140,7 @@ def specs() -> list[Spec]:
                 dict(BLOCK_M=bm, BLOCK_N=P.MOE_BLOCK_N, BLOCK_K=bk), num_warps=P.moe_gemm_num_warps(eb),
                 num_stages=stages, hints16=("H", "I")))
         out.append(Spec("MOE_COMBINE", "triton_moe", "moe_combine_kernel", dt, 0, 0, dict(
-            y_ptr=T, out_ptr=T, N=i32, H=i32, top_k=i32, stride_on=i32),
+            y_ptr=T, topk_ids_ptr="*i32", out_ptr=T, N=i32, H=i32, E=i32, top_k=i32, stride_on=i32),
             dict(BLOCK_T=P.MOE_COMBINE_BLOCK_T, BLOCK_H=P.MOE_COMBINE_BLOCK_H), num_warps=P.MOE_COMBINE_NUM_WARPS,
             hints16=("H", "stride_on")))
     for be in P.MOE_ROUTER_BLOCK_E:

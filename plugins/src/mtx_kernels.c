@@ -574,9 +574,9 @@ MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void
             CHECK(launch(&ctx, MTX_K_MOE_GEMM2, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(hidden, MTX_MOE_BLOCK_N), 1,
                          args, (int)(sizeof args / sizeof *args)));
         }
-        /* 5. sum each token's top_k expert outputs */
+        /* 5. sum each token's top_k expert outputs (NaN for a token without a valid expert) */
         {
-            void *args[] = {&reg[7], &os, &n, &h, &k, &stride, &null_ptr, &null_ptr};
+            void *args[] = {&reg[7], &reg[1], &os, &n, &h, &e, &k, &stride, &null_ptr, &null_ptr};
             CHECK(launch(&ctx, MTX_K_MOE_COMBINE, dt, 0, 0, (unsigned)cdivll(n, MTX_MOE_COMBINE_BLOCK_T),
                          (unsigned)cdivll(hidden, MTX_MOE_COMBINE_BLOCK_H), 1, args, (int)(sizeof args / sizeof *args)));
         }
