@@ -26,6 +26,7 @@ while [ $# -gt 0 ]; do
 done
 PY=${PYTHON:-python}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"   # this checkout's mtx, installed or not
 LIB=${MTX_KERNELS_LIB:-build/plugins/libmtx_kernels.so}
 STEPS=(
   "gpu-tests|200|$PY -m pytest -q -rs tests/test_gpu_kernels.py tests/test_kernels_triton.py --junitxml=$OUTDIR/pytest.xml"
@@ -49,6 +50,7 @@ if [ ! -f "$LIB" ] && command -v cmake >/dev/null; then
   (cmake -S plugins -B build/plugins -DPython3_EXECUTABLE="$PY" && cmake --build build/plugins -j) > "$OUTDIR/build.log" 2>&1 \
     || echo "gpu_check.sh: building libmtx_kernels.so failed (see $OUTDIR/build.log)" >&2
 fi
+[ -f "$LIB" ] && export MTX_KERNELS_LIB="$PWD/${LIB#$PWD/}"   # tests/test_gpu_kernels.py uses it (no cmake needed)
 : > "$OUTDIR/steps.tsv"
 for s in "${STEPS[@]}"; do
   IFS='|' read -r name secs cmd <<< "$s"

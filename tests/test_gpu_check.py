@@ -49,3 +49,19 @@ def test_summary_table_marks_goals(tmp_path):
     assert "goal 85%" in lines["attn decode libmtx_kernels B8 W4096"]
     assert "goal met" in lines["moe gemm mixtral-8x7b N256"] and "goal 70%" in lines["moe gemm mixtral-8x7b N4096"]
     assert "greedy identical" in lines["generate 7B bf16 B1"]
+
+
+def test_generation_check_runs_its_comparison_on_cpu(tmp_path):
+    """The generation step's own code path, on a tiny random bfloat16 Mistral on CPU (mtx's reference ops,
+    not the kernels): prompt 20 + 12 new tokens past the window 16, greedy tokens equal transformers'."""
+    out = tmp_path / "generate.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_generate_check.py"), "--shape", "tiny",
+                        "--device", "cpu", "--layers", "2", "--new-tokens", "12", "--prompt-len", "20",
+                        "--batch", "1", "3", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["mtx_kernels"] is False and [row["batch"] for row in res["results"]] == [1, 3]
+    for row in res["results"]:
+        assert row["identical_greedy_tokens"], row
+        assert row["mtx_tok_s"] > 0 and row["hf_sdpa_tok_s"] > 0

@@ -123,8 +123,15 @@ def test_eager_model_runs_kernels_on_cuda(ckpt_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def kernels_lib(plugins_build_dir):
-    so = ctypes.CDLL(str(plugins_build_dir / "libmtx_kernels.so"))
+def kernels_lib(request):
+    """libmtx_kernels.so: $MTX_KERNELS_LIB (a prebuilt library, e.g. from scripts/gpu_check.sh), else built
+    by the plugins_build_dir fixture."""
+    import os
+
+    path = os.environ.get("MTX_KERNELS_LIB")
+    if not path:
+        path = str(request.getfixturevalue("plugins_build_dir") / "libmtx_kernels.so")
+    so = ctypes.CDLL(path)
     so.mtx_last_error.restype = ctypes.c_char_p
     so.mtx_swa_gqa_workspace_size.restype = ctypes.c_size_t
     so.mtx_moe_workspace_size.restype = ctypes.c_size_t
