@@ -91,7 +91,7 @@ def mtx_generate(folder: Path, prompts: list[torch.Tensor], new: int) -> list[tu
     if DEVICE == "cuda" and not kernels.enabled("cuda"):
         raise SystemExit("the mtx kernels are not enabled on this GPU (compute capability >= 8.0 and triton needed)")
 
-    def run(prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    def run(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
         b = prompt.shape[0]
         kv = model.new_kv(b)
         pos = torch.zeros(b, dtype=torch.int64, device=DEVICE)
@@ -110,10 +110,10 @@ def mtx_generate(folder: Path, prompts: list[torch.Tensor], new: int) -> list[tu
     out = []
     with torch.no_grad():
         for ids in prompts:
-            run(ids[:, :8], 4)  # warm-up (Triton compiles for this batch size here)
+            run(model, ids[:, :8], 4)  # warm-up (Triton compiles for this batch size here)
             _sync()
             t0 = time.perf_counter()
-            toks = run(ids, new)
+            toks = run(model, ids, new)
             _sync()
             out.append((toks, time.perf_counter() - t0))
     del model
