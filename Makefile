@@ -15,7 +15,7 @@ test: setup
 	@$(PY) -m pytest -q -rs tests
 
 # GPU kernels ahead of time (no GPU needed): build/plugins/libmtx_kernels.so, and the TensorRT
-# plugins when TensorRT_ROOT names a TensorRT >= 10.3 SDK. See plugins/README.md.
+# plugins when TensorRT_ROOT names a TensorRT >= 10.7 SDK (or headers). See plugins/README.md.
 plugins: setup
 	@cmake -S plugins -B build/plugins -DPython3_EXECUTABLE=$(abspath $(PY)) $(if $(TensorRT_ROOT),-DTensorRT_ROOT=$(TensorRT_ROOT))
 	@cmake --build build/plugins -j

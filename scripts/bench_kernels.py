@@ -8,6 +8,10 @@ Decode attention is bandwidth bound: one token of one row reads the keys and val
 3 * H * I * bytes per distinct selected expert. ``bound_ms`` = bytes / bandwidth, with the bandwidth
 measured by a device-to-device copy (or ``--peak-gbps``); ``efficiency`` = bound_ms / ms.
 With ``--lib`` the same shapes also run through libmtx_kernels.so (the ahead-of-time cubins).
+The MoE grouped GEMM at 64+ tokens is compute bound: ``moe_gemm`` rows give TFLOP/s over
+2 * tokens * top_k * 3 * H * I flops against the tensor-core peak (``--peak-tflops``, default: a
+large cuBLAS matmul of the same dtype measured here), ``peak_fraction`` = TFLOP/s / peak.
+Goals: decode attention efficiency >= 0.85; moe_gemm peak_fraction >= 0.70 at >= 64 tokens.
 Needs a CUDA GPU (exits with a message otherwise).
 """
 
@@ -112,12 +116,40 @@ def bench_moe(args, gbps: float) -> list[dict]:
     return rows
 
 
+def matmul_tflops(dt: torch.dtype) -> float:
+    a = torch.randn(8192, 8192, device="cuda", dtype=dt)
+    b = torch.randn_like(a)
+    ms = time_ms(lambda: a @ b, 10)
+    return 2 * 8192 ** 3 / ms / 1e9
+
+
+def bench_moe_gemm(args, tflops: float) -> list[dict]:
+    dt = DT[args.dtype]
+    rows = []
+    for name, e, k, h, inter in [("mixtral-8x7b", 8, 2, 4096, 14336), ("fine-grained-64x6", 64, 6, 2048, 1408)]:
+        router = torch.randn(e, h, device="cuda", dtype=dt) * h ** -0.5
+        w1 = torch.randn(e, inter, h, device="cuda", dtype=dt) * h ** -0.5
+        w3 = torch.randn_like(w1)
+        w2 = torch.randn(e, h, inter, device="cuda", dtype=dt) * inter ** -0.5
+        for n in (64, 256, 1024, 4096):
+            x = torch.randn(n, h, device="cuda", dtype=dt)
+            ms = time_ms(lambda: kernels.moe(x, router, w1, w3, w2, k), args.iters)
+            flops = 2 * n * k * 3 * h * inter
+            rows.append(dict(op="moe_gemm", model=name, impl="triton-jit", dtype=args.dtype, tokens=n, experts=e,
+                             top_k=k, ms=round(ms, 4), tflops=round(flops / ms / 1e9, 1),
+                             peak_tflops=round(tflops, 1), peak_fraction=round(flops / ms / 1e9 / tflops, 3)))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float16", choices=list(DT))
     ap.add_argument("--iters", type=int, default=50)
     ap.add_argument("--peak-gbps", type=float, default=None, help="bandwidth for the bound (default: measured copy)")
     ap.add_argument("--lib", type=Path, default=None, help="also time libmtx_kernels.so at this path")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="tensor-core peak for moe_gemm (default: a measured 8192^3 cuBLAS matmul)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not kernels.enabled("cuda"):
         raise SystemExit("bench_kernels.py needs a CUDA GPU (compute capability >= 8.0) with triton")
@@ -130,7 +162,13 @@ def main() -> None:
     result = dict(device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
                   bandwidth_gbps=round(gbps, 1), bandwidth_source="--peak-gbps" if args.peak_gbps else "measured copy",
                   results=bench_attention(args, gbps, lib) + bench_moe(args, gbps))
-    print(json.dumps(result, indent=1))
+    tflops = args.peak_tflops or matmul_tflops(DT[args.dtype])
+    result.update(peak_tflops=round(tflops, 1), peak_source="--peak-tflops" if args.peak_tflops else "measured matmul")
+    result["results"] += bench_moe_gemm(args, tflops)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        args.out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

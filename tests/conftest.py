@@ -113,10 +113,19 @@ def _cuda_toolkit_root() -> Path | None:
     return None
 
 
+def tensorrt_root() -> Path | None:
+    """TensorRT SDK or headers for the plugin build: $TensorRT_ROOT, else build/trt-headers (fetched by
+    scripts/get_trt_headers.sh, which scripts/setup_env.sh runs), else None."""
+    if os.environ.get("TensorRT_ROOT"):
+        return Path(os.environ["TensorRT_ROOT"])
+    fetched = ROOT / "build" / "trt-headers"
+    return fetched if (fetched / "include" / "NvInferRuntime.h").is_file() else None
+
+
 @pytest.fixture(scope="session")
 def plugins_build_dir(tmp_path_factory) -> Path:
     """plugins/ configured and built (CMake) into a temp folder: libmtx_kernels.so, and
-    libmtx_trt_plugins.so when the environment names a TensorRT SDK in TensorRT_ROOT."""
+    libmtx_trt_plugins.so with mtx_trt_plugin_check when TensorRT headers are found (tensorrt_root())."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake not found: would configure and build plugins/ (libmtx_kernels.so) and check it")
     cuda = _cuda_toolkit_root()
@@ -127,8 +136,8 @@ def plugins_build_dir(tmp_path_factory) -> Path:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the AOT compiler needs real JIT
     cmd = ["cmake", "-S", str(ROOT / "plugins"), "-B", str(out), f"-DPython3_EXECUTABLE={sys.executable}",
            f"-DCUDAToolkit_ROOT={cuda}"]
-    if os.environ.get("TensorRT_ROOT"):
-        cmd.append(f"-DTensorRT_ROOT={os.environ['TensorRT_ROOT']}")
+    if tensorrt_root() is not None:
+        cmd.append(f"-DTensorRT_ROOT={tensorrt_root()}")
     for step in (cmd, ["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2)]):
         r = subprocess.run(step, env=env, capture_output=True, text=True)
         assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"

@@ -230,7 +230,7 @@ def test_manifest_validation(cli_export, tmp_path):
 
 
 def test_tensorrt_engine_build(checkpoint, tmp_path, monkeypatch):
-    """With TensorRT and the plugins present, mtx.tensorrt.build_engine is called and the engine listed."""
+    """With TensorRT and the plugins present, mtx.exporter.tensorrt_engine.build_engine is called and the engine listed."""
     import types
 
     calls = []
@@ -243,9 +243,11 @@ def test_tensorrt_engine_build(checkpoint, tmp_path, monkeypatch):
 
     fake = types.ModuleType("mtx.tensorrt")
     fake.available = lambda: (True, "")
-    fake.build_engine = build_engine
     monkeypatch.setitem(sys.modules, "mtx.tensorrt", fake)
     monkeypatch.setattr(mtx, "tensorrt", fake, raising=False)
+    builder = types.ModuleType("mtx.exporter.tensorrt_engine")  # the engine-build export step
+    builder.build_engine = build_engine
+    monkeypatch.setitem(sys.modules, "mtx.exporter.tensorrt_engine", builder)
     result = export(checkpoint, tmp_path / "trt", ExportOptions(target="tensorrt", max_batch=2))
     m = read_manifest(tmp_path / "trt", verify_hashes=True)
     assert calls == [("model.onnx", {"dtype": "float32", "batch": (1, 2, 2)})]

@@ -123,8 +123,15 @@ def test_eager_model_runs_kernels_on_cuda(ckpt_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def kernels_lib(plugins_build_dir):
-    so = ctypes.CDLL(str(plugins_build_dir / "libmtx_kernels.so"))
+def kernels_lib(request):
+    """libmtx_kernels.so: $MTX_KERNELS_LIB (a prebuilt library, e.g. from scripts/gpu_check.sh), else built
+    by the plugins_build_dir fixture."""
+    import os
+
+    path = os.environ.get("MTX_KERNELS_LIB")
+    if not path:
+        path = str(request.getfixturevalue("plugins_build_dir") / "libmtx_kernels.so")
+    so = ctypes.CDLL(path)
     so.mtx_last_error.restype = ctypes.c_char_p
     so.mtx_swa_gqa_workspace_size.restype = ctypes.c_size_t
     so.mtx_moe_workspace_size.restype = ctypes.c_size_t
@@ -169,3 +176,19 @@ def test_libmtx_kernels_on_cuda(dtype, request):
         assert rc == 0, lib.mtx_last_error()
         torch.cuda.synchronize()
         torch.testing.assert_close(out.float(), ops.moe_reference(*args, k).float(), **TOL[dtype])
+
+
+@pytest.mark.gpu
+def test_libmtx_kernels_device_check_and_eager_load(request):
+    need_gpu("mtx_check_device and mtx_load_kernels of libmtx_kernels.so on this GPU (driver and architecture "
+             "accepted or refused with what is supported; every cubin of the arch loaded)")
+    lib = request.getfixturevalue("kernels_lib")
+    major, minor = torch.cuda.get_device_capability()
+    supported = (major, minor) in {(8, 0), (8, 6), (8, 7), (8, 9), (9, 0)}
+    rc = lib.mtx_check_device(-1)
+    if not supported:
+        assert rc == 3 and b"no kernel image" in lib.mtx_last_error()
+        return
+    assert rc == 0, lib.mtx_last_error()
+    assert lib.mtx_load_kernels(-1) == 0, lib.mtx_last_error()
+    assert lib.mtx_load_kernels(-1) == 0  # idempotent

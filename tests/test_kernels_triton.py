@@ -280,6 +280,30 @@ def test_moe_grouping_bookkeeping():
     assert set(te[:n_tiles].tolist()) == set(torch.nonzero(counts).flatten().tolist())
 
 
+@pytest.mark.parametrize("e", [8, 64])
+def test_moe_nan_router_row_loses_no_other_row(e):
+    """A token whose router row is NaN gets no valid expert id; the grouping leaves its pairs out
+    instead of writing them to sorted row 0, so every other token's output still equals the reference,
+    and that token's output is NaN, as in the reference."""
+    k, n, h, inter, bad = 2, 9, 64, 32, 4
+    x, router, w1, w3, w2 = moe_case(n, h, inter, e, torch.float32, seed=e)
+    x[bad] = float("nan")
+    r = {name: t.cpu() for name, t in launch.moe_route_and_group(x.to(DEVICE), router.to(DEVICE), k, 16).items()}
+    keep = torch.tensor([t for t in range(n) if t != bad])
+    _, ref_ids = ops.moe_route(x[keep], router, k)
+    pairs = (keep[:, None] * k + torch.arange(k)).flatten()          # pair ids of the valid tokens
+    ids = ref_ids.flatten()
+    order = pairs[torch.argsort(ids, stable=True)]
+    assert torch.equal(r["sorted_pair"][:len(order)].long(), order)
+    counts = torch.bincount(ids, minlength=e)
+    n_tiles = int(sum((c + 15) // 16 for c in counts.tolist()))
+    assert (r["tile_expert"][n_tiles:] == -1).all() and int(r["tile_end"][:n_tiles].max()) == len(order)
+    got = launch.moe(x.to(DEVICE), router.to(DEVICE), w1.to(DEVICE), w3.to(DEVICE), w2.to(DEVICE), k).cpu()
+    ref = ops.moe_reference(x, router, w1, w3, w2, k)
+    assert torch.isnan(ref[bad]).all() and torch.isnan(got[bad]).all()  # NaN in, NaN out, as the reference
+    torch.testing.assert_close(got[keep], ref[keep], **TOL[torch.float32])
+
+
 def test_moe_router_ties_go_to_lower_index():
     """Experts with identical router rows tie exactly; docs/ops.md §3.3 picks the lower index."""
     e, k, n, h = 8, 2, 12, 64

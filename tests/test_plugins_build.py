@@ -3,8 +3,10 @@ exactly the C ABI of plugins/include/mtx_kernels.h; its launch rules (workspace 
 mtx/kernels/plan.py; argument errors come back as status codes.
 
 The CMake build runs once per session into a temporary folder (fixture ``plugins_build_dir`` in
-conftest.py; triton.compile results are cached in Triton's own cache, so a second run is quick). Set
-TensorRT_ROOT to a TensorRT SDK (or only its headers) to also build and check libmtx_trt_plugins.so.
+conftest.py; triton.compile results are cached in Triton's own cache, so a second run is quick). With
+TensorRT headers (TensorRT_ROOT, or build/trt-headers from scripts/get_trt_headers.sh) it also builds
+libmtx_trt_plugins.so and mtx_trt_plugin_check, which loads the plugin library with dlopen and no
+TensorRT: its report is checked against what the exporter writes and against mtx/kernels/plan.py.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from mtx.kernels import plan as P
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "plugins"
-C_ABI = {"mtx_kernels_version", "mtx_last_error", "mtx_swa_gqa_workspace_size", "mtx_swa_gqa_forward",
-         "mtx_moe_workspace_size", "mtx_moe_forward"}
+C_ABI = {"mtx_kernels_version", "mtx_last_error", "mtx_check_device", "mtx_load_kernels", "mtx_swa_gqa_workspace_size",
+         "mtx_swa_gqa_forward", "mtx_moe_workspace_size", "mtx_moe_forward"}
 TRT_ENTRY_POINTS = {"getCreators", "setLoggerFinder"}
 ARCHS = (80, 89, 90)
 DTYPE = {"float32": 0, "float16": 1, "bfloat16": 2}
 MTX_SUCCESS, MTX_ERROR_INVALID_ARGUMENT, MTX_ERROR_UNSUPPORTED, MTX_ERROR_NO_KERNEL_IMAGE, MTX_ERROR_WORKSPACE, \
-    MTX_ERROR_CUDA = range(6)
+    MTX_ERROR_CUDA, MTX_ERROR_DRIVER = range(7)
 
 
 def _defined_dynamic_symbols(lib: Path) -> set[str]:
@@ -90,6 +92,7 @@ def test_cubins_for_every_arch_and_specialization(plugins_build_dir):
 def test_version_names_triton_and_archs(lib):
     v = lib.mtx_kernels_version().decode()
     assert v.startswith("0.1.0") and "triton" in v and all(f"sm_{a}" in v for a in ARCHS), v
+    assert re.search(r"; CUDA 1[2-9]\.\d+\)$", v), v
 
 
 @pytest.mark.parametrize("dtype", list(DTYPE))
@@ -132,17 +135,128 @@ def test_valid_call_without_gpu_reports_cuda_error(lib):
     import torch
 
     if torch.cuda.is_available():
-        pytest.skip("a CUDA GPU is present: tests/test_gpu.py runs the library for real")
+        pytest.skip("a CUDA GPU is present: tests/test_gpu_kernels.py runs the library for real")
     assert _swa(lib) == MTX_ERROR_CUDA
-    assert b"cuda" in lib.mtx_last_error().lower()
+    assert b"driver" in lib.mtx_last_error().lower()
+
+
+def test_device_check_without_gpu_says_what_is_supported(lib):
+    """mtx_check_device / mtx_load_kernels refuse with the supported GPUs and driver, not a bare CUDA error."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: tests/test_gpu_kernels.py checks the device for real")
+    for fn in (lib.mtx_check_device, lib.mtx_load_kernels):
+        assert fn(-1) == MTX_ERROR_CUDA
+        msg = lib.mtx_last_error().decode()
+        assert "no NVIDIA driver" in msg and "8.0" in msg and "9.0" in msg and "sm_90" in msg and "R580" in msg, msg
+
+
+def test_cubins_do_not_spill_and_carry_no_line_info(plugins_build_dir):
+    """compile_kernels.py rejects any cubin with a stack frame; the manifest records 0 for all, and the
+    cubins hold no line table (.nv_debug_line_sass / .debug_line)."""
+    manifest = json.loads((plugins_build_dir / "generated" / "mtx_kernels_manifest.json").read_text())["kernels"]
+    assert all(e["stack"] == 0 for e in manifest), [e["symbol"] for e in manifest if e["stack"]]
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for e in manifest[:: max(1, len(manifest) // 12)]:  # an independent re-read of a sample
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", e["cubin"]], capture_output=True,
+                               text=True, check=True).stdout
+        assert re.search(r"STACK:0\b", usage), (e["symbol"], usage)
+        assert b".debug_line" not in Path(e["cubin"]).read_bytes(), e["symbol"]
+
+
+def _trt_plugins(plugins_build_dir) -> Path:
+    so = plugins_build_dir / "tensorrt" / "libmtx_trt_plugins.so"
+    if not so.is_file():
+        pytest.skip("no TensorRT headers (TensorRT_ROOT unset and scripts/get_trt_headers.sh could not fetch them): "
+                    "would build libmtx_trt_plugins.so and check its creators, fields, aliasing, formats, "
+                    "serialization and workspace sizes with mtx_trt_plugin_check")
+    return so
 
 
 def test_tensorrt_plugin_library(plugins_build_dir):
-    if not os.environ.get("TensorRT_ROOT"):
-        pytest.skip("TensorRT_ROOT not set: would build libmtx_trt_plugins.so against it and check that it "
-                    "exports exactly getCreators and setLoggerFinder")
-    so = plugins_build_dir / "tensorrt" / "libmtx_trt_plugins.so"
+    so = _trt_plugins(plugins_build_dir)
     assert _defined_dynamic_symbols(so) == TRT_ENTRY_POINTS
+    needed = subprocess.run(["readelf", "-d", str(so)], check=True, capture_output=True, text=True).stdout
+    assert "libnvinfer" not in needed and "libcudart" not in needed
+
+
+def _exported_mtx_nodes(parity_export) -> dict[str, dict]:
+    """op type -> {attribute name: (ONNX attribute type, value)} of the first node of each mtx op in a
+    tensorrt-target export of the tiny Mixtral (both ops)."""
+    import onnx
+
+    from mtx.exporter import functions
+
+    model = onnx.load(str(parity_export("mixtral4", "tensorrt") / "model.onnx"), load_external_data=False)
+    out: dict[str, dict] = {}
+    for n in model.graph.node:
+        if n.domain == functions.DOMAIN and n.op_type not in out:
+            out[n.op_type] = {a.name: (onnx.AttributeProto.AttributeType.Name(a.type),
+                                       onnx.helper.get_attribute_value(a)) for a in n.attribute}
+    return out
+
+
+def _run_check(plugins_build_dir, cases: list[str]) -> list[dict]:
+    exe = plugins_build_dir / "tensorrt" / "mtx_trt_plugin_check"
+    r = subprocess.run([str(exe), str(_trt_plugins(plugins_build_dir))], input="\n".join(cases) + "\n",
+                       capture_output=True, text=True, timeout=60, env={k: v for k, v in os.environ.items()
+                                                                      if k != "LD_PRELOAD"})
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def test_trt_plugins_match_the_exporter_and_plan(plugins_build_dir, parity_export):
+    """dlopen libmtx_trt_plugins.so without TensorRT: creators registered under the op types, namespace
+    and version the exporter writes on its nodes, with fields for exactly the attributes it writes;
+    present_* aliased to past_*; formats for every dtype the exporter emits; serialize -> deserialize
+    keeps every field; workspace sizes equal mtx/kernels/plan.py; configurePlugin refuses without a GPU,
+    saying what is supported."""
+    _trt_plugins(plugins_build_dir)
+    from mtx import tensorrt as mtrt
+    from mtx.names import DTYPES as EXPORT_DTYPES
+
+    nodes = _exported_mtx_nodes(parity_export)
+    hq, hkv, d, cap, win, batch, seq = 32, 8, 128, 4096, 4096, 8, 512
+    tokens, h, inter, e, k = 4096, 4096, 14336, 8, 2
+    lines = _run_check(plugins_build_dir, [f"swa {hq} {hkv} {win} {d ** -0.5} {batch} {seq} {cap} {d}",
+                                           f"moe {k} {tokens} {h} {inter} {e}",
+                                           "bad swa num_heads=30 num_kv_heads=8", "bad moe"])
+    creators = {c["name"]: c for c in lines[0]["creators"]}
+    assert set(creators) == set(nodes) == set(mtrt.PLUGIN_NAMES)
+    onnx_type = {"int32": "INT", "float32": "FLOAT"}
+    for op, attrs in nodes.items():
+        c = creators[op]
+        assert c["interface"] == "PLUGIN CREATOR_V3ONE 1.0"
+        assert (c["namespace"], c["version"]) == (attrs["plugin_namespace"][1].decode(),
+                                                  attrs["plugin_version"][1].decode())
+        plugin_attrs = {a: t for a, (t, _) in attrs.items() if not a.startswith("plugin_")}
+        assert {f["name"]: onnx_type[f["type"]] for f in c["fields"]} == plugin_attrs, op
+    swa, moe = lines[1], lines[2]
+    for rep, n_out in ((swa, 3), (moe, 1)):
+        assert rep["created"] and rep["nb_outputs"] == n_out
+        assert rep["core"] == "PLUGIN_V3ONE_CORE 1.0" and rep["runtime"] == "PLUGIN_V3ONE_RUNTIME 1.0"
+        assert rep["serialized"] == rep["deserialized"] == rep["clone_fields"]
+        for dt in EXPORT_DTYPES:  # every model dtype the exporter emits
+            assert all(rep["formats"][dt]), (rep["case"], dt)
+            assert rep["output_types"][dt] == [dt] * n_out
+        for bad in ("int8", "int32"):
+            assert rep["formats"][bad][0] is False
+        assert rep["configure"] == -1 and any("no NVIDIA driver" in m and "R580" in m for m in rep["configure_log"])
+    assert swa["build"] == "PLUGIN_V3ONE_BUILD 2.0" and swa["aliased"] == [-1, 3, 4]  # present_* -> past_*
+    assert swa["formats"]["start_pos_int32"][5] is False and swa["formats"]["inv_freq_half"][6] is False
+    assert swa["formats"]["past_key_other_type"][3] is False and moe["formats"]["w1_other_type"][2] is False
+    assert {f["name"]: f["value"] for f in swa["serialized"]} == pytest.approx(
+        {"num_heads": hq, "num_kv_heads": hkv, "window": win, "scale": d ** -0.5})
+    assert swa["configure_head_dim_96"] == -1 and "head size 96" in swa["configure_head_dim_96_log"][0]
+    for dt in ("float32", "float16", "bfloat16"):
+        eb = P.elem_size(dt)
+        assert swa["workspace"][dt] == P.swa_gqa_workspace_bytes(batch, seq, hq, hkv, d, win, eb)
+        assert moe["workspace"][dt] == P.moe_workspace_bytes(tokens, h, inter, e, k, eb)
+    assert [ln["created"] for ln in lines[3:]] == [False, False]
+    assert "num_heads" in lines[3]["log"][0] and "top_k" in lines[4]["log"][0]
 
 
 def test_c_launches_pass_every_kernel_parameter(plugins_build_dir):
@@ -161,3 +275,45 @@ def test_c_launches_pass_every_kernel_parameter(plugins_build_dir):
         for a, p in zip(args, params[kind]):
             is_ptr = a in pointer_vars or a.startswith("reg[")
             assert is_ptr == p["type"].startswith("*"), (kind, a, p)
+
+
+@pytest.fixture(scope="module")
+def cuda12_build_dir(tmp_path_factory) -> Path:
+    """The CUDA 12 flavour (MTX_CUDA_ROOT=build/cuda12 from scripts/get_cuda12.sh), sm_90 only to keep
+    the build short: same sources, CUDA 12.9 headers, static runtime and ptxas."""
+    import shutil
+
+    root = ROOT / "build" / "cuda12"
+    if not (root / "bin" / "ptxas").is_file() or shutil.which("cmake") is None:
+        pytest.skip("build/cuda12 missing (scripts/get_cuda12.sh could not fetch nvidia-cuda-runtime-cu12 and "
+                    "nvidia-cuda-nvcc-cu12) or no cmake: would build the CUDA 12 flavour of libmtx_kernels.so")
+    pytest.importorskip("triton", reason="triton not installed: would compile the kernels to cubins")
+    out = tmp_path_factory.mktemp("plugins_cu12")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for step in (["cmake", "-S", str(PLUGINS), "-B", str(out), f"-DPython3_EXECUTABLE={sys.executable}",
+                  f"-DMTX_CUDA_ROOT={root}", "-DMTX_CUDA_ARCHS=90"],
+                 ["cmake", "--build", str(out), "-j", str(os.cpu_count() or 2), "--target", "mtx_kernels"]):
+        r = subprocess.run(step, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return out
+
+
+def test_cuda12_flavour(cuda12_build_dir):
+    """Built with CUDA 12.9 (runtime and ptxas from PyPI): same ABI, no shared CUDA runtime, cubins for
+    sm_90a assembled by ptxas 12.9 without spills, and it asks for a CUDA 12 driver (R525+)."""
+    so_path = cuda12_build_dir / "libmtx_kernels.so"
+    assert _defined_dynamic_symbols(so_path) == C_ABI
+    needed = subprocess.run(["readelf", "-d", str(so_path)], check=True, capture_output=True, text=True).stdout
+    assert "libcudart" not in needed
+    manifest = json.loads((cuda12_build_dir / "generated" / "mtx_kernels_manifest.json").read_text())["kernels"]
+    assert {e["arch"] for e in manifest} == {90} and all(e["stack"] == 0 for e in manifest)
+    assert all("release 12.9" in e["ptxas"] for e in manifest), {e["ptxas"] for e in manifest}
+    so = ctypes.CDLL(str(so_path))
+    so.mtx_kernels_version.restype = ctypes.c_char_p
+    so.mtx_last_error.restype = ctypes.c_char_p
+    assert so.mtx_kernels_version().decode().endswith("CUDA 12.9)")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert so.mtx_check_device(-1) == MTX_ERROR_CUDA
+        assert "CUDA >= 12.0 (R525 or newer)" in so.mtx_last_error().decode()

@@ -1,6 +1,8 @@
-"""mtx.tensorrt and the TensorRT plugins.
+"""mtx.tensorrt, the engine build (mtx.exporter.tensorrt_engine), the engine run (mtx.runtime.trt_backend)
+and the TensorRT plugins.
 
-Runs everywhere: plugin discovery and the availability report. Marker ``tensorrt`` (skipped with a
+Runs everywhere: plugin discovery, the availability report, and the post-parse check that the
+network holds one plugin layer per mtx node. Marker ``tensorrt`` (skipped with a
 reason without a GPU, the tensorrt package and libmtx_trt_plugins.so):
 
 * one-node ONNX graphs (an mtx::SlidingWindowGQA node, an mtx::MoE node) parsed by the TensorRT ONNX
@@ -20,7 +22,9 @@ import pytest
 import torch
 
 from mtx import tensorrt as mtrt
+from mtx.exporter.tensorrt_engine import build_engine, check_plugin_layers, mtx_nodes
 from mtx.models import ops
+from mtx.runtime.trt_backend import TrtRunner, aliased_input
 
 
 def test_plugin_library_from_environment(tmp_path, monkeypatch):
@@ -47,9 +51,37 @@ def test_available_explains_what_is_missing(monkeypatch, tmp_path):
 
 
 def test_present_outputs_alias_past_inputs():
-    assert mtrt.TrtRunner.aliased_input("present_key.3") == "past_key.3"
-    assert mtrt.TrtRunner.aliased_input("present_value.0") == "past_value.0"
-    assert mtrt.TrtRunner.aliased_input("logits") is None
+    assert aliased_input("present_key.3") == "past_key.3"
+    assert aliased_input("present_value.0") == "past_value.0"
+    assert aliased_input("logits") is None
+
+
+def test_minimum_tensorrt_is_the_one_in_cmake():
+    """One minimum: mtx.tensorrt.MIN_TENSORRT and plugins/tensorrt/CMakeLists.txt agree (10.7: the ONNX
+    parser prefers the plugins to the nodes' function bodies)."""
+    import re
+
+    cmake = (Path(__file__).resolve().parents[1] / "plugins" / "tensorrt" / "CMakeLists.txt").read_text()
+    assert re.search(r"set\(MTX_MIN_TENSORRT (\d+)\.(\d+)\)", cmake).groups() == tuple(map(str, mtrt.MIN_TENSORRT))
+    assert mtrt.MIN_TENSORRT >= (10, 7)
+
+
+def test_engine_build_requires_one_plugin_layer_per_mtx_node(tmp_path, parity_export):
+    """The counts come from the exported graph; a network whose mtx nodes were inlined (no plugin layers),
+    or that has a plugin layer too few or of another op, fails the build with a message."""
+    out = parity_export("mixtral4", "tensorrt")
+    nodes = mtx_nodes(out / "model.onnx")
+    import onnx
+
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    layers = sum(1 for n in graph.node if n.op_type == "SlidingWindowGQA")
+    assert nodes == {"SlidingWindowGQA": layers, "MoE": layers} and layers > 0
+    good = [("LayerType.PLUGIN_V3", op) for op, n in nodes.items() for _ in range(n)]
+    check_plugin_layers(nodes, good, "model.onnx")
+    check_plugin_layers(nodes, [(t, None) for t, _ in good], "model.onnx")  # names unreadable: counted
+    for bad in ([], good[:-1], good[1:] + [("LayerType.PLUGIN_V3", "other:Foo")], good + good[:1]):
+        with pytest.raises(mtrt.TensorRTError, match="did not map every mtx node"):
+            check_plugin_layers(nodes, bad, "model.onnx")
 
 
 # ------------------------------------------------------------------ TensorRT (GPU)
@@ -121,7 +153,7 @@ TOL = {torch.float32: dict(atol=2e-4, rtol=2e-4), torch.float16: dict(atol=4e-3,
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
-def test_swa_gqa_plugin_against_reference(tmp_path, dtype):
+def test_swa_gqa_plugin_against_reference(tmp_path, dtype, capfd):
     need_tensorrt("build a TensorRT engine of one mtx::SlidingWindowGQA node (plugin from libmtx_trt_plugins.so) "
                   "and compare it, and its in-place KV update over prefill + decode calls, with mtx.models.ops")
     hq, hkv, d, cap, window = 8, 2, 128, 64, 48
@@ -132,9 +164,9 @@ def test_swa_gqa_plugin_against_reference(tmp_path, dtype):
               "past_key": [(1, hkv, cap, d), (2, hkv, cap, d), (2, hkv, cap, d)],
               "past_value": [(1, hkv, cap, d), (2, hkv, cap, d), (2, hkv, cap, d)],
               "start_pos": [(1,), (2,), (2,)], "inv_freq": [(d // 2,)] * 3}
-    engine = mtrt.build_engine(tmp_path / "swa.onnx", tmp_path / "swa.engine", dtype=str(dtype).split(".")[1],
+    engine = build_engine(tmp_path / "swa.onnx", tmp_path / "swa.engine", dtype=str(dtype).split(".")[1],
                                shapes=shapes)
-    runner = mtrt.TrtRunner(engine)
+    runner = TrtRunner(engine)
     g = torch.Generator(device="cuda").manual_seed(0)
     kb = torch.zeros(2, hkv, cap, d, dtype=dtype, device="cuda")
     vb = torch.zeros_like(kb)
@@ -154,6 +186,10 @@ def test_swa_gqa_plugin_against_reference(tmp_path, dtype):
         assert torch.equal(vb, rv)
         kb.copy_(rk)
         pos = pos + s
+    # Settles docs/ops.md §4's open question for this TensorRT: the plugin warns once when TensorRT
+    # hands it present_* buffers apart from past_* (an inserted copy of every KV buffer per call).
+    log = capfd.readouterr().err
+    assert "are not aliased" not in log, "TensorRT copies the KV buffers around the plugin: " + log[-500:]
 
 
 @pytest.mark.tensorrt
@@ -168,9 +204,9 @@ def test_moe_plugin_against_reference(tmp_path, dtype):
     w3 = (torch.randn(e, inter, h, generator=g, device="cuda") * h ** -0.5).to(dtype)
     w2 = (torch.randn(e, h, inter, generator=g, device="cuda") * inter ** -0.5).to(dtype)
     moe_node_model(tmp_path / "moe.onnx", h, inter, e, k, dtype, (router, w1, w3, w2))
-    engine = mtrt.build_engine(tmp_path / "moe.onnx", tmp_path / "moe.engine", dtype=str(dtype).split(".")[1],
+    engine = build_engine(tmp_path / "moe.onnx", tmp_path / "moe.engine", dtype=str(dtype).split(".")[1],
                                shapes={"input": [(1, h), (16, h), (300, h)]})
-    runner = mtrt.TrtRunner(engine)
+    runner = TrtRunner(engine)
     for n in (1, 5, 300):
         x = (torch.randint(-16, 17, (n, h), generator=g, device="cuda") / 16).to(dtype)
         got = runner.run({"input": x})["output"]
@@ -199,9 +235,9 @@ def test_engine_matches_onnxruntime_on_exported_model(tmp_path):
            TensorProto.BFLOAT16: torch.bfloat16}[elem["past_key.0"]]
     if tdt == torch.bfloat16:
         pytest.skip(f"{path} is bfloat16, which ONNX Runtime's CPU provider cannot run: would {what}")
-    engine = mtrt.build_engine(path, tmp_path / "model.engine", dtype=str(tdt).split(".")[1],
+    engine = build_engine(path, tmp_path / "model.engine", dtype=str(tdt).split(".")[1],
                                batch=(1, 2, 2), seq=(1, 16, 32))
-    runner = mtrt.TrtRunner(engine)
+    runner = TrtRunner(engine)
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     layers = sorted(n for n in dims if n.startswith("past_key."))
     kv_shape = [2] + dims["past_key.0"][1:]

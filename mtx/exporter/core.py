@@ -89,13 +89,14 @@ def _build_engine(onnx_path: Path, out_dir: Path, options: ExportOptions) -> tup
     """
     try:
         from mtx import tensorrt as mtx_tensorrt  # the TensorRT plugins' Python side (kernels work)
+        from mtx.exporter.tensorrt_engine import build_engine
     except ImportError as e:
         return None, f"not built: mtx.tensorrt is not part of this installation ({e})"
     ok, reason = mtx_tensorrt.available()
     if not ok:
         return None, f"not built: {reason}"
-    mtx_tensorrt.build_engine(onnx_path, out_dir / ENGINE_FILE, dtype=options.dtype,
-                              batch=(1, options.max_batch, options.max_batch))
+    build_engine(onnx_path, out_dir / ENGINE_FILE, dtype=options.dtype,
+                 batch=(1, options.max_batch, options.max_batch))
     return ENGINE_FILE, "built"
 
 

@@ -86,7 +86,11 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
         return out
     start_pos = start_pos.contiguous()
     inv_freq = inv_freq.contiguous()
-    pl = P.swa_gqa_plan(b, s, num_heads, hkv, d, w, query.element_size(), num_splits, block_m)
+    arch = 90
+    if query.is_cuda:
+        major, minor = torch.cuda.get_device_capability(query.device)
+        arch = major * 10 + minor
+    pl = P.swa_gqa_plan(b, s, num_heads, hkv, d, w, query.element_size(), num_splits, block_m, arch=arch)
     dev = query.device
     q_rot = torch.empty((b, s, num_heads, d), dtype=dtype, device=dev)
     k_rot = torch.empty((b, s, hkv, d), dtype=dtype, device=dev)
@@ -95,7 +99,7 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
     KA.swa_gqa_rope_kernel[(P.cdiv(s, P.ATTN_BLOCK_T), b)](
         query, key, q_rot, k_rot, start_pos, inv_freq, s, num_heads, hkv,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1),
-        HEAD_DIM=d, BLOCK_T=P.ATTN_BLOCK_T, num_warps=4)
+        HEAD_DIM=d, BLOCK_T=P.ATTN_BLOCK_T, num_warps=P.ATTN_ROPE_NUM_WARPS)
     if pl.split:
         part_acc = torch.empty((b * hkv, pl.num_splits, pl.rows, d), dtype=torch.float32, device=dev)
         part_ml = torch.empty((b * hkv, pl.num_splits, pl.rows, 2), dtype=torch.float32, device=dev)
@@ -112,7 +116,7 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
     if pl.split:
         KA.swa_gqa_combine_kernel[(P.cdiv(pl.rows, P.ATTN_COMBINE_BLOCK_R), b * hkv)](
             part_acc, part_ml, out, s, hkv, pl.group, pl.num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=d, BLOCK_R=P.ATTN_COMBINE_BLOCK_R, num_warps=4)
+            HEAD_DIM=d, BLOCK_R=P.ATTN_COMBINE_BLOCK_R, num_warps=P.ATTN_COMBINE_NUM_WARPS)
     # docs/ops.md §1 rule 5: the write is a separate launch after attention on the same stream;
     # rule 6: it writes the last min(S, C) tokens.
     written = rolling_kv.written_tokens(s, cap)
@@ -120,7 +124,7 @@ def swa_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_buf: 
     KA.swa_gqa_write_kernel[(P.cdiv(n_write, P.ATTN_BLOCK_T), b)](
         k_rot, value, k_buf, v_buf, start_pos, s, cap, hkv, n_write,
         value.stride(0), value.stride(1), k_buf.stride(0), k_buf.stride(1), k_buf.stride(2),
-        HEAD_DIM=d, BLOCK_T=P.ATTN_BLOCK_T, num_warps=4)
+        HEAD_DIM=d, BLOCK_T=P.ATTN_BLOCK_T, num_warps=P.ATTN_WRITE_NUM_WARPS)
     return out
 
 
@@ -175,11 +179,11 @@ def _moe_pass(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w3
 
     KM.moe_router_kernel[(P.cdiv(n, P.MOE_ROUTER_BLOCK_T),)](
         x, router_weight, topk_weight, topk_ids, n, h, e, top_k, x.stride(0),
-        BLOCK_T=P.MOE_ROUTER_BLOCK_T, BLOCK_E=pl.router_block_e, BLOCK_H=P.MOE_ROUTER_BLOCK_H,
-        BLOCK_K=pl.router_block_k, num_warps=4)
+        BLOCK_T=P.MOE_ROUTER_BLOCK_T, BLOCK_E=pl.router_block_e, BLOCK_H=pl.router_block_h,
+        BLOCK_K=pl.router_block_k, num_warps=pl.router_num_warps)
     KM.moe_align_kernel[(1,)](
         topk_ids, sorted_pair, tile_expert, tile_start, tile_end, pl.pairs, e, pl.max_tiles, pl.tile_m,
-        BLOCK_P=pl.align_block_p, BLOCK_E=pl.router_block_e, num_warps=4)
+        BLOCK_P=pl.align_block_p, BLOCK_E=pl.router_block_e, num_warps=P.MOE_ALIGN_NUM_WARPS)
     KM.moe_gemm13_kernel[(pl.max_tiles, P.cdiv(inter, pl.block_n))](
         x, w1, w3, act, sorted_pair, tile_expert, tile_start, tile_end, h, inter, top_k, x.stride(0),
         BLOCK_M=pl.tile_m, BLOCK_N=pl.block_n, BLOCK_K=pl.block_k, num_warps=pl.num_warps,
@@ -189,7 +193,7 @@ def _moe_pass(x: torch.Tensor, router_weight: torch.Tensor, w1: torch.Tensor, w3
         BLOCK_M=pl.tile_m, BLOCK_N=pl.block_n, BLOCK_K=pl.block_k, num_warps=pl.num_warps,
         num_stages=pl.num_stages)
     KM.moe_combine_kernel[(P.cdiv(n, P.MOE_COMBINE_BLOCK_T), P.cdiv(h, P.MOE_COMBINE_BLOCK_H))](
-        y, out, n, h, top_k, out.stride(0), BLOCK_T=P.MOE_COMBINE_BLOCK_T, BLOCK_H=P.MOE_COMBINE_BLOCK_H, num_warps=4)
+        y, topk_ids, out, n, h, e, top_k, out.stride(0), BLOCK_T=P.MOE_COMBINE_BLOCK_T, BLOCK_H=P.MOE_COMBINE_BLOCK_H, num_warps=P.MOE_COMBINE_NUM_WARPS)
 
 
 def moe_route_and_group(x: torch.Tensor, router_weight: torch.Tensor, top_k: int, tile_m: int
@@ -211,11 +215,11 @@ def moe_route_and_group(x: torch.Tensor, router_weight: torch.Tensor, top_k: int
         r[name] = torch.empty(max_tiles, dtype=torch.int32, device=dev)
     KM.moe_router_kernel[(P.cdiv(n, P.MOE_ROUTER_BLOCK_T),)](
         x, router_weight.contiguous(), r["topk_weight"], r["topk_ids"], n, h, e, top_k, x.stride(0),
-        BLOCK_T=P.MOE_ROUTER_BLOCK_T, BLOCK_E=pl.router_block_e, BLOCK_H=P.MOE_ROUTER_BLOCK_H,
-        BLOCK_K=pl.router_block_k, num_warps=4)
+        BLOCK_T=P.MOE_ROUTER_BLOCK_T, BLOCK_E=pl.router_block_e, BLOCK_H=pl.router_block_h,
+        BLOCK_K=pl.router_block_k, num_warps=pl.router_num_warps)
     KM.moe_align_kernel[(1,)](
         r["topk_ids"], r["sorted_pair"], r["tile_expert"], r["tile_start"], r["tile_end"], pl.pairs, e,
-        max_tiles, tile_m, BLOCK_P=pl.align_block_p, BLOCK_E=pl.router_block_e, num_warps=4)
+        max_tiles, tile_m, BLOCK_P=pl.align_block_p, BLOCK_E=pl.router_block_e, num_warps=P.MOE_ALIGN_NUM_WARPS)
     return r
 
 

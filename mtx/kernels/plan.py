@@ -30,7 +30,6 @@ MOE_ROUTER_BLOCK_E = (16, 64, 256)
 #: Selected experts are padded up to this (the ahead-of-time router supports top_k <= 8).
 MOE_ROUTER_BLOCK_K = 8
 MOE_ROUTER_BLOCK_T = 16
-MOE_ROUTER_BLOCK_H = 64
 MOE_COMBINE_BLOCK_H = 128
 MOE_COMBINE_BLOCK_T = 16
 #: Output columns per program of both grouped GEMMs.
@@ -61,6 +60,46 @@ def supports_head_dim(head_dim: int) -> bool:
 def attn_block_n(elem_bytes: int) -> int:
     """Keys per attention tile: 64 for 16-bit types, 32 for float32 (shared memory on sm_89)."""
     return 32 if elem_bytes == 4 else 64
+
+
+# Warps and tiles below are chosen so that no ahead-of-time cubin (sm_80, sm_89, sm_90a) spills to
+# local memory: plugins/aot/compile_kernels.py fails on any cubin with a stack frame.
+
+def attn_direct_block_m(elem_bytes: int, head_dim: int) -> int:
+    """Query rows per program of the direct (no split) attention variant: 64, but 16 for float32 with
+    head size 128 (a 64-row float32 tile of 128 columns spills on every architecture)."""
+    return 16 if elem_bytes == 4 and head_dim >= 128 else 64
+
+
+def attn_num_warps(elem_bytes: int, head_dim: int, block_m: int, arch: int = 90) -> int:
+    """Warps of the attention kernel on sm_<arch>: 8 for 64-row tiles of head size 128 and for float32
+    (but 4 for float32 16-row tiles of head size 128 below sm_90), else 4."""
+    if elem_bytes == 4:
+        return 4 if head_dim >= 128 and block_m <= 16 and arch < 90 else 8
+    return 8 if block_m >= 64 and head_dim >= 128 else 4
+
+
+#: Warps of the RoPE, combine and write kernels of attention.
+ATTN_ROPE_NUM_WARPS = 8
+ATTN_COMBINE_NUM_WARPS = 4
+ATTN_WRITE_NUM_WARPS = 4
+#: Warps of the MoE align kernel (one program) and of the combine kernel.
+MOE_ALIGN_NUM_WARPS = 8
+MOE_COMBINE_NUM_WARPS = 4
+
+
+def moe_router_block_h(elem_bytes: int) -> int:
+    """Hidden columns per step of the router: 32 for float32, 64 otherwise."""
+    return 32 if elem_bytes == 4 else 64
+
+
+def moe_router_num_warps(elem_bytes: int) -> int:
+    return 8 if elem_bytes == 4 else 4
+
+
+def moe_gemm_num_warps(elem_bytes: int) -> int:
+    """Warps of both grouped GEMMs: 8 for float32, 4 otherwise."""
+    return 8 if elem_bytes == 4 else 4
 
 
 def moe_block_k(elem_bytes: int) -> int:
@@ -94,20 +133,22 @@ class SwaGqaPlan:
 
 
 def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_dim: int, window: int,
-                 elem_bytes: int, num_splits: int | None = None, block_m: int | None = None) -> SwaGqaPlan:
+                 elem_bytes: int, num_splits: int | None = None, block_m: int | None = None,
+                 arch: int = 90) -> SwaGqaPlan:
     """Plan for a chunk of ``seq`` tokens; ``window`` is the *effective* W (docs/ops.md §1 rule 4).
 
     Two attention variants exist (and are compiled ahead of time):
 
-    * BLOCK_M = 64 rows, no split — when rows = S*G > 32 and B*Hkv*cdiv(rows, 64) programs already
-      reach ATTN_TARGET_CTAS;
+    * direct, no split (BLOCK_M = :func:`attn_direct_block_m`, 64 but 16 for float32 with D = 128) —
+      when rows = S*G > 32 and B*Hkv*cdiv(rows, 64) programs already reach ATTN_TARGET_CTAS;
     * BLOCK_M = 16 rows, split over the key range (flash-decoding, >= 1 split, then the combine
       kernel) — otherwise (decode, short chunks, small batches). Splits: enough to reach
       ATTN_TARGET_CTAS programs, at most ATTN_MAX_SPLITS, and no split shorter than
       ATTN_MIN_KEYS_PER_SPLIT of the keys one block can see (W - 1 + its tokens).
 
-    BLOCK_N: :func:`attn_block_n`.
-    Tests force a variant: ``block_m=64`` (with ``num_splits`` None or 1) the direct kernel,
+    BLOCK_N: :func:`attn_block_n`; warps: :func:`attn_num_warps` for sm_<arch>.
+    Tests force a variant: ``block_m=64`` (with ``num_splits`` None or 1) the direct kernel (at its own
+    BLOCK_M),
     ``num_splits=k`` the split kernel with k splits.
     """
     group = num_heads // num_kv_heads
@@ -115,9 +156,9 @@ def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_d
     block_n = attn_block_n(elem_bytes)
     big_ctas = cdiv(rows, 64) * batch * num_kv_heads
     if block_m == 64 and num_splits in (None, 1):
-        split, num_splits = False, 1
+        block_m, split, num_splits = attn_direct_block_m(elem_bytes, head_dim), False, 1
     elif block_m is None and num_splits is None and rows > 32 and big_ctas >= ATTN_TARGET_CTAS:
-        block_m, split, num_splits = 64, False, 1
+        block_m, split, num_splits = attn_direct_block_m(elem_bytes, head_dim), False, 1
     else:
         block_m, split = block_m or 16, True
         if num_splits is None:
@@ -126,7 +167,8 @@ def swa_gqa_plan(batch: int, seq: int, num_heads: int, num_kv_heads: int, head_d
             num_splits = max(1, min(ATTN_MAX_SPLITS, cdiv(ATTN_TARGET_CTAS, ctas),
                                     cdiv(key_bound, ATTN_MIN_KEYS_PER_SPLIT)))
     return SwaGqaPlan(group=group, rows=rows, block_m=block_m, block_n=block_n, m_blocks=cdiv(rows, block_m),
-                      num_splits=num_splits, split=split, num_warps=4, num_stages=2)
+                      num_splits=num_splits, split=split, num_warps=attn_num_warps(elem_bytes, head_dim, block_m, arch),
+                      num_stages=2)
 
 
 @dataclass(frozen=True)
@@ -141,6 +183,8 @@ class MoePlan:
     max_tiles: int        # cdiv(pairs, tile_m) + min(E, pairs): each expert adds at most one partial tile
     router_block_e: int
     router_block_k: int
+    router_block_h: int
+    router_num_warps: int
     align_block_p: int
     num_warps: int
     num_stages: int
@@ -174,7 +218,9 @@ def moe_plan(tokens: int, hidden: int, inter: int, num_experts: int, top_k: int,
         tokens=tokens, pairs=pairs, tile_m=tile_m, block_n=MOE_BLOCK_N, block_k=moe_block_k(elem_bytes),
         max_tiles=max_tiles, router_block_e=block_e,
         router_block_k=MOE_ROUTER_BLOCK_K if top_k <= MOE_ROUTER_BLOCK_K else next_pow2(top_k),
-        align_block_p=moe_align_block_p(block_e), num_warps=4, num_stages=moe_num_stages(elem_bytes),
+        router_block_h=moe_router_block_h(elem_bytes), router_num_warps=moe_router_num_warps(elem_bytes),
+        align_block_p=moe_align_block_p(block_e), num_warps=moe_gemm_num_warps(elem_bytes),
+        num_stages=moe_num_stages(elem_bytes),
         region_bytes=regions,
     )
 

@@ -18,7 +18,7 @@ One pass over a block of N tokens is five launches on one stream:
 4. :func:`moe_gemm2_kernel`    grouped GEMM with w2, times the pair's routing weight; writes ``y``
                                 [N*k, H] at the *pair* index, so no two programs touch one row.
 5. :func:`moe_combine_kernel`  out[n] = sum_j y[n*k + j] in float32, rounded to T (deterministic,
-                                no atomics).
+                                no atomics); NaN for a token with no valid expert (NaN router row).
 
 Rounding follows the PyTorch reference (``mtx.models.ops.moe_reference``): the expert products
 w1 x, w3 x, silu(.), their product, the expert output and its product with the weight are each
@@ -89,24 +89,29 @@ def moe_align_kernel(
     num_pairs, E, max_tiles, tile_m,
     BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """grid (1,): a deterministic counting sort of the pairs by expert (E <= BLOCK_E)."""
+    """grid (1,): a deterministic counting sort of the pairs by expert (E <= BLOCK_E).
+
+    A pair whose expert id is not in [0, E) (the router's pick for a NaN row) is left out: it gets no
+    sorted row and no tile, so it cannot overwrite another pair's slot.
+    """
     e = tl.arange(0, BLOCK_E)
     emask = e < E
     pp = tl.arange(0, BLOCK_P)
     counts = tl.zeros([BLOCK_E], tl.int32)
     for p0 in range(0, num_pairs, BLOCK_P):
         ids = tl.load(topk_ids_ptr + p0 + pp, mask=(p0 + pp) < num_pairs, other=-1)
-        counts += tl.sum((ids[:, None] == e[None, :]).to(tl.int32), 0)
+        counts += tl.sum(((ids[:, None] == e[None, :]) & emask[None, :]).to(tl.int32), 0)
     offsets = tl.cumsum(counts, 0) - counts          # first sorted row of each expert
     seen = tl.zeros([BLOCK_E], tl.int32)             # pairs of each expert placed so far
     for p0 in range(0, num_pairs, BLOCK_P):
         p = p0 + pp
         pm = p < num_pairs
         ids = tl.load(topk_ids_ptr + p, mask=pm, other=-1)
-        onehot = (ids[:, None] == e[None, :]).to(tl.int32)
+        valid = pm & (ids >= 0) & (ids < E)
+        onehot = ((ids[:, None] == e[None, :]) & valid[:, None]).to(tl.int32)
         rank = tl.cumsum(onehot, 0) - onehot         # earlier pairs of the same expert in this block
         dest = tl.sum(onehot * (offsets + seen)[None, :] + onehot * rank, 1)
-        tl.store(sorted_pair_ptr + dest, p, mask=pm)
+        tl.store(sorted_pair_ptr + dest, p, mask=valid)
         seen += tl.sum(onehot, 0)
     # Tiles: expert e owns tiles [tile_begin[e], tile_stop[e]) covering its rows tile_m at a time.
     tiles = tl.where(emask, (counts + tile_m - 1) // tile_m, 0)
@@ -214,17 +219,27 @@ def moe_gemm2_kernel(
 @triton.jit
 def moe_combine_kernel(
     y_ptr,                       # [P, H] contiguous, row n*k + j = weighted output of token n's j-th expert
+    topk_ids_ptr,                # [P] int32: the pairs' experts (not in [0, E): the pair was left out)
     out_ptr,                     # [N, H], last dim contiguous
-    N, H, top_k,
+    N, H, E, top_k,
     stride_on,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """grid (cdiv(N, BLOCK_T), cdiv(H, BLOCK_H)): §3.6 output = sum_j w_j y_j, summed in float32, rounded to T."""
+    """grid (cdiv(N, BLOCK_T), cdiv(H, BLOCK_H)): §3.6 output = sum_j w_j y_j, summed in float32, rounded to T.
+
+    A token with a pair the grouping left out (no valid expert: a NaN router row) gets NaN, as the
+    reference's NaN weights give; its y rows were never written and are not read.
+    """
     n = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m = (n < N)[:, None] & (cols < H)[None, :]
+    nm = n < N
+    m = nm[:, None] & (cols < H)[None, :]
     acc = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     for j in range(0, top_k):
-        rows = (n * top_k + j).to(tl.int64) * H
-        acc += tl.load(y_ptr + rows[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        pair = n * top_k + j
+        ids = tl.load(topk_ids_ptr + pair, mask=nm, other=0)
+        valid = (ids >= 0) & (ids < E)
+        rows = pair.to(tl.int64) * H
+        y = tl.load(y_ptr + rows[:, None] + cols[None, :], mask=m & valid[:, None], other=0.0).to(tl.float32)
+        acc += tl.where(valid[:, None], y, float("nan"))
     tl.store(out_ptr + n[:, None].to(tl.int64) * stride_on + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)

@@ -3,7 +3,8 @@
  *
  * Semantics: docs/ops.md (mtx::SlidingWindowGQA and mtx::MoE, version 1). All pointers are CUDA
  * device pointers to contiguous row-major tensors, 16-byte aligned; `stream` is a cudaStream_t
- * (NULL = legacy default stream). Calls are asynchronous on `stream`; they only enqueue work.
+ * (NULL = legacy default stream); a call runs on the device of its stream. Calls are asynchronous on
+ * `stream`; they only enqueue work.
  * The library uses the CUDA runtime only (statically linked) and embeds cubins for sm_80, sm_89 and
  * sm_90 (sm_86/sm_87 use the sm_80 code). It is thread-safe.
  *
@@ -45,14 +46,31 @@ typedef enum mtx_status {
     MTX_ERROR_UNSUPPORTED = 2,      /* valid for the op but not compiled in (head_dim, top_k, ...) */
     MTX_ERROR_NO_KERNEL_IMAGE = 3,  /* the current device's architecture has no cubin */
     MTX_ERROR_WORKSPACE = 4,        /* workspace too small */
-    MTX_ERROR_CUDA = 5              /* a CUDA runtime call failed (no device, launch failure, ...) */
+    MTX_ERROR_CUDA = 5,             /* a CUDA runtime call failed (no driver or device, launch failure, ...) */
+    MTX_ERROR_DRIVER = 6            /* the driver is older than the CUDA toolkit the library was built with */
 } mtx_status;
 
-/* "MAJOR.MINOR.PATCH (triton X.Y.Z; sm_80 sm_89 sm_90)". */
+/* "MAJOR.MINOR.PATCH (triton X.Y.Z; sm_80 sm_89 sm_90; CUDA 13.0)": CUDA = the toolkit it was built with. */
 MTX_API const char *mtx_kernels_version(void);
 
 /* Message of the last failed call on this thread ("" if none). */
 MTX_API const char *mtx_last_error(void);
+
+/*
+ * Can this library run on `device` (-1: the current device)? Checks the driver (it must support the
+ * CUDA major version the library was built with: CUDA 13 needs R580+) and the architecture (cubins
+ * for sm_80, sm_89, sm_90a; Blackwell and older GPUs have no kernel image). MTX_SUCCESS, or
+ * MTX_ERROR_CUDA / MTX_ERROR_DRIVER / MTX_ERROR_NO_KERNEL_IMAGE with mtx_last_error() saying what is
+ * supported. Loads nothing.
+ */
+MTX_API int mtx_check_device(int device);
+
+/*
+ * Check `device` (-1: current) as mtx_check_device does, then load every cubin of its architecture
+ * into the current context now (not at the first launch, which may be inside CUDA-graph capture).
+ * Idempotent and cheap after the first successful call per device.
+ */
+MTX_API int mtx_load_kernels(int device);
 
 /*
  * mtx::SlidingWindowGQA over the rolling KV buffer, buffers updated in place.

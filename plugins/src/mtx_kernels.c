@@ -5,8 +5,11 @@
  * mtx/kernels/plan.py and mtx/kernels/launch.py; constants come from the generated
  * mtx_kernels_config.h. tests/test_plugins_build.py checks the workspace sizes against plan.py.
  *
- * Cubins are loaded lazily with cudaLibraryLoadData (CUDA >= 12 runtime) and launched with
- * cudaLaunchKernel on the cudaKernel_t from cudaLibraryGetKernel.
+ * Cubins are loaded with cudaLibraryLoadData (CUDA >= 12 runtime) and launched with cudaLaunchKernel
+ * on the cudaKernel_t from cudaLibraryGetKernel. mtx_load_kernels() loads every cubin of a device's
+ * architecture into the current context ahead of time (the TensorRT plugins call it when a context
+ * is created, so no module is loaded inside CUDA-graph capture); otherwise a cubin is loaded on
+ * first use. The device of a launch is the device of its stream.
  */
 #include "mtx_kernels.h"
 
@@ -44,9 +47,20 @@ static int cuda_fail(cudaError_t e, const char *what) {
 
 MTX_API const char *mtx_last_error(void) { return g_error; }
 
+static char g_version[192];
+static pthread_once_t g_version_once = PTHREAD_ONCE_INIT;
+
+static void make_version(void) {
+    snprintf(g_version, sizeof g_version, "%s (%s; CUDA %d.%d)",
+             MTX_STR(MTX_KERNELS_VERSION_MAJOR) "." MTX_STR(MTX_KERNELS_VERSION_MINOR) "." MTX_STR(
+                 MTX_KERNELS_VERSION_PATCH),
+             MTX_TRITON_VERSION_STRING, CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10);
+}
+
+/* "0.1.0 (triton X.Y.Z; sm_80 sm_89 sm_90; CUDA 13.0)": the CUDA version the runtime and ptxas are from. */
 MTX_API const char *mtx_kernels_version(void) {
-    return MTX_STR(MTX_KERNELS_VERSION_MAJOR) "." MTX_STR(MTX_KERNELS_VERSION_MINOR) "." MTX_STR(
-        MTX_KERNELS_VERSION_PATCH) " (" MTX_TRITON_VERSION_STRING ")";
+    pthread_once(&g_version_once, make_version);
+    return g_version;
 }
 
 /* ------------------------------------------------------------------ kernels */
@@ -80,18 +94,68 @@ static int arch_compiled(int arch) {
     return 0;
 }
 
-static int make_ctx(launch_ctx *ctx, mtx_stream_t stream) {
-    cudaError_t e = cudaGetDevice(&ctx->device);
-    if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
+/* The oldest driver branch that runs a CUDA major version (the static runtime and the cubins need it). */
+static int min_driver_branch(int cuda_major) { return cuda_major >= 13 ? 580 : cuda_major == 12 ? 525 : 0; }
+
+#define MTX_CUDA_MAJOR (CUDART_VERSION / 1000)
+#define MTX_CUDA_MINOR (CUDART_VERSION % 1000 / 10)
+#define MTX_SUPPORTED_FMT                                                                                  \
+    "libmtx_kernels runs on NVIDIA GPUs of compute capability 8.0, 8.6, 8.7 (sm_80 code), 8.9 (sm_89) and " \
+    "9.0 (sm_90a: H100/H200), compiled here: %s; with a driver for CUDA >= %d.0 (R%d or newer)"
+#define MTX_SUPPORTED_ARGS MTX_ARCH_NAMES, MTX_CUDA_MAJOR, min_driver_branch(MTX_CUDA_MAJOR)
+
+/* Driver and architecture of a device (-1: the current one); *arch_out gets the cubin arch. */
+static int check_device(int device, int *device_out, int *arch_out) {
+    int drv = 0;
+    cudaError_t e = cudaDriverGetVersion(&drv);
+    if (e != cudaSuccess || drv == 0)
+        return fail(MTX_ERROR_CUDA, "no NVIDIA driver found (libcuda.so.1 cannot be loaded); " MTX_SUPPORTED_FMT,
+                    MTX_SUPPORTED_ARGS);
+    if (drv / 1000 < MTX_CUDA_MAJOR)
+        return fail(MTX_ERROR_DRIVER,
+                    "the NVIDIA driver supports CUDA %d.%d, but libmtx_kernels was built with CUDA %d.%d; " MTX_SUPPORTED_FMT,
+                    drv / 1000, drv % 1000 / 10, MTX_CUDA_MAJOR, MTX_CUDA_MINOR, MTX_SUPPORTED_ARGS);
+    if (device < 0) {
+        e = cudaGetDevice(&device);
+        if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice (is there a CUDA GPU?)");
+    }
     int major = 0, minor = 0;
-    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx->device);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ctx->device);
+    e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
     if (e != cudaSuccess) return cuda_fail(e, "cudaDeviceGetAttribute");
-    ctx->arch = arch_for(major, minor);
-    if (!ctx->arch || !arch_compiled(ctx->arch))
-        return fail(MTX_ERROR_NO_KERNEL_IMAGE, "device %d is sm_%d%d; libmtx_kernels holds cubins for %s",
-                    ctx->device, major, minor, MTX_ARCH_NAMES);
-    if (ctx->device >= MTX_MAX_DEVICES) return fail(MTX_ERROR_UNSUPPORTED, "device ordinal %d >= 64", ctx->device);
+    int arch = arch_for(major, minor);
+    if (!arch || !arch_compiled(arch))
+        return fail(MTX_ERROR_NO_KERNEL_IMAGE, "device %d is sm_%d%d, which has no kernel image; " MTX_SUPPORTED_FMT,
+                    device, major, minor, MTX_SUPPORTED_ARGS);
+    if (device >= MTX_MAX_DEVICES) return fail(MTX_ERROR_UNSUPPORTED, "device ordinal %d >= 64", device);
+    if (device_out) *device_out = device;
+    if (arch_out) *arch_out = arch;
+    return MTX_SUCCESS;
+}
+
+MTX_API int mtx_check_device(int device) { return check_device(device, NULL, NULL); }
+
+/* The device a stream belongs to (the current device for the legacy default stream). */
+static int stream_device(mtx_stream_t stream, int *device) {
+#if CUDART_VERSION >= 12080
+    if (stream) {
+        cudaError_t e = cudaStreamGetDevice((cudaStream_t)stream, device);
+        if (e == cudaSuccess) return MTX_SUCCESS;
+        if (e != cudaErrorCallRequiresNewerDriver) return cuda_fail(e, "cudaStreamGetDevice");
+        (void)cudaGetLastError(); /* a driver before CUDA 12.8: fall back to the current device */
+    }
+#endif
+    cudaError_t e = cudaGetDevice(device);
+    if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
+    return MTX_SUCCESS;
+}
+
+static int make_ctx(launch_ctx *ctx, mtx_stream_t stream) {
+    int device = -1;
+    int rc = stream_device(stream, &device);
+    if (rc) return rc;
+    rc = check_device(device, &ctx->device, &ctx->arch);
+    if (rc) return rc;
     ctx->stream = stream;
     return MTX_SUCCESS;
 }
@@ -105,7 +169,7 @@ static int find_spec(int kind, int dtype, int p0, int p1, int arch) {
 }
 
 /* Load (once) the cubin of spec i and prepare it for ctx's device. */
-static int get_kernel(int i, const launch_ctx *ctx, cudaKernel_t *out) {
+static int get_kernel(int i, const launch_ctx *ctx, cudaKernel_t *out, int force_load) {
     const mtx_kernel_spec *s = &mtx_kernel_specs[i];
     int rc = MTX_SUCCESS;
     pthread_mutex_lock(&g_lock);
@@ -125,6 +189,15 @@ static int get_kernel(int i, const launch_ctx *ctx, cudaKernel_t *out) {
         if (e != cudaSuccess) {
             k->kernel = NULL;
             rc = cuda_fail(e, "cudaLibraryGetKernel");
+            goto done;
+        }
+    }
+    if (force_load) {
+        /* Loads the module into the current context now rather than at the first launch. */
+        struct cudaFuncAttributes attr;
+        cudaError_t e = cudaFuncGetAttributes(&attr, (const void *)k->kernel);
+        if (e != cudaSuccess) {
+            rc = cuda_fail(e, "cudaFuncGetAttributes");
             goto done;
         }
     }
@@ -157,13 +230,41 @@ static int launch(const launch_ctx *ctx, int kind, int dtype, int p0, int p1, un
     if (gy > 65535 || gz > 65535)
         return fail(MTX_ERROR_UNSUPPORTED, "%s: grid (%u, %u, %u) exceeds 65535 in y or z", s->entry, gx, gy, gz);
     cudaKernel_t kernel;
-    int rc = get_kernel(i, ctx, &kernel);
+    int rc = get_kernel(i, ctx, &kernel, 0);
     if (rc) return rc;
     dim3 grid = {gx, gy, gz};
     dim3 block = {(unsigned)(32 * s->num_warps), 1, 1};
     cudaError_t e = cudaLaunchKernel((const void *)kernel, grid, block, args, (size_t)s->shared,
                                      (cudaStream_t)ctx->stream);
     if (e != cudaSuccess) return cuda_fail(e, s->entry);
+    return MTX_SUCCESS;
+}
+
+static unsigned long long g_preloaded; /* bit d: every cubin of device d's arch loaded (mtx_load_kernels) */
+
+MTX_API int mtx_load_kernels(int device) {
+    launch_ctx ctx;
+    memset(&ctx, 0, sizeof ctx);
+    int rc = check_device(device, &ctx.device, &ctx.arch);
+    if (rc) return rc;
+    pthread_mutex_lock(&g_lock);
+    int done = (g_preloaded >> ctx.device) & 1ULL;
+    pthread_mutex_unlock(&g_lock);
+    if (done) return MTX_SUCCESS;
+    int current = -1;
+    cudaError_t e = cudaGetDevice(&current);
+    if (e != cudaSuccess) return cuda_fail(e, "cudaGetDevice");
+    if (current != ctx.device && (e = cudaSetDevice(ctx.device)) != cudaSuccess) return cuda_fail(e, "cudaSetDevice");
+    for (int i = 0; i < mtx_kernel_spec_count && !rc; ++i) {
+        if (mtx_kernel_specs[i].arch != ctx.arch) continue;
+        cudaKernel_t kernel;
+        rc = get_kernel(i, &ctx, &kernel, 1);
+    }
+    if (current != ctx.device) cudaSetDevice(current);
+    if (rc) return rc;
+    pthread_mutex_lock(&g_lock);
+    g_preloaded |= 1ULL << ctx.device;
+    pthread_mutex_unlock(&g_lock);
     return MTX_SUCCESS;
 }
 
@@ -205,7 +306,7 @@ static swa_plan swa_gqa_plan(long long batch, long long seq, long long num_heads
     p.rows = (int)rows;
     long long big_ctas = cdivll(rows, 64) * batch * num_kv_heads;
     if (rows > 32 && big_ctas >= MTX_ATTN_TARGET_CTAS) {
-        p.block_m = 64;
+        p.block_m = MTX_ATTN_DIRECT_BLOCK_M(eb, (int)head_dim);
         p.split = 0;
         p.num_splits = 1;
     } else {
@@ -325,7 +426,7 @@ MTX_API int mtx_swa_gqa_forward(const void *query, const void *key, const void *
                         &s, &cap, &win, &hkv, &group, &num_splits, &qk_scale,
                         &stride_kb, &stride_ks, &stride_cb, &stride_ch, &stride_cs, &stride_qb, &stride_qs,
                         &null_ptr, &null_ptr};
-        CHECK(launch(&ctx, MTX_K_SWA_ATTN, dt, d, p.block_m, (unsigned)p.m_blocks, (unsigned)(batch * hkv),
+        CHECK(launch(&ctx, MTX_K_SWA_ATTN, dt, d, p.split, (unsigned)p.m_blocks, (unsigned)(batch * hkv),
                      (unsigned)p.num_splits, args, (int)(sizeof args / sizeof *args)));
     }
     /* 3. Merge the split partials. */
@@ -473,9 +574,9 @@ MTX_API int mtx_moe_forward(const void *x, const void *router_weight, const void
             CHECK(launch(&ctx, MTX_K_MOE_GEMM2, dt, tile_m, 0, (unsigned)max_tiles, (unsigned)cdivll(hidden, MTX_MOE_BLOCK_N), 1,
                          args, (int)(sizeof args / sizeof *args)));
         }
-        /* 5. sum each token's top_k expert outputs */
+        /* 5. sum each token's top_k expert outputs (NaN for a token without a valid expert) */
         {
-            void *args[] = {&reg[7], &os, &n, &h, &k, &stride, &null_ptr, &null_ptr};
+            void *args[] = {&reg[7], &reg[1], &os, &n, &h, &e, &k, &stride, &null_ptr, &null_ptr};
             CHECK(launch(&ctx, MTX_K_MOE_COMBINE, dt, 0, 0, (unsigned)cdivll(n, MTX_MOE_COMBINE_BLOCK_T),
                          (unsigned)cdivll(hidden, MTX_MOE_COMBINE_BLOCK_H), 1, args, (int)(sizeof args / sizeof *args)));
         }

@@ -5,7 +5,8 @@
 /* Kernel kinds; order and names match KINDS in compile_kernels.py. */
 typedef enum mtx_kernel_kind {
     MTX_K_SWA_ROPE = 0,    /* p0 = HEAD_DIM */
-    MTX_K_SWA_ATTN = 1,    /* p0 = HEAD_DIM, p1 = BLOCK_M (16: split partials, 64: direct output) */
+    MTX_K_SWA_ATTN = 1,    /* p0 = HEAD_DIM, p1 = SPLIT (1: BLOCK_M 16, split partials; 0: direct output,
+                              BLOCK_M MTX_ATTN_DIRECT_BLOCK_M) */
     MTX_K_SWA_COMBINE = 2, /* p0 = HEAD_DIM */
     MTX_K_SWA_WRITE = 3,   /* p0 = HEAD_DIM */
     MTX_K_MOE_ROUTER = 4,  /* p0 = BLOCK_E */

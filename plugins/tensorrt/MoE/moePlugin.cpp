@@ -131,7 +131,7 @@ int32_t MoEPlugin::configurePlugin(
         logError("hidden and intermediate sizes must be multiples of 16");
         return -1;
     }
-    return 0;
+    return deviceSupported(kName) ? 0 : -1;
 }
 
 size_t MoEPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -152,7 +152,11 @@ char const* MoEPlugin::getMetadataString() noexcept { return mMetadata.c_str(); 
 int32_t MoEPlugin::onShapeChange(
     PluginTensorDesc const* /*in*/, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    return nbInputs == kNbInputs && nbOutputs == 1 ? 0 : -1;
+    if (nbInputs != kNbInputs || nbOutputs != 1)
+    {
+        return -1;
+    }
+    return loadKernels(kName) ? 0 : -1; // a no-op once attachToContext has loaded them
 }
 
 int32_t MoEPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
@@ -172,7 +176,11 @@ int32_t MoEPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc c
     return reportKernelError(kName, rc);
 }
 
-IPluginV3* MoEPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
+IPluginV3* MoEPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
+{
+    // An execution context is being created: load the kernels now, not inside a captured enqueue.
+    return loadKernels(kName) ? clone() : nullptr;
+}
 
 PluginFieldCollection const* MoEPlugin::getFieldsToSerialize() noexcept
 {

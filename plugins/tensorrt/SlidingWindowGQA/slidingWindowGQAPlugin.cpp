@@ -166,7 +166,7 @@ int32_t SlidingWindowGQAPlugin::configurePlugin(
         logError("window " + std::to_string(mParams.window) + " exceeds the buffer capacity " + std::to_string(capacity));
         return -1;
     }
-    return 0;
+    return deviceSupported(kName) ? 0 : -1;
 }
 
 size_t SlidingWindowGQAPlugin::getWorkspaceSize(DynamicPluginTensorDesc const* inputs, int32_t nbInputs,
@@ -195,7 +195,11 @@ char const* SlidingWindowGQAPlugin::getMetadataString() noexcept { return mMetad
 int32_t SlidingWindowGQAPlugin::onShapeChange(
     PluginTensorDesc const* /*in*/, int32_t nbInputs, PluginTensorDesc const* /*out*/, int32_t nbOutputs) noexcept
 {
-    return nbInputs == kNbInputs && nbOutputs == kNbOutputs ? 0 : -1;
+    if (nbInputs != kNbInputs || nbOutputs != kNbOutputs)
+    {
+        return -1;
+    }
+    return loadKernels(kName) ? 0 : -1; // a no-op once attachToContext has loaded them
 }
 
 int32_t SlidingWindowGQAPlugin::enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const* /*outputDesc*/,
@@ -213,12 +217,20 @@ int32_t SlidingWindowGQAPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugi
     int const capacity = static_cast<int>(kb.d[2]);
     int const headDim = static_cast<int>(kb.d[3]);
     // Not aliased (TensorRT inserted a copy, or the preview feature is off): present starts as past.
+    // That costs a read and a write of both buffers per call (docs/ops.md §4); say so once.
     for (int32_t i = 0; i < 2; ++i)
     {
         void const* past = inputs[kPAST_KEY + i];
         void* present = outputs[1 + i];
         if (present != past)
         {
+            if (!mCopyReported)
+            {
+                mCopyReported = true;
+                log(ILogger::Severity::kWARNING, std::string(kName) + ": present_key/present_value are not aliased to "
+                    "past_key/past_value in this engine: copying " + std::to_string(2 * bytesOf(inputDesc[kPAST_KEY].dims,
+                    inputDesc[kPAST_KEY].type)) + " bytes per call before the in-place update");
+            }
             cudaError_t e = cudaMemcpyAsync(present, past, static_cast<size_t>(bytesOf(inputDesc[kPAST_KEY + i].dims,
                 inputDesc[kPAST_KEY + i].type)), cudaMemcpyDeviceToDevice, stream);
             if (e != cudaSuccess)
@@ -237,7 +249,11 @@ int32_t SlidingWindowGQAPlugin::enqueue(PluginTensorDesc const* inputDesc, Plugi
     return reportKernelError(kName, rc);
 }
 
-IPluginV3* SlidingWindowGQAPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept { return clone(); }
+IPluginV3* SlidingWindowGQAPlugin::attachToContext(IPluginResourceContext* /*context*/) noexcept
+{
+    // An execution context is being created: load the kernels now, not inside a captured enqueue.
+    return loadKernels(kName) ? clone() : nullptr;
+}
 
 PluginFieldCollection const* SlidingWindowGQAPlugin::getFieldsToSerialize() noexcept
 {

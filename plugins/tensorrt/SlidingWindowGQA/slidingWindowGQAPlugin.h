@@ -78,6 +78,7 @@ public:
 private:
     SlidingWindowGQAParams mParams;
     std::string mMetadata;
+    bool mCopyReported{false};
     std::vector<nvinfer1::PluginField> mSerialFields;
     nvinfer1::PluginFieldCollection mSerialCollection{};
 };

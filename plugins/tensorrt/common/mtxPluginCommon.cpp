@@ -110,6 +110,28 @@ bool readFloat(nvinfer1::PluginFieldCollection const* fc, char const* name, doub
     }
 }
 
+bool deviceSupported(char const* pluginName) noexcept
+{
+    int32_t const rc = mtx_check_device(-1);
+    if (rc != MTX_SUCCESS)
+    {
+        reportKernelError(pluginName, rc);
+        return false;
+    }
+    return true;
+}
+
+bool loadKernels(char const* pluginName) noexcept
+{
+    int32_t const rc = mtx_load_kernels(-1);
+    if (rc != MTX_SUCCESS)
+    {
+        reportKernelError(pluginName, rc);
+        return false;
+    }
+    return true;
+}
+
 int64_t leadingVolume(nvinfer1::Dims const& dims) noexcept
 {
     int64_t n = 1;

@@ -41,6 +41,15 @@ bool readFloat(nvinfer1::PluginFieldCollection const* fc, char const* name, doub
 //! Number of elements of all dims but the last (tokens of an [..., H] tensor).
 int64_t leadingVolume(nvinfer1::Dims const& dims) noexcept;
 
+//! Build time (configurePlugin): can libmtx_kernels run on the current device (driver new enough,
+//! architecture compiled)? Logs what is supported and returns false otherwise, so the engine build
+//! fails instead of enqueue failing later with "no kernel image".
+bool deviceSupported(char const* pluginName) noexcept;
+
+//! Run time (attachToContext, onShapeChange): load every cubin for the current device now, outside
+//! any CUDA-graph capture. Logs and returns false on failure.
+bool loadKernels(char const* pluginName) noexcept;
+
 } // namespace trt
 } // namespace mtx
 
