@@ -94,15 +94,23 @@ def bench_attention(args, gbps: float, lib) -> list[dict]:
     return rows
 
 
+#: (name, experts, top-k, hidden, intermediate) of the MoE benchmarks.
+MOE_SHAPES = [("mixtral-8x7b", 8, 2, 4096, 14336), ("fine-grained-64x6", 64, 6, 2048, 1408)]
+
+
+def moe_weights(e: int, h: int, inter: int, dt: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Random router [E, H], w1/w3 [E, I, H], w2 [E, H, I] on cuda, scaled to keep activations O(1)."""
+    router = torch.randn(e, h, device="cuda", dtype=dt) * h ** -0.5
+    w1 = torch.randn(e, inter, h, device="cuda", dtype=dt) * h ** -0.5
+    return router, w1, torch.randn_like(w1), torch.randn(e, h, inter, device="cuda", dtype=dt) * inter ** -0.5
+
+
 def bench_moe(args, gbps: float) -> list[dict]:
     dt = DT[args.dtype]
     eb = torch.tensor([], dtype=dt).element_size()
     rows = []
-    for name, e, k, h, inter in [("mixtral-8x7b", 8, 2, 4096, 14336), ("fine-grained-64x6", 64, 6, 2048, 1408)]:
-        router = torch.randn(e, h, device="cuda", dtype=dt) * h ** -0.5
-        w1 = torch.randn(e, inter, h, device="cuda", dtype=dt) * h ** -0.5
-        w3 = torch.randn_like(w1)
-        w2 = torch.randn(e, h, inter, device="cuda", dtype=dt) * inter ** -0.5
+    for name, e, k, h, inter in MOE_SHAPES:
+        router, w1, w3, w2 = moe_weights(e, h, inter, dt)
         for n in (1, 16, 512):
             x = torch.randn(n, h, device="cuda", dtype=dt)
             _, sel = ops.moe_route(x, router, k)
@@ -126,11 +134,8 @@ def matmul_tflops(dt: torch.dtype) -> float:
 def bench_moe_gemm(args, tflops: float) -> list[dict]:
     dt = DT[args.dtype]
     rows = []
-    for name, e, k, h, inter in [("mixtral-8x7b", 8, 2, 4096, 14336), ("fine-grained-64x6", 64, 6, 2048, 1408)]:
-        router = torch.randn(e, h, device="cuda", dtype=dt) * h ** -0.5
-        w1 = torch.randn(e, inter, h, device="cuda", dtype=dt) * h ** -0.5
-        w3 = torch.randn_like(w1)
-        w2 = torch.randn(e, h, inter, device="cuda", dtype=dt) * inter ** -0.5
+    for name, e, k, h, inter in MOE_SHAPES:
+        router, w1, w3, w2 = moe_weights(e, h, inter, dt)
         for n in (64, 256, 1024, 4096):
             x = torch.randn(n, h, device="cuda", dtype=dt)
             ms = time_ms(lambda: kernels.moe(x, router, w1, w3, w2, k), args.iters)
