@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install mtx with its test and kernel extras.
+# Create .venv (if needed) and install mtx with its test, kernel and serving extras.
 # CPU hosts get torch==2.13.0 (a CPU wheel); set MTX_TORCH to override, e.g. on a GPU host:
 #   MTX_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130" make test
 set -euo pipefail
@@ -18,7 +18,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 # torch first and pinned, so nothing later pulls a multi-GB CUDA build on a CPU machine.
 pip install -q ${MTX_TORCH:-torch==2.13.0} 2>&1 | grep -v "is ignored" || true
-pip install -q -e ".[test,kernels]" 2>&1 | grep -v "is ignored" || true
+pip install -q -e ".[test,kernels,serve]" 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/python" -c "import torch, onnx, onnxruntime, transformers, triton, mtx" 
 # TensorRT headers (no libraries) into build/trt-headers, for building and CPU-testing the plugins;
 # the CUDA 12 runtime and ptxas into build/cuda12, for the CUDA 12 flavour of libmtx_kernels.

@@ -107,6 +107,7 @@ def test_seeded_sampling_reproducible(ckpt_factory, load):
     assert a != c
     greedy = gen.generate(PROMPTS, max_new_tokens=24, stop_token_ids=[])
     assert a != greedy  # sampling did sample
+    assert gen.generate(PROMPTS[:1], seed=7, **kw)[0] == a[0]  # row 0 of a batch draws as a request alone
 
 
 def test_stop_tokens(ckpt_factory, load):
@@ -191,3 +192,23 @@ def test_tensorrt_backend_matches_transformers(ckpt_factory, tmp_path, name):
     assert np.abs(gen.score(ids[0].tolist()) - hf_logits(folder, ids)[0].numpy()).max() <= 1e-4
     together = gen.generate(PROMPTS, max_new_tokens=12, stop_token_ids=[])
     assert together == [gen.generate([p], max_new_tokens=12, stop_token_ids=[])[0] for p in PROMPTS]
+
+
+def test_token_rng_is_splitmix64():
+    """TokenRng's stream is SplitMix64 (Vigna's reference outputs for state 1234567), and draws from it
+    pick tokens by inverse CDF in id order, as the C++ runtime does."""
+    from mtx.runtime.sampling import SamplingParams, TokenRng, select_token
+
+    rng = TokenRng(0)
+    rng.state = 1234567
+    assert [rng.next_u64() for _ in range(5)] == [6457827717110365317, 3203168211198807973, 9817491932198370423,
+                                                  4593380528125082431, 16408922859458223821]
+    logits = np.log(np.asarray([0.5, 0.0, 0.25, 0.25], dtype=np.float32) + 1e-30)
+    draws, picks = TokenRng(7), []
+    for _ in range(200):
+        u = TokenRng(7, stream=0)
+        u.state = draws.state
+        expect = int(np.searchsorted(np.cumsum([0.5, 0.0, 0.25, 0.25]), u.uniform(), side="right"))
+        picks.append((select_token(logits, SamplingParams(temperature=1.0), draws), expect))
+    assert all(a == b for a, b in picks)
+    assert {a for a, _ in picks} == {0, 2, 3}

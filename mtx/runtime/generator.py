@@ -18,7 +18,7 @@ import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
-from mtx.runtime.sampling import SamplingParams, check_seed, select_token
+from mtx.runtime.sampling import SamplingParams, TokenRng, check_seed, select_token
 from mtx.tokenizer import encode_checked
 
 Prompt = Union[str, Sequence[int]]
@@ -146,7 +146,7 @@ class Generator:
         b = len(ids)
         self.backend.check_positions(max(len(x) for x in ids) + max_new_tokens)
         stops = [self._stopper(stop_token_ids, stop) for _ in range(b)]
-        rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(b)]
+        rngs = [TokenRng(seed, stream=r) for r in range(b)]
         state = self.backend.new_state(b)
         logits = np.stack([self._prefill(state, r, ids[r], 0, want_all=False) for r in range(b)])
         pos = np.asarray([len(x) for x in ids], dtype=np.int64)
@@ -241,7 +241,7 @@ class Session:
         check_seed(seed)
         g = self.generator
         stopper = g._stopper(stop_token_ids, stop)
-        rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+        rng = TokenRng(seed)
         with self._lock:
             if not self.tokens:
                 raise UsageError("session is empty: append a prompt before generating")

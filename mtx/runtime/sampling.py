@@ -1,8 +1,13 @@
-"""Token selection from logits: greedy, temperature, top-k, top-p, repetition penalty (HF semantics)."""
+"""Token selection from logits: greedy, temperature, top-k, top-p, repetition penalty (HF semantics).
+
+Seeded sampling is portable: :class:`TokenRng` is SplitMix64, and a token is drawn by inverse CDF over
+the filtered float64 probabilities in token-id order, so the C++ runtime draws the same tokens.
+"""
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +42,43 @@ class SamplingParams:
                              params=("repetition_penalty",))
 
 
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's output function on a 64-bit integer."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+class TokenRng:
+    """Uniform draws in [0, 1) for one sequence: SplitMix64 with state ``mix64(seed) ^ stream``.
+
+    Stream ``r`` is row ``r`` of a batch; a sequence generated alone (a session, a served request)
+    is stream 0, so its tokens do not depend on what else runs. ``seed=None`` picks a random seed.
+    """
+
+    def __init__(self, seed: int | None, stream: int = 0) -> None:
+        if seed is None:
+            seed = secrets.randbits(63)
+        self.state = _mix64(seed & _MASK64) ^ (stream & _MASK64)
+
+    def next_u64(self) -> int:
+        """The next SplitMix64 output."""
+        self.state = (self.state + _GOLDEN) & _MASK64
+        return _mix64(self.state)
+
+    def uniform(self) -> float:
+        """The next draw: the top 53 bits of the next output, times 2**-53."""
+        return (self.next_u64() >> 11) * (1.0 / (1 << 53))
+
+
 def check_seed(seed: object) -> None:
-    """A sampling seed is None or an integer >= 0 (numpy's SeedSequence rule)."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise UsageError(f"seed must be an integer >= 0, got {seed!r}", params=("seed",))
+    """A sampling seed is None or an integer in [0, 2**63)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63):
+        raise UsageError(f"seed must be an integer in [0, 2**63), got {seed!r}", params=("seed",))
 
 
 def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
@@ -54,9 +92,9 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
-def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator | None,
+def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | None,
                  seen: np.ndarray | None = None) -> int:
-    """One token id from a float32 logits row [V]."""
+    """One token id from a float32 logits row [V]; greedy takes no draw, sampling takes one."""
     logits = logits.astype(np.float32, copy=False)
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -77,4 +115,5 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: np.random.Gene
         probs = np.where(mask, probs, 0.0)
         probs /= probs.sum()
     assert rng is not None, "sampling needs an rng"
-    return int(rng.choice(probs.size, p=probs))
+    cdf = np.cumsum(probs)
+    return int(np.searchsorted(cdf, rng.uniform() * cdf[-1], side="right"))
