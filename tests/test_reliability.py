@@ -384,7 +384,8 @@ def generator(good_export):
     (dict(temperature=float("inf")), "temperature must be a finite number"),
     (dict(repetition_penalty=float("nan")), "repetition_penalty must be a finite number"),
     (dict(top_p=float("nan")), "top_p must be a finite number"),
-    (dict(seed=-1, temperature=1.0), "seed must be an integer >= 0"),
+    (dict(seed=-1, temperature=1.0), r"seed must be an integer in \[0, 2\*\*63\)"),
+    (dict(seed=1 << 63, temperature=1.0), r"seed must be an integer in \[0, 2\*\*63\)"),
     (dict(top_k=1.5), "top_k must be an integer"),
     (dict(max_new_tokens=2.5), "max_new_tokens must be an integer"),
 ])
@@ -420,7 +421,7 @@ def test_bad_engine_options(good_export, kwargs, needle):
     (["generate", "--ids", "1,2", "--threads", "100000"], "--threads must be an integer from 1 to"),
     (["generate", "--ids", "1,2", "--temperature", "nan"], "--temperature must be a finite number"),
     (["generate", "--ids", "1,2", "--repetition-penalty", "nan"], "--repetition-penalty must be a finite"),
-    (["generate", "--ids", "1,2", "--seed", "-1", "--temperature", "1"], "--seed must be an integer >= 0"),
+    (["generate", "--ids", "1,2", "--seed", "-1", "--temperature", "1"], "--seed must be an integer in [0, 2**63)"),
     (["generate", "--ids", "1,2", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["bench", "--batch", "0", "--new-tokens", "2", "--prompt-len", "2"], "--batch must be >= 1"),
 ])
