@@ -217,9 +217,23 @@ class _RichProgress:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an earlier export or any other folder).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantisation of the projections and experts, round to nearest per block "
+                   "(docs/ops.md §7): onnxruntime target MatMulNBits / QMoE, onnx and tensorrt blocked "
+                   "DequantizeLinear. Default: float weights.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
+              help="Weights per quantisation block along the input dimension (one scale and zero point each).")
+@click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
+              help="With --quantize: the output projection in 8 bits (tied embeddings always stay float).")
+@click.option("--quant-scheme", type=click.Choice(["asymmetric", "symmetric"]), default="asymmetric",
+              show_default=True, help="With --quantize: a zero point per block, or the fixed one 2^(bits-1).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="onnxruntime target with --quantize: 4 lets ONNX Runtime quantise activations to int8 "
+                   "(fastest on CPU); 0 keeps them float, so the graph equals the fake-quant reference.")
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
-           max_position: int | None, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
+           max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
+           quantize_lm_head: bool, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -229,7 +243,9 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     from mtx.exporter.options import ExportOptions, check_out
 
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
-                            max_position=max_position, force=force, allow_nonfinite=allow_nonfinite)
+                            max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
+                            quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
+                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
     from mtx.exporter.core import export as run_export
@@ -247,6 +263,11 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                                                    if m.local_window_size is not None else ""))
     if m.moe_op:
         click.echo(f"  moe: {m.moe_op}")
+    if m.quantization is not None:
+        qz = m.quantization
+        click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
+                   f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
+                   + (", lm_head 8 bits" if any(t.weight == "output.weight" for t in qz.tensors) else ""))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
                f"{w['written_bytes']:,} bytes written")
