@@ -399,12 +399,19 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
               help="Relative tolerance, times the largest |reference logit| of the position. Default by dtype: "
                    "float32 0, float16 1e-2, bfloat16 8e-2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt ids.")
+@click.option("--quality", is_flag=True,
+              help="Instead of exact logits: perplexity of the export and of the float32 model (no fake quant) "
+                   "on a text, and their top-1 agreement (for quantised exports). Exit code 0.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="With --quality: the text file to score. Default: mtx's own sources, held out from the built-in "
+                   "models' training data (Python's standard library).")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="With --quality: tokens scored.")
 @json_option("Print one JSON object (per-step records, summary, diagnosis) instead of tables.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
               help="Write a plot of the error vs position with window boundaries marked (format from the suffix).")
 def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, prompt_len: int | None,
            steps: int | None, chunk: int | None, per_layer: bool, atol: float | None, rtol: float | None, seed: int,
-           as_json: bool, plot: Path | None) -> None:
+           quality: bool, text_file: Path | None, max_tokens: int, as_json: bool, plot: Path | None) -> None:
     """Check an export OUT against the PyTorch reference built from CKPT, position by position.
 
     Runs a chunked prefill and then single-token decoding past several wraps of the rolling KV buffer
@@ -416,6 +423,21 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
     import importlib.util
 
     from mtx.parity.options import ParityOptions
+
+    if quality:
+        from mtx.parity.quality import run_quality
+
+        q = run_quality(ckpt, out, text_file, max_tokens)
+        if as_json:
+            emit_json(q.to_dict())
+        else:
+            click.echo(f"quality on {q.text}: {q.tokens} tokens")
+            click.echo(f"  perplexity: float32 reference {q.reference_perplexity:.4f}, export {q.export_perplexity:.4f} "
+                       f"({(q.perplexity_ratio - 1) * 100:+.2f}%)")
+            click.echo(f"  top-1 agreement with the reference: {q.top1_agreement:.2%}")
+        return
+    if text_file is not None:
+        raise UsageError("--text applies to --quality only")
 
     options = ParityOptions(backends=_parse_backends(backends), prompt=prompt, prompt_len=prompt_len, steps=steps,
                             chunk=chunk, per_layer=per_layer, atol=atol, rtol=rtol, seed=seed)

@@ -88,8 +88,8 @@ def expected_weights(cfg: dict, target: str, lm_head: bool) -> set[str]:
     return names
 
 
-def oracle_logits(folder: Path, manifest, ids: torch.Tensor) -> np.ndarray:
-    """Reference model with every listed source replaced by the numpy quantiser's ŵ, fed in SCHEDULE chunks."""
+def oracle_logits(folder: Path, manifest, ids: torch.Tensor, schedule: list[int] = SCHEDULE) -> np.ndarray:
+    """Reference model with every listed source replaced by the numpy quantiser's ŵ, fed in ``schedule`` chunks."""
     model = build_model(folder, "float32")
     params = dict(model.named_parameters())
     q = manifest.quantization
@@ -100,7 +100,7 @@ def oracle_logits(folder: Path, manifest, ids: torch.Tensor) -> np.ndarray:
     kv = model.new_kv(b, manifest.capacity)
     out, pos = [], 0
     with torch.no_grad():
-        for n in SCHEDULE:
+        for n in schedule:
             out.append(model(ids[:, pos:pos + n], torch.full((b,), pos, dtype=torch.long), kv).float())
             pos += n
     return torch.cat(out, dim=1).numpy()
@@ -304,3 +304,33 @@ def test_block_that_does_not_fit_the_experts(ckpt_factory, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--block-size" in lines[0] and "moe" in lines[0] and "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*out*"))
+
+
+# --------------------------------------------------------------------------------------------------
+# mtx parity --quality
+
+
+def _ppl(logits: np.ndarray, ids: np.ndarray) -> float:
+    lp = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
+    return float(np.exp(-lp[np.arange(len(ids) - 1), ids[1:]].mean()))
+
+
+def test_quality_mode(qexport, ckpt_factory, tmp_path):
+    """Perplexities and top-1 agreement: reference from transformers (float), export from the numpy oracle."""
+    from conftest import hf_logits
+    from mtx.parity.quality import run_quality
+
+    folder = ckpt_factory("mixtral4")
+    out = qexport("mixtral4", "onnxruntime", quantize="int4", accuracy_level=0)
+    ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(5))
+    text = tmp_path / "held_out.txt"
+    text.write_text(" ".join(f"w{i}" for i in ids[0].tolist()))
+    q = run_quality(folder, out, text)
+    assert q.tokens == 149 and q.quantization["bits"] == 4
+    ref = hf_logits(folder, ids)[0].numpy()
+    quant = oracle_logits(folder, read_manifest(out), ids, schedule=[64, 64, 22])[0]
+    n = ids[0].numpy()
+    assert q.reference_perplexity == pytest.approx(_ppl(ref, n), rel=1e-4)
+    assert q.export_perplexity == pytest.approx(_ppl(quant, n), rel=1e-4)
+    assert q.export_perplexity != pytest.approx(q.reference_perplexity, rel=1e-3)
+    assert q.top1_agreement == pytest.approx(float((ref[:-1].argmax(-1) == quant[:-1].argmax(-1)).mean()), abs=1e-9)
