@@ -82,7 +82,8 @@ def expected_weights(cfg: dict, target: str, lm_head: bool) -> set[str]:
             names |= {p + "moe.fc1_swiglu_interleaved", p + "moe.w2"} if target == "onnxruntime" else \
                 {p + "moe.w1", p + "moe.w3", p + "moe.w2"}
         else:
-            names |= {p + f"ffn.{w}.weight" for w in ("w1", "w2", "w3")}
+            ffn = ["w13", "w2"] if target == "onnxruntime" else ["w1", "w2", "w3"]
+            names |= {p + f"ffn.{w}.weight" for w in ffn}
     if lm_head and not cfg["tie_word_embeddings"]:
         names.add("output.weight")
     return names
@@ -204,6 +205,8 @@ def _float_weight(folder: Path, weight: str) -> np.ndarray:
     params = {k: v.detach().numpy() for k, v in build_model(folder, "float32").named_parameters()}
     if weight.endswith(".wqkv.weight"):
         return np.concatenate([params[weight.replace("wqkv", w)] for w in ("wq", "wk", "wv")])
+    if weight.endswith(".w13.weight"):
+        return np.concatenate([params[weight.replace("w13", w)] for w in ("w1", "w3")])
     if weight.endswith(".fc1_swiglu_interleaved"):
         base = weight.removesuffix(".fc1_swiglu_interleaved")
         w1, w3 = params[base + ".w1"], params[base + ".w3"]

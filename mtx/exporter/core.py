@@ -150,6 +150,8 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
                 check_finite(name, t, ck.sources[name].refs[0])
             return t
 
+        if options.target == "onnxruntime":  # quantised weights are written anyway: one MatMulNBits for gate+up
+            ort_fusions.pack_gate_up(model, dtype, load)
         qplan = quantized.quantize_graph(model, target=options.target, dtype=dtype, spec=spec,
                                          accuracy_level=options.accuracy_level, lm_head=options.quantize_lm_head,
                                          load=load, checkpoint_names=set(ck.sources))

@@ -33,7 +33,7 @@ from mtx.manifest import Fallback, Quantization, QuantizedTensor
 
 #: Default-domain opset of a graph holding blocked DequantizeLinear (``block_size`` is opset 21).
 DQ_OPSET = 21
-DENSE = re.compile(r"layers\.\d+\.(attn\.(wq|wk|wv|wo|wqkv)|ffn\.(w1|w2|w3))\.weight")
+DENSE = re.compile(r"layers\.\d+\.(attn\.(wq|wk|wv|wo|wqkv)|ffn\.(w1|w2|w3|w13))\.weight")
 LM_HEAD = "output.weight"
 
 
@@ -64,6 +64,8 @@ def _sources(name: str) -> list[str]:
     """Canonical checkpoint tensors a graph weight is made of."""
     if name.endswith(".attn.wqkv.weight"):
         return [name.replace(".wqkv.", f".{w}.") for w in ("wq", "wk", "wv")]
+    if name.endswith(".ffn.w13.weight"):
+        return [name.replace(".w13.", f".{w}.") for w in ("w1", "w3")]
     if name.endswith(".moe.fc1_swiglu_interleaved"):
         base = name.removesuffix(".fc1_swiglu_interleaved")
         return [f"{base}.w1", f"{base}.w3"]
