@@ -224,7 +224,10 @@ class _RichProgress:
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
               help="Weights per quantisation block along the input dimension (one scale and zero point each).")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
-              help="With --quantize: the output projection in 8 bits (tied embeddings always stay float).")
+              help="With --quantize: quantise the output projection too (tied embeddings always stay float).")
+@click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="With --quantize: code width of the output projection (4 reads fewer bytes per token, "
+                   "costs more quality).")
 @click.option("--quant-scheme", type=click.Choice(["asymmetric", "symmetric"]), default="asymmetric",
               show_default=True, help="With --quantize: a zero point per block, or the fixed one 2^(bits-1).")
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
@@ -233,7 +236,7 @@ class _RichProgress:
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
+           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -245,6 +248,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
+                            lm_head_bits=int(lm_head_bits),
                             quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
@@ -267,7 +271,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
         qz = m.quantization
         click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
                    f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
-                   + (", lm_head 8 bits" if any(t.weight == "output.weight" for t in qz.tensors) else ""))
+                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight"))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
                f"{w['written_bytes']:,} bytes written")

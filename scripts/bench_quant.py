@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_peers  # noqa: E402  (the 125M checkpoint, genai source folder, summaries)
 
 QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"],
-          "int4 block 128": ["--quantize", "int4", "--block-size", "128"]}
+          "int4 block 128": ["--quantize", "int4", "--block-size", "128"],
+          "int4 block 128 lm_head 4": ["--quantize", "int4", "--block-size", "128", "--lm-head-bits", "4"]}
 
 
 def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:

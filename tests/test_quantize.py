@@ -129,10 +129,10 @@ CASES = [
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
     ("mistral", "tensorrt", dict(quantize="int4", block_size=64)),
     ("mistral_full", "onnxruntime", dict(quantize="int8", accuracy_level=0, quant_scheme="symmetric")),
-    ("mistral_full", "onnx", dict(quantize="int4")),
+    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
     ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
     ("mixtral4", "onnxruntime", dict(quantize="int8", accuracy_level=0)),
-    ("mixtral4", "onnx", dict(quantize="int4", block_size=64)),
+    ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
 ]
 
 
@@ -154,8 +154,9 @@ def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, option
 
     q = m.quantization
     assert q.bits == {"int4": 4, "int8": 8}[options["quantize"]] and q.block_size == options.get("block_size", 32)
-    assert {t.weight for t in q.tensors} == expected_weights(m.config, target, lm_head=True)
-    assert all(t.bits == (8 if t.weight == "output.weight" else q.bits) for t in q.tensors)
+    assert {t.weight for t in q.tensors} == expected_weights(m.config, target, lm_head=options.get("quantize_lm_head", True))
+    lm_bits = options.get("lm_head_bits", 8)
+    assert all(t.bits == (lm_bits if t.weight == "output.weight" else q.bits) for t in q.tensors)
     if target == "onnxruntime":
         assert q.accuracy_level == 0 and m.ops["com.microsoft::MatMulNBits"] == sum(
             t.op == "com.microsoft::MatMulNBits" for t in q.tensors)
@@ -219,8 +220,9 @@ def _float_weight(folder: Path, weight: str) -> np.ndarray:
 @pytest.mark.parametrize("variant,target,options", [
     ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
     ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
-    ("mixtral4", "onnx", dict(quantize="int4", block_size=64)),
+    ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
+    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
 ])
 def test_graph_holds_exactly_the_listed_quantised_tensors(qexport, ckpt_factory, variant, target, options):
     out = qexport(variant, target, **options)

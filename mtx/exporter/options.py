@@ -26,7 +26,8 @@ class ExportOptions:
     allow_nonfinite: bool = False  # export weights holding NaN or Inf (refused by default)
     quantize: str | None = None  # "int8" | "int4": weight-only quantisation (docs/ops.md §7)
     block_size: int = 32  # elements per quantisation block along the input dimension
-    quantize_lm_head: bool = True  # the output projection in 8 bits
+    quantize_lm_head: bool = True  # the output projection in lm_head_bits
+    lm_head_bits: int = 8  # 8 (default) or 4
     quant_scheme: str = "asymmetric"  # or "symmetric"
     accuracy_level: int = 4  # onnxruntime target: 4 = int8 activations (fast), 0 = float activations (exact)
 
@@ -54,6 +55,8 @@ class ExportOptions:
         if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got "
                              f"{self.block_size!r}", params=("block_size",))
+        if isinstance(self.lm_head_bits, bool) or self.lm_head_bits not in (4, 8):
+            raise UsageError(f"lm_head_bits: expected 4 or 8, got {self.lm_head_bits!r}", params=("lm_head_bits",))
         if self.quant_scheme not in SCHEMES:
             raise UsageError(f"quant_scheme: expected one of {', '.join(SCHEMES)}, got {self.quant_scheme!r}",
                              params=("quant_scheme",))

@@ -83,8 +83,9 @@ def _lazy_numpy(name: str, shape: tuple[int, ...], dtype: ir.DataType, make: Cal
 
 class _Rewriter:
     def __init__(self, model: ir.Model, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
-                 lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str]) -> None:
-        self.checkpoint_names = checkpoint_names
+                 lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
+                 lm_head_bits: int = q.LM_HEAD_BITS) -> None:
+        self.checkpoint_names, self.lm_head_bits = checkpoint_names, lm_head_bits
         self.model, self.graph, self.target, self.dtype = model, model.graph, target, dtype
         self.spec, self.accuracy_level, self.lm_head, self.load = spec, accuracy_level, lm_head, load
         self.memo = _Memo()
@@ -153,7 +154,7 @@ class _Rewriter:
             if DENSE.fullmatch(w.name):
                 spec = self.spec
             elif w.name == LM_HEAD and self.lm_head:
-                spec = q.QuantSpec(q.LM_HEAD_BITS, self.spec.block_size, self.spec.scheme)
+                spec = q.QuantSpec(self.lm_head_bits, self.spec.block_size, self.spec.scheme)
             else:
                 continue
             uses = list(node.outputs[0].uses())
@@ -216,13 +217,14 @@ class _Rewriter:
 
 
 def quantize_graph(model: ir.Model, *, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
-                   lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str]) -> QuantPlan:
+                   lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
+                   lm_head_bits: int = q.LM_HEAD_BITS) -> QuantPlan:
     """Rewrite ``model`` in place per docs/ops.md §7; returns the manifest's tensor list and fallbacks.
 
     ``load(name)`` gives a canonical checkpoint tensor in ``dtype`` (``checkpoint_names``); other
     initializers (packed QKV, interleaved experts) are evaluated from their lazy values.
     """
-    rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names)
+    rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names, lm_head_bits)
     rw.projections()
     rw.experts()
     graph = model.graph
