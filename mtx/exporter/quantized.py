@@ -55,8 +55,9 @@ class _Memo:
 
     def get(self, key: tuple, make: Callable[[], q.Quantized]) -> q.Quantized:
         if key != self.key:
-            self.key, self.value = None, None
-            self.value, self.key = make(), key
+            self.key, self.value = None, None  # free the previous weight before making the next
+            self.value = make()
+            self.key = key
         return self.value
 
 
