@@ -221,8 +221,9 @@ class _RichProgress:
               help="Weight-only quantisation of the projections and experts, round to nearest per block "
                    "(docs/ops.md §7): onnxruntime target MatMulNBits / QMoE, onnx and tensorrt blocked "
                    "DequantizeLinear. Default: float weights.")
-@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="32", show_default=True,
-              help="Weights per quantisation block along the input dimension (one scale and zero point each).")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="Weights per quantisation block along the input dimension (one scale and zero point each). "
+                   "Smaller blocks are more accurate and read more bytes per token.")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
               help="With --quantize: quantise the output projection too (tied embeddings always stay float).")
 @click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,

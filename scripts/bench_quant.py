@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_peers  # noqa: E402  (the 125M checkpoint, genai source folder, summaries)
 
-QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4"],
+QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4 block 32": ["--quantize", "int4", "--block-size", "32"],
           "int4 block 128": ["--quantize", "int4", "--block-size", "128"],
           "int4 block 128 lm_head 4": ["--quantize", "int4", "--block-size", "128", "--lm-head-bits", "4"]}
 
@@ -214,7 +214,8 @@ def speed(work: Path, a: argparse.Namespace) -> dict:
     folders = {f"mtx {q}": mtx_export(str(ckpt), work / f"mtx-125m-{q.replace(' ', '-')}", args) for q, args in QUANTS.items()}
     if a.accuracy_level0:
         folders["mtx int4 accuracy_level 0"] = mtx_export(str(ckpt), work / "mtx-125m-int4-acc0",
-                                                          ["--quantize", "int4", "--accuracy-level", "0"])
+                                                          ["--quantize", "int4", "--block-size", "32",
+                                                           "--accuracy-level", "0"])
     graph = None
     if "genai" not in a.skip:
         src = genai_source(ckpt, work, "mistral-125m")

@@ -130,8 +130,8 @@ CASES = [
     ("mistral", "tensorrt", dict(quantize="int4", block_size=64)),
     ("mistral_full", "onnxruntime", dict(quantize="int8", accuracy_level=0, quant_scheme="symmetric")),
     ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
-    ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
-    ("mixtral4", "onnxruntime", dict(quantize="int8", accuracy_level=0)),
+    ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
+    ("mixtral4", "onnxruntime", dict(quantize="int8", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
 ]
 
@@ -153,7 +153,7 @@ def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, option
     assert np.abs(got[:, :SCHEDULE[0]] - first).max() > 1e-2
 
     q = m.quantization
-    assert q.bits == {"int4": 4, "int8": 8}[options["quantize"]] and q.block_size == options.get("block_size", 32)
+    assert q.bits == {"int4": 4, "int8": 8}[options["quantize"]] and q.block_size == options.get("block_size", 128)
     assert {t.weight for t in q.tensors} == expected_weights(m.config, target, lm_head=options.get("quantize_lm_head", True))
     lm_bits = options.get("lm_head_bits", 8)
     assert all(t.bits == (lm_bits if t.weight == "output.weight" else q.bits) for t in q.tensors)
@@ -171,7 +171,7 @@ def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, option
 
 def test_torch_backend_and_parity_use_the_same_quantised_weights(qexport):
     """mtx parity (reference and --backends torch) on a quantised export: within 1e-4 (fake quant)."""
-    out = qexport("mixtral4", "onnxruntime", quantize="int4", accuracy_level=0)
+    out = qexport("mixtral4", "onnxruntime", quantize="int4", accuracy_level=0, block_size=32)
     ckpt = Path(read_manifest(out).checkpoint["path"])
     report = run_parity(ckpt, out, ParityOptions(backends=("onnxruntime", "torch"), steps=30))
     assert report.passed, [(b.name, float(b.logits["max_abs"].max())) for b in report.ran]
@@ -218,8 +218,8 @@ def _float_weight(folder: Path, weight: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("variant,target,options", [
-    ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
-    ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
+    ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
+    ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
     ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
@@ -302,9 +302,9 @@ def test_bad_options(ckpt_factory, tmp_path, args, needle):
 
 
 def test_block_that_does_not_fit_the_experts(ckpt_factory, tmp_path):
-    """QMoE has no short blocks: hidden size 64 with blocks of 128 is refused, naming the option and tensor."""
-    res = run_mtx("export", str(ckpt_factory("mixtral4")), "-o", str(tmp_path / "out"), "--quantize", "int4",
-                  "--block-size", "128")
+    """QMoE has no short blocks: hidden size 64 with blocks of 128 (the default) is refused, naming the
+    option and tensor."""
+    res = run_mtx("export", str(ckpt_factory("mixtral4")), "-o", str(tmp_path / "out"), "--quantize", "int4")
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--block-size" in lines[0] and "moe" in lines[0] and "Traceback" not in res.stderr
@@ -326,7 +326,7 @@ def test_quality_mode(qexport, ckpt_factory, tmp_path):
     from mtx.parity.quality import run_quality
 
     folder = ckpt_factory("mixtral4")
-    out = qexport("mixtral4", "onnxruntime", quantize="int4", accuracy_level=0)
+    out = qexport("mixtral4", "onnxruntime", quantize="int4", accuracy_level=0, block_size=32)
     ids = torch.randint(3, 128, (1, 150), generator=torch.Generator().manual_seed(5))
     text = tmp_path / "held_out.txt"
     text.write_text(" ".join(f"w{i}" for i in ids[0].tolist()))

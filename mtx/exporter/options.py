@@ -25,7 +25,7 @@ class ExportOptions:
     force: bool = False
     allow_nonfinite: bool = False  # export weights holding NaN or Inf (refused by default)
     quantize: str | None = None  # "int8" | "int4": weight-only quantisation (docs/ops.md §7)
-    block_size: int = 32  # elements per quantisation block along the input dimension
+    block_size: int = 128  # elements per quantisation block along the input dimension
     quantize_lm_head: bool = True  # the output projection in lm_head_bits
     lm_head_bits: int = 8  # 8 (default) or 4
     quant_scheme: str = "asymmetric"  # or "symmetric"
