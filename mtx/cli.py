@@ -217,9 +217,27 @@ class _RichProgress:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an earlier export or any other folder).")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
+              help="Weight-only quantisation of the projections and experts, round to nearest per block "
+                   "(docs/ops.md §7): onnxruntime target MatMulNBits / QMoE, onnx and tensorrt blocked "
+                   "DequantizeLinear. Default: float weights.")
+@click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="Weights per quantisation block along the input dimension (one scale and zero point each). "
+                   "Smaller blocks are more accurate and read more bytes per token.")
+@click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
+              help="With --quantize: quantise the output projection too (tied embeddings always stay float).")
+@click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="With --quantize: code width of the output projection (4 reads fewer bytes per token, "
+                   "costs more quality).")
+@click.option("--quant-scheme", type=click.Choice(["asymmetric", "symmetric"]), default="asymmetric",
+              show_default=True, help="With --quantize: a zero point per block, or the fixed one 2^(bits-1).")
+@click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
+              help="onnxruntime target with --quantize: 4 lets ONNX Runtime quantise activations to int8 "
+                   "(fastest on CPU); 0 keeps them float, so the graph equals the fake-quant reference.")
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
-           max_position: int | None, force: bool, allow_nonfinite: bool, as_json: bool) -> None:
+           max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
+           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -229,7 +247,10 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     from mtx.exporter.options import ExportOptions, check_out
 
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
-                            max_position=max_position, force=force, allow_nonfinite=allow_nonfinite)
+                            max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
+                            quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
+                            lm_head_bits=int(lm_head_bits),
+                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
     from mtx.exporter.core import export as run_export
@@ -247,6 +268,11 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                                                    if m.local_window_size is not None else ""))
     if m.moe_op:
         click.echo(f"  moe: {m.moe_op}")
+    if m.quantization is not None:
+        qz = m.quantization
+        click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
+                   f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
+                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight"))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
                f"{w['written_bytes']:,} bytes written")
@@ -378,12 +404,19 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
               help="Relative tolerance, times the largest |reference logit| of the position. Default by dtype: "
                    "float32 0, float16 1e-2, bfloat16 8e-2.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt ids.")
+@click.option("--quality", is_flag=True,
+              help="Instead of exact logits: perplexity of the export and of the float32 model (no fake quant) "
+                   "on a text, and their top-1 agreement (for quantised exports). Exit code 0.")
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="With --quality: the text file to score. Default: mtx's own sources, held out from the built-in "
+                   "models' training data (Python's standard library).")
+@click.option("--max-tokens", type=int, default=2048, show_default=True, help="With --quality: tokens scored.")
 @json_option("Print one JSON object (per-step records, summary, diagnosis) instead of tables.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
               help="Write a plot of the error vs position with window boundaries marked (format from the suffix).")
 def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, prompt_len: int | None,
            steps: int | None, chunk: int | None, per_layer: bool, atol: float | None, rtol: float | None, seed: int,
-           as_json: bool, plot: Path | None) -> None:
+           quality: bool, text_file: Path | None, max_tokens: int, as_json: bool, plot: Path | None) -> None:
     """Check an export OUT against the PyTorch reference built from CKPT, position by position.
 
     Runs a chunked prefill and then single-token decoding past several wraps of the rolling KV buffer
@@ -395,6 +428,21 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
     import importlib.util
 
     from mtx.parity.options import ParityOptions
+
+    if quality:
+        from mtx.parity.quality import run_quality
+
+        q = run_quality(ckpt, out, text_file, max_tokens)
+        if as_json:
+            emit_json(q.to_dict())
+        else:
+            click.echo(f"quality on {q.text}: {q.tokens} tokens")
+            click.echo(f"  perplexity: float32 reference {q.reference_perplexity:.4f}, export {q.export_perplexity:.4f} "
+                       f"({(q.perplexity_ratio - 1) * 100:+.2f}%)")
+            click.echo(f"  top-1 agreement with the reference: {q.top1_agreement:.2%}")
+        return
+    if text_file is not None:
+        raise UsageError("--text applies to --quality only")
 
     options = ParityOptions(backends=_parse_backends(backends), prompt=prompt, prompt_len=prompt_len, steps=steps,
                             chunk=chunk, per_layer=per_layer, atol=atol, rtol=rtol, seed=seed)

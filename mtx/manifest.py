@@ -19,7 +19,7 @@ from mtx.names import DTYPES, TARGETS
 
 MANIFEST = "mtx.json"
 FORMAT = "mtx-export"
-FORMAT_VERSION = 2  # 2: layer_outputs, role "tooling" (docs/ops.md §5)
+FORMAT_VERSION = 3  # 2: layer_outputs, role "tooling"; 3: quantization (docs/ops.md §5)
 LAYOUTS = ("ring", "ort_window")
 PAST_PRESENT = ("separate", "shared")
 MULTI_TOKEN = ("any", "first_call_only")
@@ -67,6 +67,40 @@ class LayerOutput:
 
 
 @dataclass(frozen=True)
+class QuantizedTensor:
+    """One quantised weight of the graph (docs/ops.md §5, §7): initializer names of its codes, scales and
+    zero points (null: the op's default zero point), the float tensor it replaces and its sources."""
+
+    weight: str
+    sources: list[str]
+    shape: list[int]  # logical float shape [..., N, K]
+    bits: int
+    op: str  # "domain::op_type" consuming the codes
+    codes: str
+    scales: str
+    zero_points: str | None
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How an export's weights were quantised (docs/ops.md §7); ``Manifest.quantization`` is None for float."""
+
+    method: str  # "rtn"
+    bits: int
+    block_size: int
+    scheme: str  # "asymmetric" | "symmetric"
+    accuracy_level: int | None  # onnxruntime target; None for the others
+    lm_head: bool
+    tensors: list[QuantizedTensor]
+
+    def spec(self, bits: int | None = None):
+        """The mtx.quantize.QuantSpec of the projections (or of ``bits``-bit tensors such as the lm_head)."""
+        from mtx.quantize import QuantSpec
+
+        return QuantSpec(bits or self.bits, self.block_size, self.scheme)
+
+
+@dataclass(frozen=True)
 class FileEntry:
     path: str  # relative to the export folder
     role: str
@@ -97,6 +131,7 @@ class Manifest:
     local_window_size: int | None  # GroupQueryAttention attribute written (onnxruntime target)
     fallbacks: list[Fallback]
     layer_outputs: list[LayerOutput]
+    quantization: Quantization | None
     engine: str | None
     engine_status: str
     checkpoint: dict[str, Any]
@@ -135,6 +170,20 @@ class Manifest:
         for i, entry in enumerate(d["files"]):
             _check_keys(entry, FileEntry, f"{origin}: files[{i}]")
             _choice(entry, "role", ROLES, f"{origin}: files[{i}]")
+        quant = d["quantization"]
+        if quant is not None:
+            _check_keys(quant, Quantization, f"{origin}: quantization")
+            _choice(quant, "method", ("rtn",), f"{origin}: quantization")
+            _choice(quant, "scheme", ("asymmetric", "symmetric"), f"{origin}: quantization")
+            for key, allowed in (("bits", (4, 8)), ("block_size", (32, 64, 128))):
+                if quant[key] not in allowed:
+                    raise ManifestError(f"{origin}: quantization {key} {quant[key]!r} is not one of "
+                                        f"{', '.join(map(str, allowed))}")
+            for i, qt in enumerate(quant["tensors"]):
+                _check_keys(qt, QuantizedTensor, f"{origin}: quantization.tensors[{i}]")
+                if qt["bits"] not in (4, 8):
+                    raise ManifestError(f"{origin}: quantization.tensors[{i}] bits {qt['bits']!r} is not 4 or 8")
+            quant = Quantization(**{**quant, "tensors": [QuantizedTensor(**t) for t in quant["tensors"]]})
         try:
             cfg = ModelConfig.from_dict(d["config"], origin=f"{origin}: config")
         except MtxError as e:
@@ -145,7 +194,7 @@ class Manifest:
         return cls(**{**d, "kv": KVSpec(**kv), "inputs": [TensorSpec(**s) for s in d["inputs"]],
                       "outputs": [TensorSpec(**s) for s in d["outputs"]],
                       "fallbacks": [Fallback(**f) for f in d["fallbacks"]],
-                      "layer_outputs": [LayerOutput(**lo) for lo in d["layer_outputs"]],
+                      "layer_outputs": [LayerOutput(**lo) for lo in d["layer_outputs"]], "quantization": quant,
                       "files": [FileEntry(**f) for f in d["files"]]})
 
     @property
@@ -170,6 +219,7 @@ _TYPES: dict[str, Any] = {
     "str": str, "int": int, "dict[str, Any]": dict, "list[int | str]": list, "list[int]": list,
     "list[TensorSpec]": list, "list[Fallback]": list, "list[LayerOutput]": list, "list[FileEntry]": list,
     "dict[str, int]": dict, "dict[str, str | None]": dict, "KVSpec": dict,
+    "Quantization": dict, "list[QuantizedTensor]": list, "list[str]": list, "bool": bool,
 }
 
 
@@ -189,7 +239,7 @@ def _check_keys(d: Any, cls: type, origin: str) -> None:
         if value is None and optional:
             continue
         want = _TYPES[kind.removesuffix(" | None")]
-        if isinstance(value, bool) or not isinstance(value, want):
+        if (isinstance(value, bool) != (want is bool)) or not isinstance(value, want):
             raise ManifestError(f"{origin}: key {f.name!r} must be {kind}, got {value!r}"[:300])
 
 

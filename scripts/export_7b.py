@@ -2,14 +2,16 @@
 """Export a synthetic Mistral-7B-shaped checkpoint and report wall time and peak memory as JSON.
 
     python scripts/export_7b.py [--workdir /tmp/mtx-7b] [--run onnxruntime:float16 ...] [--keep]
+    python scripts/export_7b.py --run onnxruntime:float32:int4 --bench   # quantised (docs/ops.md §7), then mtx bench
 
 The checkpoint has Mistral-7B's shapes (hidden 4096, 32 layers, 32 heads, 8 KV heads, head_dim 128,
 intermediate 14336, vocab 32000, sliding window 4096) in float16, ~14.5 GB in three HF-style
 shards with ``model.safetensors.index.json``. Its data is cheap and deterministic (a small random
 block tiled over every tensor) and is written tensor by tensor, so neither this script nor the
 export ever holds the weights in memory. Each ``--run TARGET:DTYPE`` runs ``python -m mtx export``
-in a child process; the report gives its wall time and peak RSS (the child's ``rusage`` from
-``wait4``, children of the child included). Everything is deleted afterwards unless ``--keep``;
+in a child process (``TARGET:DTYPE:int4`` / ``:int8`` adds ``--quantize``); the report gives its wall
+time and peak RSS (the child's ``rusage`` from ``wait4``, children of the child included), and with
+``--bench`` the ``mtx bench`` decode speed and RSS of each export on ``--threads`` threads. Everything is deleted afterwards unless ``--keep``;
 each export is deleted after its run to save disk.
 """
 
@@ -97,11 +99,11 @@ def make_checkpoint(folder: Path, layers: int, shards: int = 3) -> int:
     return total
 
 
-def run_export(ckpt: Path, out: Path, target: str, dtype: str) -> dict:
+def run_export(ckpt: Path, out: Path, target: str, dtype: str, quantize: str | None = None) -> dict:
     """Run ``mtx export`` in a child process; return its manifest and measured wall time / peak RSS."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", target, "--dtype", dtype,
-           "--json", "--force"]
+           "--json", "--force"] + (["--quantize", quantize] if quantize else [])
     with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
         t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
@@ -119,7 +121,24 @@ def run_export(ckpt: Path, out: Path, target: str, dtype: str) -> dict:
         "peak_rss_gib": round(peak / 2**30, 2), "target": manifest["target"], "dtype": manifest["dtype"],
         "attention_op": manifest["attention_op"], "fallbacks": manifest["fallbacks"], "weights": manifest["weights"],
         "output_bytes": sum(f["bytes"] for f in manifest["files"]),
+        "quantization": None if manifest["quantization"] is None else {
+            k: v for k, v in manifest["quantization"].items() if k != "tensors"},
     }
+
+
+def run_bench(out: Path, threads: int, new_tokens: int) -> dict:
+    """``mtx bench OUT --json`` in a child process (its own peak RSS from ``wait4`` as well)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "mtx", "bench", str(out), "--threads", str(threads), "--prompt-len", "16",
+           "--new-tokens", str(new_tokens), "--json"]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        stdout.seek(0), stderr.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            return {"command": " ".join(cmd), "failed": stderr.read()[-2000:]}
+        result = json.loads(stdout.read())
+    return {"command": " ".join(cmd), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2), **result}
 
 
 def main() -> None:
@@ -129,6 +148,9 @@ def main() -> None:
                     help="an export to measure (repeatable); default onnxruntime:float16")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick run")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the exports")
+    ap.add_argument("--bench", action="store_true", help="run mtx bench on each export")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32)
     a = ap.parse_args()
 
     ckpt = a.workdir / "checkpoint"
@@ -137,9 +159,12 @@ def main() -> None:
     report: dict = {"checkpoint_bytes": size, "checkpoint_write_s": round(time.time() - t0, 1), "runs": []}
     try:
         for spec in a.run or ["onnxruntime:float16"]:
-            target, dtype = spec.split(":")
-            out = a.workdir / f"export-{target}-{dtype}"
-            report["runs"].append(run_export(ckpt, out, target, dtype))
+            target, dtype, *quant = spec.split(":")
+            out = a.workdir / f"export-{target}-{dtype}{''.join('-' + q for q in quant)}"
+            run = run_export(ckpt, out, target, dtype, quant[0] if quant else None)
+            if a.bench:
+                run["bench"] = run_bench(out, a.threads, a.new_tokens)
+            report["runs"].append(run)
             if not a.keep:
                 shutil.rmtree(out)
     finally:

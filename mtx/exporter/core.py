@@ -20,13 +20,13 @@ import mtx
 from mtx import rolling_kv
 from mtx.assets import resolve_checkpoint
 from mtx.errors import MtxError, UsageError
-from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, output, trace, weights
+from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, output, quantized, trace, weights
 from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
-                                   TensorSpec, sha256_file, write_manifest)
+                                   Quantization, TensorSpec, sha256_file, write_manifest)
 from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
 from mtx.exporter.options import ExportOptions, check_out
 from mtx.exporter.progress import Progress
-from mtx.models.checkpoint import Checkpoint
+from mtx.models.checkpoint import Checkpoint, check_finite
 from mtx.names import onnx_dtype_name, torch_dtype
 from mtx.tokenizer import TOKENIZER_FILES, check_side_files
 
@@ -110,6 +110,7 @@ class _GraphPlan:
     max_position: int | None = None
     local_window_size: int | None = None
     fallbacks: list[Fallback] = field(default_factory=list)
+    quantization: Quantization | None = None
 
 
 def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: ExportOptions,
@@ -138,8 +139,38 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
             plan.kv = KVSpec("ort_window" if window else "ring", "shared", "first_call_only")
         if lower_moe:
             plan.moe_op = f"{ort_lowering.MS_DOMAIN}::MoE"
+    uses_dq = False
+    spec = options.quant_spec
+    if spec is not None:
+        progress.stage(f"quantising weights to {spec.bits} bits, blocks of {spec.block_size} ({spec.scheme})")
+
+        def load(name: str) -> torch.Tensor:
+            t = ck.load(name, dtype)
+            if not options.allow_nonfinite:
+                check_finite(name, t, ck.sources[name].refs[0])
+            return t
+
+        if options.target == "onnxruntime":  # quantised weights are written anyway: one MatMulNBits for gate+up
+            ort_fusions.pack_gate_up(model, dtype, load)
+        qplan = quantized.quantize_graph(model, target=options.target, dtype=dtype, spec=spec,
+                                         accuracy_level=options.accuracy_level, lm_head=options.quantize_lm_head,
+                                         load=load, checkpoint_names=set(ck.sources),
+                                         lm_head_bits=options.lm_head_bits)
+        plan.fallbacks += [Fallback(fb.op, _layers_of_ms(model, "MoE"), fb.reason) for fb in qplan.fallbacks]
+        if plan.moe_op == f"{ort_lowering.MS_DOMAIN}::MoE" and any(t.op.endswith("::QMoE") for t in qplan.tensors):
+            plan.moe_op = f"{ort_lowering.MS_DOMAIN}::QMoE"
+        plan.quantization = quantized.manifest_entry(qplan, spec, options.target, options.accuracy_level,
+                                                     options.quantize_lm_head)
+        uses_dq = qplan.uses_dq
     trace.attach_functions(model)
+    if uses_dq:
+        quantized.set_dq_opset(model)
     return plan
+
+
+def _layers_of_ms(model: ir.Model, op: str) -> list[int]:
+    """Layer numbers of the com.microsoft nodes ``op`` (one per layer, in graph order)."""
+    return [i for i, _ in enumerate(n for n in model.graph if n.domain == ort_lowering.MS_DOMAIN and n.op_type == op)]
 
 
 def export(checkpoint: str | Path | None, out: str | Path, options: ExportOptions = ExportOptions(),
@@ -196,7 +227,8 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
             outputs=[TensorSpec(v.name, onnx_dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
             ops=trace.count_ops(model), attention_op=plan.attention_op, moe_op=plan.moe_op,
             local_window_size=plan.local_window_size, fallbacks=plan.fallbacks,
-            layer_outputs=_layer_outputs(model, cfg.num_layers), engine=engine, engine_status=engine_status,
+            layer_outputs=_layer_outputs(model, cfg.num_layers), quantization=plan.quantization, engine=engine,
+            engine_status=engine_status,
             checkpoint={"path": str(ck.root.resolve()), "format": cfg.source_format,
                         "dtype": str(ck.dtype).removeprefix("torch.")},
             weights=report.manifest_entry(), versions=_versions(), files=files)

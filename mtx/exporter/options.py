@@ -7,6 +7,10 @@ from pathlib import Path
 
 from mtx.errors import UsageError
 from mtx.manifest import DTYPES, MANIFEST, TARGETS
+from mtx.quantize import BLOCK_SIZES, QUANTIZE_BITS, SCHEMES, QuantSpec
+
+#: ``accuracy_level`` values of MatMulNBits / QMoE that mtx writes (docs/ops.md §7).
+ACCURACY_LEVELS = (0, 4)
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,19 @@ class ExportOptions:
     max_position: int | None = None  # onnxruntime target: rows of the rotary tables
     force: bool = False
     allow_nonfinite: bool = False  # export weights holding NaN or Inf (refused by default)
+    quantize: str | None = None  # "int8" | "int4": weight-only quantisation (docs/ops.md §7)
+    block_size: int = 128  # elements per quantisation block along the input dimension
+    quantize_lm_head: bool = True  # the output projection in lm_head_bits
+    lm_head_bits: int = 8  # 8 (default) or 4
+    quant_scheme: str = "asymmetric"  # or "symmetric"
+    accuracy_level: int = 4  # onnxruntime target: 4 = int8 activations (fast), 0 = float activations (exact)
+
+    @property
+    def quant_spec(self) -> QuantSpec | None:
+        """The block rule of the projections and experts, or None for float weights."""
+        if self.quantize is None:
+            return None
+        return QuantSpec(QUANTIZE_BITS[self.quantize], self.block_size, self.quant_scheme)
 
     def validate(self) -> None:
         """Raise UsageError naming the option for any value that cannot work, whatever the checkpoint."""
@@ -32,6 +49,23 @@ class ExportOptions:
                            ("max_position", self.max_position)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise UsageError(f"{opt}: expected a positive integer, got {value!r}", params=(opt,))
+        if self.quantize is not None and self.quantize not in QUANTIZE_BITS:
+            raise UsageError(f"quantize: unknown weight format {self.quantize!r}; expected one of "
+                             f"{', '.join(QUANTIZE_BITS)}", params=("quantize",))
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise UsageError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got "
+                             f"{self.block_size!r}", params=("block_size",))
+        if isinstance(self.lm_head_bits, bool) or self.lm_head_bits not in (4, 8):
+            raise UsageError(f"lm_head_bits: expected 4 or 8, got {self.lm_head_bits!r}", params=("lm_head_bits",))
+        if self.quant_scheme not in SCHEMES:
+            raise UsageError(f"quant_scheme: expected one of {', '.join(SCHEMES)}, got {self.quant_scheme!r}",
+                             params=("quant_scheme",))
+        if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
+            raise UsageError(f"accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, got "
+                             f"{self.accuracy_level!r}", params=("accuracy_level",))
+        if self.quantize is not None and self.dtype == "bfloat16":
+            raise UsageError("quantize: quantised exports take dtype float32 or float16 (ONNX Runtime's "
+                             "MatMulNBits has no bfloat16 CPU kernel)", params=("quantize", "dtype"))
         if self.max_position is not None and self.target != "onnxruntime":
             raise UsageError(f"max_position: applies to target onnxruntime only (the rotary tables of "
                              f"GroupQueryAttention), not to {self.target}", params=("max_position", "target"))

@@ -12,6 +12,10 @@ reference (docs/ops.md §4 names them):
 * QKV — the three projections feeding a ``GroupQueryAttention`` become one MatMul over the
   concatenated ``[Wq; Wk; Wv]`` (initializer ``layers.{l}.attn.wqkv.weight``), passed as the packed
   query input.
+* Gate/up (quantised exports only, :func:`pack_gate_up`) — the two projections of a dense SwiGLU
+  become one MatMul over ``[W1; W3]`` (initializer ``layers.{l}.ffn.w13.weight``) followed by a Split
+  into gate and up. Float exports keep them apart so that W1 and W3 stay referenced in the
+  checkpoint's own file (docs/ops.md §6), not written again.
 
 A chain that does not match exactly is left as it is (still correct, only slower).
 """
@@ -181,6 +185,51 @@ def pack_qkv(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Te
                 graph.remove(n, safe=True)
         packed += 1
     return packed  # the separate q/k/v weights, now unused, go with fuse()'s RemoveUnusedNodesPass
+
+
+def _weight_projection(w_name: str, graph: ir.Graph) -> tuple[ir.Node, ir.Node] | None:
+    """(Transpose, MatMul) of ``MatMul(x, Transpose(W))`` for initializer ``w_name``, or None."""
+    w = graph.initializers.get(w_name)
+    if w is None:
+        return None
+    uses = [n for n, _ in w.uses()]
+    if len(uses) != 1 or uses[0].op_type != "Transpose" or list(uses[0].attributes["perm"].value) != [1, 0]:
+        return None
+    mm = [(n, i) for n, i in uses[0].outputs[0].uses()]
+    if len(mm) != 1 or mm[0][0].op_type != "MatMul" or mm[0][1] != 1:
+        return None
+    return uses[0], mm[0][0]
+
+
+def pack_gate_up(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Tensor]) -> int:
+    """One MatMul over [W1; W3] per dense SwiGLU, split into gate and up; returns how many."""
+    graph = model.graph
+    packed = 0
+    for name in [n for n in graph.initializers if n.endswith(".ffn.w1.weight")]:
+        gate, up = _weight_projection(name, graph), _weight_projection(name.replace(".w1.", ".w3."), graph)
+        if gate is None or up is None or gate[1].inputs[0] is not up[1].inputs[0]:
+            continue
+        x = gate[1].inputs[0]
+        w1, w3 = graph.initializers[name], graph.initializers[name.replace(".w1.", ".w3.")]
+        rows, cols = int(w1.shape[0]), int(w1.shape[1])
+        packed_name = name.replace(".w1.", ".w13.")
+        names = [w1.name, w3.name]
+        w = add_initializer(graph, packed_name, lazy(packed_name, (2 * rows, cols), dtype,
+                                                     lambda names=names: torch.cat([load(n) for n in names], dim=0)))
+        tape = ir.tape.Tape()
+        both = tape.op("MatMul", [x, tape.op("Transpose", [w], {"perm": [1, 0]})])
+        sizes = tape.op("Constant", [], {"value_ints": [rows, rows]})
+        g, u = tape.op_multi_out("Split", [both, sizes], {"axis": -1}, num_outputs=2)
+        first = next(n for n in graph if n is gate[1] or n is up[1])
+        graph.insert_before(first, tape.nodes)
+        for new, (_, mm) in ((g, gate), (u, up)):
+            old = mm.outputs[0]
+            new.shape, new.type = old.shape, old.type
+            old.replace_all_uses_with(new, replace_graph_outputs=True)
+        for node in (gate[1], gate[0], up[1], up[0]):
+            graph.remove(node, safe=True)
+        packed += 1
+    return packed
 
 
 def fuse(model: ir.Model, dtype: torch.dtype, load: Callable[[str], torch.Tensor]) -> dict[str, int]:

@@ -341,11 +341,17 @@ class Checkpoint:
 
 
 def build_model(ckpt: Checkpoint | str | Path, dtype: torch.dtype | str | None = None,
-                device: torch.device | str = "cpu") -> torch.nn.Module:
+                device: torch.device | str = "cpu", quantization=None,
+                export_dtype: torch.dtype | str | None = None) -> torch.nn.Module:
     """Build a :class:`Transformer` on the meta device and fill it tensor by tensor.
 
     ``dtype`` defaults to the checkpoint's. Returns the model in eval mode with gradients off.
+    ``quantization`` (a manifest's :class:`mtx.manifest.Quantization`): the fake-quant reference of
+    that export — every tensor it lists is replaced by its dequantised weight ŵ (docs/ops.md §7),
+    quantised from the weight in ``export_dtype`` (default ``dtype``) and held in ``dtype``.
     """
+    from mtx.quantize import fake_quantize, reference_specs
+
     from mtx.models.transformer import Transformer
 
     if not isinstance(ckpt, Checkpoint):
@@ -357,7 +363,11 @@ def build_model(ckpt: Checkpoint | str | Path, dtype: torch.dtype | str | None =
     missing = set(params) - set(ckpt.sources)
     if missing:
         raise CheckpointError(f"{ckpt.root}: no source for {sorted(missing)[0]}")
+    specs = reference_specs(quantization)
+    quant_dtype = parse_dtype(export_dtype) if export_dtype is not None else dtype
     for name, tensor in ckpt.tensors(dtype):
+        if name in specs:
+            tensor = fake_quantize(tensor, specs[name], quant_dtype, dtype)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         setattr(module, attr, torch.nn.Parameter(tensor.to(device), requires_grad=False))

@@ -164,7 +164,8 @@ def _open_backend(name: str, out: Path, manifest: Manifest, ck: Checkpoint, per_
     if name == "torch":
         from mtx.models import build_model
 
-        return TorchRunner(name, build_model(ck, manifest.dtype), manifest.capacity)
+        return TorchRunner(name, build_model(ck, manifest.dtype, quantization=manifest.quantization),
+                           manifest.capacity)
     from mtx.runtime.trt_backend import TrtBackend  # only reached when tensorrt_unavailable() is None
 
     return BackendRunner(name, TrtBackend(out, manifest, max_batch=1))
@@ -191,13 +192,21 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
     ck = Checkpoint(resolve_checkpoint(checkpoint))
     _check_checkpoint(ck.root, ck.config.to_dict(), manifest, out)
     cfg = ck.config
-    tolerance = tolerance_for(manifest.dtype, options.atol, options.rtol)
+    quant = manifest.quantization
+    int8_activations = quant is not None and quant.accuracy_level == 4
+    tolerance = tolerance_for(manifest.dtype, options.atol, options.rtol, int8_activations=int8_activations)
 
     prompt_ids = _prompt_ids(out, options.prompt, cfg.vocab_size) if options.prompt is not None else None
     sched = plan_schedule(window=manifest.window, capacity=manifest.capacity, max_position=manifest.max_position,
                           vocab_size=cfg.vocab_size, prompt_ids=prompt_ids, prompt_len=options.prompt_len,
                           steps=options.steps, chunk=options.chunk, seed=options.seed)
     notes = list(sched.notes)
+    if quant is not None:
+        notes.append(f"quantised export ({quant.bits}-bit, blocks of {quant.block_size}, {quant.scheme}): the reference "
+                     f"has the same dequantised weights (fake quant); --quality compares with the float model")
+    if int8_activations:
+        notes.append("accuracy_level 4: ONNX Runtime quantises activations to int8 inside MatMulNBits/QMoE, so "
+                     "logits are not exact; export with --accuracy-level 0 for the exact check")
 
     names = list(options.backends) if options.backends else _default_backends(manifest)
     results: dict[str, BackendResult] = {}
@@ -206,7 +215,10 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
     from mtx.models import build_model
 
     ref_capacity = rolling_kv.capacity_for(sched.window, sched.positions)  # the reference's own minimal buffer
-    reference = TorchRunner(REFERENCE, build_model(ck, "float32"), ref_capacity, router_margins=cfg.is_moe)
+    # a quantised export's reference has the same dequantised weights (fake quant, docs/ops.md §7)
+    reference = TorchRunner(REFERENCE, build_model(ck, "float32", quantization=manifest.quantization,
+                                                   export_dtype=manifest.dtype),
+                            ref_capacity, router_margins=cfg.is_moe)
     comparison, router_margin, input_tokens = _compare_calls(reference, runners, sched, tolerance, options.per_layer,
                                                              results, progress)
 

@@ -50,4 +50,4 @@ def _torch_backend(root: Path, manifest: Manifest, *, threads: int | None, devic
                          f"pass the checkpoint folder itself to mtx.load")
     return TorchBackend.from_checkpoint(ckpt, manifest.dtype, capacity=manifest.capacity,
                                         max_batch=max_batch or manifest.max_batch, threads=threads,
-                                        device=device)
+                                        device=device, quantization=manifest.quantization)

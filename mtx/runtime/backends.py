@@ -78,14 +78,17 @@ class TorchBackend(Backend):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Any, dtype: str, *, capacity: int | None = None, max_batch: int = 8,
-                        threads: int | None = None, device: str | None = None) -> TorchBackend:
-        """The reference model of checkpoint folder ``ckpt`` in ``dtype`` on ``device`` (default cpu)."""
+                        threads: int | None = None, device: str | None = None,
+                        quantization: Any = None) -> TorchBackend:
+        """The reference model of checkpoint folder ``ckpt`` in ``dtype`` on ``device`` (default cpu);
+        with ``quantization`` (an export's manifest entry) its fake-quant weights (docs/ops.md §7)."""
         from mtx.models import build_model
 
         if threads:
             torch.set_num_threads(threads)
         device = device or "cpu"
-        return cls(build_model(ckpt, dtype, device=device), capacity=capacity, max_batch=max_batch, device=device)
+        model = build_model(ckpt, dtype, device=device, quantization=quantization)
+        return cls(model, capacity=capacity, max_batch=max_batch, device=device)
 
     def new_state(self, batch: int) -> Any:
         return self.model.new_kv(batch, self.capacity, self.dtype, self.device)

@@ -1,0 +1,246 @@
+"""Quantised weights in the graph (docs/ops.md §7): the rewrite behind ``mtx export --quantize``.
+
+Applied after lowering and fusion (onnxruntime target) or right after tracing (onnx, tensorrt):
+
+* a projection ``MatMul(x, Transpose(W))`` whose ``W`` is quantised becomes
+  ``com.microsoft.MatMulNBits`` (onnxruntime) or keeps its MatMul with ``W`` replaced by a blocked
+  ``DequantizeLinear`` of int codes (onnx, tensorrt);
+* ``com.microsoft.MoE`` becomes ``com.microsoft.QMoE`` (int4, or int8 with ``accuracy_level`` 4;
+  int8 with level 0 gets the dequantised float experts), and the ``w1``, ``w3``, ``w2`` inputs of a
+  ``mtx::MoE`` node become DequantizeLinear outputs.
+
+Every quantised initializer is lazy: one weight is loaded and quantised (:mod:`mtx.quantize`) when
+its codes are written, kept for its scales and zero points (written right after), then dropped, so
+peak memory stays about one float weight plus its codes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from mtx import quantize as q
+from mtx.errors import UsageError
+from mtx.exporter import functions
+from mtx.exporter.ort_lowering import MS_DOMAIN, add_initializer
+from mtx.exporter.weights import lazy
+from mtx.manifest import Fallback, Quantization, QuantizedTensor
+
+#: Default-domain opset of a graph holding blocked DequantizeLinear (``block_size`` is opset 21).
+DQ_OPSET = 21
+DENSE = re.compile(r"layers\.\d+\.(attn\.(wq|wk|wv|wo|wqkv)|ffn\.(w1|w2|w3|w13))\.weight")
+LM_HEAD = "output.weight"
+
+
+@dataclass
+class QuantPlan:
+    """What :func:`quantize_graph` did: manifest entries, fallbacks, whether DequantizeLinear was used."""
+
+    tensors: list[QuantizedTensor] = field(default_factory=list)
+    fallbacks: list[Fallback] = field(default_factory=list)
+    uses_dq: bool = False
+
+
+class _Memo:
+    """The last weight quantised: its codes, scales and zero points are written one after the other."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.value: q.Quantized | None = None
+
+    def get(self, key: tuple, make: Callable[[], q.Quantized]) -> q.Quantized:
+        if key != self.key:
+            self.key, self.value = None, None  # free the previous weight before making the next
+            self.value = make()
+            self.key = key
+        return self.value
+
+
+def _sources(name: str) -> list[str]:
+    """Canonical checkpoint tensors a graph weight is made of."""
+    if name.endswith(".attn.wqkv.weight"):
+        return [name.replace(".wqkv.", f".{w}.") for w in ("wq", "wk", "wv")]
+    if name.endswith(".ffn.w13.weight"):
+        return [name.replace(".w13.", f".{w}.") for w in ("w1", "w3")]
+    if name.endswith(".moe.fc1_swiglu_interleaved"):
+        base = name.removesuffix(".fc1_swiglu_interleaved")
+        return [f"{base}.w1", f"{base}.w3"]
+    return [name]
+
+
+def _lazy_numpy(name: str, shape: tuple[int, ...], dtype: ir.DataType, make: Callable[[], np.ndarray]) -> ir.LazyTensor:
+    def evaluate() -> ir.TensorProtocol:
+        a = make()
+        if tuple(a.shape) != tuple(shape):
+            raise AssertionError(f"{name}: produced {list(a.shape)}, expected {list(shape)}")
+        return ir.Tensor(a, dtype=dtype, name=name)
+    return ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+class _Rewriter:
+    def __init__(self, model: ir.Model, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
+                 lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
+                 lm_head_bits: int = q.LM_HEAD_BITS) -> None:
+        self.checkpoint_names, self.lm_head_bits = checkpoint_names, lm_head_bits
+        self.model, self.graph, self.target, self.dtype = model, model.graph, target, dtype
+        self.spec, self.accuracy_level, self.lm_head, self.load = spec, accuracy_level, lm_head, load
+        self.memo = _Memo()
+        self.plan = QuantPlan()
+
+    # -- weights ------------------------------------------------------------------------------------
+
+    def _float(self, value: ir.Value) -> torch.Tensor:
+        """The float weight of an initializer: a checkpoint tensor, or the lazy one lowering made."""
+        if value.name in self.checkpoint_names:
+            return self.load(value.name)
+        return torch.from_numpy(np.asarray(value.const_value.numpy()).copy()).to(self.dtype)
+
+    def quantized(self, value: ir.Value, spec: q.QuantSpec) -> Callable[[], q.Quantized]:
+        key = (value.name, spec)
+        return lambda: self.memo.get(key, lambda: q.quantize(self._float(value), spec, self.dtype))
+
+    def _register(self, value: ir.Value, spec: q.QuantSpec, op: str, form: str) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+        """Initializers (codes, scales, zero points or None) of ``value`` in ``form``: nbits | qmoe | dq."""
+        shape = tuple(int(d) for d in value.shape)
+        *lead, n, k = shape
+        kb = -(-k // spec.block_size)
+        get = self.quantized(value, spec)
+        base = value.name
+        if form == "dq":
+            code_type = ir.DataType.UINT4 if spec.bits == 4 else ir.DataType.UINT8
+            codes = _lazy_numpy(f"{base}.qcodes", shape, code_type, lambda: q.dq_codes(get()))
+            zeros = _lazy_numpy(f"{base}.qzeros", (*lead, n, kb), code_type, lambda: q.dq_zero_points(get()))
+        else:
+            blob = spec.block_size * spec.bits // 8
+            cshape = (n, kb, blob) if form == "nbits" else (*lead, n, kb * blob)
+            codes = lazy(f"{base}.qcodes", cshape, torch.uint8,
+                         lambda: q.matmul_nbits_weight(get()).reshape(cshape))
+            zshape = (*lead, n, -(-kb * spec.bits // 8))
+            zeros = None if spec.scheme == "symmetric" else lazy(
+                f"{base}.qzeros", zshape, torch.uint8, lambda: q.matmul_nbits_zero_points(get()))
+        scales = lazy(f"{base}.qscales", (*lead, n, kb), self.dtype, lambda: get().scales)
+        values = [add_initializer(self.graph, codes.name, codes), add_initializer(self.graph, scales.name, scales),
+                  None if zeros is None else add_initializer(self.graph, zeros.name, zeros)]
+        self.plan.tensors.append(QuantizedTensor(base, _sources(base), list(shape), spec.bits, op, values[0].name,
+                                                 values[1].name, None if values[2] is None else values[2].name))
+        return values[0], values[1], values[2]
+
+    def _dequantized(self, value: ir.Value, spec: q.QuantSpec) -> ir.Value:
+        """A DequantizeLinear node giving ŵ in T for initializer ``value``."""
+        codes, scales, zeros = self._register(value, spec, "ai.onnx::DequantizeLinear", "dq")
+        tape = ir.tape.Tape()
+        out = tape.op("DequantizeLinear", [codes, scales, zeros], {"axis": -1, "block_size": spec.block_size})
+        out.shape, out.type = value.shape, value.type
+        out.name = f"{value.name}.dequantized"
+        self.graph.insert_before(self._first_user(value), tape.nodes)
+        self.plan.uses_dq = True
+        return out
+
+    def _first_user(self, value: ir.Value) -> ir.Node:
+        users = {id(n) for n, _ in value.uses()}
+        return next(n for n in self.graph if id(n) in users)
+
+    # -- rewrites -----------------------------------------------------------------------------------
+
+    def projections(self) -> None:
+        for node in [n for n in self.graph if n.op_type == "Transpose" and n.domain in ("", "ai.onnx")]:
+            w = node.inputs[0]
+            if w is None or not w.is_initializer() or list(node.attributes["perm"].value) != [1, 0]:
+                continue
+            if DENSE.fullmatch(w.name):
+                spec = self.spec
+            elif w.name == LM_HEAD and self.lm_head:
+                spec = q.QuantSpec(self.lm_head_bits, self.spec.block_size, self.spec.scheme)
+            else:
+                continue
+            uses = list(node.outputs[0].uses())
+            if self.target == "onnxruntime" and len(uses) == 1 and uses[0][0].op_type == "MatMul" and uses[0][1] == 1:
+                self._matmul_nbits(uses[0][0], node, w, spec)
+            else:
+                node.replace_input_with(0, self._dequantized(w, spec))
+
+    def _matmul_nbits(self, mm: ir.Node, transpose: ir.Node, w: ir.Value, spec: q.QuantSpec) -> None:
+        n, k = (int(d) for d in w.shape)
+        codes, scales, zeros = self._register(w, spec, f"{MS_DOMAIN}::MatMulNBits", "nbits")
+        tape = ir.tape.Tape()
+        inputs = [mm.inputs[0], codes, scales] + ([zeros] if zeros is not None else [])
+        out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size,
+                                              "accuracy_level": self.accuracy_level}, domain=MS_DOMAIN)
+        old = mm.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        ir.convenience.replace_nodes_and_values(self.graph, mm, [mm], tape.nodes, [old], [out])
+        if not list(transpose.outputs[0].uses()):
+            self.graph.remove(transpose, safe=True)
+
+    def experts(self) -> None:
+        for node in list(self.graph):
+            if node.domain == functions.DOMAIN and node.op_type == functions.MOE_OP:
+                for index in (2, 3, 4):  # w1, w3, w2
+                    node.replace_input_with(index, self._dequantized(node.inputs[index], self.spec))
+            elif node.domain == MS_DOMAIN and node.op_type == "MoE":
+                self._qmoe(node)
+
+    def _qmoe(self, node: ir.Node) -> None:
+        x, route, fc1, _, fc2 = node.inputs[:5]
+        e, two_i, h = (int(d) for d in fc1.shape)
+        for what, size in (("hidden_size", h), ("intermediate_size", two_i // 2)):
+            if size % self.spec.block_size:
+                raise UsageError(f"block_size: {self.spec.block_size} does not divide the experts' {what} {size} "
+                                 f"({fc1.name}); com.microsoft.QMoE has no short blocks (docs/ops.md §7): choose "
+                                 f"a block size that divides {size}", params=("block_size",))
+        if self.spec.bits == 8 and self.accuracy_level == 0:
+            for index in (2, 4):  # fc1, fc2: int8 codes dequantised in the graph, float experts in MoE
+                node.replace_input_with(index, self._dequantized(node.inputs[index], self.spec))
+            if not self.plan.fallbacks:
+                self.plan.fallbacks.append(Fallback(f"{MS_DOMAIN}::QMoE", [], (
+                    "ONNX Runtime's CPU QMoE computes 8-bit experts with int8 activations only; with accuracy_level "
+                    "0 the experts are dequantised (DequantizeLinear) and run by com.microsoft::MoE")))
+            return
+        op = f"{MS_DOMAIN}::QMoE"
+        c1, s1, z1 = self._register(fc1, self.spec, op, "qmoe")
+        c2, s2, z2 = self._register(fc2, self.spec, op, "qmoe")
+        attrs = {a.name: a.value for a in node.attributes.values()}
+        attrs.update(expert_weight_bits=self.spec.bits, block_size=self.spec.block_size,
+                     accuracy_level=self.accuracy_level, weights_prepacked=0)
+        inputs = [x, route, c1, s1, None, c2, s2, None, None, None, None]
+        if z1 is not None:
+            inputs += [z1, z2]
+        tape = ir.tape.Tape()
+        out = tape.op("QMoE", inputs, attrs, domain=MS_DOMAIN)
+        old = node.outputs[0]
+        out.shape, out.type = old.shape, old.type
+        ir.convenience.replace_nodes_and_values(self.graph, node, [node], tape.nodes, [old], [out])
+
+
+def quantize_graph(model: ir.Model, *, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
+                   lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
+                   lm_head_bits: int = q.LM_HEAD_BITS) -> QuantPlan:
+    """Rewrite ``model`` in place per docs/ops.md §7; returns the manifest's tensor list and fallbacks.
+
+    ``load(name)`` gives a canonical checkpoint tensor in ``dtype`` (``checkpoint_names``); other
+    initializers (packed QKV, interleaved experts) are evaluated from their lazy values.
+    """
+    rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names, lm_head_bits)
+    rw.projections()
+    rw.experts()
+    graph = model.graph
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
+        graph.initializers.pop(name)
+    return rw.plan
+
+
+def set_dq_opset(model: ir.Model) -> None:
+    """Default-domain opset 21 for the graph and its function bodies (blocked DequantizeLinear)."""
+    model.opset_imports[""] = DQ_OPSET
+    for fn in model.functions.values():
+        fn.opset_imports[""] = DQ_OPSET
+
+
+def manifest_entry(plan: QuantPlan, spec: q.QuantSpec, target: str, accuracy_level: int, lm_head: bool) -> Quantization:
+    return Quantization("rtn", spec.bits, spec.block_size, spec.scheme,
+                        accuracy_level if target == "onnxruntime" else None, lm_head, plan.tensors)

@@ -1,0 +1,274 @@
+#!/usr/bin/env python
+"""Quantised exports (docs/ops.md §7): quality and decode speed against float32 and onnxruntime-genai. Prints JSON.
+
+    python scripts/bench_quant.py [--work /tmp/mtx-bench] [--threads 2] [--repeats 3] [--skip quality|speed|genai]
+
+Quality: perplexity of the built-in models (builtin:mistral, builtin:mixtral) on held-out Python
+source (mtx's own sources; the models were trained on the standard library), for the float32
+reference and the mtx exports float32 / int8 / int4 (onnxruntime target, ``mtx parity --quality``),
+plus onnxruntime-genai's own int4 build (``-p int4 -e cpu``) of builtin:mistral, scored on the
+same tokens.
+
+Speed: the ~125M Mistral of scripts/bench_peers.py (float32 checkpoint, batch 1, prompt 128, 256
+new tokens, greedy): decode tokens/s of mtx float32, int8 and int4 and genai int4, each system in a
+process of its own, alternating, every run after a warm-up. The genai int4 graph is inspected
+(which MatMuls are quantised, block size, accuracy level, lm_head) and reported.
+
+The machine is shared and noisy (2 cores, other jobs running): medians are reported with every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_peers  # noqa: E402  (the 125M checkpoint, genai source folder, summaries)
+
+QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4 block 32": ["--quantize", "int4", "--block-size", "32"],
+          "int4 block 128": ["--quantize", "int4", "--block-size", "128"],
+          "int4 block 128 lm_head 4": ["--quantize", "int4", "--block-size", "128", "--lm-head-bits", "4"]}
+
+
+def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:
+    if not (out / "mtx.json").exists():
+        subprocess.run([sys.executable, "-m", "mtx", "export", ckpt, "-o", str(out), "--force", *args], check=True,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+def folder_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".data", ".safetensors", ".onnx"))
+
+
+def genai_source(ckpt: Path, work: Path, name: str) -> Path:
+    """A copy of ``ckpt`` (hard links) whose config.json declares every layer sliding (genai keeps the window)."""
+    src = work / f"{name}-genai-src"
+    if not src.exists():
+        src.mkdir(parents=True)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        if cfg.get("sliding_window"):
+            cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
+        (src / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in ckpt.iterdir():
+            if f.name != "config.json":
+                try:
+                    os.link(f, src / f.name)
+                except OSError:
+                    (src / f.name).write_bytes(f.read_bytes())
+    return src
+
+
+def genai_build(src: Path, out: Path, precision: str, work: Path, threads: int) -> Path:
+    if not (out / "genai_config.json").exists():
+        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+                        "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        gc = json.loads((out / "genai_config.json").read_text())
+        so = gc["model"]["decoder"].setdefault("session_options", {})
+        so["intra_op_num_threads"] = threads
+        so["inter_op_num_threads"] = 1
+        (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
+    return out
+
+
+def inspect_genai(out: Path) -> dict:
+    """What genai's build quantised: MatMulNBits nodes (bits, block size, accuracy level), lm_head, float MatMuls."""
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    attrs = lambda n: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}  # noqa: E731
+    lm = [n for n in model.graph.node if "lm_head" in n.name]
+    zero_points = sum(len(n.input) > 3 and bool(n.input[3]) for n in nbits)
+    return {"matmulnbits": len(nbits),
+            "float_matmuls": sum(n.op_type == "MatMul" for n in model.graph.node),
+            "settings": sorted({json.dumps({k: attrs(n).get(k) for k in ("bits", "block_size", "accuracy_level")})
+                                for n in nbits}),
+            "with_zero_points": zero_points,
+            "lm_head": [f"{n.op_type} {json.dumps({k: attrs(n).get(k) for k in ('bits', 'block_size')})}"
+                        for n in lm if n.op_type in ("MatMul", "MatMulNBits", "Gemm")],
+            "ops": sorted({f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in model.graph.node})}
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality
+
+
+def genai_perplexity(model_dir: Path, ids: np.ndarray, chunk: int = 64) -> float:
+    """Teacher-forced next-token perplexity of a genai model over ``ids``, ``chunk`` tokens per call."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    nll = []
+    for start in range(0, len(ids) - 1, chunk):
+        part = ids[start:min(start + chunk, len(ids) - 1)]
+        gen.append_tokens(np.asarray([part], np.int32))
+        logits = np.asarray(gen.get_output("logits"), np.float64).reshape(-1, np.asarray(gen.get_output("logits")).shape[-1])
+        logits = logits[-len(part):]
+        m = logits.max(-1, keepdims=True)
+        lp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+        nll.append(-lp[np.arange(len(part)), ids[start + 1:start + 1 + len(part)]])
+    return float(np.exp(np.concatenate(nll).mean()))
+
+
+def quality(work: Path, threads: int, skip_genai: bool, max_tokens: int) -> dict:
+    from mtx.assets import resolve_checkpoint
+    from mtx.parity.quality import held_out_text, run_quality
+    from mtx.tokenizer import load_tokenizer
+
+    results: dict = {}
+    for name in ("mistral", "mixtral"):
+        ckpt = f"builtin:{name}"
+        rows = {}
+        for q, args in QUANTS.items():
+            out = mtx_export(ckpt, work / f"builtin-{name}-{q.replace(' ', '-')}", args)
+            r = run_quality(ckpt, out, None, max_tokens, threads=threads)
+            rows["float32 reference"] = {"perplexity": round(r.reference_perplexity, 4)}
+            rows[f"mtx {q}"] = {"perplexity": round(r.export_perplexity, 4),
+                                "vs_float32": f"{(r.perplexity_ratio - 1) * 100:+.2f}%",
+                                "top1_agreement": round(r.top1_agreement, 4), "weight_bytes": folder_bytes(out)}
+            rows["tokens"] = r.tokens
+        if name == "mistral" and not skip_genai:
+            root = resolve_checkpoint(ckpt)
+            src = genai_source(root, work, f"builtin-{name}")
+            gout = genai_build(src, work / f"builtin-{name}-genai-int4", "int4", work, threads)
+            tok = load_tokenizer(root)
+            ids = np.asarray(tok.encode(held_out_text()).ids[:max_tokens], np.int64)
+            ppl = genai_perplexity(gout, ids)
+            ref = rows["float32 reference"]["perplexity"]
+            rows["onnxruntime-genai int4"] = {"perplexity": round(ppl, 4), "vs_float32": f"{(ppl / ref - 1) * 100:+.2f}%",
+                                              "graph": inspect_genai(gout)}
+        results[name] = rows
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed
+
+
+def mtx_child_runner(out: Path, threads: int, prompt: list[int], new: int):
+    import mtx.runtime
+
+    gen = mtx.runtime.load(out, threads=threads)
+
+    def run():
+        t0 = time.perf_counter()
+        stream = gen.stream(prompt, new, stop_token_ids=[])
+        tokens = [next(stream)]
+        ttft = time.perf_counter() - t0
+        steps, s = [], time.perf_counter()
+        for tok in stream:
+            steps.append(time.perf_counter() - s)
+            tokens.append(tok)
+            s = time.perf_counter()
+        return ttft, steps, tokens
+    return run
+
+
+def genai_child_runner(out: Path, prompt: list[int], new: int):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(out))
+
+    def run():
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False, min_length=len(prompt) + new)
+        g = og.Generator(model, params)
+        t0 = time.perf_counter()
+        g.append_tokens(np.asarray([prompt], dtype=np.int32))
+        g.generate_next_token()
+        ttft = time.perf_counter() - t0
+        steps = []
+        while not g.is_done():
+            s = time.perf_counter()
+            g.generate_next_token()
+            steps.append(time.perf_counter() - s)
+        return ttft, steps, [int(t) for t in g.get_sequence(0)[len(prompt):]]
+    return run
+
+
+def child(system: str, folder: Path, a: argparse.Namespace) -> None:
+    prompt = np.random.default_rng(0).integers(3, bench_peers.SHAPE["vocab"], 128).tolist()
+    run = genai_child_runner(folder, prompt, a.new_tokens) if system.startswith("genai") else \
+        mtx_child_runner(folder, a.threads, prompt, a.new_tokens)
+    run()
+    ttft, steps, tokens = run()
+    print(json.dumps({"ttft": ttft, "steps": steps, "tokens": tokens}))
+
+
+def speed(work: Path, a: argparse.Namespace) -> dict:
+    ckpt = bench_peers.make_checkpoint(work)
+    folders = {f"mtx {q}": mtx_export(str(ckpt), work / f"mtx-125m-{q.replace(' ', '-')}", args) for q, args in QUANTS.items()}
+    if a.accuracy_level0:
+        folders["mtx int4 accuracy_level 0"] = mtx_export(str(ckpt), work / "mtx-125m-int4-acc0",
+                                                          ["--quantize", "int4", "--block-size", "32",
+                                                           "--accuracy-level", "0"])
+    graph = None
+    if "genai" not in a.skip:
+        src = genai_source(ckpt, work, "mistral-125m")
+        folders["genai int4"] = genai_build(src, work / "genai-125m-int4", "int4", work, a.threads)
+        graph = inspect_genai(folders["genai int4"])
+    runs: dict[str, list] = {n: [] for n in folders}
+    for _ in range(a.repeats):
+        for name, folder in folders.items():
+            cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--threads", str(a.threads),
+                   "--new-tokens", str(a.new_tokens)]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise SystemExit(f"bench_quant: {name} failed:\n{res.stderr[-3000:]}")
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            runs[name].append((r["ttft"], r["steps"], r["tokens"]))
+    results = {}
+    for name, rs in runs.items():
+        s = bench_peers.summarize(rs)
+        s.pop("tokens")
+        s["weight_bytes"] = folder_bytes(folders[name])
+        results[name] = s
+    out = {"setup": {**bench_peers.SHAPE, "batch": 1, "prompt_len": 128, "new_tokens": a.new_tokens,
+                     "threads": a.threads, "repeats": a.repeats}, "results": results}
+    if graph:
+        out["genai_int4_graph"] = graph
+        g = results["genai int4"]["decode_tokens_per_s"]
+        out["decode_ratio_to_genai_int4"] = {n: round(r["decode_tokens_per_s"] / g, 3) for n, r in results.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/mtx-bench"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=2048, help="tokens of held-out text scored for perplexity")
+    ap.add_argument("--accuracy-level0", action="store_true", help="also time an int4 export with accuracy_level 0")
+    ap.add_argument("--skip", action="append", default=[], choices=["quality", "speed", "genai"])
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.folder, a)
+        return
+    a.work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"machine": "2 shared CPU cores, other jobs running: numbers are noisy"}
+    if "quality" not in a.skip:
+        report["quality"] = quality(a.work, a.threads, "genai" in a.skip, a.max_tokens)
+    if "speed" not in a.skip:
+        report["speed"] = speed(a.work, a)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
