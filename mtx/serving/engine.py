@@ -190,6 +190,11 @@ class Engine:
             self._draining = True
 
     @property
+    def alive(self) -> bool:
+        """The engine thread runs steps."""
+        return self._thread.is_alive()
+
+    @property
     def draining(self) -> bool:
         return self._draining
 
