@@ -6,6 +6,9 @@ text, the globals ``raise_exception`` and ``strftime_now``, and the variables ``
 ``add_generation_prompt`` and the special tokens (``bos_token``, ``eos_token``, ...). The rendered
 text already holds its special tokens, so it is tokenized without adding any.
 
+Special tokens of tokenizer_config.json that tokenizer.json does not list as added tokens are matched
+as single tokens in the rendered text (as transformers, which adds them, does).
+
 Exports without a template (the built-in models, the synthetic test checkpoints) get
 :data:`DEFAULT_CHAT_TEMPLATE`, a plain one written here: ``<s>`` then, per message,
 ``<|role|>\\ncontent</s>\\n``, and ``<|assistant|>\\n`` to prompt the reply.
@@ -93,6 +96,20 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as e:
             raise TemplateError(f"messages: {self.origin} failed to render ({e})", params=("messages",)) from None
+
+
+def chat_tokenizer(tokenizer: Any, special_tokens: dict[str, str]) -> Any:
+    """A copy of ``tokenizer`` that matches the template's special tokens (bos, eos, ...) in the
+    rendered text as single tokens, as a transformers tokenizer loaded from the folder does."""
+    from tokenizers import AddedToken, Tokenizer
+
+    present = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    missing = [t for t in special_tokens.values() if t and t not in present and tokenizer.token_to_id(t) is not None]
+    if not missing:
+        return tokenizer
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return copy
 
 
 def _raise_exception(message: str) -> None:

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 
 from mtx.errors import MtxError
 from mtx.runtime.generator import Generator
-from mtx.serving.chat import ChatTemplate
+from mtx.serving.chat import ChatTemplate, chat_tokenizer
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event
 from mtx.serving.metrics import ServingMetrics
 from mtx.tokenizer import encode_checked
@@ -174,6 +174,8 @@ class OpenAIServer:
         self.metrics = metrics
         self.created = int(time.time())
         self.chat_template = ChatTemplate.for_folder(folder) if folder is not None else ChatTemplate.default()
+        self._chat_tokenizer = None if self.generator.tokenizer is None else chat_tokenizer(
+            self.generator.tokenizer, self.chat_template.special_tokens)
         metrics.bind(engine)
 
     # -- limits -------------------------------------------------------------------------------------
@@ -246,7 +248,7 @@ class OpenAIServer:
             messages.append({"role": m.role, "content": content or ""})
         try:
             text = self.chat_template.render(messages, add_generation_prompt=True)
-            ids = encode_checked(self.generator.tokenizer, text, "chat prompt", add_special_tokens=False)
+            ids = encode_checked(self._chat_tokenizer, text, "chat prompt", add_special_tokens=False)
             ids = self.generator.to_ids(ids, "chat prompt")
         except MtxError as e:
             raise _from_mtx(e, "messages") from None
