@@ -441,10 +441,13 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead: one engine per replica.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: number of replicas.")
+@click.option("--autoscaling", default=None, metavar="JSON",
+              help='With --ray: Ray Serve autoscaling_config, passed as given (e.g. \'{"min_replicas": 1, '
+                   '"max_replicas": 4}\'); replaces --replicas.')
 @engine_options
 def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
-          model_name: str | None, use_ray: bool, replicas: int, backend: str | None, threads: int | None,
-          device: str | None, verify: bool) -> None:
+          model_name: str | None, use_ray: bool, replicas: int, autoscaling: str | None, backend: str | None,
+          threads: int | None, device: str | None, verify: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
 
     \b
@@ -465,10 +468,18 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
                            backend=backend, threads=threads, device=device, verify=verify, model_name=model_name)
+    scaling = None
+    if autoscaling is not None:
+        try:
+            scaling = json.loads(autoscaling)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--autoscaling: not valid JSON ({e.msg})") from None
+        if not isinstance(scaling, dict) or not use_ray:
+            raise UsageError("--autoscaling: expected a JSON object, together with --ray")
     if use_ray:
         from mtx.serving.ray_app import serve_on_ray
 
-        sys.exit(serve_on_ray(out, options, replicas))
+        sys.exit(serve_on_ray(out, options, replicas, scaling))
     from mtx.serving.http import serve as run_server
 
     sys.exit(run_server(out, options))
