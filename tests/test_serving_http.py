@@ -293,3 +293,46 @@ def test_sigterm_drains_running_requests(export, gen):
         assert "drained" in s.proc.stdout.read()
     finally:
         s.stop()
+
+
+MISTRAL_STYLE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}\n"
+    "    {% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}\n"
+    "    {% if message['role'] == 'user' %}\n[INST] {{ message['content'] }} [/INST]\n"
+    "    {% elif message['role'] == 'assistant' %}\n{{ message['content'] }}{{ eos_token }}\n"
+    "    {% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ messages | length | tojson }}{% endif %}"
+)
+
+
+def test_chat_template_of_tokenizer_config_renders_as_transformers(tmp_path, ckpt_factory):
+    """A chat_template in tokenizer_config.json (trim/lstrip of blocks, raise_exception, tojson,
+    special tokens) renders as transformers' apply_chat_template renders it."""
+    import json
+    import shutil
+
+    import jinja2
+    from transformers import AutoTokenizer
+
+    from mtx.errors import UsageError
+    from mtx.serving.chat import ChatTemplate
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    src = ckpt_factory("mistral")
+    shutil.copy(src / "tokenizer.json", folder / "tokenizer.json")
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": MISTRAL_STYLE_TEMPLATE}))
+    hf = AutoTokenizer.from_pretrained(folder)
+    ours = ChatTemplate.for_folder(folder)
+    chat = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7"},
+            {"role": "user", "content": "w8"}]
+    for gen_prompt in (True, False):
+        assert ours.render(chat, add_generation_prompt=gen_prompt) == hf.apply_chat_template(
+            chat, tokenize=False, add_generation_prompt=gen_prompt)
+    bad = [{"role": "assistant", "content": "w7"}]
+    with pytest.raises(jinja2.TemplateError, match="must alternate"):
+        hf.apply_chat_template(bad, tokenize=False)
+    with pytest.raises(UsageError, match="must alternate"):
+        ours.render(bad)

@@ -188,11 +188,13 @@ class OpenAIServer:
         return min(limits) if limits else None
 
     # -- parsing ------------------------------------------------------------------------------------
-    def _common(self, req: _Sampling, ids: list[int], default_max: int | None,
-                max_tokens: int | None) -> _Prepared:
+    def _check_model(self, req: _Sampling) -> None:
         if req.model != self.model_name:
             raise ApiError(400, f"model: unknown model {req.model!r}; this server serves {self.model_name!r}",
                            "model", code="model_not_found")
+
+    def _common(self, req: _Sampling, ids: list[int], default_max: int | None,
+                max_tokens: int | None) -> _Prepared:
         if req.n != 1:
             raise ApiError(400, f"n: only n = 1 is supported, got {req.n}", "n")
         if req.logprobs not in (None, False, 0):
@@ -222,6 +224,7 @@ class OpenAIServer:
         return _Prepared(ids, max_tokens, options, stop)
 
     def prepare_completion(self, req: CompletionRequest) -> _Prepared:
+        self._check_model(req)
         prompt: Any = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -236,6 +239,7 @@ class OpenAIServer:
         return self._common(req, ids, DEFAULT_COMPLETION_MAX_TOKENS, req.max_tokens)
 
     def prepare_chat(self, req: ChatRequest) -> _Prepared:
+        self._check_model(req)
         if not req.messages:
             raise ApiError(400, "messages: give at least one message", "messages")
         if self.generator.tokenizer is None:
