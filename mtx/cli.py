@@ -437,7 +437,7 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
               help="Requests that may wait for a free row; beyond it requests get HTTP 429 at once.")
 @click.option("--token-budget", type=int, default=None,
               help="Tokens one engine step may feed: one per decoding request, the rest to chunks of new "
-                   "prompts (default 256).")
+                   "prompts (default 512).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead: one engine per replica.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: number of replicas.")

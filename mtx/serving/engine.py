@@ -38,9 +38,10 @@ from mtx.serving.scheduler import Phase, plan_step
 log = logging.getLogger("mtx.serving")
 
 #: Prompt + decode tokens one step may feed (decode rows count one each). Measured on the 125M
-#: Mistral (scripts/bench_serve.py): a whole 128-token prompt per step keeps TTFT low while running
-#: streams lose one step's time per admitted prompt.
-DEFAULT_TOKEN_BUDGET = 256
+#: Mistral with 8 128-token prompts arriving together (scripts/bench_serve.py, README): budgets
+#: 512 and 1024 gave the same TTFT (p50 0.37 / 0.38 s), 128 and 256 a later one; 512 halves the
+#: longest stall a step of new prompts puts on running streams.
+DEFAULT_TOKEN_BUDGET = 512
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
