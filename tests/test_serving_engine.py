@@ -9,8 +9,9 @@ import pytest
 
 from mtx.errors import UsageError
 
-#: engine backend -> export target (None: the checkpoint through the PyTorch reference).
-BACKENDS = {"torch": None, "onnxruntime": "onnxruntime"}
+#: engine backend -> export target (None: the checkpoint through the PyTorch reference; "onnx": mtx function
+#: bodies in ONNX Runtime with separate past/present buffers, each row tracking its own buffer set).
+BACKENDS = {"torch": None, "onnxruntime": "onnxruntime", "onnx": "onnx"}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
