@@ -13,8 +13,9 @@ each replica batches its own. ``autoscaling`` is Ray Serve's ``autoscaling_confi
 from __future__ import annotations
 
 import json
+import signal
 import sys
-import time
+import threading
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,19 +86,24 @@ def build(args: dict[str, str]) -> Any:
 def serve_on_ray(out: str | Path | None, options: ServeOptions, replicas: int,
                  autoscaling: dict[str, Any] | None = None) -> int:
     """``mtx serve --ray``: start (or join) Ray, run the application on host:port, wait for Ctrl-C /
-    SIGTERM, then shut Serve down (replicas drain for up to graceful_shutdown_timeout_s)."""
+    SIGTERM (a signal during start-up is acted on once the application runs), then shut Serve down
+    (replicas drain for up to graceful_shutdown_timeout_s)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(include_dashboard=False)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # replaces Ray's handler, which ends the driver at once
+        signal.signal(sig, lambda *_: stop.set())
     serve.start(http_options={"host": options.host, "port": options.port})
     serve.run(application(out, options, replicas, autoscaling), name="mtx", route_prefix="/")
     print(f"mtx serve: Ray Serve, {replicas} replica(s) on http://{options.host}:{options.port}", file=sys.stderr,
           flush=True)
     try:
-        while True:
-            time.sleep(1)
-    except BaseException:  # KeyboardInterrupt, or the CLI's SIGTERM
+        while not stop.wait(1):
+            pass
+    finally:
+        print("mtx serve: shutting down Ray Serve (replicas drain running requests)", file=sys.stderr, flush=True)
         serve.shutdown()
         ray.shutdown()
         print("mtx serve: Ray Serve shut down", file=sys.stderr, flush=True)
