@@ -352,3 +352,15 @@ def test_chat_template_of_tokenizer_config_renders_as_transformers(tmp_path, ckp
         hf.apply_chat_template(bad, tokenize=False)
     with pytest.raises(UsageError, match="must alternate"):
         ours.render(bad)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--max-batch", "99"], "mtx: error: --max-batch 99 exceeds the maximum batch 8 of this export"),
+    (["--autoscaling", "{x"], "mtx: error: --autoscaling: not valid JSON"),
+])
+def test_serve_bad_options_are_one_line(export, args, needle):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-m", "mtx", "serve", str(export), "--port", str(free_port()), *args],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(needle), r.stderr

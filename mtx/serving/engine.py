@@ -147,7 +147,7 @@ class Engine:
         limit = be.max_batch
         if max_batch is None:
             max_batch = limit
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
                                  ("token_budget", token_budget, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))

@@ -41,9 +41,14 @@ def load_server(out: str | Path | None, options: ServeOptions) -> Any:
     from mtx.serving.metrics import ServingMetrics
     from mtx.serving.openai_api import OpenAIServer
 
+    from mtx.manifest import MANIFEST
+
     folder = resolve_checkpoint(out)
+    # An export's max_batch (mtx.json) is the limit: the engine refuses more. A checkpoint folder
+    # (PyTorch reference) has no limit of its own: --max-batch sizes it.
+    sized = None if (folder / MANIFEST).is_file() else options.max_batch
     gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
-                           max_batch=options.max_batch, verify=options.verify)
+                           max_batch=sized, verify=options.verify)
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
                     token_budget=options.token_budget, observer=metrics)
