@@ -475,6 +475,64 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
     sys.exit(result.exit_code)
 
 
+@main.command()
+@click.argument("out", required=False)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, help="TCP port.")
+@click.option("--max-batch", type=int, default=None,
+              help="KV rows of the engine: requests decoded together (default: the export's max_batch).")
+@click.option("--max-queue", type=int, default=64, show_default=True,
+              help="Requests that may wait for a free row; beyond it requests get HTTP 429 at once.")
+@click.option("--token-budget", type=int, default=None,
+              help="Tokens one engine step may feed: one per decoding request, the rest to chunks of new "
+                   "prompts (default 512).")
+@click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead: one engine per replica.")
+@click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: number of replicas.")
+@click.option("--autoscaling", default=None, metavar="JSON",
+              help='With --ray: Ray Serve autoscaling_config, passed as given (e.g. \'{"min_replicas": 1, '
+                   '"max_replicas": 4}\'); replaces --replicas.')
+@engine_options
+def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
+          model_name: str | None, use_ray: bool, replicas: int, autoscaling: str | None, backend: str | None,
+          threads: int | None, device: str | None, verify: bool) -> None:
+    """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
+
+    \b
+    Routes: POST /v1/completions, POST /v1/chat/completions (stream: true for
+    server-sent events), GET /v1/models, /health, /ready, /metrics (Prometheus).
+    Requests join and leave the engine's batch between decode steps; its KV memory is
+    fixed at max_batch x C slots (rolling buffers, no paged cache). SIGTERM drains:
+    new requests get 503, running ones finish, then the server exits.
+    OUT defaults to the built-in Mistral checkpoint (torch backend).
+    """
+    from mtx.serving.engine import DEFAULT_TOKEN_BUDGET
+    from mtx.serving.http import ServeOptions
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port must be 0..65535, got {port}")
+    if replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {replicas}")
+    options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
+                           token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
+                           backend=backend, threads=threads, device=device, verify=verify, model_name=model_name)
+    scaling = None
+    if autoscaling is not None:
+        try:
+            scaling = json.loads(autoscaling)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--autoscaling: not valid JSON ({e.msg})") from None
+        if not isinstance(scaling, dict) or not use_ray:
+            raise UsageError("--autoscaling: expected a JSON object, together with --ray")
+    if use_ray:
+        from mtx.serving.ray_app import serve_on_ray
+
+        sys.exit(serve_on_ray(out, options, replicas, scaling))
+    from mtx.serving.http import serve as run_server
+
+    sys.exit(run_server(out, options))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:

@@ -48,10 +48,13 @@ def check_side_files(folder: Path, default_eos: tuple[int, ...]) -> None:
             read_json_object(folder / name, CheckpointError)
 
 
-def encode_checked(tokenizer: Any, text: str, origin: str) -> list[int]:
-    """``tokenizer.encode(text).ids`` with a tokenizer failure (a panic) as one line naming ``origin``."""
+def encode_checked(tokenizer: Any, text: str, origin: str, add_special_tokens: bool = True) -> list[int]:
+    """``tokenizer.encode(text).ids`` with a tokenizer failure (a panic) as one line naming ``origin``.
+
+    ``add_special_tokens=False``: no BOS/EOS from the post-processor (text rendered by a chat
+    template already holds them, as transformers' apply_chat_template assumes)."""
     try:
-        return list(tokenizer.encode(text).ids)
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # noqa: BLE001 - see load_tokenizer
