@@ -83,3 +83,50 @@ def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, varia
                                 "prefill_chunk": PREFILL_CHUNK})
     logits = np.fromfile(out, dtype=np.float32).reshape(ref.shape)
     np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5)
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [64, 3, 77], [9] * 13]
+SAMPLING = [dict(temperature=0.9, seed=7), dict(temperature=1.3, top_k=12, seed=2**62 + 5),
+            dict(temperature=0.7, top_p=0.8, repetition_penalty=1.4, seed=99),
+            dict(temperature=1.0, top_k=30, top_p=0.95, repetition_penalty=0.8, seed=0)]
+
+
+@pytest.mark.parametrize("variant,target", [("mistral", "onnxruntime"), ("mixtral4", "onnx")])
+def test_seeded_sampling_matches_python(cpp_build, parity_export, tmp_path, variant, target):
+    """Session (stream 0) and batch (row r = stream r, rows decoded together) token for token."""
+    export = parity_export(variant, target)
+    gen = py_load(export)
+    for params in SAMPLING:
+        want = [gen.session() for _ in PROMPTS]
+        for s, p in zip(want, PROMPTS):
+            s.append(p)
+        want_tokens = [s.generate(N_NEW, stop_token_ids=[], **params) for s in want]
+        got = check(cpp_build, tmp_path, {"op": "generate", "export": str(export), "prompts": PROMPTS,
+                                          "max_new_tokens": N_NEW, "stop": [], "sampling": params,
+                                          "prefill_chunk": PREFILL_CHUNK})
+        assert got["tokens"] == want_tokens, params
+        assert len({tuple(t) for t in want_tokens}) > 1  # sampled, not one greedy run
+        batch = gen.generate(PROMPTS, max_new_tokens=N_NEW, stop_token_ids=[], **params)
+        got = check(cpp_build, tmp_path, {"op": "generate", "mode": "batch", "export": str(export),
+                                          "prompts": PROMPTS, "max_new_tokens": N_NEW, "stop": [],
+                                          "sampling": params, "prefill_chunk": PREFILL_CHUNK})
+        assert got["tokens"] == batch, params
+
+
+def test_turns_and_stop_ids_match_python(cpp_build, parity_export, tmp_path):
+    """Multi-turn session (the last generated token pending until the next turn) and stop ids."""
+    export = parity_export("mistral", "onnx")
+    s = py_load(export).session()
+    want = []
+    for turn in PROMPTS:
+        s.append(turn)
+        want.append(s.generate(9, stop_token_ids=[], temperature=0.8, seed=3))
+    got = check(cpp_build, tmp_path, {"op": "turns", "export": str(export), "turns": PROMPTS, "max_new_tokens": 9,
+                                      "stop": [], "sampling": {"temperature": 0.8, "seed": 3},
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"] == want
+    stop = want[0][4]  # stop at the first occurrence of this token (included)
+    got = check(cpp_build, tmp_path, {"op": "turns", "export": str(export), "turns": PROMPTS[:1], "max_new_tokens": 9,
+                                      "stop": [stop], "sampling": {"temperature": 0.8, "seed": 3},
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"][0] == want[0][:want[0].index(stop) + 1]
