@@ -130,3 +130,75 @@ def test_turns_and_stop_ids_match_python(cpp_build, parity_export, tmp_path):
                                       "stop": [stop], "sampling": {"temperature": 0.8, "seed": 3},
                                       "prefill_chunk": PREFILL_CHUNK})
     assert got["tokens"][0] == want[0][:want[0].index(stop) + 1]
+
+
+def corpus_lines(n: int = 4000) -> list[str]:
+    """Real text: Python standard library source lines and this repository's docs, plus non-ASCII lines."""
+    import sysconfig
+
+    lines: list[str] = []
+    for path in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
+        lines += path.read_text().splitlines()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "argparse.py", "json/decoder.py", "email/utils.py", "difflib.py", "calendar.py"):
+        lines += (stdlib / name).read_text(encoding="utf-8").splitlines()
+    lines += ["naïve café — “quotes” ½ ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "日本語のテキスト、中文文本。", "emoji 👩‍💻🚀 and tabs\t\tend  ",
+              "Ünïcödé  spaces\u00a0nbsp 123,456.78 ١٢٣", "   leading spaces", "trailing\n\n", "<s>special</s> <unk>"]
+    return [line for line in lines if line][:n]
+
+
+@pytest.fixture(scope="module")
+def lines_file(tmp_path_factory) -> tuple[Path, list[str]]:
+    lines = corpus_lines()
+    assert len(lines) >= 3000
+    path = tmp_path_factory.mktemp("corpus") / "lines.json"
+    path.write_text(json.dumps(lines))
+    return path, lines
+
+
+def _trained_bpe(folder: Path, lines: list[str]) -> Path:
+    """A byte-level BPE tokenizer.json trained by HF tokenizers (add_prefix_space on, list-form merges)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=True)
+    tok.train_from_iterator(lines, vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_bpe_tokenizer_matches_hf_tokenizers(cpp_build, lines_file, tmp_path):
+    from tokenizers import Tokenizer
+
+    path, lines = lines_file
+    for tj in (ROOT / "mtx" / "assets" / "default-mistral" / "tokenizer.json", _trained_bpe(tmp_path, lines)):
+        hf = Tokenizer.from_file(str(tj))
+        got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(tj), "lines": str(path)})
+        want = [hf.encode(line).ids for line in lines]
+        bad = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+        assert not bad, f"{tj}: {len(bad)} of {len(lines)} lines differ, first {lines[bad[0]]!r}: " \
+                        f"{got['ids'][bad[0]]} != {want[bad[0]]}"
+        assert got["decoded"] == [hf.decode(w, skip_special_tokens=True) for w in want]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_path, model_type):
+    import sentencepiece as spm
+
+    path, lines = lines_file
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=800,
+                                   model_type=model_type, byte_fallback=True, minloglevel=2)
+    model = Path(f"{prefix}.model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(model), "lines": str(path)})
+    want = [sp.encode(line) for line in lines]
+    assert got["decoded"] == [sp.decode(w) for w in want]
+    # Debian's libsentencepiece (0.1.97) and the Python package (0.2.x) break exact unigram ties
+    # (segmentations of equal total score, e.g. of "=====") differently; any other difference fails.
+    differ = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+    for i in differ:
+        score = lambda ids: sum(sp.GetScore(t) for t in ids)  # noqa: E731
+        assert model_type == "unigram" and score(got["ids"][i]) == pytest.approx(score(want[i]), abs=1e-4) \
+            and sp.decode(got["ids"][i]) == sp.decode(want[i]), f"line {lines[i]!r}: {got['ids'][i]} != {want[i]}"
+    assert len(differ) <= len(lines) // 100
