@@ -202,3 +202,88 @@ def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_p
         assert model_type == "unigram" and score(got["ids"][i]) == pytest.approx(score(want[i]), abs=1e-4) \
             and sp.decode(got["ids"][i]) == sp.decode(want[i]), f"line {lines[i]!r}: {got['ids'][i]} != {want[i]}"
     assert len(differ) <= len(lines) // 100
+
+
+def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4) -> tuple[int, str]:
+    """mtx_c_check through the C ABI: (exit status, its one output line)."""
+    r = _run([str(build / "mtx_c_check"), str(export), str(n), *map(str, tokens)], timeout=300)
+    assert r.returncode in (0, 2), f"mtx_c_check crashed ({r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
+    return r.returncode, r.stdout.strip()
+
+
+def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
+    export = parity_export("mistral", "onnxruntime")
+    want = py_load(export).generate([PROMPT], max_new_tokens=6, stop_token_ids=[])[0]
+    assert c_check(cpp_build, export, PROMPT, 6) == (0, "ok " + " ".join(map(str, want)))
+    vocab = json.loads((export / "mtx.json").read_text())["config"]["vocab_size"]
+
+    def refused(folder, tokens, code: int, *words: str) -> None:
+        rc, line = c_check(cpp_build, folder, tokens)
+        assert rc == 2 and line.startswith(f"error {code} "), line
+        assert len(line.splitlines()) == 1 and all(w in line for w in words), line
+
+    refused(export, [5, vocab], 1, f"token id {vocab}", "out of range", str(vocab))
+    refused(export, [5, -1], 1, "token id -1")
+    refused(export, [], 1, "empty")
+    refused(tmp_path / "nowhere", PROMPT, 2, "nowhere", "no such folder")
+    refused(tmp_path, PROMPT, 2, "not an mtx export", "mtx.json")
+
+    def tampered(name: str, edit) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(export, folder)
+        edit(folder)
+        return folder
+
+    def flip_byte(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def edit_manifest(folder: Path, **changes) -> None:
+        m = json.loads((folder / "mtx.json").read_text())
+        m.update(changes)
+        (folder / "mtx.json").write_text(json.dumps(m))
+
+    weights = [f["path"] for f in json.loads((export / "mtx.json").read_text())["files"]
+               if f["role"] in ("weights", "checkpoint-weights")][0]
+    refused(tampered("bytes", lambda f: flip_byte(f / weights)), PROMPT, 2, weights, "sha256 differs")
+    refused(tampered("gone", lambda f: (f / weights).unlink()), PROMPT, 2, weights, "missing")
+    refused(tampered("version", lambda f: edit_manifest(f, format_version=1)), PROMPT, 2, "mtx-export v2", "version 1")
+    refused(tampered("key", lambda f: edit_manifest(f, extra_key=1)), PROMPT, 2, "unknown key 'extra_key'")
+    cap = json.loads((export / "mtx.json").read_text())["capacity"]
+    refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")
+    refused(tampered("json", lambda f: (f / "mtx.json").write_text("{not json")), PROMPT, 2, "not valid JSON")
+
+
+def test_threads_match_single_threaded(cpp_build, parity_export, tmp_path):
+    """8 threads x 24 sessions over one Model give the Python runtime's (and the 1-thread) tokens."""
+    export = parity_export("mixtral4", "onnxruntime")
+    prompts = [PROMPTS[i % 3][: 3 + i % 5] + [i] for i in range(24)]
+    params = dict(temperature=0.9, top_k=20, seed=11)
+    gen = py_load(export)
+    want = []
+    for p in prompts:
+        s = gen.session()
+        s.append(p)
+        want.append(s.generate(12, stop_token_ids=[], **params))
+    req = {"op": "threads", "export": str(export), "prompts": prompts, "max_new_tokens": 12, "stop": [],
+           "sampling": params, "prefill_chunk": PREFILL_CHUNK, "intra_op_threads": 1}
+    assert check(cpp_build, tmp_path, {**req, "threads": 8})["tokens"] == want
+    assert check(cpp_build, tmp_path, {**req, "threads": 1})["tokens"] == want
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+def test_kv_bytes_fixed_over_20_windows(cpp_build, parity_export, tmp_path, target):
+    export = parity_export("mistral", target, max_position=512) if target == "onnxruntime" else \
+        parity_export("mistral", target)
+    m = json.loads((export / "mtx.json").read_text())
+    cfg = m["config"]
+    sets = 1 if m["kv"]["past_present"] == "shared" and not m["attention_op"].startswith("mtx::") else 2
+    expect = sets * 2 * cfg["num_layers"] * cfg["num_kv_heads"] * m["capacity"] * cfg["head_dim"] * 4
+    got = check(cpp_build, tmp_path, {"op": "kv", "export": str(export), "prompt": PROMPT, "windows": 20,
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["kv_bytes"] == [expect] * 21
+    assert got["position"] == len(PROMPT) + 20 * m["window"] - 1  # the last token stays pending
+    s = py_load(export).session()
+    s.append(PROMPT)
+    assert got["tokens"][len(PROMPT):] == s.generate(20 * m["window"], stop_token_ids=[])

@@ -340,6 +340,8 @@ Tokenizer::Tokenizer(const std::string& path) {
     impl_ = std::make_unique<ByteLevelBPE>(file);
 }
 Tokenizer::~Tokenizer() = default;
+Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
+Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const { return impl_->encode(text); }
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const { return impl_->decode(ids); }
 

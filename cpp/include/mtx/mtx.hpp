@@ -176,6 +176,8 @@ class Tokenizer {
  public:
   /// `path` names tokenizer.json or tokenizer.model; a folder picks tokenizer.json, else tokenizer.model.
   explicit Tokenizer(const std::string& path);
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
   ~Tokenizer();
   std::vector<int32_t> encode(const std::string& text) const;
   std::string decode(const std::vector<int32_t>& ids) const;
