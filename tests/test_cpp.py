@@ -287,3 +287,51 @@ def test_kv_bytes_fixed_over_20_windows(cpp_build, parity_export, tmp_path, targ
     s = py_load(export).session()
     s.append(PROMPT)
     assert got["tokens"][len(PROMPT):] == s.generate(20 * m["window"], stop_token_ids=[])
+
+
+def test_ctest_unit_tests(cpp_build):
+    r = _run(["ctest", "--test-dir", str(cpp_build), "--output-on-failure"], timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "100% tests passed" in r.stdout
+
+
+DOWNSTREAM = """
+cmake_minimum_required(VERSION 3.22)
+project(downstream CXX)
+set(CMAKE_CXX_STANDARD 17)
+find_package(mtx 0.1 CONFIG REQUIRED)
+add_executable(downstream main.cpp)
+target_link_libraries(downstream PRIVATE mtx::runtime)
+"""
+DOWNSTREAM_MAIN = """
+#include <iostream>
+#include <mtx/mtx.hpp>
+int main(int argc, char** argv) {
+  mtx::Model model(argv[1]);
+  mtx::Session s = model.session();
+  s.append({5, 17, 99, 3, 42, 8, 11});
+  for (int32_t t : s.generate(6, mtx::SamplingOptions{}, std::vector<int32_t>{})) std::cout << t << " ";
+  std::cout << std::endl;
+}
+"""
+
+
+def test_downstream_cmake_project_links_installed_package(cpp_build, parity_export, tmp_path):
+    prefix = tmp_path / "prefix"
+    r = _run(["cmake", "--install", str(cpp_build), "--prefix", str(prefix)])
+    assert r.returncode == 0, r.stderr
+    assert (prefix / "lib" / "cmake" / "mtx" / "mtxConfig.cmake").is_file()
+    src = tmp_path / "downstream"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(DOWNSTREAM)
+    (src / "main.cpp").write_text(DOWNSTREAM_MAIN)
+    for step in (["cmake", "-S", str(src), "-B", str(src / "build"), f"-DCMAKE_PREFIX_PATH={prefix}",
+                  "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(src / "build")]):
+        r = _run(step)
+        assert r.returncode == 0, f"{' '.join(step)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    export = parity_export("mistral", "onnxruntime")
+    r = _run([str(src / "build" / "downstream"), str(export)], env={k: v for k, v in os.environ.items()
+                                                                    if k != "LD_LIBRARY_PATH"})
+    assert r.returncode == 0, r.stderr
+    want = py_load(export).generate([PROMPT], max_new_tokens=6, stop_token_ids=[])[0]
+    assert r.stdout.split() == [str(t) for t in want]
