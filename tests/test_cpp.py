@@ -335,3 +335,71 @@ def test_downstream_cmake_project_links_installed_package(cpp_build, parity_expo
     assert r.returncode == 0, r.stderr
     want = py_load(export).generate([PROMPT], max_new_tokens=6, stop_token_ids=[])[0]
     assert r.stdout.split() == [str(t) for t in want]
+
+
+@pytest.fixture(scope="module")
+def builtin_export(parity_export):
+    """The built-in byte-level BPE Mistral (mtx/assets/default-mistral) exported in float32."""
+    return parity_export("default-mistral", "onnxruntime", checkpoint=ROOT / "mtx" / "assets" / "default-mistral")
+
+
+def test_generate_example_matches_python(cpp_build, builtin_export, tmp_path):
+    text = "def fibonacci(n):\n    "
+    gen = py_load(builtin_export)
+    want = gen.generate([text], max_new_tokens=24)[0]
+    exe = str(cpp_build / "mtx-generate-cpp")
+    r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24", "--ids-out"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in want]
+    r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == gen.decode(want) + "\n"
+    for args, words in ((["--prompt", text, "--top-p", "x"], "--top-p: expected a number"),
+                        (["--ids", "1 99999"], "token id 99999 is out of range"),
+                        (["--ids", ""], "empty"), (["--prompt", text, "--bogus"], "unknown option --bogus")):
+        r = _run([exe, str(builtin_export), *args])
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("mtx-generate-cpp: error: ") and words in r.stderr and \
+            len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _run([exe, str(tmp_path / "missing"), "--prompt", "x"])
+    assert r.returncode == 2 and "no such folder" in r.stderr
+
+
+def test_http_example(cpp_build, builtin_export):
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(cpp_build / "mtx-http-example"), str(builtin_export), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def post(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        gen = py_load(builtin_export)
+        want = gen.generate(["The rolling buffer"], max_new_tokens=12, temperature=0.8, seed=5)[0]
+        status, body = post({"prompt": "The rolling buffer", "max_new_tokens": 12, "temperature": 0.8, "seed": 5})
+        assert status == 200 and body == {"ids": want, "text": gen.decode(want)}
+        status, body = post({"ids": [1, 10**6], "max_new_tokens": 2})
+        assert status == 400 and "out of range" in body["error"]
+        status, body = post({"prompt": "x", "top_p": 0})
+        assert status == 400 and "top_p" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
