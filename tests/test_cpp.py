@@ -303,20 +303,17 @@ find_package(mtx 0.1 CONFIG REQUIRED)
 add_executable(downstream main.cpp)
 target_link_libraries(downstream PRIVATE mtx::runtime)
 """
-DOWNSTREAM_MAIN = """
-#include <iostream>
-#include <mtx/mtx.hpp>
-int main(int argc, char** argv) {
-  mtx::Model model(argv[1]);
-  mtx::Session s = model.session();
-  s.append({5, 17, 99, 3, 42, 8, 11});
-  for (int32_t t : s.generate(6, mtx::SamplingOptions{}, std::vector<int32_t>{})) std::cout << t << " ";
-  std::cout << std::endl;
-}
-"""
 
 
-def test_downstream_cmake_project_links_installed_package(cpp_build, parity_export, tmp_path):
+def readme_example() -> str:
+    """The C++ quick-start program of README.md (the downstream project compiles and runs it)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```cpp\n", text.index("## C++ runtime")) + len("```cpp\n")
+    return text[start:text.index("```", start)]
+
+
+def test_downstream_cmake_project_links_installed_package(cpp_build, builtin_export, tmp_path):
+    """find_package(mtx CONFIG) on the installed package; README's example gives mtx.runtime's text."""
     prefix = tmp_path / "prefix"
     r = _run(["cmake", "--install", str(cpp_build), "--prefix", str(prefix)])
     assert r.returncode == 0, r.stderr
@@ -324,17 +321,19 @@ def test_downstream_cmake_project_links_installed_package(cpp_build, parity_expo
     src = tmp_path / "downstream"
     src.mkdir()
     (src / "CMakeLists.txt").write_text(DOWNSTREAM)
-    (src / "main.cpp").write_text(DOWNSTREAM_MAIN)
+    (src / "main.cpp").write_text(readme_example())
     for step in (["cmake", "-S", str(src), "-B", str(src / "build"), f"-DCMAKE_PREFIX_PATH={prefix}",
                   "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(src / "build")]):
         r = _run(step)
         assert r.returncode == 0, f"{' '.join(step)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    export = parity_export("mistral", "onnxruntime")
-    r = _run([str(src / "build" / "downstream"), str(export)], env={k: v for k, v in os.environ.items()
-                                                                    if k != "LD_LIBRARY_PATH"})
+    r = _run([str(src / "build" / "downstream"), str(builtin_export)],
+             env={k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"})
     assert r.returncode == 0, r.stderr
-    want = py_load(export).generate([PROMPT], max_new_tokens=6, stop_token_ids=[])[0]
-    assert r.stdout.split() == [str(t) for t in want]
+    gen = py_load(builtin_export)
+    want = gen.generate(["def fibonacci(n):"], max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1234)[0]
+    assert r.stdout == gen.decode(want)
+    r = _run([str(src / "build" / "downstream"), str(tmp_path / "missing")])
+    assert r.returncode == 2 and "no such folder" in r.stderr
 
 
 @pytest.fixture(scope="module")

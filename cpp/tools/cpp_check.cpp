@@ -116,6 +116,33 @@ static json run(const json& r) {
     }
     return {{"kv_bytes", bytes}, {"position", s.position()}, {"tokens", s.tokens()}};
   }
+  if (op == "bench") {  // scripts/bench_cpp.py: a warm-up run, then one timed greedy run (as bench_peers.py)
+    auto prompt = r.at("prompt").get<std::vector<int32_t>>();
+    const int n = r.at("new_tokens");
+    json result;
+    for (int round = 0; round < 2; ++round) {
+      using clock = std::chrono::steady_clock;
+      std::vector<double> steps;
+      std::vector<int32_t> tokens;
+      const auto t0 = clock::now();
+      auto last = t0;
+      double ttft = 0;
+      mtx::Session s = model.session();
+      s.append(prompt);
+      s.generate(n, mtx::SamplingOptions{}, std::vector<int32_t>{}, [&](int32_t t) {
+        const auto now = clock::now();
+        if (tokens.empty())
+          ttft = std::chrono::duration<double>(now - t0).count();
+        else
+          steps.push_back(std::chrono::duration<double>(now - last).count());
+        last = now;
+        tokens.push_back(t);
+        return true;
+      });
+      result = {{"ttft", ttft}, {"steps", steps}, {"tokens", tokens}};
+    }
+    return result;
+  }
   throw std::runtime_error("unknown op " + op);
 }
 
