@@ -65,7 +65,8 @@ def py_load(export: Path, **kw):
     return mtx.runtime.load(export, prefill_chunk=PREFILL_CHUNK, **kw)
 
 
-CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxruntime"), ("mixtral4", "onnx")]
+CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxruntime"), ("mixtral4", "onnx"),
+         ("mistral_full", "onnxruntime"), ("mistral_full", "onnx")]
 
 
 @pytest.mark.parametrize("variant,target", CASES)
