@@ -205,9 +205,10 @@ def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_p
     assert len(differ) <= len(lines) // 100
 
 
-def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4) -> tuple[int, str]:
+def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4, env: dict | None = None) -> tuple[int, str]:
     """mtx_c_check through the C ABI: (exit status, its one output line)."""
-    r = _run([str(build / "mtx_c_check"), str(export), str(n), *map(str, tokens)], timeout=300)
+    r = _run([str(build / "mtx_c_check"), str(export), str(n), *map(str, tokens)], timeout=300,
+             env={**os.environ, **(env or {})})
     assert r.returncode in (0, 2), f"mtx_c_check crashed ({r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
     return r.returncode, r.stdout.strip()
 
@@ -254,6 +255,22 @@ def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
     cap = json.loads((export / "mtx.json").read_text())["capacity"]
     refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")
     refused(tampered("json", lambda f: (f / "mtx.json").write_text("{not json")), PROMPT, 2, "not valid JSON")
+
+    # Weights are hashed once per file state, in the record mtx.integrity keeps (shared with Python);
+    # a file changed in place afterwards (same size) is hashed again and refused.
+    from mtx.integrity import _load_records, _state
+
+    cache = {"MTX_CACHE_DIR": str(tmp_path / "cache")}
+    folder = tampered("in-place", lambda f: None)
+    assert c_check(cpp_build, folder, PROMPT, 6, env=cache) == (0, "ok " + " ".join(map(str, want)))
+    records = _load_records(tmp_path / "cache" / "verified.json")
+    key = str((folder / weights).resolve())
+    assert records[key]["state"] == _state(folder / weights)
+    assert records[key]["sha256"] == [f["sha256"] for f in json.loads((folder / "mtx.json").read_text())["files"]
+                                      if f["path"] == weights][0]
+    flip_byte(folder / weights)
+    rc, line = c_check(cpp_build, folder, PROMPT, env=cache)
+    assert rc == 2 and line.startswith("error 2 ") and "sha256 differs" in line and weights in line, line
 
 
 def test_threads_match_single_threaded(cpp_build, parity_export, tmp_path):

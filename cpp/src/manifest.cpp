@@ -2,6 +2,9 @@
 
 #include <openssl/evp.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 #include <algorithm>
 #include <cstdio>
@@ -144,6 +147,66 @@ void check_config(const json& c, const std::string& origin) {
 }
 
 std::string join_path(const std::string& a, const std::string& b) { return a.empty() || a.back() == '/' ? a + b : a + "/" + b; }
+
+// mtx/integrity.py's record of verified large files: {resolved path: {"sha256", "state": [dev, ino,
+// size, mtime_ns, ctime_ns]}}. Best effort: an unreadable or unwritable record only means hashing again.
+class HashRecords {
+ public:
+  HashRecords() {
+    const char* env = std::getenv("MTX_CACHE_DIR");
+    const char* home = std::getenv("HOME");
+    dir_ = env && *env ? env : std::string(home ? home : "/tmp") + "/.cache/mtx";
+    path_ = dir_ + "/verified.json";
+    std::ifstream in(path_);
+    if (in) {
+      try {
+        records_ = json::parse(in);
+      } catch (const std::exception&) {
+      }
+    }
+    if (!records_.is_object()) records_ = json::object();
+  }
+  bool verified(const std::string& file, const std::string& sha) const {
+    const std::string key = resolved(file);
+    if (!records_.contains(key)) return false;
+    const json& r = records_[key];
+    return r.is_object() && r.value("sha256", json()) == sha && r.value("state", json()) == state(file);
+  }
+  void remember(const std::string& file, const std::string& sha) {
+    records_[resolved(file)] = {{"sha256", sha}, {"state", state(file)}};
+  }
+  void save() const {
+    std::string cmd_dir = dir_;
+    for (size_t i = 1; i <= cmd_dir.size(); ++i)  // mkdir -p
+      if (i == cmd_dir.size() || cmd_dir[i] == '/') mkdir(cmd_dir.substr(0, i).c_str(), 0755);
+    std::string tmpl = dir_ + "/.verified.XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    const int fd = mkstemp(buf.data());
+    if (fd < 0) return;
+    const std::string text = records_.dump();
+    const bool ok = write(fd, text.data(), text.size()) == ssize_t(text.size());
+    close(fd);
+    if (!ok || std::rename(buf.data(), path_.c_str()) != 0) std::remove(buf.data());
+  }
+
+ private:
+  static std::string resolved(const std::string& p) {
+    char* r = realpath(p.c_str(), nullptr);
+    std::string out = r ? r : p;
+    std::free(r);
+    return out;
+  }
+  static json state(const std::string& p) {
+    struct stat st{};
+    if (stat(p.c_str(), &st) != 0) return json();
+    return json::array({int64_t(st.st_dev), int64_t(st.st_ino), int64_t(st.st_size),
+                        int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec,
+                        int64_t(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec});
+  }
+  std::string dir_, path_;
+  json records_;
+};
 }  // namespace
 
 Manifest read_manifest(const std::string& folder, bool verify_hashes) {
@@ -207,8 +270,13 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
     fail(origin + ": layer_outputs has " + std::to_string(d["layer_outputs"].size()) + " entries for " +
          std::to_string(layers) + " layers");
   // Files: inside the folder, regular, of the recorded size (and digest).
-  std::vector<std::future<std::string>> digests;
-  for (const auto& f : m.files) {
+  // Hashes as mtx/integrity.py: small files every load; weights and engines once per file state,
+  // remembered in $MTX_CACHE_DIR/verified.json (default ~/.cache/mtx), the record the Python runtime keeps.
+  HashRecords records;
+  std::vector<std::pair<size_t, std::future<std::string>>> digests;
+  bool remember = false;
+  for (size_t k = 0; k < m.files.size(); ++k) {
+    const auto& f = m.files[k];
     if (f.path.empty() || f.path[0] == '/' || ("/" + f.path + "/").find("/../") != std::string::npos)
       fail(origin + ": file path '" + f.path + "' must stay inside the export folder");
     const std::string fp = join_path(folder, f.path);
@@ -216,13 +284,25 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
     if (stat(fp.c_str(), &fs) != 0 || !S_ISREG(fs.st_mode)) fail(fp + ": listed in mtx.json but missing");
     if (int64_t(fs.st_size) != f.bytes)
       fail(fp + ": " + std::to_string(fs.st_size) + " bytes, mtx.json records " + std::to_string(f.bytes));
-    if (verify_hashes) digests.push_back(std::async(std::launch::async, [fp] { return sha256_file(fp); }));
+    if (!verify_hashes) continue;
+    const bool large = f.role == "weights" || f.role == "checkpoint-weights" || f.role == "engine";
+    if (large && records.verified(fp, f.sha256)) continue;
+    remember |= large;
+    digests.emplace_back(k, std::async(std::launch::async, [fp] { return sha256_file(fp); }));
   }
-  for (size_t k = 0; k < digests.size(); ++k) {
-    if (digests[k].get() != m.files[k].sha256)
+  for (auto& [k, digest] : digests) {
+    if (digest.get() != m.files[k].sha256)
       fail(join_path(folder, m.files[k].path) +
            ": sha256 differs from mtx.json (the file changed after export); export again, or load with "
            "verify_hashes = false to skip this check");
+  }
+  if (remember) {
+    for (const auto& [k, digest] : digests) {
+      const auto& f = m.files[k];
+      if (f.role == "weights" || f.role == "checkpoint-weights" || f.role == "engine")
+        records.remember(join_path(folder, f.path), f.sha256);
+    }
+    records.save();
   }
   m.model = d["model"];
   bool listed = false;
