@@ -32,7 +32,7 @@ SRC
   opts=(-o Dir::Etc::sourcelist="$APT/etc/sources.list" -o Dir::Etc::sourceparts="-"
         -o Dir::Etc::preferencesparts="$APT/etc/preferences.d" -o Dir::State::Lists="$APT/lists"
         -o Dir::Cache::Archives="$APT/archives" -o Dir::Cache="$APT/cache" -o APT::Get::List-Cleanup=0
-        -o Debug::NoLocking=1)
+        -o Debug::NoLocking=1 -o APT::Sandbox::User=root)
   mkdir -p "$APT/cache"
   apt-get "${opts[@]}" update -q >/dev/null
   (cd "$APT/archives" && apt-get "${opts[@]}" download libonnxruntime-dev >/dev/null)
