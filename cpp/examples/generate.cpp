@@ -95,7 +95,7 @@ int main(int argc, char** argv) {
       generated.push_back(t);
       if (ids_out) {
         std::cout << (generated.size() > 1 ? " " : "") << t << std::flush;
-      } else {  // print the new suffix of the decoded text (a partial UTF-8 character waits)
+      } else {  // print what decoding the whole generation adds to the text shown so far
         std::string text = tok->decode(generated);
         if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
           std::cout << text.substr(shown.size()) << std::flush;
