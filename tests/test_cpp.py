@@ -69,9 +69,9 @@ CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxrunt
          ("mistral_full", "onnxruntime"), ("mistral_full", "onnx")]
 
 
-@pytest.mark.parametrize("variant,target", CASES)
-def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, variant, target):
-    export = parity_export(variant, target)
+@pytest.mark.parametrize("variant,target,dtype", [(*c, "float32") for c in CASES] + [("mistral", "onnxruntime", "float16")])
+def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, variant, target, dtype):
+    export = parity_export(variant, target) if dtype == "float32" else parity_export(variant, target, dtype=dtype)
     gen = py_load(export)
     want = gen.generate([PROMPT], max_new_tokens=N_NEW, stop_token_ids=[])[0]
     got = check(cpp_build, tmp_path, {"op": "generate", "export": str(export), "prompts": [PROMPT],
