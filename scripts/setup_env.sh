@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=${MTX_VENV:-.venv}
 stamp="$VENV/.mtx-installed"
+scripts/setup_cpp.sh   # C++ runtime deps (Debian packages, ORT headers into build/); idempotent
 want="$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   scripts/get_trt_headers.sh "$VENV/bin/python"   # idempotent; restores a removed build/trt-headers

@@ -1,0 +1,422 @@
+"""The C++ runtime (cpp/, libmtx_runtime) against the Python runtime (mtx.runtime) and HF tokenizers.
+
+cpp/ is configured and built once per session into build/cpp (Release, -j2; a rebuild is incremental),
+and its GoogleTest unit tests run through ctest. The driver build/cpp/mtx_cpp_check takes one JSON
+request (docs in cpp/tools/cpp_check.cpp) and prints one JSON result; these tests compare its tokens
+and logits with the Python runtime's on the same exports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build" / "cpp"
+PREFILL_CHUNK = 5  # prompts of 3-5x the window of 8 are fed in several chunks
+PROMPT = [5, 17, 99, 3, 42, 8, 11]
+N_NEW = 30  # prompt 7 + 30 tokens: more than 3 wraps of the window of 8 (capacity 8)
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """build/cpp configured (once) and built (incremental), with scripts/setup_cpp.sh's dependencies."""
+    r = _run([str(ROOT / "scripts" / "setup_cpp.sh")])
+    assert r.returncode == 0, f"scripts/setup_cpp.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    steps = []
+    if not (BUILD / "CMakeCache.txt").is_file():
+        steps.append(["cmake", "-S", str(ROOT / "cpp"), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
+                      f"-DMTX_PYTHON={sys.executable}"])
+    steps.append(["cmake", "--build", str(BUILD), "-j2"])
+    for step in steps:
+        r = _run(step)
+        assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return BUILD
+
+
+def check(build: Path, tmp_path: Path, request: dict, expect_error: bool = False) -> dict:
+    """Run mtx_cpp_check on ``request``; its JSON result (or {"error": ...} with exit status 2)."""
+    req = tmp_path / f"req-{os.getpid()}-{len(list(tmp_path.iterdir()))}.json"
+    req.write_text(json.dumps(request))
+    r = _run([str(build / "mtx_cpp_check"), str(req)], timeout=600)
+    assert r.returncode in (0, 2), f"mtx_cpp_check crashed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+    out = json.loads(r.stdout)
+    if expect_error:
+        assert r.returncode == 2 and "error" in out, out
+    else:
+        assert r.returncode == 0, out
+    return out
+
+
+def py_load(export: Path, **kw):
+    import mtx.runtime
+
+    return mtx.runtime.load(export, prefill_chunk=PREFILL_CHUNK, **kw)
+
+
+CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxruntime"), ("mixtral4", "onnx"),
+         ("mistral_full", "onnxruntime"), ("mistral_full", "onnx")]
+
+
+@pytest.mark.parametrize("variant,target,dtype", [(*c, "float32") for c in CASES] + [("mistral", "onnxruntime", "float16")])
+def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, variant, target, dtype):
+    export = parity_export(variant, target) if dtype == "float32" else parity_export(variant, target, dtype=dtype)
+    gen = py_load(export)
+    want = gen.generate([PROMPT], max_new_tokens=N_NEW, stop_token_ids=[])[0]
+    got = check(cpp_build, tmp_path, {"op": "generate", "export": str(export), "prompts": [PROMPT],
+                                      "max_new_tokens": N_NEW, "stop": [], "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"][0] == want
+    seq = PROMPT + want  # 37 tokens: chunked prefill through >= 3 wraps of the window
+    ref = gen.score(seq)
+    out = tmp_path / "logits.bin"
+    check(cpp_build, tmp_path, {"op": "score", "export": str(export), "tokens": seq, "out": str(out),
+                                "prefill_chunk": PREFILL_CHUNK})
+    logits = np.fromfile(out, dtype=np.float32).reshape(ref.shape)
+    np.testing.assert_allclose(logits, ref, rtol=0, atol=1e-5)
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [64, 3, 77], [9] * 13]
+SAMPLING = [dict(temperature=0.9, seed=7), dict(temperature=1.3, top_k=12, seed=2**62 + 5),
+            dict(temperature=0.7, top_p=0.8, repetition_penalty=1.4, seed=99),
+            dict(temperature=1.0, top_k=30, top_p=0.95, repetition_penalty=0.8, seed=0)]
+
+
+@pytest.mark.parametrize("variant,target", [("mistral", "onnxruntime"), ("mixtral4", "onnx")])
+def test_seeded_sampling_matches_python(cpp_build, parity_export, tmp_path, variant, target):
+    """Session (stream 0) and batch (row r = stream r, rows decoded together) token for token."""
+    export = parity_export(variant, target)
+    gen = py_load(export)
+    for params in SAMPLING:
+        want = [gen.session() for _ in PROMPTS]
+        for s, p in zip(want, PROMPTS):
+            s.append(p)
+        want_tokens = [s.generate(N_NEW, stop_token_ids=[], **params) for s in want]
+        got = check(cpp_build, tmp_path, {"op": "generate", "export": str(export), "prompts": PROMPTS,
+                                          "max_new_tokens": N_NEW, "stop": [], "sampling": params,
+                                          "prefill_chunk": PREFILL_CHUNK})
+        assert got["tokens"] == want_tokens, params
+        assert len({tuple(t) for t in want_tokens}) > 1  # sampled, not one greedy run
+        batch = gen.generate(PROMPTS, max_new_tokens=N_NEW, stop_token_ids=[], **params)
+        got = check(cpp_build, tmp_path, {"op": "generate", "mode": "batch", "export": str(export),
+                                          "prompts": PROMPTS, "max_new_tokens": N_NEW, "stop": [],
+                                          "sampling": params, "prefill_chunk": PREFILL_CHUNK})
+        assert got["tokens"] == batch, params
+
+
+def test_turns_and_stop_ids_match_python(cpp_build, parity_export, tmp_path):
+    """Multi-turn session (the last generated token pending until the next turn) and stop ids."""
+    export = parity_export("mistral", "onnx")
+    s = py_load(export).session()
+    want = []
+    for turn in PROMPTS:
+        s.append(turn)
+        want.append(s.generate(9, stop_token_ids=[], temperature=0.8, seed=3))
+    got = check(cpp_build, tmp_path, {"op": "turns", "export": str(export), "turns": PROMPTS, "max_new_tokens": 9,
+                                      "stop": [], "sampling": {"temperature": 0.8, "seed": 3},
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"] == want
+    stop = want[0][4]  # stop at the first occurrence of this token (included)
+    got = check(cpp_build, tmp_path, {"op": "turns", "export": str(export), "turns": PROMPTS[:1], "max_new_tokens": 9,
+                                      "stop": [stop], "sampling": {"temperature": 0.8, "seed": 3},
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"][0] == want[0][:want[0].index(stop) + 1]
+
+
+def corpus_lines(n: int = 4000) -> list[str]:
+    """Real text: Python standard library source lines and this repository's docs, plus non-ASCII lines."""
+    import sysconfig
+
+    lines: list[str] = []
+    for path in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
+        lines += path.read_text().splitlines()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "argparse.py", "json/decoder.py", "email/utils.py", "difflib.py", "calendar.py"):
+        lines += (stdlib / name).read_text(encoding="utf-8").splitlines()
+    lines += ["naïve café — “quotes” ½ ∑ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "日本語のテキスト、中文文本。", "emoji 👩‍💻🚀 and tabs\t\tend  ",
+              "Ünïcödé  spaces\u00a0nbsp 123,456.78 ١٢٣", "   leading spaces", "trailing\n\n", "<s>special</s> <unk>"]
+    return [line for line in lines if line][:n]
+
+
+@pytest.fixture(scope="module")
+def lines_file(tmp_path_factory) -> tuple[Path, list[str]]:
+    lines = corpus_lines()
+    assert len(lines) >= 3000
+    path = tmp_path_factory.mktemp("corpus") / "lines.json"
+    path.write_text(json.dumps(lines))
+    return path, lines
+
+
+def _trained_bpe(folder: Path, lines: list[str]) -> Path:
+    """A byte-level BPE tokenizer.json trained by HF tokenizers (add_prefix_space on, list-form merges)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    tok = ByteLevelBPETokenizer(add_prefix_space=True)
+    tok.train_from_iterator(lines, vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_bpe_tokenizer_matches_hf_tokenizers(cpp_build, lines_file, tmp_path):
+    from tokenizers import Tokenizer
+
+    path, lines = lines_file
+    for tj in (ROOT / "mtx" / "assets" / "default-mistral" / "tokenizer.json", _trained_bpe(tmp_path, lines)):
+        hf = Tokenizer.from_file(str(tj))
+        got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(tj), "lines": str(path)})
+        want = [hf.encode(line).ids for line in lines]
+        bad = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+        assert not bad, f"{tj}: {len(bad)} of {len(lines)} lines differ, first {lines[bad[0]]!r}: " \
+                        f"{got['ids'][bad[0]]} != {want[bad[0]]}"
+        assert got["decoded"] == [hf.decode(w, skip_special_tokens=True) for w in want]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_path, model_type):
+    import sentencepiece as spm
+
+    path, lines = lines_file
+    prefix = tmp_path / "sp"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=800,
+                                   model_type=model_type, byte_fallback=True, minloglevel=2)
+    model = Path(f"{prefix}.model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(model), "lines": str(path)})
+    want = [sp.encode(line) for line in lines]
+    assert got["decoded"] == [sp.decode(w) for w in want]
+    # Debian's libsentencepiece (0.1.97) and the Python package (0.2.x) break exact unigram ties
+    # (segmentations of equal total score, e.g. of "=====") differently; any other difference fails.
+    differ = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+    for i in differ:
+        score = lambda ids: sum(sp.GetScore(t) for t in ids)  # noqa: E731
+        assert model_type == "unigram" and score(got["ids"][i]) == pytest.approx(score(want[i]), abs=1e-4) \
+            and sp.decode(got["ids"][i]) == sp.decode(want[i]), f"line {lines[i]!r}: {got['ids'][i]} != {want[i]}"
+    assert len(differ) <= len(lines) // 100
+
+
+def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4, env: dict | None = None) -> tuple[int, str]:
+    """mtx_c_check through the C ABI: (exit status, its one output line)."""
+    r = _run([str(build / "mtx_c_check"), str(export), str(n), *map(str, tokens)], timeout=300,
+             env={**os.environ, **(env or {})})
+    assert r.returncode in (0, 2), f"mtx_c_check crashed ({r.returncode}):\n{r.stdout}\n{r.stderr[-2000:]}"
+    return r.returncode, r.stdout.strip()
+
+
+def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
+    export = parity_export("mistral", "onnxruntime")
+    want = py_load(export).generate([PROMPT], max_new_tokens=6, stop_token_ids=[])[0]
+    assert c_check(cpp_build, export, PROMPT, 6) == (0, "ok " + " ".join(map(str, want)))
+    vocab = json.loads((export / "mtx.json").read_text())["config"]["vocab_size"]
+
+    def refused(folder, tokens, code: int, *words: str) -> None:
+        rc, line = c_check(cpp_build, folder, tokens)
+        assert rc == 2 and line.startswith(f"error {code} "), line
+        assert len(line.splitlines()) == 1 and all(w in line for w in words), line
+
+    refused(export, [5, vocab], 1, f"token id {vocab}", "out of range", str(vocab))
+    refused(export, [5, -1], 1, "token id -1")
+    refused(export, [], 1, "empty")
+    refused(tmp_path / "nowhere", PROMPT, 2, "nowhere", "no such folder")
+    refused(tmp_path, PROMPT, 2, "not an mtx export", "mtx.json")
+
+    def tampered(name: str, edit) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(export, folder)
+        edit(folder)
+        return folder
+
+    def flip_byte(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    def edit_manifest(folder: Path, **changes) -> None:
+        m = json.loads((folder / "mtx.json").read_text())
+        m.update(changes)
+        (folder / "mtx.json").write_text(json.dumps(m))
+
+    weights = [f["path"] for f in json.loads((export / "mtx.json").read_text())["files"]
+               if f["role"] in ("weights", "checkpoint-weights")][0]
+    refused(tampered("bytes", lambda f: flip_byte(f / weights)), PROMPT, 2, weights, "sha256 differs")
+    refused(tampered("gone", lambda f: (f / weights).unlink()), PROMPT, 2, weights, "missing")
+    refused(tampered("version", lambda f: edit_manifest(f, format_version=1)), PROMPT, 2, "mtx-export v2", "version 1")
+    refused(tampered("key", lambda f: edit_manifest(f, extra_key=1)), PROMPT, 2, "unknown key 'extra_key'")
+    cap = json.loads((export / "mtx.json").read_text())["capacity"]
+    refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")
+    refused(tampered("json", lambda f: (f / "mtx.json").write_text("{not json")), PROMPT, 2, "not valid JSON")
+
+    # Weights are hashed once per file state, in the record mtx.integrity keeps (shared with Python);
+    # a file changed in place afterwards (same size) is hashed again and refused.
+    from mtx.integrity import _load_records, _state
+
+    cache = {"MTX_CACHE_DIR": str(tmp_path / "cache")}
+    folder = tampered("in-place", lambda f: None)
+    assert c_check(cpp_build, folder, PROMPT, 6, env=cache) == (0, "ok " + " ".join(map(str, want)))
+    records = _load_records(tmp_path / "cache" / "verified.json")
+    key = str((folder / weights).resolve())
+    assert records[key]["state"] == _state(folder / weights)
+    assert records[key]["sha256"] == [f["sha256"] for f in json.loads((folder / "mtx.json").read_text())["files"]
+                                      if f["path"] == weights][0]
+    flip_byte(folder / weights)
+    rc, line = c_check(cpp_build, folder, PROMPT, env=cache)
+    assert rc == 2 and line.startswith("error 2 ") and "sha256 differs" in line and weights in line, line
+
+
+def test_threads_match_single_threaded(cpp_build, parity_export, tmp_path):
+    """8 threads x 24 sessions over one Model give the Python runtime's (and the 1-thread) tokens."""
+    export = parity_export("mixtral4", "onnxruntime")
+    prompts = [PROMPTS[i % 3][: 3 + i % 5] + [i] for i in range(24)]
+    params = dict(temperature=0.9, top_k=20, seed=11)
+    gen = py_load(export)
+    want = []
+    for p in prompts:
+        s = gen.session()
+        s.append(p)
+        want.append(s.generate(12, stop_token_ids=[], **params))
+    req = {"op": "threads", "export": str(export), "prompts": prompts, "max_new_tokens": 12, "stop": [],
+           "sampling": params, "prefill_chunk": PREFILL_CHUNK, "intra_op_threads": 1}
+    assert check(cpp_build, tmp_path, {**req, "threads": 8})["tokens"] == want
+    assert check(cpp_build, tmp_path, {**req, "threads": 1})["tokens"] == want
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+def test_kv_bytes_fixed_over_20_windows(cpp_build, parity_export, tmp_path, target):
+    export = parity_export("mistral", target, max_position=512) if target == "onnxruntime" else \
+        parity_export("mistral", target)
+    m = json.loads((export / "mtx.json").read_text())
+    cfg = m["config"]
+    sets = 1 if m["kv"]["past_present"] == "shared" and not m["attention_op"].startswith("mtx::") else 2
+    expect = sets * 2 * cfg["num_layers"] * cfg["num_kv_heads"] * m["capacity"] * cfg["head_dim"] * 4
+    got = check(cpp_build, tmp_path, {"op": "kv", "export": str(export), "prompt": PROMPT, "windows": 20,
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["kv_bytes"] == [expect] * 21
+    assert got["position"] == len(PROMPT) + 20 * m["window"] - 1  # the last token stays pending
+    s = py_load(export).session()
+    s.append(PROMPT)
+    assert got["tokens"][len(PROMPT):] == s.generate(20 * m["window"], stop_token_ids=[])
+
+
+def test_ctest_unit_tests(cpp_build):
+    r = _run(["ctest", "--test-dir", str(cpp_build), "--output-on-failure"], timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "100% tests passed" in r.stdout
+
+
+DOWNSTREAM = """
+cmake_minimum_required(VERSION 3.22)
+project(downstream CXX)
+set(CMAKE_CXX_STANDARD 17)
+find_package(mtx 0.1 CONFIG REQUIRED)
+add_executable(downstream main.cpp)
+target_link_libraries(downstream PRIVATE mtx::runtime)
+"""
+
+
+def readme_example() -> str:
+    """The C++ quick-start program of README.md (the downstream project compiles and runs it)."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```cpp\n", text.index("## C++ runtime")) + len("```cpp\n")
+    return text[start:text.index("```", start)]
+
+
+def test_downstream_cmake_project_links_installed_package(cpp_build, builtin_export, tmp_path):
+    """find_package(mtx CONFIG) on the installed package; README's example gives mtx.runtime's text."""
+    prefix = tmp_path / "prefix"
+    r = _run(["cmake", "--install", str(cpp_build), "--prefix", str(prefix)])
+    assert r.returncode == 0, r.stderr
+    assert (prefix / "lib" / "cmake" / "mtx" / "mtxConfig.cmake").is_file()
+    src = tmp_path / "downstream"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(DOWNSTREAM)
+    (src / "main.cpp").write_text(readme_example())
+    for step in (["cmake", "-S", str(src), "-B", str(src / "build"), f"-DCMAKE_PREFIX_PATH={prefix}",
+                  "-DCMAKE_BUILD_TYPE=Release"], ["cmake", "--build", str(src / "build")]):
+        r = _run(step)
+        assert r.returncode == 0, f"{' '.join(step)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    r = _run([str(src / "build" / "downstream"), str(builtin_export)],
+             env={k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"})
+    assert r.returncode == 0, r.stderr
+    gen = py_load(builtin_export)
+    want = gen.generate(["def fibonacci(n):"], max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1234)[0]
+    assert r.stdout == gen.decode(want)
+    r = _run([str(src / "build" / "downstream"), str(tmp_path / "missing")])
+    assert r.returncode == 2 and "no such folder" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def builtin_export(parity_export):
+    """The built-in byte-level BPE Mistral (mtx/assets/default-mistral) exported in float32."""
+    return parity_export("default-mistral", "onnxruntime", checkpoint=ROOT / "mtx" / "assets" / "default-mistral")
+
+
+def test_generate_example_matches_python(cpp_build, builtin_export, tmp_path):
+    text = "def fibonacci(n):\n    "
+    gen = py_load(builtin_export)
+    want = gen.generate([text], max_new_tokens=24)[0]
+    exe = str(cpp_build / "mtx-generate-cpp")
+    r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24", "--ids-out"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in want]
+    r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == gen.decode(want) + "\n"
+    for args, words in ((["--prompt", text, "--top-p", "x"], "--top-p: expected a number"),
+                        (["--ids", "1 99999"], "token id 99999 is out of range"),
+                        (["--ids", ""], "empty"), (["--prompt", text, "--bogus"], "unknown option --bogus")):
+        r = _run([exe, str(builtin_export), *args])
+        assert r.returncode == 2 and r.stdout == "", (args, r.stdout, r.stderr)
+        assert r.stderr.startswith("mtx-generate-cpp: error: ") and words in r.stderr and \
+            len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = _run([exe, str(tmp_path / "missing"), "--prompt", "x"])
+    assert r.returncode == 2 and "no such folder" in r.stderr
+
+
+def test_http_example(cpp_build, builtin_export):
+    import socket
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([str(cpp_build / "mtx-http-example"), str(builtin_export), "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def post(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        gen = py_load(builtin_export)
+        want = gen.generate(["The rolling buffer"], max_new_tokens=12, temperature=0.8, seed=5)[0]
+        status, body = post({"prompt": "The rolling buffer", "max_new_tokens": 12, "temperature": 0.8, "seed": 5})
+        assert status == 200 and body == {"ids": want, "text": gen.decode(want)}
+        status, body = post({"ids": [1, 10**6], "max_new_tokens": 2})
+        assert status == 400 and "out of range" in body["error"]
+        status, body = post({"prompt": "x", "top_p": 0})
+        assert status == 400 and "top_p" in body["error"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
