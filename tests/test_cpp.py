@@ -69,9 +69,17 @@ CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxrunt
          ("mistral_full", "onnxruntime"), ("mistral_full", "onnx")]
 
 
-@pytest.mark.parametrize("variant,target,dtype", [(*c, "float32") for c in CASES] + [("mistral", "onnxruntime", "float16")])
-def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, variant, target, dtype):
-    export = parity_export(variant, target) if dtype == "float32" else parity_export(variant, target, dtype=dtype)
+#: Quantised exports (docs/ops.md §7; manifest v3 with its quantization entry): MatMulNBits and QMoE
+#: for onnxruntime, blocked DequantizeLinear for onnx.
+QUANTIZED = [("mistral", "onnxruntime", dict(quantize="int4", block_size=32)),
+             ("mixtral4", "onnxruntime", dict(quantize="int4", block_size=32)),
+             ("mistral", "onnx", dict(quantize="int8", block_size=32))]
+
+
+@pytest.mark.parametrize("variant,target,options", [(*c, {}) for c in CASES]
+                         + [("mistral", "onnxruntime", dict(dtype="float16"))] + QUANTIZED)
+def test_greedy_and_score_match_python(cpp_build, parity_export, tmp_path, variant, target, options):
+    export = parity_export(variant, target, **options)
     gen = py_load(export)
     want = gen.generate([PROMPT], max_new_tokens=N_NEW, stop_token_ids=[])[0]
     got = check(cpp_build, tmp_path, {"op": "generate", "export": str(export), "prompts": [PROMPT],
@@ -250,7 +258,7 @@ def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
                if f["role"] in ("weights", "checkpoint-weights")][0]
     refused(tampered("bytes", lambda f: flip_byte(f / weights)), PROMPT, 2, weights, "sha256 differs")
     refused(tampered("gone", lambda f: (f / weights).unlink()), PROMPT, 2, weights, "missing")
-    refused(tampered("version", lambda f: edit_manifest(f, format_version=1)), PROMPT, 2, "mtx-export v2", "version 1")
+    refused(tampered("version", lambda f: edit_manifest(f, format_version=1)), PROMPT, 2, "mtx-export v3", "version 1")
     refused(tampered("key", lambda f: edit_manifest(f, extra_key=1)), PROMPT, 2, "unknown key 'extra_key'")
     cap = json.loads((export / "mtx.json").read_text())["capacity"]
     refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")

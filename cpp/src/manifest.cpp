@@ -108,7 +108,7 @@ const std::vector<Key> kTop = {
     {"max_position", T::Int, true},   {"kv", T::Obj, false},             {"inputs", T::Arr, false},
     {"outputs", T::Arr, false},       {"ops", T::Obj, false},            {"attention_op", T::Str, false},
     {"moe_op", T::Str, true},         {"local_window_size", T::Int, true}, {"fallbacks", T::Arr, false},
-    {"layer_outputs", T::Arr, false}, {"engine", T::Str, true},          {"engine_status", T::Str, false},
+    {"layer_outputs", T::Arr, false}, {"quantization", T::Obj, true}, {"engine", T::Str, true},          {"engine_status", T::Str, false},
     {"checkpoint", T::Obj, false},    {"weights", T::Obj, false},        {"versions", T::Obj, false},
     {"files", T::Arr, false}};
 const std::vector<Key> kKV = {{"layout", T::Str, false}, {"past_present", T::Str, false},
@@ -117,6 +117,37 @@ const std::vector<Key> kSpec = {{"name", T::Str, false}, {"dtype", T::Str, false
 const std::vector<Key> kFallback = {{"op", T::Str, false}, {"layers", T::Arr, false}, {"reason", T::Str, false}};
 const std::vector<Key> kLayerOut = {{"layer", T::Int, false}, {"after_attention", T::Str, false},
                                     {"after_block", T::Str, false}};
+// docs/ops.md §5 and §7 (mtx/manifest.py Quantization, QuantizedTensor).
+const std::vector<Key> kQuant = {{"method", T::Str, false},     {"bits", T::Int, false},
+                                 {"block_size", T::Int, false}, {"scheme", T::Str, false},
+                                 {"accuracy_level", T::Int, true}, {"lm_head", T::Bool, false},
+                                 {"tensors", T::Arr, false}};
+const std::vector<Key> kQTensor = {{"weight", T::Str, false}, {"sources", T::Arr, false}, {"shape", T::Arr, false},
+                                   {"bits", T::Int, false},   {"op", T::Str, false},      {"codes", T::Str, false},
+                                   {"scales", T::Str, false}, {"zero_points", T::Str, true}};
+
+void check_int_in(const json& d, const char* key, const std::vector<int64_t>& allowed, const std::string& origin) {
+  const int64_t v = d.at(key).get<int64_t>();
+  if (std::find(allowed.begin(), allowed.end(), v) != allowed.end()) return;
+  std::string all;
+  for (auto a : allowed) all += (all.empty() ? "" : ", ") + std::to_string(a);
+  fail(origin + ": " + key + " " + std::to_string(v) + " is not one of " + all);
+}
+
+void check_quantization(const json& q, const std::string& origin) {
+  check_keys(q, kQuant, origin);
+  choice(q, "method", {"rtn"}, origin);
+  choice(q, "scheme", {"asymmetric", "symmetric"}, origin);
+  check_int_in(q, "bits", {4, 8}, origin);
+  check_int_in(q, "block_size", {32, 64, 128}, origin);
+  int i = 0;
+  for (const auto& t : q["tensors"]) {
+    const std::string o = origin + ".tensors[" + std::to_string(i++) + "]";
+    check_keys(t, kQTensor, o);
+    check_int_in(t, "bits", {4, 8}, o);
+  }
+}
+
 const std::vector<Key> kFile = {{"path", T::Str, false}, {"role", T::Str, false}, {"bytes", T::Int, false},
                                 {"sha256", T::Str, false}};
 // ModelConfig (mtx/config.py): fields without a default must be present; all typed.
@@ -226,8 +257,8 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
   }
   const std::string origin = path;
   check_keys(d, kTop, origin);
-  if (d["format"] != "mtx-export" || d["format_version"] != 2)
-    fail(origin + ": not an mtx-export v2 manifest (format " + d["format"].dump() + ", version " +
+  if (d["format"] != "mtx-export" || d["format_version"] != 3)
+    fail(origin + ": not an mtx-export v3 manifest (format " + d["format"].dump() + ", version " +
          d["format_version"].dump() + "); export the checkpoint again with this mtx");
   choice(d, "target", {"onnxruntime", "onnx", "tensorrt"}, origin);
   choice(d, "dtype", {"float32", "float16", "bfloat16"}, origin);
@@ -256,6 +287,7 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
            "; expected layer " + std::to_string(i));
     ++i;
   }
+  if (!d["quantization"].is_null()) check_quantization(d["quantization"], origin + ": quantization");
   i = 0;
   for (const auto& f : d["files"]) {
     const std::string o = origin + ": files[" + std::to_string(i++) + "]";
