@@ -92,8 +92,6 @@ def mtx_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int
 
 def genai_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
     """A function timing one greedy generation with onnxruntime-genai: (ttft, step times, tokens)."""
-    import onnxruntime_genai as og
-
     src = work / "mistral-125m-genai-src"
     if not src.exists():
         src.mkdir()
@@ -113,7 +111,14 @@ def genai_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: i
         so["intra_op_num_threads"] = threads
         so["inter_op_num_threads"] = 1
         (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
-    model = og.Model(str(out))
+    return genai_decode_runner(out, prompt, new)
+
+
+def genai_decode_runner(folder: Path, prompt: list[int], new: int):
+    """A timed greedy run of onnxruntime-genai's model in ``folder``: (ttft_s, step_s, tokens)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
 
     def run() -> tuple[float, list[float], list[int]]:
         params = og.GeneratorParams(model)

@@ -178,31 +178,9 @@ def mtx_child_runner(out: Path, threads: int, prompt: list[int], new: int):
     return run
 
 
-def genai_child_runner(out: Path, prompt: list[int], new: int):
-    import onnxruntime_genai as og
-
-    model = og.Model(str(out))
-
-    def run():
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new, do_sample=False, min_length=len(prompt) + new)
-        g = og.Generator(model, params)
-        t0 = time.perf_counter()
-        g.append_tokens(np.asarray([prompt], dtype=np.int32))
-        g.generate_next_token()
-        ttft = time.perf_counter() - t0
-        steps = []
-        while not g.is_done():
-            s = time.perf_counter()
-            g.generate_next_token()
-            steps.append(time.perf_counter() - s)
-        return ttft, steps, [int(t) for t in g.get_sequence(0)[len(prompt):]]
-    return run
-
-
 def child(system: str, folder: Path, a: argparse.Namespace) -> None:
     prompt = np.random.default_rng(0).integers(3, bench_peers.SHAPE["vocab"], 128).tolist()
-    run = genai_child_runner(folder, prompt, a.new_tokens) if system.startswith("genai") else \
+    run = bench_peers.genai_decode_runner(folder, prompt, a.new_tokens) if system.startswith("genai") else \
         mtx_child_runner(folder, a.threads, prompt, a.new_tokens)
     run()
     ttft, steps, tokens = run()
