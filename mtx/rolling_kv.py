@@ -76,6 +76,13 @@ def written_tokens(length: int, capacity: int) -> slice:
     return slice(max(0, length - capacity), length)
 
 
+def context_limit(window: int | None, capacity: int, max_position: int | None) -> int | None:
+    """Positions a row may reach (prompt + generated): the capacity under full attention (rule 8) and the
+    export's max_position (its RoPE tables); None where unbounded."""
+    limits = [n for n in (None if window else capacity, max_position) if n]
+    return min(limits) if limits else None
+
+
 def check_full_attention_context(end_pos: int, window: int | None, capacity: int) -> None:
     """Full attention is exact only while every position fits: raise if ``end_pos`` exceeds capacity."""
     if not window and end_pos > capacity:

@@ -173,3 +173,22 @@ def test_plan_step_spans_and_budget():
     assert plan.prefill == [(3, 4)]
     plan = plan_step([D, D, P], {2: 9}, [2], token_budget=2, max_chunk=16)
     assert plan.prefill == [(2, 1)]  # at least one prefill token per step
+
+
+def test_cancelled_waiting_requests_free_their_queue_slots(gen):
+    """A client that gives up while queued frees its slot at once, even with every row busy."""
+    from mtx.serving import Engine
+
+    engine = Engine(gen, max_batch=1, max_queue=2)  # not started: every request stays queued
+    try:
+        first = engine.submit([5, 6], max_tokens=2)
+        engine.submit([5, 6], max_tokens=2)
+        first.cancel()
+        engine.submit([7, 8], max_tokens=2)  # takes the cancelled request's slot: no EngineBusy
+        assert engine.stats().waiting == 2
+        assert first.result().finish_reason == "cancelled"
+        engine.start()
+        assert engine.wait_idle(60)
+        assert engine.stats().finished == {**engine.stats().finished, "length": 2, "cancelled": 1}
+    finally:
+        engine.close()

@@ -199,7 +199,8 @@ def test_sixteen_concurrent_requests_equal_offline(server, gen):
     ({"model": MODEL, "prompt": "w5", "max_tokens": -1}, "max_tokens", "max_tokens must be an integer >= 0"),
     ({"model": MODEL, "prompt": "w5", "max_tokens": "5"}, "max_tokens", "valid integer"),
     ({"model": MODEL, "prompt": "w5", "temperature": "hot"}, "temperature", "valid number"),
-    ({"model": MODEL, "prompt": [5] * 4100}, "max_tokens", "exceeds max_position 4096"),
+    ({"model": MODEL, "prompt": [5] * 4100}, "prompt", "prompt of 4100 tokens exceeds the 4096 positions"),
+    ({"model": MODEL, "prompt": [5] * 4090, "max_tokens": 10}, "max_tokens", "exceeds max_position 4096"),
     ({"model": MODEL, "prompt": [5, 999]}, "prompt", "token id 999 is out of range"),
     ({"model": MODEL, "messages": "hi"}, "messages", "valid list"),
     ({"model": MODEL, "prompt": "w5", "stream": True, "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
@@ -364,3 +365,27 @@ def test_serve_bad_options_are_one_line(export, args, needle):
                        env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(needle), r.stderr
+
+
+def test_streamed_text_of_multibyte_characters_split_over_byte_tokens():
+    """Characters the vocabulary lacks arrive as byte-fallback tokens (one U+FFFD per byte until the
+    character is complete); the streamed deltas still join to HF tokenizers' decode of all tokens."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer, decoders, models
+
+    from mtx.serving.openai_api import TextAssembler
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    text = "a\U0001F600b\u4e2dbb\u00e9"
+    ids = tok.encode(text).ids
+    assert sum(3 <= i for i in ids) == 4 + 3 + 2  # the emoji, the CJK and the accented letter as bytes
+    gen = SimpleNamespace(tokenizer=tok, decode=lambda t: tok.decode(list(t), skip_special_tokens=True))
+    for stop in ([], ["bb"]):
+        asm = TextAssembler(gen, stop)
+        streamed = "".join(asm.push(t) for t in ids) + asm.finish()
+        want = tok.decode(ids)
+        assert streamed == (want[:want.index("bb")] if stop else want)
+        assert "\ufffd" not in streamed

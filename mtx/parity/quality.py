@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from mtx import rolling_kv
 from mtx.errors import UsageError
+from mtx.tokenizer import encode_checked
 
 DEFAULT_TOKENS = 2048
 CHUNK = 64
@@ -87,12 +89,9 @@ def run_quality(checkpoint: str | Path | None, out: str | Path, text_file: str |
     gen = load_artifact(out, None, threads=threads)
     if gen.tokenizer is None:
         raise UsageError(f"{out}: no tokenizer.json to encode the text with", params=("text",))
-    limit = max_tokens
-    if not manifest.window:
-        limit = min(limit, manifest.capacity)  # full attention: the run must fit the buffer (rule 8)
-    if manifest.max_position:
-        limit = min(limit, manifest.max_position)
-    ids = np.asarray(gen.tokenizer.encode(text).ids[:limit], np.int64)
+    limit = min(max_tokens, rolling_kv.context_limit(manifest.window, manifest.capacity, manifest.max_position)
+                or max_tokens)
+    ids = np.asarray(encode_checked(gen.tokenizer, text, "text")[:limit], np.int64)
     if len(ids) < 2:
         raise UsageError("text: encodes to fewer than 2 tokens", params=("text",))
     reference = TorchBackend.from_checkpoint(resolve_checkpoint(checkpoint), "float32", capacity=manifest.capacity,

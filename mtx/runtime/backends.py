@@ -49,6 +49,10 @@ class Backend(ABC):
         Returns float32 logits [b, S, V], or [b, 1, V] for the last token when ``last_only``.
         """
 
+    def position_limit(self) -> int | None:
+        """Positions a row may reach (prompt + generated tokens), or None where unbounded."""
+        return rolling_kv.context_limit(self.window, self.capacity, self.max_position)
+
     def check_positions(self, end_pos: int) -> None:
         """Raise a clear error if a row would run past what this engine can hold."""
         rolling_kv.check_full_attention_context(end_pos, self.window, self.capacity)

@@ -71,17 +71,15 @@ class ChatTemplate:
                 raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
             if not isinstance(cfg, dict):
                 raise CheckpointError(f"{path}: expected a JSON object")
-        special = {name: _token_text(cfg.get(name)) for name in SPECIAL_TOKENS}
-        if not special["bos_token"]:
-            special["bos_token"] = "<s>"
-        if not special["eos_token"]:
-            special["eos_token"] = "</s>"
+        # As transformers: only the special tokens the config sets are template variables.
+        special = {name: text for name in SPECIAL_TOKENS if (text := _token_text(cfg.get(name)))}
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
             template = named.get("default")
         if template is None:
-            return cls(DEFAULT_CHAT_TEMPLATE, special, "the default chat template (mtx.serving.chat)")
+            return cls(DEFAULT_CHAT_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>", **special},
+                       "the default chat template (mtx.serving.chat)")
         if not isinstance(template, str):
             raise CheckpointError(f"{path}: chat_template must be a string")
         return cls(template, special, f"{path} chat_template")
@@ -94,7 +92,7 @@ class ChatTemplate:
                                          **self.special_tokens)
         except TemplateError:
             raise
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
             raise TemplateError(f"messages: {self.origin} failed to render ({e})", params=("messages",)) from None
 
 

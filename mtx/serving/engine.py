@@ -244,6 +244,8 @@ class Engine:
             if self._draining:
                 raise EngineDraining("the server is shutting down and admits no new requests")
             if len(self._waiting) >= self.max_queue:
+                self._drop_cancelled_waiting()
+            if len(self._waiting) >= self.max_queue:
                 raise EngineBusy(f"the waiting queue is full ({self.max_queue} requests); retry later")
             self._waiting.append(active)
             self._wake.notify_all()
@@ -279,8 +281,20 @@ class Engine:
         for a in doomed:
             self._finish(a, "cancelled")
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Finish waiting requests that were cancelled, whether or not a row is free (lock held)."""
+        if any(a.handle.cancelled.is_set() for a in self._waiting):
+            keep = deque()
+            for a in self._waiting:
+                if a.handle.cancelled.is_set():
+                    self._finish(a, "cancelled", locked=True)
+                else:
+                    keep.append(a)
+            self._waiting = keep
+
     def _admit(self) -> None:
         """Move waiting requests into free rows, lowest row first (lock held)."""
+        self._drop_cancelled_waiting()
         for row in range(self.max_batch):
             if not self._waiting:
                 return

@@ -43,7 +43,8 @@ from mtx.tokenizer import encode_checked
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
 DEFAULT_CHAT_MAX_TOKENS = 256
 #: Python parameter names of mtx errors -> the request field they concern.
-FIELD_OF_PARAM = {"max_new_tokens": "max_tokens", "prompt": "prompt", "max_position": "max_tokens"}
+FIELD_OF_PARAM = {"max_new_tokens": "max_tokens", "prompt": "prompt", "max_position": "max_tokens",
+                  "cache_capacity": "max_tokens"}
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ class TextAssembler:
             return text
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         text = text[:len(text) - hold]
-        return text[:-1] if text.endswith("\ufffd") else text
+        return text.rstrip("\ufffd")  # byte-fallback decoders give one per byte of an incomplete character
 
     def push(self, token: int) -> str:
         self.tokens.append(token)
@@ -181,11 +182,7 @@ class OpenAIServer:
     # -- limits -------------------------------------------------------------------------------------
     def position_limit(self) -> int | None:
         """Positions a request may reach (prompt + new tokens), or None where unbounded."""
-        be = self.generator.backend
-        limits = [be.max_position] if be.max_position is not None else []
-        if not be.window:
-            limits.append(be.capacity)
-        return min(limits) if limits else None
+        return self.generator.backend.position_limit()
 
     # -- parsing ------------------------------------------------------------------------------------
     def _check_model(self, req: _Sampling) -> None:
@@ -194,7 +191,11 @@ class OpenAIServer:
                            "model", code="model_not_found")
 
     def _common(self, req: _Sampling, ids: list[int], default_max: int | None,
-                max_tokens: int | None) -> _Prepared:
+                max_tokens: int | None, prompt_field: str) -> _Prepared:
+        left = self.position_limit()
+        if left is not None and len(ids) > left:
+            raise ApiError(400, f"{prompt_field}: the prompt of {len(ids)} tokens exceeds the {left} positions "
+                           f"of this model", prompt_field, code="context_length_exceeded")
         if req.n != 1:
             raise ApiError(400, f"n: only n = 1 is supported, got {req.n}", "n")
         if req.logprobs not in (None, False, 0):
@@ -206,7 +207,6 @@ class OpenAIServer:
         if len(stop) > 4 or any(not s for s in stop):
             raise ApiError(400, "stop: up to 4 non-empty strings", "stop")
         if max_tokens is None:
-            left = self.position_limit()
             max_tokens = default_max if default_max is not None else DEFAULT_CHAT_MAX_TOKENS
             if left is not None and default_max is None:
                 max_tokens = max(0, min(max_tokens, left - len(ids)))
@@ -236,7 +236,7 @@ class OpenAIServer:
             ids = self.generator.to_ids(prompt)
         except MtxError as e:
             raise _from_mtx(e, "prompt") from None
-        return self._common(req, ids, DEFAULT_COMPLETION_MAX_TOKENS, req.max_tokens)
+        return self._common(req, ids, DEFAULT_COMPLETION_MAX_TOKENS, req.max_tokens, "prompt")
 
     def prepare_chat(self, req: ChatRequest) -> _Prepared:
         self._check_model(req)
@@ -257,7 +257,7 @@ class OpenAIServer:
         except MtxError as e:
             raise _from_mtx(e, "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._common(req, ids, None, max_tokens)
+        return self._common(req, ids, None, max_tokens, "messages")
 
     # -- running ------------------------------------------------------------------------------------
     def submit(self, prep: _Prepared) -> tuple[Any, asyncio.Queue[Event]]:
