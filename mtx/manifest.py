@@ -146,11 +146,13 @@ class Manifest:
     @classmethod
     def from_dict(cls, d: Any, origin: str = MANIFEST) -> Manifest:
         """Validate ``d`` (parsed JSON) and build a Manifest; raises ManifestError naming the key."""
-        _check_keys(d, cls, origin)
-        if d["format"] != FORMAT or d["format_version"] != FORMAT_VERSION:
+        # The version first: a folder of another format version has other keys; it is to be exported again.
+        if isinstance(d, dict) and "format" in d and "format_version" in d and (
+                d["format"] != FORMAT or d["format_version"] != FORMAT_VERSION):
             raise ManifestError(f"{origin}: not an {FORMAT} v{FORMAT_VERSION} manifest "
                                 f"(format {d['format']!r}, version {d['format_version']!r}); "
                                 f"export the checkpoint again with this mtx")
+        _check_keys(d, cls, origin)
         _choice(d, "target", TARGETS, origin)
         _choice(d, "dtype", DTYPES, origin)
         kv = d["kv"]

@@ -249,9 +249,11 @@ def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
 
-    def edit_manifest(folder: Path, **changes) -> None:
+    def edit_manifest(folder: Path, drop: tuple[str, ...] = (), **changes) -> None:
         m = json.loads((folder / "mtx.json").read_text())
         m.update(changes)
+        for key in drop:
+            del m[key]
         (folder / "mtx.json").write_text(json.dumps(m))
 
     weights = [f["path"] for f in json.loads((export / "mtx.json").read_text())["files"]
@@ -259,6 +261,9 @@ def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
     refused(tampered("bytes", lambda f: flip_byte(f / weights)), PROMPT, 2, weights, "sha256 differs")
     refused(tampered("gone", lambda f: (f / weights).unlink()), PROMPT, 2, weights, "missing")
     refused(tampered("version", lambda f: edit_manifest(f, format_version=1)), PROMPT, 2, "mtx-export v3", "version 1")
+    # An export of format version 2 (no quantization key) is told to export again, not "missing key".
+    refused(tampered("v2", lambda f: edit_manifest(f, drop=("quantization",), format_version=2)), PROMPT, 2,
+            "mtx-export v3", "version 2", "export the checkpoint again")
     refused(tampered("key", lambda f: edit_manifest(f, extra_key=1)), PROMPT, 2, "unknown key 'extra_key'")
     cap = json.loads((export / "mtx.json").read_text())["capacity"]
     refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")

@@ -256,10 +256,12 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
     fail(path + ": not valid JSON (" + what.substr(0, 200) + ")");
   }
   const std::string origin = path;
-  check_keys(d, kTop, origin);
-  if (d["format"] != "mtx-export" || d["format_version"] != 3)
+  // The version first: a folder of another format version has other keys; it is to be exported again.
+  if (d.is_object() && d.contains("format") && d.contains("format_version") &&
+      (d["format"] != "mtx-export" || d["format_version"] != 3))
     fail(origin + ": not an mtx-export v3 manifest (format " + d["format"].dump() + ", version " +
          d["format_version"].dump() + "); export the checkpoint again with this mtx");
+  check_keys(d, kTop, origin);
   choice(d, "target", {"onnxruntime", "onnx", "tensorrt"}, origin);
   choice(d, "dtype", {"float32", "float16", "bfloat16"}, origin);
   const json& kv = d["kv"];
