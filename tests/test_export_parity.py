@@ -66,11 +66,17 @@ def reference_logits(folder: Path, ids: torch.Tensor, capacity: int, window: int
     if window is not None:
         for layer in model.layers:
             layer.attn.window = window
+    return chunked_logits(model, ids, capacity, SCHEDULE)
+
+
+def chunked_logits(model: torch.nn.Module, ids: torch.Tensor, capacity: int, schedule: list[int]) -> np.ndarray:
+    """Logits [b, T, V] (float32) of ``model`` fed ``ids`` [b, T] in ``schedule`` chunks over a rolling
+    buffer of ``capacity`` slots, every row from position 0."""
     b = ids.shape[0]
     kv = model.new_kv(b, capacity)
     out, pos = [], 0
     with torch.no_grad():
-        for n in SCHEDULE:
+        for n in schedule:
             out.append(model(ids[:, pos:pos + n], torch.full((b,), pos, dtype=torch.long), kv).float())
             pos += n
     return torch.cat(out, dim=1).numpy()

@@ -25,7 +25,7 @@ from mtx.models import build_model
 from mtx.parity import run_parity
 from mtx.parity.options import ParityOptions
 
-from test_export_parity import SCHEDULE, exported_logits, token_ids
+from test_export_parity import SCHEDULE, chunked_logits, exported_logits, token_ids
 
 ATOL = 1e-4
 
@@ -97,14 +97,7 @@ def oracle_logits(folder: Path, manifest, ids: torch.Tensor, schedule: list[int]
     for t in q.tensors:
         for src in t.sources:
             params[src].data = np_fake_quant(params[src].data, t.bits, q.block_size, q.scheme)
-    b = ids.shape[0]
-    kv = model.new_kv(b, manifest.capacity)
-    out, pos = [], 0
-    with torch.no_grad():
-        for n in schedule:
-            out.append(model(ids[:, pos:pos + n], torch.full((b,), pos, dtype=torch.long), kv).float())
-            pos += n
-    return torch.cat(out, dim=1).numpy()
+    return chunked_logits(model, ids, manifest.capacity, schedule)
 
 
 @pytest.fixture(scope="module")
