@@ -161,18 +161,54 @@ def test_bad_requests(gen, kw, needle):
 
 
 def test_plan_step_spans_and_budget():
-    """Decode spans skip prefilling rows; the budget left after decode rows goes to prefill in order."""
-    from mtx.serving.scheduler import Phase, plan_step
+    """Decode spans skip prefilling rows; the budget left after decode rows goes to prefill in admission order."""
+    from mtx.runtime.scheduler import Phase, PrefillCall, RowView, plan_step
 
-    I, P, D = Phase.IDLE, Phase.PREFILL, Phase.DECODE
-    plan = plan_step([D, I, D, P, I, D, I], {3: 10}, [3], token_budget=8, max_chunk=4)
+    I = RowView(Phase.IDLE)
+    D = RowView(Phase.DECODE, position=9)
+
+    def P(left: int, order: int, position: int = 0) -> RowView:
+        return RowView(Phase.PREFILL, left, position, order)
+
+    plan = plan_step([D, I, D, P(10, 0), I, D, I], token_budget=8, max_chunk=4)
     assert plan.decode_spans == [slice(0, 3), slice(5, 6)]
-    assert plan.prefill == [(3, 4)]
-    plan = plan_step([P, D, D, P], {0: 3, 3: 9}, [3, 0], token_budget=6, max_chunk=16)
+    assert plan.prefill == [PrefillCall(slice(3, 4), 4)]
+    plan = plan_step([P(3, 1), D, D, P(9, 0)], token_budget=6, max_chunk=16)
     assert plan.decode_spans == [slice(1, 3)]
-    assert plan.prefill == [(3, 4)]
-    plan = plan_step([D, D, P], {2: 9}, [2], token_budget=2, max_chunk=16)
-    assert plan.prefill == [(2, 1)]  # at least one prefill token per step
+    assert plan.prefill == [PrefillCall(slice(3, 4), 4)]
+    plan = plan_step([D, D, P(9, 0)], token_budget=2, max_chunk=16)
+    assert plan.prefill == [PrefillCall(slice(2, 3), 1)]  # at least one prefill token per step
+
+
+def test_plan_step_groups_equal_chunks_into_one_call():
+    """Contiguous rows with equal chunk lengths share a call; with first_call_only only rows at position 0 do."""
+    from mtx.runtime.scheduler import Phase, PrefillCall, RowView, plan_step
+
+    rows = [RowView(Phase.PREFILL, 5, 0, 0), RowView(Phase.PREFILL, 5, 0, 1), RowView(Phase.PREFILL, 9, 0, 2),
+            RowView(Phase.PREFILL, 5, 0, 3)]
+    plan = plan_step(rows, token_budget=100, max_chunk=16)
+    assert plan.prefill == [PrefillCall(slice(0, 2), 5), PrefillCall(slice(2, 3), 9), PrefillCall(slice(3, 4), 5)]
+    plan = plan_step(rows, token_budget=100, max_chunk=5)  # chunks of 5 everywhere: one call
+    assert plan.prefill == [PrefillCall(slice(0, 4), 5)]
+    later = [RowView(Phase.PREFILL, 5, 0, 0), RowView(Phase.PREFILL, 5, 7, 1)]
+    assert plan_step(later, 100, 16).prefill == [PrefillCall(slice(0, 2), 5)]
+    assert plan_step(later, 100, 16, first_call_only=True).prefill == [PrefillCall(slice(0, 1), 5),
+                                                                          PrefillCall(slice(1, 2), 5)]
+    one_token = [RowView(Phase.PREFILL, 1, 3, 0), RowView(Phase.PREFILL, 1, 7, 1)]
+    assert plan_step(one_token, 100, 16, first_call_only=True).prefill == [PrefillCall(slice(0, 2), 1)]
+    # the budget runs out in admission order: the oldest row (row 1) first
+    plan = plan_step([RowView(Phase.PREFILL, 8, 0, 1), RowView(Phase.PREFILL, 8, 0, 0)], 10, 16)
+    assert plan.prefill == [PrefillCall(slice(1, 2), 8), PrefillCall(slice(0, 1), 2)]
+
+
+def test_admission_and_finishing_decisions():
+    from mtx.runtime.scheduler import admit, finish_reason
+
+    assert admit([5, 1, 3], 2) == [1, 3] and admit([2], 4) == [2] and admit([], 3) == []
+    assert finish_reason(3, 10, stopped=True) == "stop"
+    assert finish_reason(10, 10, stopped=True) == "stop"
+    assert finish_reason(10, 10, stopped=False) == "length"
+    assert finish_reason(4, 10, stopped=False) is None
 
 
 def test_cancelled_waiting_requests_free_their_queue_slots(gen):

@@ -28,6 +28,9 @@ class Backend(ABC):
     capacity: int
     max_batch: int
     max_position: int | None = None
+    #: ``"first_call_only"``: a call with several rows and several tokens per row is allowed only when
+    #: every row starts at position 0 (docs/ops.md §5 ``kv.multi_token_batch``); ``"any"``: always.
+    multi_token_batch: str = "any"
 
     @property
     def window(self) -> int | None:

@@ -25,7 +25,8 @@ def _peak_rss_mb() -> float:
 
 def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens: int = 256, seed: int = 0,
               warmup: int = 1) -> dict[str, Any]:
-    """Greedy decode of random prompts; all timings wall-clock on this process.
+    """Greedy decode of random prompts through the generation core (:class:`~mtx.runtime.core.BatchCore`);
+    all timings wall-clock on this process. Time to first token: until every row has its first token.
 
     Decode latency is reported as the median per-step time in windows of positions, so a user can
     compare the step at position W with the step at 20W.
@@ -41,24 +42,24 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     rng = np.random.default_rng(seed)
     prompts = rng.integers(3, gen.config.vocab_size, size=(batch, prompt_len)).tolist()
     for _ in range(warmup):  # the same shapes once: first calls plan kernels and grow memory arenas
-        gen.generate([prompts[0]], max_new_tokens=4, stop_token_ids=[])
+        gen.generate(prompts, max_new_tokens=4, stop_token_ids=[])
 
     rss_before = _rss_mb()
-    state = be.new_state(batch)
-    kv_bytes = be.state_nbytes(state)
+    core = gen.core(batch)  # the generation core every front end runs on; its KV state allocated once
+    kv_bytes = core.kv_bytes
+    for p in prompts:
+        core.add(gen.request(p, new_tokens, stop_token_ids=[]))  # greedy, no stop: exactly new_tokens each
     t0 = time.perf_counter()
-    logits = np.stack([gen._prefill(state, r, prompts[r], 0, want_all=False) for r in range(batch)])
-    last = logits.argmax(-1).astype(np.int64)[:, None]
+    firsts = 0
+    while firsts < batch:  # prefill steps, until every row has its first token
+        firsts += sum(o.token is not None for o in core.step())
     t_first = time.perf_counter()
     rss_after_prefill = _rss_mb()
-    pos = np.full(batch, prompt_len, dtype=np.int64)
     steps = []
-    for _ in range(new_tokens - 1):
+    while core.has_unfinished():
         s0 = time.perf_counter()
-        logits = be.run(state, slice(0, batch), last, pos, last_only=True)[:, 0]
-        last = logits.argmax(-1).astype(np.int64)[:, None]
+        core.step()
         steps.append(time.perf_counter() - s0)
-        pos += 1
     t_end = time.perf_counter()
     rss_end = _rss_mb()
     decode_s = t_end - t_first

@@ -1,58 +1,36 @@
-"""Generation over any backend: chunked prefill, batched decode with per-row positions, sessions.
+"""Generation over any backend: the offline front end (``generate``/``stream``) and sessions.
 
 Invariants:
-* KV buffers are allocated once per session/batch at capacity C and updated in place.
-* Each row carries its own position; a row's tokens do not depend on the other rows of its batch.
-* A prompt is prefilled in chunks of at most ``prefill_chunk`` tokens, one row per call (rows differ
-  in length and docs/ops.md §1.9 has no padding); decode steps run all rows together.
+* ``generate``/``stream`` run a :class:`~mtx.runtime.core.BatchCore` of one row per prompt: requests are
+  prepared once (:func:`~mtx.runtime.request.prepare_request`), prompts of several rows are prefilled
+  together where the graph allows, and every token comes from the one sampling step
+  (:class:`~mtx.runtime.row_decoder.RowDecoder`). Row ``r`` of a batch samples with ``TokenRng`` stream ``r``.
+* KV buffers are allocated once per batch/session at capacity C and updated in place.
+* A row's tokens do not depend on the other rows of its batch.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
-from mtx.runtime.sampling import SamplingParams, TokenRng, check_seed, select_token
+from mtx.runtime.core import BatchCore, feed
+from mtx.runtime.request import Prompt, Request, prepare_request, prompt_ids
+from mtx.runtime.row_decoder import RowDecoder
 from mtx.tokenizer import encode_checked
 
-Prompt = Union[str, Sequence[int]]
-
-
-@dataclass
-class _RowStop:
-    """Per-row stop bookkeeping: stop token ids and stop strings (checked on the decoded text)."""
-
-    stop_ids: frozenset[int]
-    stop_strings: tuple[str, ...]
-    decode: Any
-    generated: list[int] = field(default_factory=list)
-    done: bool = False
-
-    def add(self, token: int) -> bool:
-        """Record a generated token; return True if generation of this row ends with it."""
-        self.generated.append(token)
-        if token in self.stop_ids:
-            self.done = True
-        elif self.stop_strings:
-            text = self.decode(self.generated)
-            self.done = any(s in text for s in self.stop_strings)
-        return self.done
+#: Offline batches have no streams to protect from prefill stalls: a step may feed this many prompt tokens.
+OFFLINE_TOKEN_BUDGET = 1 << 20
 
 
 def _check_prompts(prompts: object) -> None:
     if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], (int, np.integer))):
         raise UsageError("prompts must be a list of strings or of token-id lists", params=("prompts",))
-
-
-def _check_max_new_tokens(value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise UsageError(f"max_new_tokens must be an integer >= 0, got {value!r}", params=("max_new_tokens",))
 
 
 class Generator:
@@ -82,89 +60,48 @@ class Generator:
 
     def to_ids(self, prompt: Prompt, what: str = "prompt") -> list[int]:
         """Validate a prompt (text or token ids) and return its ids."""
-        if isinstance(prompt, str):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (shell, file)
-                raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})", params=("prompt",)) from None
-            ids = self.encode(prompt)
-        elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
-            ids = [int(t) for t in prompt]
-        else:
-            raise UsageError(f"{what}: expected text or a list of token ids, got {type(prompt).__name__}"
-                             f"{' holding ' + type(prompt[0]).__name__ if isinstance(prompt, (list, tuple)) and prompt else ''}")
-        if not ids:
-            raise UsageError(f"{what} is empty: give at least one token")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise UsageError(f"{what}: token id {bad[0]} is out of range for a vocabulary of "
-                             f"{self.config.vocab_size}")
-        return ids
+        return prompt_ids(self, prompt, what)
 
-    # -- engine calls ----------------------------------------------------------------------------
-    def _prefill(self, state: Any, row: int, ids: Sequence[int], start: int, want_all: bool) -> np.ndarray:
-        """Feed ``ids`` for one row from ``start`` in chunks; logits of the last token [V], or of all [T, V]."""
-        self.backend.check_positions(start + len(ids))
-        outs = []
-        for off in range(0, len(ids), self.prefill_chunk):
-            chunk = np.asarray([ids[off:off + self.prefill_chunk]], dtype=np.int64)
-            logits = self.backend.run(state, slice(row, row + 1), chunk, np.asarray([start + off], dtype=np.int64),
-                                      last_only=not want_all)
-            outs.append(logits[0])
-        return np.concatenate(outs, axis=0) if want_all else outs[-1][-1]
+    def request(self, prompt: Prompt, max_new_tokens: int = 64, **options: Any) -> Request:
+        """A prepared :class:`Request` (options as for :meth:`generate`; ``want_text=True`` for text deltas)."""
+        return prepare_request(self, prompt, max_new_tokens, **options)
 
-    def _stopper(self, stop_token_ids: Sequence[int] | None, stop: Sequence[str] | str | None) -> _RowStop:
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop and self.tokenizer is None:
-            raise UsageError("stop strings need a tokenizer.json in the model folder")
-        ids = self.eos_token_ids if stop_token_ids is None else tuple(stop_token_ids)
-        return _RowStop(frozenset(int(t) for t in ids), tuple(stop or ()), self.decode)
+    def core(self, max_batch: int, token_budget: int = OFFLINE_TOKEN_BUDGET, max_decode_deferral: int = 0
+             ) -> BatchCore:
+        """A :class:`BatchCore` of ``max_batch`` rows over this model (its KV state allocated now)."""
+        return BatchCore(self.backend, self.tokenizer, max_batch, token_budget, self.prefill_chunk,
+                         max_decode_deferral)
 
     # -- API ---------------------------------------------------------------------------------------
     def session(self) -> Session:
         """A single-sequence session with its own KV buffers, for multi-turn use."""
         return Session(self)
 
-    def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None
+    def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
                      ) -> Iterator[tuple[int, int]]:
-        """Yield (row, token) as tokens are produced for a batch of prompts."""
+        """Yield (row, token) as tokens are produced for a batch of prompts.
+
+        Options: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
+        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings).
+        """
         _check_prompts(prompts)
         if not prompts:
             raise UsageError("no prompts given")
         if len(prompts) > self.backend.max_batch:
             raise UsageError(f"batch of {len(prompts)} prompts exceeds the maximum batch {self.backend.max_batch} "
                              f"of this model (max_batch of the export)", params=("max_batch",))
-        _check_max_new_tokens(max_new_tokens)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        params.validate()
-        check_seed(seed)
-        ids = [self.to_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        b = len(ids)
-        self.backend.check_positions(max(len(x) for x in ids) + max_new_tokens)
-        stops = [self._stopper(stop_token_ids, stop) for _ in range(b)]
-        rngs = [TokenRng(seed, stream=r) for r in range(b)]
-        state = self.backend.new_state(b)
-        logits = np.stack([self._prefill(state, r, ids[r], 0, want_all=False) for r in range(b)])
-        pos = np.asarray([len(x) for x in ids], dtype=np.int64)
-        for step in range(max_new_tokens):
-            last = np.zeros((b, 1), dtype=np.int64)
-            for r in range(b):
-                if stops[r].done:
-                    last[r, 0] = stops[r].generated[-1]
-                    continue
-                seen = np.asarray(ids[r] + stops[r].generated, dtype=np.int64) if repetition_penalty != 1.0 else None
-                tok = select_token(logits[r], params, rngs[r], seen)
-                stops[r].add(tok)
-                last[r, 0] = tok
-                yield r, tok
-            if all(s.done for s in stops) or step == max_new_tokens - 1:
-                return
-            logits = self.backend.run(state, slice(0, b), last, pos, last_only=True)[:, 0]
-            pos += 1
+        requests = [self.request(p, max_new_tokens, rng_stream=r, what=f"prompt {r}", **options)
+                    for r, p in enumerate(prompts)]
+        row_of = {req.request_id: r for r, req in enumerate(requests)}
+        core = self.core(len(requests))
+        for req in requests:
+            core.add(req)
+        while core.has_unfinished():
+            for o in core.step():
+                if o.error is not None:
+                    raise o.error
+                if o.token is not None:
+                    yield row_of[o.request_id], o.token
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
         """Generated token ids per prompt (stop tokens included). See :meth:`stream_batch` for options."""
@@ -189,6 +126,7 @@ class Session:
     """One sequence and its KV buffers (allocated once). Appending a turn reuses the KV state.
 
     ``tokens`` is the whole conversation; all but possibly the last generated token are in the buffer.
+    A call that is refused (bad option, too long) leaves the session as it was.
     Thread-safe: each call holds the session's lock, and a stream holds it only while it computes a
     token, never across ``yield``. A paused stream whose session was changed meanwhile (an append, or
     another stream) raises UsageError when resumed; an abandoned stream blocks nothing.
@@ -213,8 +151,8 @@ class Session:
         return self.generator.backend.state_nbytes(self._state)
 
     def _feed_pending(self, want_all: bool) -> np.ndarray:
-        pending = self.tokens[self._fed:]
-        logits = self.generator._prefill(self._state, 0, pending, self._fed, want_all)
+        g = self.generator
+        logits = feed(g.backend, self._state, 0, self.tokens[self._fed:], self._fed, g.prefill_chunk, want_all)
         self._fed = len(self.tokens)
         self._logits = logits[-1] if want_all else logits
         return logits
@@ -224,42 +162,36 @@ class Session:
         ``want_all`` the logits [T, V] of the appended tokens."""
         with self._lock:
             ids = self.generator.to_ids(prompt, "turn")
+            self.generator.backend.check_positions(len(self.tokens) + len(ids))
             n_pending = len(self.tokens) - self._fed
             self._version += 1
             self.tokens.extend(ids)
             logits = self._feed_pending(want_all)
             return logits[n_pending:] if want_all else logits
 
-    def stream(self, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-               repetition_penalty: float = 1.0, seed: int | None = None,
-               stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None
-               ) -> Iterator[int]:
-        """Continue the sequence, yielding tokens as they are produced."""
-        _check_max_new_tokens(max_new_tokens)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        params.validate()
-        check_seed(seed)
+    def stream(self, max_new_tokens: int = 64, **options: Any) -> Iterator[int]:
+        """Continue the sequence, yielding tokens as they are produced (options as for ``Generator.generate``)."""
         g = self.generator
-        stopper = g._stopper(stop_token_ids, stop)
-        rng = TokenRng(seed)
         with self._lock:
             if not self.tokens:
                 raise UsageError("session is empty: append a prompt before generating")
-            g.backend.check_positions(len(self.tokens) + max_new_tokens)
+            request = prepare_request(g, self.tokens[self._fed:], max_new_tokens, history=self._fed, **options)
+            decoder = RowDecoder(request, g.tokenizer, history=tuple(self.tokens[:self._fed]))
             if self._fed < len(self.tokens):
                 self._feed_pending(want_all=False)
             self._version += 1
             mine = self._version
-        for step in range(max_new_tokens):
+        if max_new_tokens == 0:
+            return
+        while True:
             with self._lock:
                 self._check_unchanged(mine)
-                seen = np.asarray(self.tokens, dtype=np.int64) if repetition_penalty != 1.0 else None
-                tok = select_token(self._logits, params, rng, seen)
-                self.tokens.append(tok)
+                res = decoder.step(self._logits)
+                self.tokens.append(res.token)
                 self._version += 1
                 mine = self._version
-            yield tok
-            if stopper.add(tok) or step == max_new_tokens - 1:
+            yield res.token
+            if res.finish_reason is not None:
                 return  # the last token stays pending until the next append/generate
             with self._lock:
                 self._check_unchanged(mine)

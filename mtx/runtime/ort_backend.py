@@ -87,7 +87,7 @@ class OrtBackend(Backend):
         self.max_batch = max_batch or manifest.max_batch
         self.max_position = manifest.max_position
         self.shared = manifest.ort_aliases_past_present
-        self.rows_one_at_a_time = manifest.kv.multi_token_batch == "first_call_only"
+        self.multi_token_batch = manifest.kv.multi_token_batch
         dtype = manifest.dtype
         if dtype not in ORT_DTYPES:
             raise UsageError(f"{root}: the onnxruntime backend runs {' and '.join(ORT_DTYPES)} exports, "
@@ -185,7 +185,7 @@ class OrtBackend(Backend):
     def run(self, state: OrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
         b = rows.stop - rows.start
-        if input_ids.shape[1] > 1 and b > 1 and self.rows_one_at_a_time and np.any(start_pos != 0):
+        if input_ids.shape[1] > 1 and b > 1 and self.multi_token_batch == "first_call_only" and np.any(start_pos != 0):
             parts = [self.run(state, slice(r, r + 1), input_ids[i:i + 1], start_pos[i:i + 1], last_only)
                      for i, r in enumerate(range(rows.start, rows.stop))]
             return np.concatenate(parts)

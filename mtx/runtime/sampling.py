@@ -94,13 +94,31 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
 
 def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | None,
                  seen: np.ndarray | None = None) -> int:
-    """One token id from a float32 logits row [V]; greedy takes no draw, sampling takes one."""
+    """One token id in ``[0, V)`` from a logits row [V]; greedy takes no draw, sampling takes one.
+
+    No option value can produce NaN probabilities: infinite logits and penalised values that overflow
+    are clamped to the largest float32, and where ``x / T`` overflows the maximum is subtracted before
+    dividing by the temperature (otherwise the arithmetic is the C++ runtime's, draw for draw). NaN
+    logits (a broken row) raise ValueError, which fails that request alone.
+    """
     logits = logits.astype(np.float32, copy=False)
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if np.isnan(logits).any():
+        raise ValueError("the model produced NaN logits for this row")
+    big = np.finfo(np.float32).max
+    if not np.isfinite(logits).all():
+        logits = np.clip(logits, -big, big)
+    if seen is not None and params.repetition_penalty != 1.0:
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        logits = np.clip(logits, -big, big)
     if params.temperature == 0:
         return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / params.temperature
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = logits.astype(np.float64) / params.temperature
+        if not np.isfinite(scaled.max()):  # a temperature so small that x / T overflows: subtract first
+            x = logits.astype(np.float64)
+            scaled = (x - x.max()) / params.temperature  # <= 0 everywhere, the maximum exactly 0
+            scaled = np.where(np.isnan(scaled), -np.inf, scaled)
     if params.top_k and params.top_k < scaled.size:
         kth = np.partition(scaled, -params.top_k)[-params.top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)
@@ -116,4 +134,4 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | Non
         probs /= probs.sum()
     assert rng is not None, "sampling needs an rng"
     cdf = np.cumsum(probs)
-    return int(np.searchsorted(cdf, rng.uniform() * cdf[-1], side="right"))
+    return min(int(np.searchsorted(cdf, rng.uniform() * cdf[-1], side="right")), probs.size - 1)

@@ -1,24 +1,22 @@
-"""The continuous-batching engine: one KV state of ``max_batch`` rows, one thread running steps.
+"""The serving engine: the generation core (:class:`~mtx.runtime.core.BatchCore`) on a thread of its own.
+
+The engine adds only what a server needs around the core: a thread running ``step()``, a bounded inbox
+of submitted requests, cancellation from other threads, sinks for each request's events, drain, and the
+metrics observer. Everything else — admission, the calls of a step, sampling, stop strings, text — is
+the core's, so a request's tokens equal ``Generator.generate([prompt], ...)`` run alone by construction.
 
 Invariants:
-* The engine owns ONE backend state ``backend.new_state(max_batch)``, allocated at start and never
-  reallocated: KV memory is ``max_batch x C`` slots per layer, whatever the load (no paged cache).
-* A waiting request is admitted into the lowest free row between steps and starts at position 0;
-  nothing of the row's previous request is resident for it (docs/ops.md §1 rule 3).
-* Each request samples with its own ``TokenRng(seed)`` (stream 0) and :func:`select_token`, on the
-  logits of its own row, so its tokens equal ``Generator.generate([prompt], ...)`` run alone —
-  greedy or seeded — whatever else is in flight and whenever it joined.
-* A row is freed in the step its request finishes (stop token, stop string, ``max_tokens``) or in
-  the first step after it is cancelled.
-
-Threads: :meth:`Engine.submit` and :meth:`RequestHandle.cancel` may be called from any thread; a
-request's events go to its ``sink``, called on the engine thread (an asyncio caller passes
-``loop.call_soon_threadsafe``-wrapped callables). Without a sink, a handle is a blocking iterator.
+* ONE backend state of ``max_batch`` rows, allocated at construction (``max_batch x C`` KV slots per
+  layer, whatever the load).
+* :meth:`Engine.submit` and :meth:`RequestHandle.cancel` may be called from any thread and never wait
+  for a step; a request's events go to its ``sink``, called on the engine thread (an asyncio caller
+  passes ``loop.call_soon_threadsafe``-wrapped callables). Without a sink, a handle is a blocking iterator.
+* A failure in one request (its sampling, its text) or in one graph call ends only the requests
+  concerned, with finish reason ``"error"``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -28,12 +26,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from mtx.errors import UsageError
-from mtx.runtime.generator import Generator, Prompt, _check_max_new_tokens, _RowStop
-from mtx.runtime.sampling import SamplingParams, TokenRng, check_seed, select_token
-from mtx.serving.scheduler import Phase, plan_step
+from mtx.runtime.core import FINISH_REASONS, BatchCore, RequestOutput
+from mtx.runtime.generator import Generator
+from mtx.runtime.request import Prompt, Request
 
 log = logging.getLogger("mtx.serving")
 
@@ -42,7 +38,9 @@ log = logging.getLogger("mtx.serving")
 #: 512 and 1024 gave the same TTFT (p50 0.37 / 0.38 s), 128 and 256 a later one; 512 halves the
 #: longest stall a step of new prompts puts on running streams.
 DEFAULT_TOKEN_BUDGET = 512
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
+#: Steps in a row that decode may be skipped while prompts are prefilled (mtx.runtime.scheduler.defer_decode):
+#: a burst of up to 4 x the token budget of prompt tokens is prefilled before running streams decode again.
+DEFAULT_DECODE_DEFERRAL = 4
 
 
 class EngineBusy(Exception):
@@ -55,13 +53,14 @@ class EngineDraining(Exception):
 
 @dataclass(frozen=True)
 class Event:
-    """``kind`` "token" (``token`` set) or "finish" (``finish_reason`` one of FINISH_REASONS;
-    ``message`` set for "error")."""
+    """``kind`` "token" (``token`` set, ``text`` its visible text delta) or "finish" (``finish_reason`` one
+    of FINISH_REASONS, ``text`` any visible text released at the end; ``message`` set for "error")."""
 
     kind: str
     token: int | None = None
     finish_reason: str | None = None
     message: str | None = None
+    text: str = ""
 
 
 @dataclass
@@ -73,17 +72,25 @@ class Completion:
 class RequestHandle:
     """One submitted request. Iterate it (no sink given) for its tokens, or call :meth:`result`."""
 
-    def __init__(self, request_id: int, prompt_ids: list[int], sink: Callable[[Event], None] | None) -> None:
-        self.id = request_id
-        self.prompt_ids = prompt_ids
+    def __init__(self, request: Request, sink: Callable[[Event], None] | None,
+                 on_cancel: Callable[[RequestHandle], None]) -> None:
+        self.request = request
+        self.id = request.request_id
+        self.prompt_ids = list(request.prompt_ids)
         self._queue: queue.Queue[Event] | None = None if sink is not None else queue.Queue()
         self.sink: Callable[[Event], None] = sink if sink is not None else self._queue.put  # type: ignore[union-attr]
         self.cancelled = threading.Event()
         self.finish_reason: str | None = None
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        self.n_tokens = 0
+        self._on_cancel = on_cancel
 
     def cancel(self) -> None:
-        """Ask the engine to stop this request and free its row (at the next step)."""
-        self.cancelled.set()
+        """Ask the engine to stop this request and free its row (at the next step). Idempotent."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self._on_cancel(self)
 
     def __iter__(self) -> Iterator[int]:
         if self._queue is None:
@@ -104,28 +111,6 @@ class RequestHandle:
 
 
 @dataclass
-class _Active:
-    """A request inside the engine. ``fed``: tokens in its row's KV (its next position)."""
-
-    handle: RequestHandle
-    ids: list[int]
-    params: SamplingParams
-    rng: TokenRng
-    stop: _RowStop
-    max_tokens: int
-    t_submit: float
-    row: int = -1
-    fed: int = 0
-    next_token: int = 0
-    t_first: float | None = None
-    order: int = 0
-
-    @property
-    def phase(self) -> Phase:
-        return Phase.PREFILL if self.fed < len(self.ids) else Phase.DECODE
-
-
-@dataclass
 class EngineStats:
     running: int
     waiting: int
@@ -140,37 +125,31 @@ class Engine:
     """Continuous batching over one :class:`Generator`'s backend. Call :meth:`start` (or use ``with``)."""
 
     def __init__(self, generator: Generator, max_batch: int | None = None, max_queue: int = 64,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, observer: Any | None = None) -> None:
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, observer: Any | None = None,
+                 max_decode_deferral: int = DEFAULT_DECODE_DEFERRAL) -> None:
         """``observer``: optional object with ``request_finished(prompt_tokens, output_tokens, ttft_s,
         tpot_s, reason)`` called on the engine thread (the Prometheus metrics of mtx.serving.metrics)."""
-        be = generator.backend
-        limit = be.max_batch
-        if max_batch is None:
-            max_batch = limit
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 1),
-                                 ("token_budget", token_budget, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))
-        if max_batch > limit:
-            raise UsageError(f"max_batch {max_batch} exceeds the maximum batch {limit} of this export "
-                             f"(export again with a larger max_batch)", params=("max_batch",))
+        if max_queue is None or isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
+            raise UsageError(f"max_queue must be an integer >= 1, got {max_queue!r}", params=("max_queue",))
         self.generator = generator
-        self.backend = be
-        self.max_batch = max_batch
+        self.backend = generator.backend
+        self.core = generator.core(self.backend.max_batch if max_batch is None else max_batch, token_budget,
+                                   max_decode_deferral)
+        self.max_batch = self.core.max_batch
         self.max_queue = max_queue
         self.token_budget = token_budget
         self.observer = observer
-        self.state = be.new_state(max_batch)
-        self.kv_bytes = be.state_nbytes(self.state)
-        self._rows: list[_Active | None] = [None] * max_batch
-        self._waiting: deque[_Active] = deque()
+        self.state = self.core.state
+        self.kv_bytes = self.core.kv_bytes
+        self._inbox: deque[RequestHandle] = deque()      # submitted, not yet given to the core
+        self._cancels: list[int] = []                     # request ids to abort in the core
+        self._handles: dict[int, RequestHandle] = {}      # every request given to the core, until it finishes
+        self._core_waiting: set[int] = set()              # ids in the core's waiting queue (as of the last step)
+        self._running = 0
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._ids = itertools.count(1)
-        self._order = itertools.count()
         self._draining = False
         self._closing = False
-        self._steps = 0
         self._finished: dict[str, int] = {r: 0 for r in FINISH_REASONS}
         self._thread = threading.Thread(target=self._loop, name="mtx-engine", daemon=True)
 
@@ -218,48 +197,71 @@ class Engine:
             self._wake.notify_all()
         if self._thread.is_alive():
             self._thread.join()
+        else:  # never started: finish what was queued
+            with self._lock:
+                doomed = list(self._inbox)
+                self._inbox.clear()
+            for h in doomed:
+                self._deliver_finish(h, "cancelled")
 
     # -- requests ----------------------------------------------------------------------------------
-    def submit(self, prompt: Prompt, max_tokens: int = 16, *, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: Sequence[str] | str | None = None, stop_token_ids: Sequence[int] | None = None,
-               sink: Callable[[Event], None] | None = None) -> RequestHandle:
-        """Validate a request (UsageError naming the field) and queue it.
+    def submit(self, prompt: Prompt | Request, max_tokens: int = 16, *,
+               sink: Callable[[Event], None] | None = None, **options: Any) -> RequestHandle:
+        """Validate a request (UsageError naming the field) and queue it. Never waits for a step.
 
-        Options mean what they mean for :meth:`Generator.generate`: ``max_tokens`` new tokens at most,
-        ``stop_token_ids`` default the model's EOS ids. Raises EngineBusy when ``max_queue`` requests
-        already wait, EngineDraining once :meth:`begin_drain` was called.
+        ``prompt`` is text, token ids, or a prepared :class:`~mtx.runtime.request.Request`. Options mean
+        what they mean for :meth:`Generator.generate` (``temperature``, ``top_k``, ``top_p``,
+        ``repetition_penalty``, ``seed``, ``stop``, ``stop_token_ids``, ``want_text``): ``max_tokens`` new
+        tokens at most, ``stop_token_ids`` default the model's EOS ids. Raises EngineBusy when
+        ``max_queue`` requests already wait, EngineDraining once :meth:`begin_drain` was called.
         """
-        g = self.generator
-        _check_max_new_tokens(max_tokens)
-        params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
-        params.validate()
-        check_seed(seed)
-        ids = g.to_ids(prompt)
-        self.backend.check_positions(len(ids) + max_tokens)
-        stopper = g._stopper(stop_token_ids, stop)
-        handle = RequestHandle(next(self._ids), ids, sink)
-        active = _Active(handle, ids, params, TokenRng(seed), stopper, max_tokens, time.perf_counter())
+        request = prompt if isinstance(prompt, Request) else self.generator.request(
+            prompt, max_tokens, **options)
+        handle = RequestHandle(request, sink, self._cancel)
         with self._lock:
             if self._draining:
                 raise EngineDraining("the server is shutting down and admits no new requests")
-            if len(self._waiting) >= self.max_queue:
-                self._drop_cancelled_waiting()
-            if len(self._waiting) >= self.max_queue:
+            if self._queued() >= self.max_queue:
+                self._drop_cancelled_inbox()
+            if self._queued() >= self.max_queue:
                 raise EngineBusy(f"the waiting queue is full ({self.max_queue} requests); retry later")
-            self._waiting.append(active)
+            self._inbox.append(handle)
             self._wake.notify_all()
         return handle
 
     def stats(self) -> EngineStats:
         with self._lock:
-            return EngineStats(running=sum(r is not None for r in self._rows), waiting=len(self._waiting),
-                               max_batch=self.max_batch, max_queue=self.max_queue, kv_bytes=self.kv_bytes,
-                               steps=self._steps, finished=dict(self._finished))
+            return EngineStats(running=self._running, waiting=self._queued(), max_batch=self.max_batch,
+                               max_queue=self.max_queue, kv_bytes=self.kv_bytes, steps=self.core.steps,
+                               finished=dict(self._finished))
 
-    # -- the engine thread ---------------------------------------------------------------------------
+    # -- internals (lock held where noted) ---------------------------------------------------------
+    def _queued(self) -> int:
+        """Requests waiting for a row, cancelled ones not counted (lock held)."""
+        n = sum(not h.cancelled.is_set() for h in self._inbox)
+        return n + sum(not self._handles[i].cancelled.is_set() for i in self._core_waiting if i in self._handles)
+
     def _busy(self) -> bool:
-        return bool(self._waiting) or any(r is not None for r in self._rows)
+        return bool(self._inbox) or bool(self._handles)
+
+    def _cancel(self, handle: RequestHandle) -> None:
+        """A request still in the inbox finishes at once (its queue slot freed); one the core holds is
+        aborted at the next step."""
+        with self._lock:
+            if handle in self._inbox:
+                self._inbox.remove(handle)
+                self._deliver_finish(handle, "cancelled", locked=True)
+            else:
+                self._cancels.append(handle.id)
+            self._wake.notify_all()
+
+    def _drop_cancelled_inbox(self) -> None:
+        """Finish cancelled requests still in the inbox at once, freeing their queue slots (lock held)."""
+        doomed = [h for h in self._inbox if h.cancelled.is_set()]
+        if doomed:
+            self._inbox = deque(h for h in self._inbox if not h.cancelled.is_set())
+            for h in doomed:
+                self._deliver_finish(h, "cancelled", locked=True)
 
     def _loop(self) -> None:
         while True:
@@ -268,127 +270,63 @@ class Engine:
                     self._wake.wait()
                 if self._closing:
                     break
-                self._admit()
+                self._drop_cancelled_inbox()
+                for h in self._inbox:
+                    self._handles[h.id] = h
+                    self.core.add(h.request)
+                self._inbox.clear()
+                for rid in self._cancels:
+                    if rid in self._handles:
+                        self.core.abort(rid)
+                self._cancels.clear()
             try:
-                self._step()
-            except Exception as e:  # noqa: BLE001 - a failed call fails its requests, not the server
+                outputs = self.core.step()
+            except Exception as e:  # noqa: BLE001 - the core confines failures; this is a last resort
                 log.exception("engine step failed")
-                for a in [r for r in self._rows if r is not None]:
-                    self._finish(a, "error", f"{type(e).__name__}: {e}")
+                outputs = [RequestOutput(rid, None, finish_reason="error", message=f"{type(e).__name__}: {e}")
+                           for rid in list(self._handles)]
+            for o in outputs:
+                self._deliver(o)
+            with self._lock:
+                self._running = self.core.running
+                self._core_waiting = {r.request_id for r in self.core.waiting}
+                self._wake.notify_all()
         with self._lock:
-            doomed = [r for r in self._rows if r is not None] + list(self._waiting)
-            self._waiting.clear()
-        for a in doomed:
-            self._finish(a, "cancelled")
+            doomed = list(self._handles.values()) + list(self._inbox)
+            self._handles.clear()
+            self._inbox.clear()
+        for h in doomed:
+            self._deliver_finish(h, "cancelled")
 
-    def _drop_cancelled_waiting(self) -> None:
-        """Finish waiting requests that were cancelled, whether or not a row is free (lock held)."""
-        if any(a.handle.cancelled.is_set() for a in self._waiting):
-            keep = deque()
-            for a in self._waiting:
-                if a.handle.cancelled.is_set():
-                    self._finish(a, "cancelled", locked=True)
-                else:
-                    keep.append(a)
-            self._waiting = keep
-
-    def _admit(self) -> None:
-        """Move waiting requests into free rows, lowest row first (lock held)."""
-        self._drop_cancelled_waiting()
-        for row in range(self.max_batch):
-            if not self._waiting:
-                return
-            if self._rows[row] is not None:
-                continue
-            while self._waiting:
-                a = self._waiting.popleft()
-                if a.handle.cancelled.is_set():
-                    self._finish(a, "cancelled", locked=True)
-                    continue
-                if a.max_tokens == 0:  # nothing to generate: Generator yields no token either
-                    self._finish(a, "length", locked=True)
-                    continue
-                a.row, a.fed, a.order = row, 0, next(self._order)
-                self._rows[row] = a
-                break
-
-    def _step(self) -> None:
-        for a in [r for r in self._rows if r is not None]:
-            if a.handle.cancelled.is_set():
-                self._finish(a, "cancelled")
-        rows = self._rows
-        phases = [Phase.IDLE if a is None else a.phase for a in rows]
-        prefilling = sorted((a for a in rows if a is not None and a.phase is Phase.PREFILL), key=lambda a: a.order)
-        plan = plan_step(phases, {a.row: len(a.ids) - a.fed for a in prefilling}, [a.row for a in prefilling],
-                         self.token_budget, self.generator.prefill_chunk)
-        if plan.empty:
+    def _deliver(self, o: RequestOutput) -> None:
+        h = self._handles.get(o.request_id)
+        if h is None:
             return
-        self._steps += 1
-        for span in plan.decode_spans:
-            self._decode(span)
-        for row, n in plan.prefill:
-            self._prefill(rows[row], n)  # type: ignore[arg-type]
+        if o.token is not None:
+            if h.t_first is None:
+                h.t_first = time.perf_counter()
+            h.n_tokens += 1
+            h.sink(Event("token", token=o.token, text=o.text if o.finish_reason is None else ""))
+        if o.finish_reason is not None:
+            with self._lock:
+                self._handles.pop(o.request_id, None)
+            self._deliver_finish(h, o.finish_reason, o.message, text=o.text if o.token is not None else "")
 
-    def _decode(self, span: slice) -> None:
-        """One decode call over ``span``: DECODE rows feed their token, IDLE rows a dummy at position 0."""
-        n = span.stop - span.start
-        ids = np.zeros((n, 1), dtype=np.int64)
-        pos = np.zeros(n, dtype=np.int64)
-        members = []
-        for i, a in enumerate(self._rows[span]):
-            if a is not None:
-                assert a.phase is Phase.DECODE, "a decode span never holds a prefilling row"
-                ids[i, 0], pos[i] = a.next_token, a.fed
-                members.append((i, a))
-        logits = self.backend.run(self.state, span, ids, pos, last_only=True)
-        for i, a in members:
-            a.fed += 1
-            self._sample(a, logits[i, -1])
-
-    def _prefill(self, a: _Active, n: int) -> None:
-        chunk = np.asarray([a.ids[a.fed:a.fed + n]], dtype=np.int64)
-        logits = self.backend.run(self.state, slice(a.row, a.row + 1), chunk, np.asarray([a.fed], dtype=np.int64),
-                                  last_only=True)
-        a.fed += n
-        if a.fed == len(a.ids):
-            self._sample(a, logits[0, -1])
-
-    def _sample(self, a: _Active, logits: np.ndarray) -> None:
-        """Pick the request's next token from its row's logits [V], emit it, finish or queue it to feed."""
-        seen = np.asarray(a.ids + a.stop.generated, dtype=np.int64) if a.params.repetition_penalty != 1.0 else None
-        tok = select_token(logits, a.params, a.rng, seen)
-        done = a.stop.add(tok)
-        if a.t_first is None:
-            a.t_first = time.perf_counter()
-        a.handle.sink(Event("token", token=tok))
-        if done:
-            self._finish(a, "stop")
-        elif len(a.stop.generated) >= a.max_tokens:
-            self._finish(a, "length")
-        else:
-            a.next_token = tok
-
-    def _finish(self, a: _Active, reason: str, message: str | None = None, locked: bool = False) -> None:
-        """Free ``a``'s row (if it has one), count it, and send its finish event."""
+    def _deliver_finish(self, h: RequestHandle, reason: str, message: str | None = None, text: str = "",
+                        locked: bool = False) -> None:
+        """Count ``h``'s end, report it to the observer, and send its finish event."""
         if locked:
-            self._release(a, reason)
+            self._finished[reason] = self._finished.get(reason, 0) + 1
         else:
             with self._lock:
-                self._release(a, reason)
+                self._finished[reason] = self._finished.get(reason, 0) + 1
         if self.observer is not None:
             now = time.perf_counter()
-            n = len(a.stop.generated)
-            ttft = None if a.t_first is None else a.t_first - a.t_submit
-            tpot = (now - a.t_first) / (n - 1) if a.t_first is not None and n > 1 else None
+            ttft = None if h.t_first is None else h.t_first - h.t_submit
+            tpot = (now - h.t_first) / (h.n_tokens - 1) if h.t_first is not None and h.n_tokens > 1 else None
             try:
-                self.observer.request_finished(len(a.ids), n, ttft, tpot, reason)
+                self.observer.request_finished(len(h.prompt_ids), h.n_tokens, ttft, tpot, reason)
             except Exception:  # noqa: BLE001 - metrics never break serving
                 log.exception("metrics observer failed")
-        a.handle.finish_reason = reason
-        a.handle.sink(Event("finish", finish_reason=reason, message=message))
-
-    def _release(self, a: _Active, reason: str) -> None:
-        if 0 <= a.row < self.max_batch and self._rows[a.row] is a:
-            self._rows[a.row] = None
-        self._finished[reason] = self._finished.get(reason, 0) + 1
-        self._wake.notify_all()
+        h.finish_reason = reason
+        h.sink(Event("finish", finish_reason=reason, message=message, text=text))

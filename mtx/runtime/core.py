@@ -1,0 +1,245 @@
+"""The generation core: one KV state of ``max_batch`` rows and a synchronous ``step()``.
+
+Every front end runs on it: ``Generator.generate/stream`` (an offline batch), ``mtx bench`` and the
+serving engine (which adds only a thread, an inbox and sinks); ``Session`` and ``Generator.score`` use
+its :func:`feed` and the same :class:`~mtx.runtime.row_decoder.RowDecoder` step.
+
+Invariants:
+* The state ``backend.new_state(max_batch)`` is allocated once and never reallocated: KV memory is
+  ``max_batch x C`` slots per layer whatever the load.
+* The scheduler (:mod:`mtx.runtime.scheduler`) decides admission, the calls of a step and finishing;
+  the core executes them. A row's tokens depend only on its own request: each request samples with
+  its own ``TokenRng`` on the logits of its own row, and rows sharing a call are computed independently
+  (bit for bit in float32), so a request's tokens equal those it gets run alone.
+* A failure is confined: a graph call that raises fails the requests of that call only; a sampling or
+  text step that raises fails its request only. Both finish with ``"error"`` and the row is freed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtx.errors import UsageError
+from mtx.runtime.backends import Backend
+from mtx.runtime.request import Request
+from mtx.runtime.row_decoder import RowDecoder
+from mtx.runtime.scheduler import Phase, RowView, admit, plan_step
+
+log = logging.getLogger("mtx.runtime")
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one step produced for one request: a ``token`` (None for a finish without a token) with its
+    visible ``text`` delta, and ``finish_reason`` (one of FINISH_REASONS) when the request ended in this
+    step (``message`` and the exception ``error`` set for ``"error"``)."""
+
+    request_id: int
+    token: int | None
+    text: str = ""
+    finish_reason: str | None = None
+    message: str | None = None
+    error: BaseException | None = None
+
+
+@dataclass
+class _Running:
+    """A request in a row. ``fed``: tokens of the row's KV (its next position); ``pending``: the sampled
+    token still to feed (DECODE phase)."""
+
+    request: Request
+    decoder: RowDecoder
+    row: int
+    order: int
+    fed: int = 0
+    pending: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        return Phase.PREFILL if self.fed < len(self.request.prompt_ids) else Phase.DECODE
+
+
+def feed(backend: Backend, state: Any, row: int, ids: Sequence[int], start: int, chunk: int,
+         want_all: bool) -> np.ndarray:
+    """Feed ``ids`` to one row from position ``start`` in chunks of at most ``chunk`` tokens.
+
+    Returns float32 logits of the last token [V], or of every token [T, V] with ``want_all``.
+    """
+    backend.check_positions(start + len(ids))
+    outs = []
+    for off in range(0, len(ids), chunk):
+        piece = np.asarray([ids[off:off + chunk]], dtype=np.int64)
+        logits = backend.run(state, slice(row, row + 1), piece, np.asarray([start + off], dtype=np.int64),
+                             last_only=not want_all)
+        outs.append(logits[0])
+    return np.concatenate(outs, axis=0) if want_all else outs[-1][-1]
+
+
+class BatchCore:
+    """Continuous batching over one backend state. Not thread-safe: one thread calls add/abort/step."""
+
+    def __init__(self, backend: Backend, tokenizer: Any | None, max_batch: int, token_budget: int,
+                 prefill_chunk: int, max_decode_deferral: int = 0) -> None:
+        """``max_decode_deferral``: steps in a row that decode may be skipped while prompts are being fed
+        (:func:`mtx.runtime.scheduler.defer_decode`); 0 never skips."""
+        for name, value, low in (("max_batch", max_batch, 1), ("token_budget", token_budget, 1),
+                                 ("prefill_chunk", prefill_chunk, 1), ("max_decode_deferral", max_decode_deferral, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))
+        if max_batch > backend.max_batch:
+            raise UsageError(f"max_batch {max_batch} exceeds the maximum batch {backend.max_batch} of this export "
+                             f"(export again with a larger max_batch)", params=("max_batch",))
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.token_budget = token_budget
+        self.prefill_chunk = prefill_chunk
+        self.max_decode_deferral = max_decode_deferral
+        self._deferred = 0  # consecutive steps whose decode was deferred
+        self.first_call_only = backend.multi_token_batch == "first_call_only"
+        self.state = backend.new_state(max_batch)
+        self.kv_bytes = backend.state_nbytes(self.state)
+        self.rows: list[_Running | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.steps = 0
+        self._aborted: set[int] = set()
+        self._order = itertools.count()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add(self, request: Request) -> None:
+        """Queue a prepared request; it is admitted into a free row at a later step."""
+        self.waiting.append(request)
+
+    def abort(self, request_id: int) -> None:
+        """Cancel a request (waiting or running): it finishes with ``"cancelled"`` at the next step."""
+        self._aborted.add(request_id)
+
+    @property
+    def running(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    # -- the step ----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Cancel, admit, run one step's calls, sample. Returns the outputs in the order produced."""
+        out: list[RequestOutput] = []
+        self._cancel(out)
+        self._admit(out)
+        views = [RowView(Phase.IDLE) if a is None else
+                 RowView(a.phase, len(a.request.prompt_ids) - a.fed, a.fed, a.order) for a in self.rows]
+        plan = plan_step(views, self.token_budget, self.prefill_chunk, self.first_call_only, self._deferred,
+                         self.max_decode_deferral)
+        if plan.empty:
+            return out
+        self.steps += 1
+        decoding = any(v.phase is Phase.DECODE for v in views)
+        self._deferred = self._deferred + 1 if decoding and not plan.decode_spans else 0
+        for span in plan.decode_spans:
+            self._decode(span, out)
+        for call in plan.prefill:
+            self._prefill(call.rows, call.tokens, out)
+        return out
+
+    def _cancel(self, out: list[RequestOutput]) -> None:
+        if not self._aborted:
+            return
+        for a in self.rows:
+            if a is not None and a.request.request_id in self._aborted:
+                self._release(a)
+                out.append(RequestOutput(a.request.request_id, None, finish_reason="cancelled"))
+        keep: deque[Request] = deque()
+        for r in self.waiting:
+            if r.request_id in self._aborted:
+                out.append(RequestOutput(r.request_id, None, finish_reason="cancelled"))
+            else:
+                keep.append(r)
+        self.waiting = keep
+        self._aborted.clear()
+
+    def _admit(self, out: list[RequestOutput]) -> None:
+        free = [r for r, a in enumerate(self.rows) if a is None]
+        for row in admit(free, len(self.waiting)):
+            while self.waiting:
+                req = self.waiting.popleft()
+                if req.max_new_tokens == 0:  # nothing to generate: no row, no token
+                    out.append(RequestOutput(req.request_id, None, finish_reason="length"))
+                    continue
+                try:
+                    decoder = RowDecoder(req, self.tokenizer)
+                except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                    out.append(_error(req.request_id, e))
+                    continue
+                self.rows[row] = _Running(req, decoder, row, next(self._order))
+                break
+
+    def _decode(self, span: slice, out: list[RequestOutput]) -> None:
+        """One decode call over ``span``: DECODE rows feed their token, IDLE rows a dummy at position 0."""
+        n = span.stop - span.start
+        ids = np.zeros((n, 1), dtype=np.int64)
+        pos = np.zeros(n, dtype=np.int64)
+        members = [(i, a) for i, a in enumerate(self.rows[span]) if a is not None]
+        for i, a in members:
+            ids[i, 0], pos[i] = a.pending, a.fed
+        logits = self._run(span, ids, pos, [a for _, a in members], out)
+        if logits is None:
+            return
+        for i, a in members:
+            a.fed += 1
+            self._sample(a, logits[i, -1], out)
+
+    def _prefill(self, rows: slice, n: int, out: list[RequestOutput]) -> None:
+        members = [a for a in self.rows[rows] if a is not None]
+        ids = np.asarray([a.request.prompt_ids[a.fed:a.fed + n] for a in members], dtype=np.int64)
+        pos = np.asarray([a.fed for a in members], dtype=np.int64)
+        logits = self._run(rows, ids, pos, members, out)
+        if logits is None:
+            return
+        for i, a in enumerate(members):
+            a.fed += n
+            if a.fed == len(a.request.prompt_ids):
+                self._sample(a, logits[i, -1], out)
+
+    def _run(self, rows: slice, ids: np.ndarray, pos: np.ndarray, members: list[_Running],
+             out: list[RequestOutput]) -> np.ndarray | None:
+        """One graph call; on failure the call's requests finish with ``"error"`` and None is returned."""
+        try:
+            return self.backend.run(self.state, rows, ids, pos, last_only=True)
+        except Exception as e:  # noqa: BLE001 - a failed call fails its own requests, not the core
+            log.exception("graph call on rows %d:%d failed", rows.start, rows.stop)
+            for a in members:
+                self._release(a)
+                out.append(_error(a.request.request_id, e))
+            return None
+
+    def _sample(self, a: _Running, logits: np.ndarray, out: list[RequestOutput]) -> None:
+        try:
+            res = a.decoder.step(logits)
+        except Exception as e:  # noqa: BLE001 - one request's failure is its own
+            log.exception("request %d: sampling failed", a.request.request_id)
+            self._release(a)
+            out.append(_error(a.request.request_id, e))
+            return
+        out.append(RequestOutput(a.request.request_id, res.token, res.text, res.finish_reason))
+        if res.finish_reason is not None:
+            self._release(a)
+        else:
+            a.pending = res.token
+
+    def _release(self, a: _Running) -> None:
+        if self.rows[a.row] is a:
+            self.rows[a.row] = None
+
+
+def _error(request_id: int, e: BaseException) -> RequestOutput:
+    return RequestOutput(request_id, None, finish_reason="error", message=f"{type(e).__name__}: {e}", error=e)

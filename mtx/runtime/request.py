@@ -1,0 +1,119 @@
+"""A generation request, prepared and validated once (the one home of request preparation).
+
+Every front end — ``Generator.generate/stream``, ``Session.stream``, the serving engine, ``mtx bench`` —
+turns its arguments into a :class:`Request` with :func:`prepare_request`, so options mean the same
+everywhere and a bad option is refused the same way (``UsageError`` naming the parameter).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from mtx.errors import UsageError
+from mtx.runtime.sampling import SamplingParams, check_seed
+
+if TYPE_CHECKING:
+    from mtx.runtime.generator import Generator
+
+Prompt = Union[str, Sequence[int]]
+
+_request_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request.
+
+    ``prompt_ids``: token ids in ``[0, vocab)``, at least one. ``max_new_tokens`` >= 0.
+    ``seed``/``rng_stream``: its ``TokenRng`` (a request alone is stream 0; row r of an offline batch is
+    stream r). ``stop_token_ids``: ids that end it (default: the model's EOS ids); ``stop``: stop strings.
+    ``want_text``: detokenize as it goes (text deltas in the core's outputs; implied by ``stop``).
+    """
+
+    request_id: int
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int | None
+    rng_stream: int
+    stop_token_ids: frozenset[int]
+    stop: tuple[str, ...]
+    want_text: bool
+
+    @property
+    def needs_text(self) -> bool:
+        return self.want_text or bool(self.stop)
+
+
+def check_max_new_tokens(value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UsageError(f"max_new_tokens must be an integer >= 0, got {value!r}", params=("max_new_tokens",))
+
+
+def prompt_ids(generator: Generator, prompt: object, what: str = "prompt") -> list[int]:
+    """Validate a prompt (text or token ids) and return its ids."""
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (shell, file)
+            raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})", params=("prompt",)) from None
+        ids = generator.encode(prompt)
+    elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        ids = [int(t) for t in prompt]
+    else:
+        raise UsageError(f"{what}: expected text or a list of token ids, got {type(prompt).__name__}"
+                         f"{' holding ' + type(prompt[0]).__name__ if isinstance(prompt, (list, tuple)) and prompt else ''}")
+    if not ids:
+        raise UsageError(f"{what} is empty: give at least one token")
+    vocab = generator.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise UsageError(f"{what}: token id {bad[0]} is out of range for a vocabulary of {vocab}")
+    return ids
+
+
+def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 64, *, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                    stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None,
+                    rng_stream: int = 0, want_text: bool = False, what: str = "prompt", history: int = 0) -> Request:
+    """The :class:`Request` for ``prompt``; raises UsageError naming the first bad parameter.
+
+    ``history``: tokens already in the row's KV before ``prompt`` (a session's earlier turns), counted
+    against the model's position limit.
+    """
+    check_max_new_tokens(max_new_tokens)
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    params.validate()
+    check_seed(seed)
+    if isinstance(stop, str):
+        stop = [stop]
+    stop_strings = tuple(stop or ())
+    if any(not isinstance(s, str) for s in stop_strings):
+        raise UsageError("stop must be a string or a list of strings", params=("stop",))
+    if any(s == "" for s in stop_strings):
+        raise UsageError("stop: an empty stop string would stop before any text; remove it", params=("stop",))
+    if (stop_strings or want_text) and generator.tokenizer is None:
+        raise UsageError("stop strings need a tokenizer.json in the model folder", params=("stop",))
+    if stop_token_ids is None:
+        stop_ids = frozenset(generator.eos_token_ids)
+    else:
+        if isinstance(stop_token_ids, (str, bytes)) or not all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in stop_token_ids):
+            raise UsageError("stop_token_ids must be a list of integers", params=("stop_token_ids",))
+        vocab = generator.config.vocab_size
+        bad = [int(t) for t in stop_token_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise UsageError(f"stop_token_ids: id {bad[0]} is out of range for a vocabulary of {vocab}",
+                             params=("stop_token_ids",))
+        stop_ids = frozenset(int(t) for t in stop_token_ids)
+    ids = prompt_ids(generator, prompt, what) if not (isinstance(prompt, (list, tuple)) and not prompt and history) \
+        else []
+    generator.backend.check_positions(history + len(ids) + max_new_tokens)
+    return Request(next(_request_ids), tuple(ids), max_new_tokens, params, seed, rng_stream, stop_ids, stop_strings,
+                   want_text)

@@ -1,0 +1,62 @@
+"""One request's token step (the one sampling step): sample from its row's logits, detokenize, decide
+whether it finishes. Every front end's tokens come from :meth:`RowDecoder.step`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mtx.runtime.request import Request
+from mtx.runtime.sampling import TokenRng, select_token
+from mtx.runtime.scheduler import finish_reason
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """The result of one step of one request: the sampled ``token``, the visible ``text`` it adds (``""``
+    without a tokenizer or while text is held back; at the end, everything left), and ``finish_reason``
+    (``"stop"``, ``"length"``) or None."""
+
+    token: int
+    text: str
+    finish_reason: str | None
+
+
+class RowDecoder:
+    """Sampling state of one request: its ``TokenRng``, generated ids, and text stream (when it needs text).
+
+    ``history``: ids before the prompt already in the row (a session's earlier turns), which the
+    repetition penalty counts as seen, as it counts the prompt.
+    """
+
+    def __init__(self, request: Request, tokenizer: Any | None, history: tuple[int, ...] = ()) -> None:
+        self.request = request
+        self.rng = TokenRng(request.seed, stream=request.rng_stream)
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self._seen_prefix = history + request.prompt_ids
+        self.text = None
+        if request.needs_text:
+            from mtx.runtime.detokenizer import TextStream
+
+            self.text = TextStream(tokenizer, request.stop)
+
+    def step(self, logits: np.ndarray) -> TokenOutput:
+        """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits."""
+        req = self.request
+        seen = None
+        if req.sampling.repetition_penalty != 1.0:
+            seen = np.asarray(self._seen_prefix + tuple(self.generated), dtype=np.int64)
+        token = select_token(logits, req.sampling, self.rng, seen)
+        self.generated.append(token)
+        stopped = token in req.stop_token_ids
+        text = ""
+        if self.text is not None:
+            text, stopped_by_text = self.text.push(token)
+            stopped = stopped or stopped_by_text
+        self.finish_reason = finish_reason(len(self.generated), req.max_new_tokens, stopped)
+        if self.finish_reason is not None and self.text is not None:
+            text += self.text.finish()
+        return TokenOutput(token, text, self.finish_reason)

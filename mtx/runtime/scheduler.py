@@ -1,0 +1,161 @@
+"""The decisions of the generation core, as pure functions: no model, no threads, no clock.
+
+A row of the core's KV state is ``IDLE`` (no request), ``PREFILL`` (its prompt is being fed) or
+``DECODE`` (it holds a sampled token to feed at its next position). The scheduler decides
+
+* **admission** (:func:`admit`): waiting requests, oldest first, into the lowest free rows, between
+  steps. A request starts at position 0 of its row; nothing of the row's earlier sequence is resident
+  for it (docs/ops.md §1 rule 3).
+* **the step plan** (:func:`plan_step`): which graph calls one step runs —
+  - one decode call per maximal run of rows free of PREFILL rows, trimmed to its DECODE rows (IDLE rows
+    inside a run are fed a dummy token at position 0, harmless by rule 3) — unless the step *defers
+    decode*: while prompts are being prefilled, decode is skipped for up to ``max_decode_deferral``
+    steps in a row. A burst of arrivals is then prefilled in a few large steps before anyone decodes, so
+    a stream stalls once per burst instead of once per prefill step (the p99 inter-token latency), and
+    the prompts get the whole budget (the time to first token);
+  - prefill chunks of PREFILL rows in admission order until the step's token budget is spent (each
+    DECODE row in the step costs one token; prefill gets at least one token a step so a prompt always
+    progresses),
+    where contiguous rows with chunks of the same length go in ONE call, as the graph allows: every
+    target takes rows of equal chunk length at any positions (docs/ops.md §1 rule 2), except where the
+    manifest says ``multi_token_batch = "first_call_only"`` (only rows whose chunk starts at position 0
+    share a multi-token call).
+* **finishing** (:func:`finish_reason`): stop token or stop string, else the token limit.
+* **preemption**: none. Every admitted row owns its KV slots for its whole life (fixed memory, no paged
+  cache), so nothing is ever evicted to make room; a request waits until a row is free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Phase(Enum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class RowView:
+    """What the scheduler sees of a row: its phase, prompt tokens still to feed, the position of its next
+    token, and its admission order (lower = older)."""
+
+    phase: Phase
+    prefill_left: int = 0
+    position: int = 0
+    order: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillCall:
+    """One multi-token call: rows ``rows`` (contiguous) each feed ``tokens`` prompt tokens."""
+
+    rows: slice
+    tokens: int
+
+
+@dataclass
+class StepPlan:
+    """``decode_spans``: row ranges of one decode call each; ``prefill``: calls in admission order."""
+
+    decode_spans: list[slice] = field(default_factory=list)
+    prefill: list[PrefillCall] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode_spans and not self.prefill
+
+
+def admit(free_rows: Sequence[int], n_waiting: int) -> list[int]:
+    """Rows for the oldest ``n_waiting`` requests: the i-th oldest gets the i-th lowest free row."""
+    return sorted(free_rows)[:n_waiting]
+
+
+def decode_spans(phases: Sequence[Phase]) -> list[slice]:
+    """Maximal row ranges free of PREFILL rows, trimmed to their first and last DECODE row."""
+    spans: list[slice] = []
+    first = last = -1
+    for r, phase in enumerate([*phases, Phase.PREFILL]):  # a sentinel closes the last range
+        if phase is Phase.PREFILL:
+            if first >= 0:
+                spans.append(slice(first, last + 1))
+            first = last = -1
+        elif phase is Phase.DECODE:
+            if first < 0:
+                first = r
+            last = r
+    return spans
+
+
+def prefill_chunks(rows: Sequence[RowView], budget: int, max_chunk: int) -> dict[int, int]:
+    """Tokens each PREFILL row feeds this step: admission order, at most ``max_chunk`` each, ``budget`` in all."""
+    chunks: dict[int, int] = {}
+    for r in sorted((r for r, v in enumerate(rows) if v.phase is Phase.PREFILL), key=lambda r: rows[r].order):
+        if budget <= 0:
+            break
+        n = min(rows[r].prefill_left, max_chunk, budget)
+        if n > 0:
+            chunks[r] = n
+            budget -= n
+    return chunks
+
+
+def group_calls(rows: Sequence[RowView], chunks: dict[int, int], first_call_only: bool) -> list[PrefillCall]:
+    """Contiguous rows with equal chunk lengths merged into one call (and, with ``first_call_only``, only
+    rows at position 0 share a call of more than one token). Calls are ordered by their oldest row."""
+    calls: list[PrefillCall] = []
+    run: list[int] = []
+
+    def close() -> None:
+        if run:
+            calls.append(PrefillCall(slice(run[0], run[-1] + 1), chunks[run[0]]))
+            run.clear()
+
+    def joins(r: int) -> bool:
+        if not run or r != run[-1] + 1 or chunks[r] != chunks[run[0]]:
+            return False
+        if first_call_only and chunks[r] > 1:
+            return rows[r].position == 0 and rows[run[0]].position == 0
+        return True
+
+    for r in sorted(chunks):
+        if not joins(r):
+            close()
+        run.append(r)
+    close()
+    calls.sort(key=lambda c: min(rows[r].order for r in range(c.rows.start, c.rows.stop)))
+    return calls
+
+
+def defer_decode(rows: Sequence[RowView], deferred_steps: int, max_decode_deferral: int) -> bool:
+    """Whether this step skips decode: prompts are waiting to be fed, some row could decode, and decode
+    was skipped fewer than ``max_decode_deferral`` steps in a row (``deferred_steps``) so far."""
+    phases = [v.phase for v in rows]
+    return (Phase.PREFILL in phases and Phase.DECODE in phases and deferred_steps < max_decode_deferral)
+
+
+def plan_step(rows: Sequence[RowView], token_budget: int, max_chunk: int, first_call_only: bool = False,
+              deferred_steps: int = 0, max_decode_deferral: int = 0) -> StepPlan:
+    """The calls of one step. ``token_budget`` >= 1, ``max_chunk`` >= 1; see :func:`defer_decode`."""
+    phases = [v.phase for v in rows]
+    if defer_decode(rows, deferred_steps, max_decode_deferral):
+        spans: list[slice] = []
+        n_decode = 0
+    else:
+        spans = decode_spans(phases)
+        n_decode = sum(1 for p in phases if p is Phase.DECODE)
+    chunks = prefill_chunks(rows, max(token_budget - n_decode, 1), max_chunk)
+    return StepPlan(spans, group_calls(rows, chunks, first_call_only))
+
+
+def finish_reason(n_generated: int, max_new_tokens: int, stopped: bool) -> str | None:
+    """Why a request ends after its latest token: ``"stop"`` (a stop token or stop string), ``"length"``
+    (``max_new_tokens`` reached), or None (it goes on)."""
+    if stopped:
+        return "stop"
+    if n_generated >= max_new_tokens:
+        return "length"
+    return None
