@@ -300,7 +300,8 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (1 = off).")
 @click.option("--repetition-penalty", default=1.0, show_default=True, help="HF-style penalty on seen tokens.")
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--stop", multiple=True,
+              help="Stop when this text appears; the text ends before it (repeatable).")
 @engine_options
 @json_option('Print {"ids": [...], "text": ...} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
@@ -312,6 +313,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
     generation runs. OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
     import mtx.runtime
+    from mtx.runtime.detokenizer import TextStream
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
@@ -319,25 +321,22 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               seed=seed, stop=list(stop) or None)
+    text = TextStream(gen.tokenizer, stop)  # the text ends before the first stop string, as OpenAI's does
     produced: list[int] = []
-    printed = ""
-    stream_text = not as_json and gen.tokenizer is not None
     for tok in gen.stream(prompt_value, max_new_tokens, **kw):
         produced.append(tok)
-        if stream_text:
-            text = gen.decode(produced)
-            if not text.endswith("\ufffd"):  # hold back an incomplete UTF-8 sequence
-                click.echo(text[len(printed):], nl=False)
-                printed = text
-        elif not as_json:
+        delta, _ = text.push(tok)
+        if as_json:
+            continue
+        if gen.tokenizer is None:
             click.echo(f"{tok} ", nl=False)
-    text = gen.decode(produced) if gen.tokenizer is not None else None
+        elif delta:
+            click.echo(delta, nl=False)
+    tail = text.finish()
     if as_json:
-        emit_json({"ids": produced, "text": text})
+        emit_json({"ids": produced, "text": text.text if gen.tokenizer is not None else None})
     else:
-        if stream_text and text is not None:
-            click.echo(text[len(printed):], nl=False)
-        click.echo()
+        click.echo(tail)
 
 
 @main.command()

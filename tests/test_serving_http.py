@@ -370,11 +370,9 @@ def test_serve_bad_options_are_one_line(export, args, needle):
 def test_streamed_text_of_multibyte_characters_split_over_byte_tokens():
     """Characters the vocabulary lacks arrive as byte-fallback tokens (one U+FFFD per byte until the
     character is complete); the streamed deltas still join to HF tokenizers' decode of all tokens."""
-    from types import SimpleNamespace
-
     from tokenizers import Tokenizer, decoders, models
 
-    from mtx.serving.openai_api import TextAssembler
+    from mtx.runtime.detokenizer import TextStream
 
     vocab = {"<unk>": 0, "a": 1, "b": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
@@ -382,10 +380,9 @@ def test_streamed_text_of_multibyte_characters_split_over_byte_tokens():
     text = "a\U0001F600b\u4e2dbb\u00e9"
     ids = tok.encode(text).ids
     assert sum(3 <= i for i in ids) == 4 + 3 + 2  # the emoji, the CJK and the accented letter as bytes
-    gen = SimpleNamespace(tokenizer=tok, decode=lambda t: tok.decode(list(t), skip_special_tokens=True))
     for stop in ([], ["bb"]):
-        asm = TextAssembler(gen, stop)
-        streamed = "".join(asm.push(t) for t in ids) + asm.finish()
+        asm = TextStream(tok, stop)
+        streamed = "".join(asm.push(t)[0] for t in ids) + asm.finish()
         want = tok.decode(ids)
         assert streamed == (want[:want.index("bb")] if stop else want)
         assert "\ufffd" not in streamed

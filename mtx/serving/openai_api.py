@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from mtx.errors import MtxError
+from mtx.runtime.detokenizer import TextStream
 from mtx.runtime.generator import Generator
 from mtx.serving.chat import ChatTemplate, chat_tokenizer
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event
@@ -118,42 +119,25 @@ def _from_mtx(e: MtxError, default_param: str | None = None) -> ApiError:
 
 
 # -- text -----------------------------------------------------------------------------------------------
-class TextAssembler:
-    """Incremental text of a request's tokens, OpenAI style: text ends before the first stop string,
-    and no text is sent that may turn out to start a stop string or to be half a UTF-8 character."""
+class _Reply:
+    """A request's generated tokens as OpenAI text (a :class:`TextStream`: the text ends before the first
+    stop string, and no text is sent that may turn out to start one or to be half a UTF-8 character),
+    and their count for ``usage``."""
 
     def __init__(self, generator: Generator, stop: list[str]) -> None:
-        self.generator = generator
-        self.stop = stop
-        self.tokens: list[int] = []
-        self.sent = ""
-
-    def _visible(self, final: bool) -> str:
-        if self.generator.tokenizer is None:
-            return ""
-        text = self.generator.decode(self.tokens)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            return text[:cut]
-        if final:
-            return text
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        text = text[:len(text) - hold]
-        return text.rstrip("\ufffd")  # byte-fallback decoders give one per byte of an incomplete character
+        self.stream = TextStream(generator.tokenizer, stop)
+        self.tokens = 0
 
     def push(self, token: int) -> str:
-        self.tokens.append(token)
-        return self._delta(final=False)
+        self.tokens += 1
+        return self.stream.push(token)[0]
 
     def finish(self) -> str:
-        return self._delta(final=True)
+        return self.stream.finish()
 
-    def _delta(self, final: bool) -> str:
-        visible = self._visible(final)
-        if not visible.startswith(self.sent) or len(visible) <= len(self.sent):
-            return ""
-        delta, self.sent = visible[len(self.sent):], visible
-        return delta
+    @property
+    def text(self) -> str:
+        return self.stream.text
 
 
 @dataclass
@@ -285,9 +269,12 @@ class OpenAIServer:
 
     async def run(self, request: Request, body: _Sampling, prep: _Prepared, chat: bool) -> Response:
         """Submit ``prep`` and answer: an SSE stream, or one JSON object when the request finishes."""
+        try:
+            text = _Reply(self.generator, prep.stop)
+        except MtxError as e:
+            raise _from_mtx(e, "stop") from None
         handle, events = self.submit(prep)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        text = TextAssembler(self.generator, prep.stop)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(self._stream(handle, events, text, rid, chat, prep, include_usage),
@@ -301,19 +288,19 @@ class OpenAIServer:
         text.finish()
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": reason}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text.sent}
+            choice["message"] = {"role": "assistant", "content": text.text}
         else:
-            choice["text"] = text.sent
+            choice["text"] = text.text
         return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": self.model_name, "choices": [choice],
                              "usage": self._usage(prep, text)})
 
     @staticmethod
-    def _usage(prep: _Prepared, text: TextAssembler) -> dict[str, int]:
-        return {"prompt_tokens": len(prep.ids), "completion_tokens": len(text.tokens),
-                "total_tokens": len(prep.ids) + len(text.tokens)}
+    def _usage(prep: _Prepared, text: _Reply) -> dict[str, int]:
+        return {"prompt_tokens": len(prep.ids), "completion_tokens": text.tokens,
+                "total_tokens": len(prep.ids) + text.tokens}
 
-    async def _collect(self, request: Request, events: asyncio.Queue[Event], text: TextAssembler) -> str:
+    async def _collect(self, request: Request, events: asyncio.Queue[Event], text: _Reply) -> str:
         while True:
             try:
                 ev = await asyncio.wait_for(events.get(), timeout=0.5)
@@ -322,11 +309,11 @@ class OpenAIServer:
                     return "cancelled"
                 continue
             if ev.kind == "token":
-                text.tokens.append(int(ev.token))  # type: ignore[arg-type]
+                text.push(int(ev.token))  # type: ignore[arg-type]
             else:
                 return ev.finish_reason or "error"
 
-    async def _stream(self, handle: Any, events: asyncio.Queue[Event], text: TextAssembler, rid: str, chat: bool,
+    async def _stream(self, handle: Any, events: asyncio.Queue[Event], text: _Reply, rid: str, chat: bool,
                       prep: _Prepared, include_usage: bool) -> AsyncIterator[str]:
         created = int(time.time())
         kind = "chat.completion.chunk" if chat else "text_completion"
