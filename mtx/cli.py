@@ -507,7 +507,7 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
     from mtx.serving.engine import DEFAULT_TOKEN_BUDGET
-    from mtx.serving.http import ServeOptions
+    from mtx.serving.server import ServeOptions
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {port}")
