@@ -313,30 +313,30 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
     generation runs. OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
     import mtx.runtime
-    from mtx.runtime.detokenizer import TextStream
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
     gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
+    has_text = gen.tokenizer is not None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-              seed=seed, stop=list(stop) or None)
-    text = TextStream(gen.tokenizer, stop)  # the text ends before the first stop string, as OpenAI's does
+              seed=seed, stop=list(stop) or None, want_text=has_text)
     produced: list[int] = []
-    for tok in gen.stream(prompt_value, max_new_tokens, **kw):
-        produced.append(tok)
-        delta, _ = text.push(tok)
+    parts: list[str] = []  # the core's text: complete characters, ending before the first stop string
+    for _, o in gen.stream_outputs([prompt_value], max_new_tokens, **kw):
+        if o.token is not None:
+            produced.append(o.token)
+        parts.append(o.text)
         if as_json:
             continue
-        if gen.tokenizer is None:
-            click.echo(f"{tok} ", nl=False)
-        elif delta:
-            click.echo(delta, nl=False)
-    tail = text.finish()
+        if not has_text and o.token is not None:
+            click.echo(f"{o.token} ", nl=False)
+        elif o.text:
+            click.echo(o.text, nl=False)
     if as_json:
-        emit_json({"ids": produced, "text": text.text if gen.tokenizer is not None else None})
+        emit_json({"ids": produced, "text": "".join(parts) if has_text else None})
     else:
-        click.echo(tail)
+        click.echo()
 
 
 @main.command()
@@ -506,7 +506,7 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
     from mtx.serving.engine import DEFAULT_TOKEN_BUDGET
-    from mtx.serving.http import ServeOptions
+    from mtx.serving.server import ServeOptions
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {port}")

@@ -24,7 +24,7 @@ def ray_url(export):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from mtx.serving.http import ServeOptions
+    from mtx.serving.server import ServeOptions
     from mtx.serving.ray_app import application
 
     with socket.socket() as s:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
-from mtx.runtime.core import BatchCore, feed
+from mtx.runtime.core import BatchCore, RequestOutput, feed
 from mtx.runtime.request import Prompt, Request, prepare_request, prompt_ids
 from mtx.runtime.row_decoder import RowDecoder
 from mtx.tokenizer import encode_checked
@@ -77,12 +77,13 @@ class Generator:
         """A single-sequence session with its own KV buffers, for multi-turn use."""
         return Session(self)
 
-    def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
-                     ) -> Iterator[tuple[int, int]]:
-        """Yield (row, token) as tokens are produced for a batch of prompts.
+    def stream_outputs(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
+                       ) -> Iterator[tuple[int, RequestOutput]]:
+        """Yield (row, :class:`~mtx.runtime.core.RequestOutput`) as the core produces them for a batch of
+        prompts: tokens and, with ``want_text=True``, their visible text deltas (stop strings cut).
 
         Options: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
-        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings).
+        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings), ``want_text``.
         """
         _check_prompts(prompts)
         if not prompts:
@@ -100,8 +101,14 @@ class Generator:
             for o in core.step():
                 if o.error is not None:
                     raise o.error
-                if o.token is not None:
-                    yield row_of[o.request_id], o.token
+                yield row_of[o.request_id], o
+
+    def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
+                     ) -> Iterator[tuple[int, int]]:
+        """Yield (row, token) as tokens are produced for a batch of prompts (options: :meth:`stream_outputs`)."""
+        for row, o in self.stream_outputs(prompts, max_new_tokens, **options):
+            if o.token is not None:
+                yield row, o.token
 
     def generate(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **kw: Any) -> list[list[int]]:
         """Generated token ids per prompt (stop tokens included). See :meth:`stream_batch` for options."""

@@ -1,4 +1,5 @@
-"""``mtx serve``: the OpenAI routes (mtx.serving.openai_api) over one engine, on uvicorn.
+"""``mtx serve``: the OpenAI routes (mtx.serving.openai_api) over one engine
+(mtx.serving.server.load_server), on uvicorn.
 
 SIGTERM (or a first Ctrl-C) drains: the engine stops admitting (new requests get 503, /ready turns
 503), running and queued requests go on to their end, then the server exits with status 0. A second
@@ -11,51 +12,13 @@ import logging
 import signal
 import sys
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtx.serving.engine import DEFAULT_TOKEN_BUDGET, Engine
+from mtx.serving.engine import Engine
+from mtx.serving.server import ServeOptions, load_server
 
 log = logging.getLogger("mtx.serving")
-
-
-@dataclass
-class ServeOptions:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int | None = None  # default: the export's max_batch
-    max_queue: int = 64
-    token_budget: int = DEFAULT_TOKEN_BUDGET
-    backend: str | None = None
-    threads: int | None = None
-    device: str | None = None
-    verify: bool = True
-    model_name: str | None = None  # default: the export folder's name
-
-
-def load_server(out: str | Path | None, options: ServeOptions) -> Any:
-    """Load the export, start its engine, and return the :class:`OpenAIServer` (engine running)."""
-    import mtx.runtime
-    from mtx.assets import resolve_checkpoint
-    from mtx.serving.metrics import ServingMetrics
-    from mtx.serving.openai_api import OpenAIServer
-
-    from mtx.manifest import MANIFEST
-
-    folder = resolve_checkpoint(out)
-    # An export's max_batch (mtx.json) is the limit: the engine refuses more. A checkpoint folder
-    # (PyTorch reference) has no limit of its own: --max-batch sizes it.
-    sized = None if (folder / MANIFEST).is_file() else options.max_batch
-    gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
-                           max_batch=sized, verify=options.verify)
-    metrics = ServingMetrics()
-    engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
-                    token_budget=options.token_budget, observer=metrics)
-    name = options.model_name or folder.resolve().name
-    server = OpenAIServer(engine, name, folder, metrics)
-    engine.start()
-    return server
 
 
 def serve(out: str | Path | None, options: ServeOptions) -> int:

@@ -23,8 +23,9 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from mtx.serving.http import ServeOptions, load_server
-from mtx.serving.openai_api import ApiError, add_routes
+from mtx.serving.openai_api import add_routes
+from mtx.serving.protocol import ApiError
+from mtx.serving.server import ServeOptions, load_server
 
 app = FastAPI(title="mtx serve (Ray Serve)", docs_url=None, redoc_url=None)
 

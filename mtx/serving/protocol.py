@@ -1,0 +1,299 @@
+"""The OpenAI protocol, free of any engine or server: request bodies, their validation into engine
+options, response envelopes, and OpenAI's error JSON.
+
+* Requests: :class:`CompletionRequest`, :class:`ChatRequest` (pydantic, strict types; unknown fields
+  ignored). :func:`prepare` turns a body and its prompt ids into a :class:`Prepared` request — the
+  keyword options of ``Engine.submit`` — or raises :class:`ApiError`.
+* Responses: every response and stream chunk is built by :meth:`Envelope.wrap` (``id``, ``object``,
+  ``created``, ``model``, ``choices``, ``usage``); :func:`sse` frames one for server-sent events.
+* Errors: ``{"error": {"message", "type", "param", "code"}}`` built by :meth:`ApiError.body` only;
+  :func:`api_error` maps an exception to its status: 400 for a bad request (a validation error, an
+  :class:`MtxError`), 429 when the waiting queue is full, 503 while shutting down.
+
+Sampling fields: ``temperature`` (OpenAI's default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
+(completions default 16; chat default: up to 256 or the positions left), and the vLLM-style
+extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Unknown fields are
+ignored; known fields of the wrong type are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+
+from mtx.errors import MtxError
+from mtx.serving.engine import EngineBusy, EngineDraining
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
+DEFAULT_CHAT_MAX_TOKENS = 256
+#: Python parameter names of mtx errors -> the request field they concern.
+FIELD_OF_PARAM = {"max_new_tokens": "max_tokens", "prompt": "prompt", "max_position": "max_tokens",
+                  "cache_capacity": "max_tokens"}
+#: The last event of every stream.
+SSE_DONE = "data: [DONE]\n\n"
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class SamplingRequest(_Strict):
+    """The fields common to both routes."""
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Union[str, list[str], None] = None
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Union[bool, int, None] = None
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (and every chunk carries ``usage``)."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: Union[str, list[TextPart], None] = None
+    name: str | None = None
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+# -- errors -------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    """An HTTP error in OpenAI's shape; :meth:`body` is the only builder of the error JSON."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error",
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type_, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content=self.body())
+
+
+def api_error(exc: Exception, param: str | None = None) -> ApiError:
+    """The :class:`ApiError` answering ``exc``; ``param`` is the field blamed where ``exc`` names none.
+
+    EngineBusy -> 429, EngineDraining -> 503, MtxError and RequestValidationError -> 400; an ApiError is
+    returned as is; anything else is a 500."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, EngineBusy):
+        return ApiError(429, str(exc), None, "rate_limit_error", "queue_full")
+    if isinstance(exc, EngineDraining):
+        return ApiError(503, str(exc), None, "service_unavailable", "shutting_down")
+    if isinstance(exc, MtxError):
+        return ApiError(400, str(exc), next((FIELD_OF_PARAM.get(p, p) for p in exc.params), param))
+    if isinstance(exc, RequestValidationError):
+        return _invalid_body(exc)
+    return ApiError(500, str(exc), None, "server_error")
+
+
+def _invalid_body(exc: RequestValidationError) -> ApiError:
+    errs = exc.errors()
+    e = errs[0] if errs else {}
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    field_ = loc[0] if loc else None
+    if e.get("type") == "json_invalid":
+        message, field_ = f"request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})", None
+    elif e.get("type") == "model_attributes_type":
+        message, field_ = "request body must be a JSON object", None
+    else:
+        message = f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid value')}"
+    return ApiError(400, message, field_)
+
+
+# -- validation: request body -> engine options -------------------------------------------------------
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request: prompt ``ids``, ``max_tokens`` new tokens at most, ``options`` (the keyword
+    arguments of ``Engine.submit``) and the ``stop`` strings the text is cut at."""
+
+    ids: list[int]
+    max_tokens: int
+    options: dict[str, Any]
+    stop: list[str]
+
+
+def check_model(req: SamplingRequest, served: str) -> None:
+    """Refuse a request for a model other than ``served``."""
+    if req.model != served:
+        raise ApiError(400, f"model: unknown model {req.model!r}; this server serves {served!r}",
+                       "model", code="model_not_found")
+
+
+def completion_prompt(req: CompletionRequest) -> str | list[int]:
+    """The one prompt of a completion request (text or token ids); refuses what is not supported."""
+    prompt: Any = req.prompt
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompt)}", "prompt")
+        prompt = prompt[0]
+    if req.echo or req.suffix or (req.best_of not in (None, 1)):
+        raise ApiError(400, "echo, suffix and best_of are not supported", "echo")
+    return prompt
+
+
+def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, str]]:
+    """The messages as the chat template takes them (``role``, text ``content``); at least one."""
+    if not req.messages:
+        raise ApiError(400, "messages: give at least one message", "messages")
+    if not has_tokenizer:
+        raise ApiError(400, "messages: this export has no tokenizer.json; use /v1/completions with token ids",
+                       "messages")
+    messages = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else \
+            "".join(p.text for p in m.content)
+        messages.append({"role": m.role, "content": content or ""})
+    return messages
+
+
+def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, default_max: int | None,
+            prompt_field: str, position_limit: int | None, eos_token_ids: Sequence[int]) -> Prepared:
+    """Validate the sampling fields of ``req`` for prompt ``ids``.
+
+    ``max_tokens`` is the request's own (None: ``default_max``; None too: up to DEFAULT_CHAT_MAX_TOKENS
+    within the positions left); ``position_limit`` bounds prompt + new tokens (None: unbounded);
+    ``prompt_field`` is the field blamed for a prompt too long."""
+    left = position_limit
+    if left is not None and len(ids) > left:
+        raise ApiError(400, f"{prompt_field}: the prompt of {len(ids)} tokens exceeds the {left} positions "
+                       f"of this model", prompt_field, code="context_length_exceeded")
+    if req.n != 1:
+        raise ApiError(400, f"n: only n = 1 is supported, got {req.n}", "n")
+    if req.logprobs not in (None, False, 0):
+        raise ApiError(400, "logprobs: not supported by this server", "logprobs")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0:
+            raise ApiError(400, f"{name}: not supported (use repetition_penalty)", name)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise ApiError(400, "stop: up to 4 non-empty strings", "stop")
+    if max_tokens is None:
+        max_tokens = default_max if default_max is not None else DEFAULT_CHAT_MAX_TOKENS
+        if left is not None and default_max is None:
+            max_tokens = max(0, min(max_tokens, left - len(ids)))
+    elif max_tokens < 0:
+        raise ApiError(400, f"max_tokens must be an integer >= 0, got {max_tokens}", "max_tokens")
+    stop_ids = req.stop_token_ids
+    if req.ignore_eos:
+        stop_ids = list(stop_ids or [])
+    elif stop_ids is not None:
+        stop_ids = list(eos_token_ids) + list(stop_ids)
+    options = dict(temperature=1.0 if req.temperature is None else req.temperature,
+                   top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
+                   repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                   seed=req.seed, stop=stop or None, stop_token_ids=stop_ids)
+    return Prepared(ids, max_tokens, options, stop)
+
+
+# -- responses ----------------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The envelope of one request's responses: every whole response and stream chunk of a request
+    carries the same ``id``, ``created`` and ``model``; ``object`` names the route and the mode.
+
+    Whole responses always carry ``usage``; stream chunks carry it (null but in the last chunk) only
+    with ``include_usage``."""
+
+    model: str
+    chat: bool
+    stream: bool
+    include_usage: bool = False
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}")
+
+    @property
+    def object(self) -> str:
+        if not self.chat:
+            return "text_completion"
+        return "chat.completion.chunk" if self.stream else "chat.completion"
+
+    def wrap(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> dict[str, Any]:
+        """The response (or chunk) of ``choices``: the one builder of OpenAI's response envelope."""
+        obj: dict[str, Any] = {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                               "choices": choices}
+        if not self.stream or self.include_usage:
+            obj["usage"] = usage
+        return obj
+
+    def choice(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
+        """Choice 0: the whole text (a response) or a text delta (a chunk; ``role`` opens a chat stream)."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if not self.chat:
+            choice["text"] = text or ""
+        elif not self.stream:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice["delta"] = delta
+        return choice
+
+
+def sse(obj: dict[str, Any]) -> str:
+    """One server-sent event of ``obj``."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def models_response(model: str, created: int, max_model_len: int | None) -> dict[str, Any]:
+    """``GET /v1/models``: the one model served."""
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "mtx",
+                                        "max_model_len": max_model_len}]}

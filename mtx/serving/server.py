@@ -1,0 +1,58 @@
+"""What ``mtx serve`` serves: :class:`ServeOptions` and :func:`load_server`, which loads an export
+folder into a running :class:`Engine` behind an :class:`OpenAIServer`.
+
+Shared by the uvicorn server (mtx.serving.http) and each Ray Serve replica (mtx.serving.ray_app);
+neither the HTTP server nor the routes are started here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtx.serving.engine import DEFAULT_TOKEN_BUDGET, Engine
+
+if TYPE_CHECKING:
+    from mtx.serving.openai_api import OpenAIServer
+
+
+@dataclass
+class ServeOptions:
+    """``mtx serve``'s options: where to listen (``host``, ``port``; the HTTP server's), and how to load
+    the model and size its engine (the rest)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int | None = None  # default: the export's max_batch
+    max_queue: int = 64
+    token_budget: int = DEFAULT_TOKEN_BUDGET
+    backend: str | None = None
+    threads: int | None = None
+    device: str | None = None
+    verify: bool = True
+    model_name: str | None = None  # default: the export folder's name
+
+
+def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
+    """Load the export ``out``, start its engine, and return the :class:`OpenAIServer` (engine running;
+    the caller closes ``server.engine``)."""
+    import mtx.runtime
+    from mtx.assets import resolve_checkpoint
+    from mtx.manifest import MANIFEST
+    from mtx.serving.metrics import ServingMetrics
+    from mtx.serving.openai_api import OpenAIServer
+
+    folder = resolve_checkpoint(out)
+    # An export's max_batch (mtx.json) is the limit: the engine refuses more. A checkpoint folder
+    # (PyTorch reference) has no limit of its own: --max-batch sizes it.
+    sized = None if (folder / MANIFEST).is_file() else options.max_batch
+    gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
+                           max_batch=sized, verify=options.verify)
+    metrics = ServingMetrics()
+    engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
+                    token_budget=options.token_budget, observer=metrics)
+    name = options.model_name or folder.resolve().name
+    server = OpenAIServer(engine, name, folder, metrics)
+    engine.start()
+    return server
