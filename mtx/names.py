@@ -1,4 +1,5 @@
-"""The names mtx accepts, one list of each: export targets, model dtypes, runtime backends.
+"""The names mtx accepts, one list of each: export targets, model dtypes, runtime backends, and the
+names of the mtx ops in ONNX and of their TensorRT plugins.
 
 CLI choices, export options, the manifest's validation and the runtime all read these lists, and
 the dtype tables below are the only mapping from a dtype name to torch, numpy or ONNX types.
@@ -15,6 +16,22 @@ TARGETS = ("onnxruntime", "onnx", "tensorrt")
 DTYPES = ("float32", "float16", "bfloat16")
 #: Engines that run an export (``torch``: the PyTorch reference of its checkpoint).
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
+
+#: Default-domain opset of the exported graph and of the mtx ops' function bodies (they must agree).
+OPSET = 18
+#: ONNX domain of the mtx ops and its version (docs/ops.md).
+DOMAIN = "mtx"
+DOMAIN_VERSION = 1
+#: op_type of the attention op (``mtx::SlidingWindowGQA``, docs/ops.md §2), also its function and
+#: TensorRT plugin name.
+ATTENTION_OP = "SlidingWindowGQA"
+#: op_type of the mixture-of-experts op (``mtx::MoE``, docs/ops.md §3), also its function and
+#: TensorRT plugin name.
+MOE_OP = "MoE"
+#: plugin_version / plugin_namespace attributes written on the mtx nodes, under which the TensorRT
+#: plugin library registers its plugins (mtx.tensorrt).
+PLUGIN_VERSION = "1"
+PLUGIN_NAMESPACE = "mtx"
 
 #: onnx.TensorProto element types of the tensor dtypes an export's interface uses.
 ONNX_ELEMENT_TYPES: dict[str, int] = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64": 7}

@@ -11,13 +11,19 @@ definitions; docs/ops.md states them normatively.
 * Effective window ``W = window`` if ``window > 0`` else ``C`` (full attention, valid while
   ``start + S <= C``). A query at ``p`` sees keys at ``k`` with ``p - W < k <= p``.
 * The chunk is written *after* attention: its last ``min(S, C)`` tokens go to their slots.
+
+Importing this module does not import torch (the ONNX Runtime path uses the integer rules only); the
+tensor helpers import it when called.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from mtx.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def effective_window(window: int | None, capacity: int) -> int:
@@ -45,11 +51,15 @@ def capacity_for(window: int | None, max_positions: int, requested: int | None =
 
 def slot_of(pos: torch.Tensor, capacity: int) -> torch.Tensor:
     """Slot index of absolute positions (any int tensor)."""
+    import torch
+
     return torch.remainder(pos, capacity)
 
 
 def chunk_positions(start_pos: torch.Tensor, length: int) -> torch.Tensor:
     """Absolute positions [B, S] of a chunk starting at ``start_pos`` [B] (int64)."""
+    import torch
+
     return start_pos[:, None] + torch.arange(length, device=start_pos.device, dtype=start_pos.dtype)
 
 
@@ -58,6 +68,8 @@ def resident_positions(start_pos: torch.Tensor, capacity: int) -> torch.Tensor:
 
     Slot s holds the latest q < start with q = s (mod C): q = start-1 - ((start-1-s) mod C).
     """
+    import torch
+
     slots = torch.arange(capacity, device=start_pos.device, dtype=start_pos.dtype)
     last = start_pos[:, None] - 1
     held = last - torch.remainder(last - slots, capacity)

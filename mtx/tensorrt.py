@@ -30,7 +30,7 @@ from typing import Any
 
 from mtx import names
 from mtx.errors import MtxError
-from mtx.exporter.functions import ATTENTION_OP, MOE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
+from mtx.names import ATTENTION_OP, MOE_OP, PLUGIN_NAMESPACE, PLUGIN_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN_LIB_NAME = "libmtx_trt_plugins.so"
@@ -39,7 +39,7 @@ MIN_TENSORRT = (10, 7)
 #: Model dtypes T an engine can be built for.
 DTYPES = names.DTYPES  # the plugins take every model dtype
 #: The plugins the library registers: the mtx ops' ONNX op types, with the plugin_namespace and
-#: plugin_version attributes the exporter writes on their nodes (mtx.exporter.functions).
+#: plugin_version attributes the exporter writes on their nodes (mtx.names).
 PLUGIN_NAMES = (ATTENTION_OP, MOE_OP)
 
 _loaded: dict[str, Any] = {}

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints written by transformers into temp dirs."""
+"""Shared fixtures: tiny random checkpoints written by transformers into temp dirs, exports of them,
+and :func:`run_mtx` (``python -m mtx`` in a subprocess)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules:
 
 import shutil
 import subprocess
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,35 @@ def parity_export(ckpt_factory, tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def mtx_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a ``python -m mtx`` subprocess: os.environ with this checkout first on
+    PYTHONPATH, then ``extra``."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **(extra or {})}
+
+
+def mtx_command(*args: object) -> list[str | bytes]:
+    """``python -m mtx ARGS`` with this interpreter; arguments as str (bytes pass as they are, e.g. non-UTF-8)."""
+    return [sys.executable, "-m", "mtx", *(a if isinstance(a, bytes) else str(a) for a in args)]
+
+
+def _run_mtx(*args: object, timeout: float = 600, cwd: str | os.PathLike | None = None,
+             env: Mapping[str, str] | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mtx ARGS`` to completion; stdout/stderr captured as text.
+
+    ``env``: variables set on top of :func:`mtx_env`; ``input``: text written to stdin.
+    """
+    return subprocess.run(mtx_command(*args), capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=mtx_env(env), input=input)
+
+
+@pytest.fixture(scope="session")
+def run_mtx() -> Callable[..., subprocess.CompletedProcess]:
+    """run_mtx(*args, timeout=600, cwd=None, env=None, input=None) -> the CompletedProcess of
+    ``python -m mtx ARGS`` (text output captured, this checkout first on PYTHONPATH; see :func:`_run_mtx`)."""
+    return _run_mtx
 
 
 def hf_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:

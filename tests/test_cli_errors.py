@@ -5,15 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 
 import pytest
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-
-def run_mtx(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtx", *args], capture_output=True, text=True, timeout=300)
 
 
 def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -42,21 +37,21 @@ def rewrite(path, mutate):
     save_file(tensors, str(path))
 
 
-def test_good_checkpoint_passes(ckpt_factory):
+def test_good_checkpoint_passes(run_mtx, ckpt_factory):
     res = run_mtx("inspect", str(ckpt_factory("mixtral4")), "--json", "--verify")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["config"]["num_experts"] == 4
 
 
-def test_truncated_safetensors(broken):
+def test_truncated_safetensors(run_mtx, broken):
     d = broken()
     f = d / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     assert_clean_error(run_mtx("inspect", str(d)), str(f), "truncated")
 
 
-def test_corrupt_header(broken):
+def test_corrupt_header(run_mtx, broken):
     d = broken()
     f = d / "model.safetensors"
     data = bytearray(f.read_bytes())
@@ -65,13 +60,13 @@ def test_corrupt_header(broken):
     assert_clean_error(run_mtx("inspect", str(d)), str(f))
 
 
-def test_missing_tensor(broken):
+def test_missing_tensor(run_mtx, broken):
     d = broken()
     rewrite(d / "model.safetensors", lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     assert_clean_error(run_mtx("inspect", str(d)), "model.layers.1.self_attn.k_proj.weight", "missing tensor")
 
 
-def test_wrong_shape(broken):
+def test_wrong_shape(run_mtx, broken):
     d = broken()
 
     def mutate(t):
@@ -81,7 +76,7 @@ def test_wrong_shape(broken):
                        "model.layers.0.mlp.up_proj.weight", "[95, 64]", "[96, 64]")
 
 
-def test_wrong_expert_shape_in_shard(broken):
+def test_wrong_expert_shape_in_shard(run_mtx, broken):
     d = broken("sharded")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     key = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
@@ -93,7 +88,7 @@ def test_wrong_expert_shape_in_shard(broken):
     assert_clean_error(run_mtx("inspect", str(d)), str(shard), key)
 
 
-def test_missing_shard(broken):
+def test_missing_shard(run_mtx, broken):
     d = broken("sharded")
     index = json.loads((d / "model.safetensors.index.json").read_text())
     shard = sorted(set(index["weight_map"].values()))[-1]
@@ -101,7 +96,7 @@ def test_missing_shard(broken):
     assert_clean_error(run_mtx("inspect", str(d)), shard, "missing")
 
 
-def test_unknown_model_type(broken):
+def test_unknown_model_type(run_mtx, broken):
     d = broken()
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt2"
@@ -109,7 +104,7 @@ def test_unknown_model_type(broken):
     assert_clean_error(run_mtx("inspect", str(d)), str(d / "config.json"), "unknown model_type 'gpt2'")
 
 
-def test_config_missing_keys(broken):
+def test_config_missing_keys(run_mtx, broken):
     d = broken()
     cfg = json.loads((d / "config.json").read_text())
     del cfg["num_hidden_layers"], cfg["vocab_size"]
@@ -117,14 +112,14 @@ def test_config_missing_keys(broken):
     assert_clean_error(run_mtx("inspect", str(d)), str(d / "config.json"), "num_hidden_layers", "vocab_size")
 
 
-def test_debug_shows_traceback(broken):
+def test_debug_shows_traceback(run_mtx, broken):
     d = broken()
     (d / "config.json").write_text("{")
     res = run_mtx("--debug", "inspect", str(d))
     assert res.returncode != 0 and "Traceback" in res.stderr
 
 
-def test_help_lists_commands():
+def test_help_lists_commands(run_mtx):
     res = run_mtx("--help")
     assert res.returncode == 0
     assert "inspect" in res.stdout
@@ -135,7 +130,7 @@ def test_help_lists_commands():
     (dict(top_p=0.0), "top_p", "--top-p"),
     (dict(repetition_penalty=0.0), "repetition_penalty", "--repetition-penalty"),
 ])
-def test_library_errors_name_parameters_cli_names_flags(ckpt_factory, kwargs, param, flag):
+def test_library_errors_name_parameters_cli_names_flags(run_mtx, ckpt_factory, kwargs, param, flag):
     """The Python API names its own parameter (no CLI flag); the CLI shows the same error with its flag."""
     import mtx
     from mtx.errors import UsageError

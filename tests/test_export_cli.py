@@ -20,15 +20,8 @@ from mtx.exporter.output import OutputError
 from mtx.manifest import Manifest, ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 # written next to the checkpoint's own (real) tokenizer.json, which the export checks by loading it
 TOKENIZER = {"tokenizer_config.json": '{"model_max_length": 4096}', "special_tokens_map.json": '{"bos_token": "<s>"}'}
-
-
-def run_mtx(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "mtx", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env)
 
 
 def assert_clean_error(res: subprocess.CompletedProcess, *needles: str) -> None:
@@ -55,7 +48,7 @@ def checkpoint(ckpt_factory, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli_export(checkpoint, tmp_path_factory) -> tuple[Path, dict]:
+def cli_export(run_mtx, checkpoint, tmp_path_factory) -> tuple[Path, dict]:
     """One export through the command line (default target), with --json."""
     out = tmp_path_factory.mktemp("cli") / "out"
     res = run_mtx("export", checkpoint, "-o", out, "--json")
@@ -104,7 +97,7 @@ def test_folder_and_manifest(cli_export, checkpoint):
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 
-def test_summary_and_help(checkpoint, tmp_path):
+def test_summary_and_help(run_mtx, checkpoint, tmp_path):
     res = run_mtx("export", "--help")
     assert res.returncode == 0
     for option in ("--target", "--dtype", "--cache-capacity", "--max-batch", "--max-position", "--force", "--json",
@@ -118,7 +111,7 @@ def test_summary_and_help(checkpoint, tmp_path):
     assert m.max_batch == 4 and m.engine is None and m.attention_op == "mtx::SlidingWindowGQA"
 
 
-def test_replace_requires_force(cli_export, checkpoint, tmp_path):
+def test_replace_requires_force(run_mtx, cli_export, checkpoint, tmp_path):
     out, _ = cli_export
     before = (out / "mtx.json").read_bytes()
     assert_clean_error(run_mtx("export", checkpoint, "-o", out), str(out), "--force", "mtx export")
@@ -146,14 +139,14 @@ def test_replace_requires_force(cli_export, checkpoint, tmp_path):
     (["--max-batch", "0"], ["--max-batch"]),
     (["--max-position", "100", "--target", "onnx"], ["--max-position", "onnxruntime"]),
 ])
-def test_bad_options(checkpoint, tmp_path, args, needles):
+def test_bad_options(run_mtx, checkpoint, tmp_path, args, needles):
     parent = tmp_path / "parent"
     parent.mkdir()
     assert_clean_error(run_mtx("export", checkpoint, "-o", parent / "out", *args), *needles)
     assert listing(parent) == []
 
 
-def test_never_replaces_the_checkpoint(checkpoint, tmp_path):
+def test_never_replaces_the_checkpoint(run_mtx, checkpoint, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(checkpoint, folder)
     assert_clean_error(run_mtx("export", folder, "-o", folder, "--force"), "checkpoint folder")
@@ -185,7 +178,7 @@ def _broken(checkpoint: Path, tmp_path: Path, how: str) -> tuple[Path, str]:
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing-tensor", "no-config", "bad-config"])
-def test_bad_checkpoint(checkpoint, tmp_path, how):
+def test_bad_checkpoint(run_mtx, checkpoint, tmp_path, how):
     folder, needle = _broken(checkpoint, tmp_path, how)
     parent = tmp_path / "parent"
     parent.mkdir()

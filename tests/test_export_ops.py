@@ -12,7 +12,8 @@ import pytest
 import torch
 from packaging.version import Version
 
-from mtx.exporter import functions, ort_lowering, ort_probes, trace
+from mtx import names
+from mtx.exporter import ort_lowering, ort_probes, trace
 from mtx.exporter.ort_probes import single_op_model
 from mtx.models import ops
 
@@ -34,7 +35,7 @@ def attention_session(heads: int, kv_heads: int, head_dim: int, window: int, cap
                  past_value=torch.zeros(1, kv_heads, capacity, d), start_pos=torch.zeros(1, dtype=torch.long))
     attrs = dict(num_heads=heads, num_kv_heads=kv_heads, window=window, scale=d ** -0.5,
                  plugin_version="1", plugin_namespace="mtx")
-    model = single_op_model(functions.ATTENTION_OP, probe, {"inv_freq": ops.rope_inv_freq(d, 10000.0)}, attrs, 3)
+    model = single_op_model(names.ATTENTION_OP, probe, {"inv_freq": ops.rope_inv_freq(d, 10000.0)}, attrs, 3)
     if lower:
         ort_lowering.lower(model, dtype=torch.float32, window_offset=ort_probes.window_offset(), max_position=256,
                            attention=True, moe=False, load=None)
@@ -98,7 +99,7 @@ def test_moe(experts, top_k, lower):
     """Function body and ORT lowering: fp32 routing, ties to the lower expert index, SwiGLU; 3-D input."""
     x, weights = moe_case(experts, 7)
     x3 = x.reshape(1, 7, -1)
-    model = single_op_model(functions.MOE_OP, {"input": x3}, weights,
+    model = single_op_model(names.MOE_OP, {"input": x3}, weights,
                             dict(top_k=top_k, plugin_version="1", plugin_namespace="mtx"), 1)
     if lower:
         ort_lowering.lower(model, dtype=torch.float32, window_offset=0, max_position=1, attention=False, moe=True,

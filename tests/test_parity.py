@@ -14,7 +14,6 @@ import runpy
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -29,7 +28,6 @@ from mtx.parity.compare import BackendComparison
 from mtx.parity.core import tensorrt_unavailable
 from mtx.parity.schedule import default_chunk, plan_schedule
 
-ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 
 
@@ -80,15 +78,13 @@ def test_correct_export_passes(parity_export, ckpt_factory, variant, target):
                                                                      steps[sched.prompt_len - 1:-1]]
 
 
-def test_cli_json_plot_and_backend_comparison(parity_export, ckpt_factory, tmp_path):
+def test_cli_json_plot_and_backend_comparison(run_mtx, parity_export, ckpt_factory, tmp_path):
     """The whole command in a subprocess: --json on stdout, --plot written, Polygraphy pair check."""
     out = parity_export("mixtral4", "onnx")
     before = {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in out.iterdir()}
     plot = tmp_path / "parity.png"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, "-m", "mtx", "parity", str(ckpt_factory("mixtral4")), str(out), "--json",
-                          "--per-layer", "--backends", "onnxruntime,torch", "--plot", str(plot), "--steps", "20"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = run_mtx("parity", ckpt_factory("mixtral4"), out, "--json", "--per-layer", "--backends", "onnxruntime,torch",
+                  "--plot", plot, "--steps", "20", timeout=300)
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)  # one object, nothing else on stdout
     assert data["passed"] is True and data["exit_code"] == 0 and data["tolerance"]["atol"] == ATOL

@@ -188,12 +188,12 @@ def _exported_mtx_nodes(parity_export) -> dict[str, dict]:
     tensorrt-target export of the tiny Mixtral (both ops)."""
     import onnx
 
-    from mtx.exporter import functions
+    from mtx import names
 
     model = onnx.load(str(parity_export("mixtral4", "tensorrt") / "model.onnx"), load_external_data=False)
     out: dict[str, dict] = {}
     for n in model.graph.node:
-        if n.domain == functions.DOMAIN and n.op_type not in out:
+        if n.domain == names.DOMAIN and n.op_type not in out:
             out[n.op_type] = {a.name: (onnx.AttributeProto.AttributeType.Name(a.type),
                                        onnx.helper.get_attribute_value(a)) for a in n.attribute}
     return out

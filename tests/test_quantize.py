@@ -8,8 +8,6 @@ independently of mtx.quantize. Sequences are those of test_export_parity.py: bat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -276,17 +274,13 @@ def test_short_last_block_is_padded(tmp_path):
 # Bad options: one line, exit 2
 
 
-def run_mtx(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtx", *args], capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("args,needle", [
     (["--quantize", "int3"], "--quantize"),
     (["--quantize", "int4", "--block-size", "7"], "--block-size"),
     (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "--quantize"),
 ])
-def test_bad_options(ckpt_factory, tmp_path, args, needle):
+def test_bad_options(run_mtx, ckpt_factory, tmp_path, args, needle):
     res = run_mtx("export", str(ckpt_factory("mistral")), "-o", str(tmp_path / "out"), *args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -294,7 +288,7 @@ def test_bad_options(ckpt_factory, tmp_path, args, needle):
     assert not (tmp_path / "out").exists()
 
 
-def test_block_that_does_not_fit_the_experts(ckpt_factory, tmp_path):
+def test_block_that_does_not_fit_the_experts(run_mtx, ckpt_factory, tmp_path):
     """QMoE has no short blocks: hidden size 64 with blocks of 128 (the default) is refused, naming the
     option and tensor."""
     res = run_mtx("export", str(ckpt_factory("mixtral4")), "-o", str(tmp_path / "out"), "--quantize", "int4")

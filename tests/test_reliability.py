@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mtx
+from conftest import mtx_command, mtx_env
 from mtx.config import load_config
 from mtx.errors import CheckpointError, ConfigError, MtxError, UsageError
 from mtx.exporter import output
@@ -35,17 +36,10 @@ from mtx.exporter.options import ExportOptions
 from mtx.manifest import ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {"model_type": "mistral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 PARAMS = {"dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
           "norm_eps": 1e-5, "vocab_size": 100}
-
-
-def run_mtx(*args: str, **kw) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "mtx", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env, **kw)
 
 
 def one_line(res: subprocess.CompletedProcess, code: int, *needles: str) -> str:
@@ -99,7 +93,7 @@ def test_config_file_encoding(tmp_path, raw, needle):
         load_config(tmp_path)
 
 
-def test_config_error_from_the_cli_is_one_line(tmp_path):
+def test_config_error_from_the_cli_is_one_line(run_mtx, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**BASE, "tie_word_embeddings": "false"}))
     one_line(run_mtx("inspect", tmp_path), 2, "tie_word_embeddings", str(tmp_path / "config.json"))
 
@@ -214,7 +208,7 @@ def test_nonfinite_weights_are_refused(ckpt, tmp_path, target, dtype, value):
     assert read_manifest(out).target == target
 
 
-def test_nonfinite_from_the_cli(ckpt, tmp_path):
+def test_nonfinite_from_the_cli(run_mtx, ckpt, tmp_path):
     poison(ckpt, "model.embed_tokens.weight", float("nan"))
     one_line(run_mtx("export", ckpt, "-o", tmp_path / "o"), 2, "model.embed_tokens.weight", "--allow-nonfinite")
 
@@ -347,7 +341,7 @@ def test_tampered_manifest_is_one_line(copy_of, case):
         mtx.load(copy_of, verify=False)
 
 
-def test_tampered_manifest_from_the_cli(copy_of):
+def test_tampered_manifest_from_the_cli(run_mtx, copy_of):
     tamper(copy_of, lambda d: d.update(capacity=64))
     one_line(run_mtx("generate", copy_of, "--ids", "1,2", "--max-new-tokens", "1"), 2, "capacity 64")
 
@@ -429,15 +423,12 @@ def test_bad_engine_options(good_export, kwargs, needle):
     (["generate", "--ids", "1,2", "--device", "tpu"], "--device: expected cpu, cuda or cuda:N"),
     (["bench", "--batch", "0", "--new-tokens", "2", "--prompt-len", "2"], "--batch must be >= 1"),
 ])
-def test_bad_run_options_from_the_cli(good_export, args, needle):
+def test_bad_run_options_from_the_cli(run_mtx, good_export, args, needle):
     one_line(run_mtx(args[0], good_export, *args[1:]), 2, needle)
 
 
-def test_invalid_utf8_prompt_from_the_shell(good_export):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    res = subprocess.run([os.fsencode(sys.executable), b"-m", b"mtx", b"generate", os.fsencode(good_export),
-                          b"--prompt", b"x = \xff\xfe", b"--max-new-tokens", b"1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+def test_invalid_utf8_prompt_from_the_shell(run_mtx, good_export):
+    res = run_mtx("generate", good_export, "--prompt", b"x = \xff\xfe", "--max-new-tokens", "1", timeout=300)
     one_line(res, 2, "--prompt", "not valid UTF-8")
 
 
@@ -505,9 +496,7 @@ def test_torch_backend_runs_one_call_at_a_time(ckpt_factory):
 
 def test_sigterm_during_export_cleans_up(ckpt, tmp_path):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out)],
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(mtx_command("export", ckpt, "-o", out), stderr=subprocess.PIPE, text=True, env=mtx_env())
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.*.partial")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -544,7 +533,7 @@ def test_force_replacement_is_atomic(ckpt, tmp_path):
     out = tmp_path / "out"
     export(ckpt, out, ExportOptions(target="onnxruntime"))
     res = subprocess.run([sys.executable, "-c", KILL_AFTER_SWAP, str(ckpt), str(out)], capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+                         text=True, env=mtx_env(), timeout=300)
     assert res.returncode == 9, res.stderr
     assert read_manifest(out, verify_hashes=True).target == "onnx"  # the new export, complete
     leftovers = list(tmp_path.glob(".out.*.partial"))
@@ -553,7 +542,7 @@ def test_force_replacement_is_atomic(ckpt, tmp_path):
     assert not list(tmp_path.glob(".out.*"))
 
 
-def test_concurrent_export_to_the_same_folder_is_refused(ckpt, tmp_path):
+def test_concurrent_export_to_the_same_folder_is_refused(run_mtx, ckpt, tmp_path):
     out = tmp_path / "out"
     with open(tmp_path / ".out.lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
@@ -585,13 +574,13 @@ def test_disk_full_is_one_line_and_leaves_nothing(ckpt, tmp_path):
         runpy.run_module("mtx", run_name="__main__")
     """)
     res = subprocess.run([sys.executable, "-c", script, str(ckpt), str(out)], capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+                         env=mtx_env(), timeout=300)
     one_line(res, 1, "cannot write the export", "File too large")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 @pytest.mark.parametrize("target", [".", ".."])
-def test_out_of_cwd_or_above_is_refused_before_work(ckpt, tmp_path, target):
+def test_out_of_cwd_or_above_is_refused_before_work(run_mtx, ckpt, tmp_path, target):
     work = tmp_path / "work"
     work.mkdir()
     t0 = time.time()

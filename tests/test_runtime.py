@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import hf_logits
+from conftest import hf_logits, mtx_env
 from mtx.errors import UsageError
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [64, 2 + 1, 77], [9] * 13]
@@ -212,3 +214,24 @@ def test_token_rng_is_splitmix64():
         picks.append((select_token(logits, SamplingParams(temperature=1.0), draws), expect))
     assert all(a == b for a, b in picks)
     assert {a for a, _ in picks} == {0, 2, 3}
+
+
+def python_without_torch(code: str, *args: str) -> None:
+    """Run ``code`` in a fresh interpreter, then assert that torch was never imported there."""
+    check = "; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('mtx'))"
+    res = subprocess.run([sys.executable, "-c", "import sys; " + code + check, *args], capture_output=True,
+                         text=True, timeout=300, env=mtx_env())
+    assert res.returncode == 0, res.stderr
+
+
+def test_backend_and_ort_backend_import_without_torch():
+    """The abstract Backend and the ONNX Runtime backend need no torch (TorchBackend is its own module)."""
+    python_without_torch("import mtx.runtime.backends, mtx.runtime.ort_backend")
+
+
+def test_load_and_generate_an_onnx_export_without_torch(ckpt_factory, artifacts):
+    """mtx.load of an onnxruntime-target export and a generate call never import torch."""
+    out = artifacts(ckpt_factory("mistral"), "onnxruntime", None)
+    python_without_torch("import mtx; gen = mtx.load(sys.argv[1]); assert gen.backend.name == 'onnxruntime'; "
+                         "(ids,) = gen.generate([[5, 17, 99]], max_new_tokens=2, stop_token_ids=[]); "
+                         "assert len(ids) == 2", str(out))

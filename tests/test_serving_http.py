@@ -4,12 +4,10 @@ checked against Generator.generate run alone in this process (the offline refere
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import mtx_command, mtx_env
+
 MODEL = "tiny"
 
 
@@ -33,10 +32,9 @@ class Server:
     def __init__(self, export: Path, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mtx", "serve", str(export), "--port", str(self.port), "--model-name", MODEL,
-             "--threads", "1", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            mtx_command("serve", export, "--port", self.port, "--model-name", MODEL, "--threads", "1", *args),
+            env=mtx_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"mtx serve exited: {self.proc.stdout.read()}"
@@ -359,10 +357,8 @@ def test_chat_template_of_tokenizer_config_renders_as_transformers(tmp_path, ckp
     (["--max-batch", "99"], "mtx: error: --max-batch 99 exceeds the maximum batch 8 of this export"),
     (["--autoscaling", "{x"], "mtx: error: --autoscaling: not valid JSON"),
 ])
-def test_serve_bad_options_are_one_line(export, args, needle):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "mtx", "serve", str(export), "--port", str(free_port()), *args],
-                       env=env, capture_output=True, text=True, timeout=120)
+def test_serve_bad_options_are_one_line(run_mtx, export, args, needle):
+    r = run_mtx("serve", export, "--port", free_port(), *args, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and r.stderr.startswith(needle), r.stderr
 

@@ -17,10 +17,10 @@ import onnx_ir as ir
 import torch
 
 import mtx
-from mtx import rolling_kv
+from mtx import names, rolling_kv
 from mtx.assets import resolve_checkpoint
 from mtx.errors import MtxError, UsageError
-from mtx.exporter import functions, ort_fusions, ort_lowering, ort_probes, output, quantized, trace, weights
+from mtx.exporter import ort_fusions, ort_lowering, ort_probes, output, quantized, trace, weights
 from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
                                    Quantization, TensorSpec, sha256_file, write_manifest)
 from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
@@ -53,7 +53,7 @@ class ExportResult:
 
 def _layers_of(model: ir.Model, op: str) -> list[int]:
     """Layer numbers of the mtx nodes ``op`` (one per layer, in graph order, so the n-th is layer n)."""
-    return [i for i, n in enumerate(n for n in model.graph if n.domain == functions.DOMAIN and n.op_type == op)]
+    return [i for i, n in enumerate(n for n in model.graph if n.domain == names.DOMAIN and n.op_type == op)]
 
 
 def _versions() -> dict[str, str | None]:
@@ -118,16 +118,16 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
     """Lower to ONNX Runtime contrib ops (onnxruntime target) and attach the function bodies still needed."""
     cfg = ck.config
     window = cfg.sliding_window or 0
-    mtx_attention, mtx_moe = f"{functions.DOMAIN}::{functions.ATTENTION_OP}", f"{functions.DOMAIN}::{functions.MOE_OP}"
+    mtx_attention, mtx_moe = f"{names.DOMAIN}::{names.ATTENTION_OP}", f"{names.DOMAIN}::{names.MOE_OP}"
     plan = _GraphPlan(mtx_attention, mtx_moe if cfg.is_moe else None,
                       KVSpec("ring", "shared" if options.target == "tensorrt" else "separate", "any"))
     if options.target == "onnxruntime":
         progress.stage("checking ONNX Runtime's contrib ops against the reference")
         ort = ort_probes.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
                                 cfg.num_experts, cfg.num_experts_per_tok)
-        for op, cap in ((functions.ATTENTION_OP, ort.attention), (functions.MOE_OP, ort.moe)):
+        for op, cap in ((names.ATTENTION_OP, ort.attention), (names.MOE_OP, ort.moe)):
             if cap is not None and not cap.ok:
-                plan.fallbacks.append(Fallback(f"{functions.DOMAIN}::{op}", _layers_of(model, op), cap.reason))
+                plan.fallbacks.append(Fallback(f"{names.DOMAIN}::{op}", _layers_of(model, op), cap.reason))
         lower_moe = ort.moe is not None and ort.moe.ok
         ort_lowering.lower(model, dtype=dtype, window_offset=ort.window_offset or 0, max_position=max_position,
                            attention=ort.attention.ok, moe=lower_moe, load=lambda name: ck.load(name, dtype))

@@ -4,7 +4,7 @@
 ``torch.ops.mtx.swa_gqa`` / ``torch.ops.mtx.moe``: each puts one ``mtx::SlidingWindowGQA`` /
 ``mtx::MoE`` node into the graph. ``SlidingWindowGQA`` and ``MoE`` below are onnxscript functions
 (domain ``mtx``, version 1) that define those ops with standard ONNX ops only (default domain,
-opset :data:`OPSET`); :func:`mtx.exporter.trace.attach_functions` adds them to the model as
+opset :data:`mtx.names.OPSET`); :func:`mtx.exporter.trace.attach_functions` adds them to the model as
 model-local functions after tracing (torch.onnx's version conversion would inline functions present
 during export), so any ONNX runtime can run the graph unmodified. The bodies implement docs/ops.md
 §1-§3:
@@ -30,14 +30,9 @@ import onnxscript
 from onnxscript import BFLOAT16, FLOAT, FLOAT16, INT64
 from onnxscript import opset18 as op
 
-#: Default-domain opset of the exported graph and of the function bodies (they must agree).
-OPSET = 18
-DOMAIN = "mtx"
-DOMAIN_VERSION = 1
-PLUGIN_VERSION = "1"
-PLUGIN_NAMESPACE = "mtx"
-ATTENTION_OP = "SlidingWindowGQA"
-MOE_OP = "MoE"
+from mtx.names import ATTENTION_OP, DOMAIN, DOMAIN_VERSION, MOE_OP, OPSET, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
+assert OPSET == 18, "the function bodies are written against onnxscript's opset18"
 
 mtx_opset = onnxscript.values.Opset(DOMAIN, DOMAIN_VERSION)
 

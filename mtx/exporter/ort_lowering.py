@@ -23,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from mtx.exporter import functions
+from mtx import names
 from mtx.exporter.weights import lazy
 
 MS_DOMAIN = "com.microsoft"
@@ -82,11 +82,11 @@ def lower(model: ir.Model, *, dtype: torch.dtype, window_offset: int, max_positi
     shared: dict[str, ir.Value] = {}
     rope: dict[str, ir.Value] = {}
     for node in list(graph):
-        if node.domain != functions.DOMAIN:
+        if node.domain != names.DOMAIN:
             continue
-        if node.op_type == functions.ATTENTION_OP and attention:
+        if node.op_type == names.ATTENTION_OP and attention:
             _lower_attention(graph, node, shared, rope, dtype, window_offset, max_position)
-        elif node.op_type == functions.MOE_OP and moe:
+        elif node.op_type == names.MOE_OP and moe:
             _lower_moe(graph, node, dtype, load)
     for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in graph.outputs]:
         graph.initializers.pop(name)

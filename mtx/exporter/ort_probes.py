@@ -19,7 +19,7 @@ import onnx_ir as ir
 import torch
 from onnx_ir.tensor_adapters import TorchTensor, from_torch_dtype
 
-from mtx.exporter import functions
+from mtx import names
 from mtx.exporter.ort_lowering import IR_VERSION, lower
 from mtx.models import ops
 
@@ -68,10 +68,10 @@ def single_op_model(op: str, inputs: dict[str, torch.Tensor], consts: dict[str, 
                      const_value=TorchTensor(t, name=n)) for n, t in consts.items()]
     by_name = {v.name: v for v in graph_inputs + init}
     order = list(inputs) + list(consts)
-    node = ir.Node(functions.DOMAIN, op, [by_name[n] for n in order], ir.convenience.convert_attributes(attrs),
+    node = ir.Node(names.DOMAIN, op, [by_name[n] for n in order], ir.convenience.convert_attributes(attrs),
                    num_outputs=num_outputs)
     graph = ir.Graph(graph_inputs, node.outputs, nodes=[node], initializers=init,
-                     opset_imports={"": functions.OPSET, functions.DOMAIN: functions.DOMAIN_VERSION})
+                     opset_imports={"": names.OPSET, names.DOMAIN: names.DOMAIN_VERSION})
     for i, out in enumerate(node.outputs):
         out.name = f"out{i}"
     return ir.Model(graph, ir_version=IR_VERSION)
@@ -90,8 +90,8 @@ def _run_attention(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
     args = dict(query=q[:, :1], key=k[:, :1], value=v[:, :1], past_key=buf, past_value=buf,
                 start_pos=torch.zeros(1, dtype=torch.long))
     attrs = dict(num_heads=heads, num_kv_heads=kv_heads, window=window, scale=head_dim ** -0.5,
-                 plugin_version=functions.PLUGIN_VERSION, plugin_namespace=functions.PLUGIN_NAMESPACE)
-    model = single_op_model(functions.ATTENTION_OP, {n: t.to(dtype) if t.is_floating_point() else t
+                 plugin_version=names.PLUGIN_VERSION, plugin_namespace=names.PLUGIN_NAMESPACE)
+    model = single_op_model(names.ATTENTION_OP, {n: t.to(dtype) if t.is_floating_point() else t
                                                       for n, t in args.items()}, {"inv_freq": inv}, attrs, 3)
     lower(model, dtype=dtype, window_offset=offset, max_position=total + 1, attention=True, moe=False, load=None)
     session = _session(model)
@@ -185,9 +185,9 @@ def moe_capability(dtype: torch.dtype, experts: int, top_k: int) -> Capability:
     w2 = torch.randn(experts, h, i, generator=g) * 0.3
     ref = ops.moe_reference(x, router, w1, w3, w2, top_k)
     weights = {"router_weight": router, "w1": w1, "w3": w3, "w2": w2}
-    model = single_op_model(functions.MOE_OP, {"input": x.to(dtype)}, {k: t.to(dtype) for k, t in weights.items()},
-                            dict(top_k=top_k, plugin_version=functions.PLUGIN_VERSION,
-                                 plugin_namespace=functions.PLUGIN_NAMESPACE), 1)
+    model = single_op_model(names.MOE_OP, {"input": x.to(dtype)}, {k: t.to(dtype) for k, t in weights.items()},
+                            dict(top_k=top_k, plugin_version=names.PLUGIN_VERSION,
+                                 plugin_namespace=names.PLUGIN_NAMESPACE), 1)
     try:
         lower(model, dtype=dtype, window_offset=0, max_position=1, attention=False, moe=True,
               load=lambda name: weights[name].to(dtype))

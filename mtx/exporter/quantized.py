@@ -24,9 +24,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from mtx import names
 from mtx import quantize as q
 from mtx.errors import UsageError
-from mtx.exporter import functions
 from mtx.exporter.ort_lowering import MS_DOMAIN, add_initializer
 from mtx.exporter.weights import lazy
 from mtx.manifest import Fallback, Quantization, QuantizedTensor
@@ -179,7 +179,7 @@ class _Rewriter:
 
     def experts(self) -> None:
         for node in list(self.graph):
-            if node.domain == functions.DOMAIN and node.op_type == functions.MOE_OP:
+            if node.domain == names.DOMAIN and node.op_type == names.MOE_OP:
                 for index in (2, 3, 4):  # w1, w3, w2
                     node.replace_input_with(index, self._dequantized(node.inputs[index], self.spec))
             elif node.domain == MS_DOMAIN and node.op_type == "MoE":

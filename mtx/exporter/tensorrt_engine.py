@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mtx import tensorrt as mtrt
 from mtx.errors import UsageError
-from mtx.exporter.functions import DOMAIN
+from mtx.names import DOMAIN
 
 
 def mtx_nodes(onnx_path: str | os.PathLike) -> Counter[str]:

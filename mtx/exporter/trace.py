@@ -27,6 +27,7 @@ import warnings
 import onnx_ir as ir
 import torch
 
+from mtx import names
 from mtx.config import ModelConfig
 from mtx.exporter import functions
 from mtx.models.ops import rope_inv_freq
@@ -108,7 +109,7 @@ def _trace_cached(cfg: ModelConfig, dtype: torch.dtype, capacity: int) -> ir.Mod
     probes = [name for pair in layer_output_names(layers) for name in pair]
     with _quiet():
         program = torch.onnx.export(
-            model, (ids, start, past), dynamo=True, optimize=False, opset_version=functions.OPSET,
+            model, (ids, start, past), dynamo=True, optimize=False, opset_version=names.OPSET,
             dynamic_shapes=dynamic, input_names=input_names(layers), output_names=output_names(layers) + probes,
             custom_translation_table={torch.ops.mtx.swa_gqa.default: functions.translate_swa_gqa,
                                       torch.ops.mtx.moe.default: functions.translate_moe},
@@ -149,15 +150,15 @@ def _name_dims(graph: ir.Graph) -> None:
 
 def attach_functions(model: ir.Model) -> None:
     """Add the standard-op function bodies of the mtx ops that the graph still uses."""
-    used = {n.op_type for n in model.graph if n.domain == functions.DOMAIN}
+    used = {n.op_type for n in model.graph if n.domain == names.DOMAIN}
     for proto in functions.function_protos():
         if proto.name in used:
             fn = ir.serde.deserialize_function(proto)
             model.functions[fn.identifier()] = fn
     if used:
-        model.opset_imports[functions.DOMAIN] = functions.DOMAIN_VERSION
+        model.opset_imports[names.DOMAIN] = names.DOMAIN_VERSION
     else:
-        model.opset_imports.pop(functions.DOMAIN, None)
+        model.opset_imports.pop(names.DOMAIN, None)
 
 
 def count_ops(model: ir.Model) -> dict[str, int]:

@@ -70,7 +70,7 @@ def run_quality(checkpoint: str | Path | None, out: str | Path, text_file: str |
     from mtx.assets import resolve_checkpoint
     from mtx.manifest import read_manifest
     from mtx.runtime.artifact import load_artifact
-    from mtx.runtime.backends import TorchBackend
+    from mtx.runtime.torch_backend import TorchBackend
 
     out = Path(out)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2:

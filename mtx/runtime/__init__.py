@@ -4,18 +4,34 @@
     gen = mtx.load("OUT")                      # backend from the manifest: onnxruntime / tensorrt
     gen.generate(["def fib(n):"], max_new_tokens=32)
     s = gen.session(); s.append("x = 1"); s.generate(8)
+
+Importing this package, and loading an export with the onnxruntime backend, does not import torch:
+:class:`TorchBackend` (:mod:`mtx.runtime.torch_backend`) is imported on first use.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from mtx.runtime.backends import Backend, TorchBackend
+from mtx.runtime.backends import Backend
 from mtx.runtime.generator import Generator, Session
 from mtx.tokenizer import load_tokenizer
 from mtx.runtime.sampling import SamplingParams
 
+if TYPE_CHECKING:
+    from mtx.runtime.torch_backend import TorchBackend
+
 __all__ = ["Backend", "Generator", "SamplingParams", "Session", "TorchBackend", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    """``mtx.runtime.TorchBackend``, imported on first use (it imports torch)."""
+    if name == "TorchBackend":
+        from mtx.runtime.torch_backend import TorchBackend
+
+        return TorchBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_engine_options(backend: str | None, threads: int | None, device: str | None) -> None:
@@ -62,6 +78,7 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     if backend not in (None, "torch"):
         raise UsageError(f"{root}: not an mtx export (no mtx.json); backend {backend!r} needs `mtx export` output")
     from mtx.config import generation_eos_ids
+    from mtx.runtime.torch_backend import TorchBackend
 
     be = TorchBackend.from_checkpoint(root, dtype or "float32", capacity=capacity, max_batch=max_batch or 8,
                                       threads=threads, device=device)

@@ -1,17 +1,22 @@
-"""Load an export folder (``mtx.json`` + ``model.onnx`` + tokenizer) into a :class:`Generator`."""
+"""Load an export folder (``mtx.json`` + ``model.onnx`` + tokenizer) into a :class:`Generator`.
+
+torch is imported only for the ``torch`` backend (the PyTorch reference of the export's checkpoint).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mtx.config import generation_eos_ids
 from mtx.errors import UsageError
 from mtx.integrity import verify_export
 from mtx.manifest import Manifest, read_manifest
-from mtx.runtime.backends import TorchBackend
 from mtx.runtime.generator import Generator
 from mtx.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from mtx.runtime.torch_backend import TorchBackend
 
 
 def load_artifact(root: Path, backend: str | None, *, device: str | None = None, threads: int | None = None,
@@ -44,6 +49,8 @@ def load_artifact(root: Path, backend: str | None, *, device: str | None = None,
 def _torch_backend(root: Path, manifest: Manifest, *, threads: int | None, device: str | None,
                    max_batch: int | None) -> TorchBackend:
     """The PyTorch reference of an export: the source checkpoint recorded in the manifest."""
+    from mtx.runtime.torch_backend import TorchBackend
+
     ckpt = Path(manifest.checkpoint["path"])
     if not ckpt.is_dir():
         raise UsageError(f"{root}/mtx.json: the torch backend needs the source checkpoint {ckpt}, which is gone; "
