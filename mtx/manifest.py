@@ -1,29 +1,30 @@
 """``mtx.json``: what an export folder holds and how to run it (docs/ops.md §5 is the schema).
 
-:func:`read_manifest` validates a manifest completely (every key, type and allowed value, and that
-each listed file exists with the recorded size; optionally its sha256) and returns a
-:class:`Manifest`; ``Manifest.from_dict(d).to_dict() == d`` for every valid manifest ``d``.
+:func:`read_manifest` validates a manifest completely and returns a :class:`Manifest`;
+``Manifest.from_dict(d).to_dict() == d`` for every valid manifest ``d``. Keys, types and allowed
+values come from ``manifest_schema.json`` (the machine-readable form of docs/ops.md §5, which the C++
+reader embeds too); the rules a schema cannot say (layer order and count, config values, files on
+disk) are code here and in cpp/src/manifest.cpp.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mtx.config import ModelConfig
 from mtx.errors import MtxError
-from mtx.names import DTYPES, TARGETS
+from mtx.names import DTYPES, TARGETS  # noqa: F401  (re-exported for mtx.exporter.options)
 
 MANIFEST = "mtx.json"
-FORMAT = "mtx-export"
-FORMAT_VERSION = 3  # 2: layer_outputs, role "tooling"; 3: quantization (docs/ops.md §5)
-LAYOUTS = ("ring", "ort_window")
-PAST_PRESENT = ("separate", "shared")
-MULTI_TOKEN = ("any", "first_call_only")
-ROLES = ("model", "weights", "checkpoint-weights", "tokenizer", "engine", "tooling")
+SCHEMA_FILE = Path(__file__).with_name("manifest_schema.json")
+#: The parsed schema file: {"format", "format_version", "root", "objects": {name: {key: type}}}.
+SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+FORMAT: str = SCHEMA["format"]
+FORMAT_VERSION: int = SCHEMA["format_version"]  # 2: layer_outputs, role "tooling"; 3: quantization
 
 
 class ManifestError(MtxError):
@@ -150,42 +151,12 @@ class Manifest:
         if isinstance(d, dict) and "format" in d and "format_version" in d and (
                 d["format"] != FORMAT or d["format_version"] != FORMAT_VERSION):
             raise ManifestError(f"{origin}: not an {FORMAT} v{FORMAT_VERSION} manifest "
-                                f"(format {d['format']!r}, version {d['format_version']!r}); "
+                                f"(format {_json(d['format'])}, version {_json(d['format_version'])}); "
                                 f"export the checkpoint again with this mtx")
-        _check_keys(d, cls, origin)
-        _choice(d, "target", TARGETS, origin)
-        _choice(d, "dtype", DTYPES, origin)
-        kv = d["kv"]
-        _check_keys(kv, KVSpec, f"{origin}: kv")
-        _choice(kv, "layout", LAYOUTS, f"{origin}: kv")
-        _choice(kv, "past_present", PAST_PRESENT, f"{origin}: kv")
-        _choice(kv, "multi_token_batch", MULTI_TOKEN, f"{origin}: kv")
-        for key in ("inputs", "outputs"):
-            for i, spec in enumerate(d[key]):
-                _check_keys(spec, TensorSpec, f"{origin}: {key}[{i}]")
-        for i, fb in enumerate(d["fallbacks"]):
-            _check_keys(fb, Fallback, f"{origin}: fallbacks[{i}]")
+        check_schema(d, origin)
         for i, lo in enumerate(d["layer_outputs"]):
-            _check_keys(lo, LayerOutput, f"{origin}: layer_outputs[{i}]")
             if lo["layer"] != i:
                 raise ManifestError(f"{origin}: layer_outputs[{i}] is for layer {lo['layer']}; expected layer {i}")
-        for i, entry in enumerate(d["files"]):
-            _check_keys(entry, FileEntry, f"{origin}: files[{i}]")
-            _choice(entry, "role", ROLES, f"{origin}: files[{i}]")
-        quant = d["quantization"]
-        if quant is not None:
-            _check_keys(quant, Quantization, f"{origin}: quantization")
-            _choice(quant, "method", ("rtn",), f"{origin}: quantization")
-            _choice(quant, "scheme", ("asymmetric", "symmetric"), f"{origin}: quantization")
-            for key, allowed in (("bits", (4, 8)), ("block_size", (32, 64, 128))):
-                if quant[key] not in allowed:
-                    raise ManifestError(f"{origin}: quantization {key} {quant[key]!r} is not one of "
-                                        f"{', '.join(map(str, allowed))}")
-            for i, qt in enumerate(quant["tensors"]):
-                _check_keys(qt, QuantizedTensor, f"{origin}: quantization.tensors[{i}]")
-                if qt["bits"] not in (4, 8):
-                    raise ManifestError(f"{origin}: quantization.tensors[{i}] bits {qt['bits']!r} is not 4 or 8")
-            quant = Quantization(**{**quant, "tensors": [QuantizedTensor(**t) for t in quant["tensors"]]})
         try:
             cfg = ModelConfig.from_dict(d["config"], origin=f"{origin}: config")
         except MtxError as e:
@@ -193,6 +164,9 @@ class Manifest:
         if len(d["layer_outputs"]) != cfg.num_layers:
             raise ManifestError(f"{origin}: layer_outputs has {len(d['layer_outputs'])} entries for "
                                 f"{cfg.num_layers} layers")
+        kv, quant = d["kv"], d["quantization"]
+        if quant is not None:
+            quant = Quantization(**{**quant, "tensors": [QuantizedTensor(**t) for t in quant["tensors"]]})
         return cls(**{**d, "kv": KVSpec(**kv), "inputs": [TensorSpec(**s) for s in d["inputs"]],
                       "outputs": [TensorSpec(**s) for s in d["outputs"]],
                       "fallbacks": [Fallback(**f) for f in d["fallbacks"]],
@@ -217,37 +191,87 @@ class Manifest:
         return [f for f in self.files if f.role == role]
 
 
-_TYPES: dict[str, Any] = {
-    "str": str, "int": int, "dict[str, Any]": dict, "list[int | str]": list, "list[int]": list,
-    "list[TensorSpec]": list, "list[Fallback]": list, "list[LayerOutput]": list, "list[FileEntry]": list,
-    "dict[str, int]": dict, "dict[str, str | None]": dict, "KVSpec": dict,
-    "Quantization": dict, "list[QuantizedTensor]": list, "list[str]": list, "bool": bool,
-}
+_NAMES = {"str": "a string", "int": "an integer", "num": "a number", "bool": "true or false",
+          "object": "an object", "array": "an array"}
 
 
-def _check_keys(d: Any, cls: type, origin: str) -> None:
+def _json(value: Any) -> str:
+    """``value`` as compact JSON (as the C++ reader's nlohmann dump), cut to 60 characters."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(kind: str) -> str:
+    """The phrase of a schema type in messages: ``int?`` -> ``an integer or null``."""
+    if kind.endswith("?"):
+        return _describe(kind[:-1]) + " or null"
+    if kind[0] == "[":
+        return "an array"
+    if "|" in kind and kind[0] != "{":
+        return " or ".join(_describe(k) for k in kind.split("|"))
+    return _NAMES.get(kind, "an object")  # {T} and named objects
+
+
+def _shallow(value: Any, kind: str) -> bool:
+    """Whether ``value`` has the JSON type of ``kind`` (not looking inside arrays and objects)."""
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "num":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "array" or kind.startswith("["):
+        return isinstance(value, list)
+    return isinstance(value, dict)  # object, {T}, a named object
+
+
+def _check(value: Any, kind: str | list, key: str, origin: str) -> None:
+    """Check ``value`` at ``key`` (a path such as ``files[2].role``) against a schema type."""
+    if isinstance(kind, list):  # allowed values
+        base = "str" if isinstance(kind[0], str) else "int"
+        if not (_shallow(value, base) and value in kind):
+            raise ManifestError(f"{origin}: key '{key}' must be one of {', '.join(map(str, kind))}, "
+                                f"got {_json(value)}")
+        return
+    if value is None and kind.endswith("?"):
+        return
+    said, kind = kind, kind.removesuffix("?")
+    alts = [kind] if kind[0] in "[{" else kind.split("|")  # [T] and {T} hold their own unions
+    alt = next((k for k in alts if _shallow(value, k)), None)
+    if alt is None:
+        raise ManifestError(f"{origin}: key '{key}' must be {_describe(said)}, got {_json(value)}")
+    if alt.startswith("["):
+        for i, item in enumerate(value):
+            _check(item, alt[1:-1], f"{key}[{i}]", origin)
+    elif alt.startswith("{"):
+        for k in sorted(value):
+            _check(value[k], alt[1:-1], f"{key}.{k}", origin)
+    elif alt in SCHEMA["objects"]:
+        _check_object(value, alt, key, origin)
+
+
+def _check_object(d: dict[str, Any], name: str, prefix: str, origin: str) -> None:
+    """Exactly the keys of schema object ``name`` (those ending in ``?`` may be absent), each of its type."""
+    spec = {k.removesuffix("?"): (k.endswith("?"), t) for k, t in SCHEMA["objects"][name].items()}
+    path = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    missing = [k for k, (optional, _) in spec.items() if not optional and k not in d]
+    if missing:
+        raise ManifestError(f"{origin}: missing key '{path(missing[0])}'")
+    unknown = sorted(set(d) - set(spec))
+    if unknown:
+        raise ManifestError(f"{origin}: unknown key '{path(unknown[0])}'")
+    for k, (_, kind) in spec.items():
+        if k in d:
+            _check(d[k], kind, path(k), origin)
+
+
+def check_schema(d: Any, origin: str = MANIFEST) -> None:
+    """Check parsed JSON against manifest_schema.json; raises ManifestError naming the first bad key."""
     if not isinstance(d, dict):
         raise ManifestError(f"{origin}: expected a JSON object")
-    names = [f.name for f in fields(cls)]
-    missing = [n for n in names if n not in d]
-    extra = sorted(set(d) - set(names))
-    if missing:
-        raise ManifestError(f"{origin}: missing key {missing[0]!r}")
-    if extra:
-        raise ManifestError(f"{origin}: unknown key {extra[0]!r}")
-    for f in fields(cls):
-        value, kind = d[f.name], str(f.type)
-        optional = kind.endswith(" | None")
-        if value is None and optional:
-            continue
-        want = _TYPES[kind.removesuffix(" | None")]
-        if (isinstance(value, bool) != (want is bool)) or not isinstance(value, want):
-            raise ManifestError(f"{origin}: key {f.name!r} must be {kind}, got {value!r}"[:300])
-
-
-def _choice(d: dict[str, Any], key: str, allowed: tuple[str, ...], origin: str) -> None:
-    if d[key] not in allowed:
-        raise ManifestError(f"{origin}: {key} {d[key]!r} is not one of {', '.join(allowed)}")
+    _check_object(d, SCHEMA["root"], "", origin)
 
 
 def sha256_file(path: Path, progress=None, chunk: int = 16 << 20) -> str:
@@ -283,8 +307,8 @@ def read_manifest(out_dir: str | Path, verify_hashes: bool = False) -> Manifest:
     manifest = Manifest.from_dict(data, origin=str(path))
     for entry in manifest.files:
         f = out_dir / entry.path
-        if Path(entry.path).is_absolute() or ".." in Path(entry.path).parts:
-            raise ManifestError(f"{path}: file path {entry.path!r} must stay inside the export folder")
+        if not entry.path or Path(entry.path).is_absolute() or ".." in Path(entry.path).parts:
+            raise ManifestError(f"{path}: file path '{entry.path}' must stay inside the export folder")
         if not f.is_file():
             raise ManifestError(f"{f}: listed in {MANIFEST} but missing")
         if f.stat().st_size != entry.bytes:
@@ -292,8 +316,8 @@ def read_manifest(out_dir: str | Path, verify_hashes: bool = False) -> Manifest:
         if verify_hashes and sha256_file(f) != entry.sha256:
             raise ManifestError(f"{f}: sha256 differs from {MANIFEST}")
     if not any(e.path == manifest.model and e.role == "model" for e in manifest.files):
-        raise ManifestError(f"{path}: model {manifest.model!r} is not listed under files")
+        raise ManifestError(f"{path}: model '{manifest.model}' is not listed under files")
     if manifest.engine is not None and not any(e.path == manifest.engine and e.role == "engine"
                                                for e in manifest.files):
-        raise ManifestError(f"{path}: engine {manifest.engine!r} is not listed under files with role engine")
+        raise ManifestError(f"{path}: engine '{manifest.engine}' is not listed under files with role engine")
     return manifest

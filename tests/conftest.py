@@ -73,6 +73,27 @@ def mistral_layout_factory(ckpt_factory, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """build/cpp (cpp/ configured once, built incrementally with -j2), with scripts/setup_cpp.sh's dependencies.
+
+    Its driver build/cpp/mtx_cpp_check serves tests/test_cpp.py and tests/test_manifest.py.
+    """
+    build = ROOT / "build" / "cpp"
+    run = lambda cmd: subprocess.run(cmd, capture_output=True, text=True)  # noqa: E731
+    r = run([str(ROOT / "scripts" / "setup_cpp.sh")])
+    assert r.returncode == 0, f"scripts/setup_cpp.sh failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    steps = []
+    if not (build / "CMakeCache.txt").is_file():
+        steps.append(["cmake", "-S", str(ROOT / "cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                      f"-DMTX_PYTHON={sys.executable}"])
+    steps.append(["cmake", "--build", str(build), "-j2"])
+    for step in steps:
+        r = run(step)
+        assert r.returncode == 0, f"{' '.join(step)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return build
+
+
+@pytest.fixture(scope="session")
 def parity_export(ckpt_factory, tmp_path_factory):
     """parity_export(variant, target, checkpoint=None, **ExportOptions) -> export folder, made once per session.
 

@@ -1,4 +1,5 @@
-// mtx.json reader: the rules of docs/ops.md §5, as mtx/manifest.py applies them.
+// mtx.json reader: the rules of docs/ops.md §5, as mtx/manifest.py applies them; keys, types and
+// allowed values from mtx/manifest_schema.json, embedded at build time (cpp/CMakeLists.txt).
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>

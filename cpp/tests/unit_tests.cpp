@@ -108,25 +108,6 @@ TEST(Sha256, KnownDigest) {
   EXPECT_EQ(mtx::sha256_file(path), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
 
-void expect_export_error(const std::string& folder, const std::string& words) {
-  try {
-    mtx::Model m(folder);
-    FAIL() << "loaded " << folder;
-  } catch (const mtx::Error& e) {
-    EXPECT_EQ(e.code(), mtx::ErrorCode::InvalidExport);
-    EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
-  }
-}
-
-TEST(Manifest, RefusedWithOneLineNamingTheKey) {
-  const std::string dir = temp_dir();
-  expect_export_error(dir, "not an mtx export (no mtx.json)");
-  std::ofstream(dir + "/mtx.json") << "[1, 2]";
-  expect_export_error(dir, "expected a JSON object");
-  std::ofstream(dir + "/mtx.json") << R"({"format": "mtx-export"})";
-  expect_export_error(dir, "missing key 'format_version'");
-}
-
 TEST(CApi, StatusAndMessageNoCrash) {
   mtx_model* model = reinterpret_cast<mtx_model*>(1);
   EXPECT_EQ(mtx_model_open("/nonexistent/mtx-export", 0, 1, &model), MTX_INVALID_EXPORT);

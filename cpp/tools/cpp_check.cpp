@@ -1,5 +1,6 @@
 // Test driver of tests/test_cpp.py: mtx_cpp_check REQUEST.json prints one JSON result.
-// Ops: generate (session or batch), score (float32 logits to a file), threads, kv, tokenize, load.
+// Ops: generate (session or batch), score (float32 logits to a file), threads, kv, tokenize, load,
+// manifest (the manifest reader alone on each of "exports": {"results": [{"ok"} or {"error"}]}).
 // An mtx::Error prints {"error": {"code", "message"}} and exits 2.
 #include <chrono>
 #include <fstream>
@@ -7,6 +8,7 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "manifest.hpp"  // cpp/src: detail::read_manifest
 #include "mtx/mtx.hpp"
 
 using json = nlohmann::json;
@@ -49,6 +51,18 @@ static json run(const json& r) {
       texts.push_back(tok.decode(v));
     }
     return {{"ids", ids}, {"decoded", texts}};
+  }
+  if (op == "manifest") {  // tests/test_manifest.py: one tamper table against both readers
+    json results = json::array();
+    for (const auto& folder : r.at("exports")) {
+      try {
+        mtx::detail::read_manifest(folder.get<std::string>(), r.value("verify", true));
+        results.push_back({{"ok", true}});
+      } catch (const mtx::Error& e) {
+        results.push_back({{"error", {{"code", int(e.code())}, {"message", e.what()}}}});
+      }
+    }
+    return {{"results", results}};
   }
   mtx::Model model(r.at("export").get<std::string>(), model_options(r));
   if (op == "load") return {{"vocab_size", model.info().vocab_size}, {"ort_version", mtx::Model::ort_version()}};
