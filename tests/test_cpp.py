@@ -172,15 +172,22 @@ def test_bpe_tokenizer_matches_hf_tokenizers(cpp_build, lines_file, tmp_path):
         assert got["decoded"] == [hf.decode(w, skip_special_tokens=True) for w in want]
 
 
+def _trained_sentencepiece(folder: Path, lines: list[str], model_type: str) -> Path:
+    """A byte-fallback SentencePiece tokenizer.model trained by the sentencepiece package."""
+    import sentencepiece as spm
+
+    prefix = folder / f"sp-{model_type}"
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=800,
+                                   model_type=model_type, byte_fallback=True, minloglevel=2)
+    return Path(f"{prefix}.model")
+
+
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_path, model_type):
     import sentencepiece as spm
 
     path, lines = lines_file
-    prefix = tmp_path / "sp"
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(prefix), vocab_size=800,
-                                   model_type=model_type, byte_fallback=True, minloglevel=2)
-    model = Path(f"{prefix}.model")
+    model = _trained_sentencepiece(tmp_path, lines, model_type)
     sp = spm.SentencePieceProcessor(model_file=str(model))
     got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(model), "lines": str(path)})
     want = [sp.encode(line) for line in lines]
@@ -193,6 +200,62 @@ def test_sentencepiece_matches_python_sentencepiece(cpp_build, lines_file, tmp_p
         assert model_type == "unigram" and score(got["ids"][i]) == pytest.approx(score(want[i]), abs=1e-4) \
             and sp.decode(got["ids"][i]) == sp.decode(want[i]), f"line {lines[i]!r}: {got['ids'][i]} != {want[i]}"
     assert len(differ) <= len(lines) // 100
+
+
+def _random_sequences(vocab: int, awkward: list[int], lines: list[str], encode, n: int = 60) -> list[list[int]]:
+    """Seeded id sequences: uniform ids mixed with `awkward` ones (single bytes, special/control ids), and
+    real non-ASCII text (multi-byte characters split over byte tokens)."""
+    seqs = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        length = int(rng.integers(1, 64))
+        pick_awkward = rng.random(length) < (0.2 + 0.6 * (seed % 3) / 2)
+        seqs.append([int(rng.choice(awkward)) if a else int(rng.integers(0, vocab)) for a in pick_awkward])
+    seqs += [encode(line) for line in lines[-7:]]  # corpus_lines' non-ASCII lines
+    return seqs
+
+
+def _check_streamed(cpp_build, tmp_path, tokenizer: Path, seqs: list[list[int]], decode) -> None:
+    """Every push's text extends a prefix of decode(ids so far); with the flush it is decode(all ids)."""
+    got = check(cpp_build, tmp_path, {"op": "detok", "tokenizer": str(tokenizer), "sequences": seqs})
+    for seq, deltas, cpp_decoded in zip(seqs, got["deltas"], got["decoded"]):
+        assert len(deltas) == len(seq) + 1
+        want = decode(seq)
+        assert "".join(deltas) == want == cpp_decoded, seq
+        streamed = ""
+        for k, delta in enumerate(deltas[:-1]):
+            streamed += delta
+            assert decode(seq[:k + 1]).startswith(streamed), (seq[:k + 1], streamed)
+
+
+def test_detokenizer_streams_hf_tokenizers_decode(cpp_build, lines_file, tmp_path):
+    """The built-in byte-level BPE tokenizer.json: streamed text equals HF tokenizers' decode."""
+    from tokenizers import Tokenizer
+
+    tj = ROOT / "mtx" / "assets" / "default-mistral" / "tokenizer.json"
+    hf = Tokenizer.from_file(str(tj))
+    vocab = hf.get_vocab()
+    # Single byte-level symbols of bytes >= 0x80 (parts of characters) and the special tokens.
+    awkward = [i for t, i in vocab.items() if len(t) == 1 and ord(t) >= 0xA1] + [0, 1, 2]
+    assert len(awkward) > 60
+    seqs = _random_sequences(hf.get_vocab_size(), awkward, lines_file[1], lambda s: hf.encode(s).ids)
+    assert any("\ufffd" in hf.decode(s) for s in seqs)  # incomplete characters do occur
+    _check_streamed(cpp_build, tmp_path, tj, seqs, lambda ids: hf.decode(ids, skip_special_tokens=True))
+
+
+def test_detokenizer_streams_sentencepiece_decode(cpp_build, lines_file, tmp_path):
+    """A byte-fallback SentencePiece BPE tokenizer.model: streamed text equals sentencepiece's decode."""
+    import sentencepiece as spm
+
+    model = _trained_sentencepiece(tmp_path, lines_file[1], "bpe")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    n = sp.get_piece_size()
+    awkward = [i for i in range(n) if sp.is_byte(i) and int(sp.id_to_piece(i)[3:5], 16) >= 0x80]
+    awkward += [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    awkward += [i for i in range(n) if sp.id_to_piece(i).startswith("\u2581")][:20]  # word starts: leading spaces
+    seqs = _random_sequences(n, awkward, lines_file[1], sp.encode)
+    assert any("\ufffd" in sp.decode(s) for s in seqs)
+    _check_streamed(cpp_build, tmp_path, model, seqs, sp.decode)
 
 
 def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4, env: dict | None = None) -> tuple[int, str]:
@@ -368,6 +431,54 @@ def test_generate_example_matches_python(cpp_build, builtin_export, tmp_path):
     assert r.returncode == 2 and "no such folder" in r.stderr
 
 
+def test_generate_example_stop_strings(cpp_build, builtin_export):
+    """--stop: the text ends before the first stop string, generation ends at the token completing it."""
+    text = "def fibonacci(n):\n    "
+    gen = py_load(builtin_export)
+    want = gen.generate([text], max_new_tokens=40, stop_token_ids=[])[0]
+    full = gen.decode(want)
+    exe = str(cpp_build / "mtx-generate-cpp")
+    base = [exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "40"]
+    stops = [full[len(full) // 2:len(full) // 2 + 4], full[len(full) // 3:len(full) // 3 + 2], full[-3:]]
+    assert all(stops)
+    for stop in stops:
+        cut = full.index(stop)
+        # The token completing the stop string: the first prefix of the ids whose text contains it.
+        k = next(k for k in range(1, len(want) + 1) if stop in gen.decode(want[:k]))
+        for extra in ([], ["--stop", "\x01never"]):
+            r = _run([*base, "--stop", stop, *extra])
+            assert r.returncode == 0, r.stderr
+            assert r.stdout == full[:cut] + "\n", (stop, r.stdout)
+        r = _run([*base, "--stop", stop, "--ids-out"])
+        assert r.returncode == 0 and r.stdout.split() == [str(t) for t in want[:k]], (stop, r.stdout)
+    # Of two stop strings the one that occurs first in the text cuts it.
+    a, b = stops[0], stops[1]
+    r = _run([*base, "--stop", a, "--stop", b])
+    assert r.stdout == full[:min(full.index(a), full.index(b))] + "\n"
+
+
+@pytest.mark.parametrize("args,option,expected", [
+    (["--seed", "abc"], "--seed", "an integer in [0, 2**63)"),
+    (["--seed", "9223372036854775808"], "--seed", "an integer in [0, 2**63)"),
+    (["--threads", "-5"], "--threads", "an integer in [0, 4096]"),
+    (["--max-new-tokens", "2.7"], "--max-new-tokens", "an integer >= 0"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens", "an integer >= 0"),
+    (["--top-k", "3x"], "--top-k", "an integer >= 0"),
+    (["--ids", "1 4294967297"], "--ids", "token ids separated by spaces, each an integer in [0, 2**31)"),
+    (["--ids", "1 -2"], "--ids", "token ids separated by spaces, each an integer in [0, 2**31)"),
+    (["--ids", "1 2.0"], "--ids", "token ids separated by spaces, each an integer in [0, 2**31)"),
+])
+def test_generate_example_refuses_bad_integers(cpp_build, builtin_export, args, option, expected):
+    """Integers are parsed whole and range-checked: one stderr line naming the option, exit status 2."""
+    if args[0] != "--ids":
+        args = ["--prompt", "x", *args]
+    r = _run([str(cpp_build / "mtx-generate-cpp"), str(builtin_export), "--max-new-tokens", "2", *args])
+    assert r.returncode == 2 and r.stdout == "", (args, r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mtx-generate-cpp: error: {option}: expected {expected}, got "), \
+        r.stderr
+
+
 def test_http_example(cpp_build, builtin_export):
     import socket
     import time
@@ -399,6 +510,15 @@ def test_http_example(cpp_build, builtin_export):
         want = gen.generate(["The rolling buffer"], max_new_tokens=12, temperature=0.8, seed=5)[0]
         status, body = post({"prompt": "The rolling buffer", "max_new_tokens": 12, "temperature": 0.8, "seed": 5})
         assert status == 200 and body == {"ids": want, "text": gen.decode(want)}
+        # "stream": the text as it is generated (the Detokenizer), the same text in the end.
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", json.dumps(
+            {"prompt": "The rolling buffer", "max_new_tokens": 12, "temperature": 0.8, "seed": 5, "stream": True}
+        ).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
+            assert resp.read().decode() == gen.decode(want)
+        status, body = post({"prompt": "x", "top_p": 0, "stream": True})
+        assert status == 400 and "top_p" in body["error"]
         status, body = post({"ids": [1, 10**6], "max_new_tokens": 2})
         assert status == 400 and "out of range" in body["error"]
         status, body = post({"prompt": "x", "top_p": 0})

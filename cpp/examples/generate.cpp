@@ -1,8 +1,12 @@
 // mtx-generate-cpp OUT --prompt TEXT [options]: generate text from an mtx export folder, streaming.
 // Bad input: one line "mtx-generate-cpp: error: ..." on stderr, exit status 2.
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <iostream>
+#include <limits>
 #include <sstream>
 #include <string>
 
@@ -10,21 +14,53 @@
 
 static const char* kUsage =
     "usage: mtx-generate-cpp OUT (--prompt TEXT | --ids \"1 2 3\") [--max-new-tokens N] [--temperature T]\n"
-    "       [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--threads N] [--no-verify] [--ids-out]\n"
+    "       [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop TEXT]... [--threads N]\n"
+    "       [--no-verify] [--ids-out]\n"
     "Generate from the mtx export folder OUT (mtx.json, model.onnx, tokenizer.json or tokenizer.model) with the\n"
-    "mtx C++ runtime. The text streams to stdout as it is generated; --ids-out prints the token ids instead.\n";
+    "mtx C++ runtime. The text streams to stdout as it is generated; --ids-out prints the token ids instead.\n"
+    "--stop TEXT (repeatable): the text ends before the first stop string, and generation stops at the token\n"
+    "completing it.\n";
 
 [[noreturn]] static void usage_error(const std::string& msg) {
   std::cerr << "mtx-generate-cpp: error: " << msg << "\n";
   std::exit(2);
 }
 
+// A whole decimal integer in [lo, hi], or a usage error naming `option` (no sign tricks, no trailing
+// characters, no wrap-around).
+static long long parse_int(const std::string& option, const std::string& v, long long lo, long long hi,
+                           const std::string& expected) {
+  const bool digits = !v.empty() && std::all_of(v.begin() + (v[0] == '-' ? 1 : 0), v.end(), [](char c) {
+    return c >= '0' && c <= '9';
+  }) && v != "-";
+  errno = 0;
+  char* end = nullptr;
+  const long long x = digits ? std::strtoll(v.c_str(), &end, 10) : 0;
+  if (!digits || errno == ERANGE || *end || x < lo || x > hi)
+    usage_error(option + ": expected " + expected + ", got '" + v + "'");
+  return x;
+}
+
+// The longest suffix of `text` that is a proper prefix of some stop string (text that may begin one).
+static size_t held_suffix(const std::string& text, const std::vector<std::string>& stops) {
+  size_t held = 0;
+  for (const auto& s : stops)
+    for (size_t n = std::min(s.size() - 1, text.size()); n > held; --n)
+      if (text.compare(text.size() - n, n, s, 0, n) == 0) {
+        held = n;
+        break;
+      }
+  return held;
+}
+
 int main(int argc, char** argv) {
   std::string out, prompt, ids_text;
   bool have_prompt = false, have_ids = false, ids_out = false;
   int max_new = 64;
+  std::vector<std::string> stops;
   mtx::SamplingOptions opts;
   mtx::ModelOptions mo;
+  const long long kIntMax = std::numeric_limits<int>::max();
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto value = [&]() -> std::string {
@@ -47,19 +83,22 @@ int main(int argc, char** argv) {
       ids_text = value();
       have_ids = true;
     } else if (a == "--max-new-tokens") {
-      max_new = int(number(value()));
+      max_new = int(parse_int(a, value(), 0, kIntMax, "an integer >= 0"));
     } else if (a == "--temperature") {
       opts.temperature = number(value());
     } else if (a == "--top-k") {
-      opts.top_k = int(number(value()));
+      opts.top_k = int(parse_int(a, value(), 0, kIntMax, "an integer >= 0"));
     } else if (a == "--top-p") {
       opts.top_p = number(value());
     } else if (a == "--repetition-penalty") {
       opts.repetition_penalty = number(value());
     } else if (a == "--seed") {
-      opts.seed = std::strtoull(value().c_str(), nullptr, 10);
+      opts.seed = uint64_t(parse_int(a, value(), 0, std::numeric_limits<long long>::max(), "an integer in [0, 2**63)"));
+    } else if (a == "--stop") {
+      stops.push_back(value());
+      if (stops.back().empty()) usage_error("--stop: expected a non-empty text");
     } else if (a == "--threads") {
-      mo.intra_op_threads = int(number(value()));
+      mo.intra_op_threads = int(parse_int(a, value(), 0, 4096, "an integer in [0, 4096]"));
     } else if (a == "--no-verify") {
       mo.verify_hashes = false;
     } else if (a == "--ids-out") {
@@ -74,36 +113,55 @@ int main(int argc, char** argv) {
   }
   if (out.empty()) usage_error("missing the export folder OUT (see --help)");
   if (have_prompt == have_ids) usage_error("give exactly one of --prompt and --ids");
+  std::vector<int32_t> ids;
+  if (have_ids) {
+    std::istringstream in(ids_text);
+    std::string word;
+    while (in >> word) ids.push_back(int32_t(parse_int("--ids", word, 0, std::numeric_limits<int32_t>::max(),
+                                                       "token ids separated by spaces, each an integer in [0, 2**31)")));
+  }
   try {
     mtx::Model model(out, mo);
-    std::vector<int32_t> ids;
     std::unique_ptr<mtx::Tokenizer> tok;
-    if (have_prompt || !ids_out) tok = std::make_unique<mtx::Tokenizer>(out);
-    if (have_prompt) {
-      ids = tok->encode(prompt);
-    } else {
-      std::istringstream in(ids_text);
-      long v;
-      while (in >> v) ids.push_back(int32_t(v));
-      if (!in.eof()) usage_error("--ids: expected token ids separated by spaces");
-    }
+    if (have_prompt || !ids_out || !stops.empty()) tok = std::make_unique<mtx::Tokenizer>(out);
+    if (have_prompt) ids = tok->encode(prompt);
     mtx::Session s = model.session();
     s.append(ids);
-    std::vector<int32_t> generated;
-    std::string shown;
-    s.generate(max_new, opts, std::nullopt, [&](int32_t t) {
-      generated.push_back(t);
-      if (ids_out) {
-        std::cout << (generated.size() > 1 ? " " : "") << t << std::flush;
-      } else {  // print what decoding the whole generation adds to the text shown so far
-        std::string text = tok->decode(generated);
-        if (text.size() > shown.size() && text.compare(0, shown.size(), shown) == 0) {
-          std::cout << text.substr(shown.size()) << std::flush;
-          shown = text;
-        }
+    std::unique_ptr<mtx::Detokenizer> detok;
+    if (tok) detok = std::make_unique<mtx::Detokenizer>(*tok);
+    size_t n_out = 0;
+    // Text streamed so far: [0, shown) is printed; the rest may begin a stop string and waits.
+    std::string text;
+    size_t shown = 0;
+    bool stopped = false;
+    auto show = [&](size_t upto) {
+      if (!ids_out && upto > shown) std::cout << text.substr(shown, upto - shown) << std::flush;
+      shown = std::max(shown, upto);
+    };
+    // Adds `delta` to the text; false once a stop string occurs (the text is cut before the first one).
+    auto add_text = [&](const std::string& delta) {
+      text += delta;
+      size_t cut = std::string::npos;
+      for (const auto& st : stops) {
+        cut = std::min(cut, text.find(st, shown));  // none starts before `shown` (held back)
       }
+      if (cut != std::string::npos) {
+        text.resize(cut);
+        show(cut);
+        stopped = true;
+        return false;
+      }
+      show(text.size() - held_suffix(text, stops));
       return true;
+    };
+    s.generate(max_new, opts, std::nullopt, [&](int32_t t) {
+      if (ids_out) std::cout << (n_out++ ? " " : "") << t << std::flush;
+      return detok ? add_text(detok->push(t)) : true;
     });
+    if (detok && !stopped) {
+      add_text(detok->flush());
+      if (!stopped) show(text.size());
+    }
     std::cout << "\n";
   } catch (const mtx::Error& e) {
     std::cerr << "mtx-generate-cpp: error: " << e.what() << "\n";

@@ -42,28 +42,20 @@ std::vector<float> Session::score(const std::vector<int32_t>& ids) {
 std::vector<int32_t> Session::generate(int max_new_tokens, const SamplingOptions& opts,
                                        const std::optional<std::vector<int32_t>>& stop_ids,
                                        const std::function<bool(int32_t)>& on_token) {
-  if (max_new_tokens < 0)
-    throw Error(ErrorCode::InvalidArgument, "max_new_tokens must be an integer >= 0, got " + std::to_string(max_new_tokens));
-  opts.validate();
-  const auto& impl = model_->impl();
-  const std::vector<int32_t> stops = stop_ids ? *stop_ids : model_->info().eos_token_ids;
-  TokenRng rng(opts.seed);
   if (tokens_.empty()) throw Error(ErrorCode::InvalidArgument, "session is empty: append a prompt before generating");
-  impl.check_positions(int64_t(tokens_.size()) + max_new_tokens);
+  // The session's row: its whole sequence is the prompt (positions and the repetition penalty see it all).
+  const GenerationRequest req = make_request(*model_, {tokens_}, max_new_tokens, opts, stop_ids, "session");
   if (fed_ < int64_t(tokens_.size())) feed_pending(false);
-  std::vector<int32_t> out;
+  RowDecoder row(req, 0);
   const int64_t V = model_->info().vocab_size;
-  for (int step = 0; step < max_new_tokens; ++step) {
-    const int32_t tok = select_token(last_logits_.data(), V, opts, &rng,
-                                     opts.repetition_penalty != 1.0 ? &tokens_ : nullptr);
+  while (!row.done()) {
+    const int32_t tok = row.step(last_logits_.data(), V);
     tokens_.push_back(tok);
-    out.push_back(tok);
-    const bool go_on = on_token ? on_token(tok) : true;
-    if (!go_on || std::find(stops.begin(), stops.end(), tok) != stops.end() || step == max_new_tokens - 1)
-      return out;  // the last token stays pending until the next append / generate
+    if (on_token && !on_token(tok)) row.cancel();
+    if (row.done()) break;  // the last token stays pending until the next append / generate
     feed_pending(false);
   }
-  return out;
+  return row.generated();
 }
 
 Batch::Batch(const Model* model, int rows) : model_(model), rows_(rows), state_(model->impl().new_state(rows)) {}
@@ -76,55 +68,46 @@ std::vector<std::vector<int32_t>> Batch::generate(const std::vector<std::vector<
                                                   const std::optional<std::vector<int32_t>>& stop_ids,
                                                   const TokenCallback& on_token) {
   const auto& impl = model_->impl();
-  const int b = int(prompts.size());
-  if (b == 0) throw Error(ErrorCode::InvalidArgument, "no prompts given");
-  if (b > rows_)
-    throw Error(ErrorCode::InvalidArgument, "batch of " + std::to_string(b) + " prompts exceeds the " +
+  if (int(prompts.size()) > rows_)
+    throw Error(ErrorCode::InvalidArgument, "batch of " + std::to_string(prompts.size()) + " prompts exceeds the " +
                                                 std::to_string(rows_) + " rows of this Batch");
-  if (max_new_tokens < 0)
-    throw Error(ErrorCode::InvalidArgument, "max_new_tokens must be an integer >= 0, got " + std::to_string(max_new_tokens));
-  opts.validate();
-  size_t longest = 0;
-  for (int r = 0; r < b; ++r) {
-    impl.check_tokens(prompts[r], ("prompt " + std::to_string(r)).c_str());
-    longest = std::max(longest, prompts[r].size());
-  }
-  impl.check_positions(int64_t(longest) + max_new_tokens);
-  const std::vector<int32_t> stops = stop_ids ? *stop_ids : model_->info().eos_token_ids;
+  const GenerationRequest req = make_request(*model_, prompts, max_new_tokens, opts, stop_ids);
+  const int b = int(req.prompts.size());
   const int64_t V = model_->info().vocab_size;
-  std::vector<TokenRng> rngs;
-  for (int r = 0; r < b; ++r) rngs.emplace_back(opts.seed, uint64_t(r));
+  std::vector<RowDecoder> rows;
+  for (int r = 0; r < b; ++r) rows.emplace_back(req, r);
+  auto results = [&] {
+    std::vector<std::vector<int32_t>> out;
+    for (const auto& row : rows) out.push_back(row.generated());
+    return out;
+  };
   // Rows may be reused: start every row at position 0 (its buffers need no clearing, docs/ops.md §1.3).
   std::fill(state_->current.begin(), state_->current.end(), 0);
   std::vector<float> logits(size_t(b) * V);
   for (int r = 0; r < b; ++r) {
-    auto l = impl.prefill(*state_, r, prompts[r], 0, false);
+    auto l = impl.prefill(*state_, r, req.prompts[r], 0, false);
     std::copy(l.begin(), l.end(), logits.begin() + r * V);
   }
-  std::vector<std::vector<int32_t>> seqs(prompts), out(b);
-  std::vector<char> done(b, 0);
-  std::vector<int64_t> pos(b);
-  for (int r = 0; r < b; ++r) pos[r] = int64_t(prompts[r].size());
-  for (int step = 0; step < max_new_tokens; ++step) {
-    std::vector<int64_t> last(b);
+  std::vector<int64_t> pos(b), last(b);
+  for (int r = 0; r < b; ++r) pos[r] = int64_t(req.prompts[r].size());
+  // Every row ends by length at the same step; a row done earlier feeds its last token again.
+  while (!std::all_of(rows.begin(), rows.end(), [](const RowDecoder& d) { return d.done(); })) {
     for (int r = 0; r < b; ++r) {
-      if (done[r]) {
-        last[r] = out[r].back();
+      if (rows[r].done()) {
+        last[r] = rows[r].generated().back();
         continue;
       }
-      const int32_t tok = select_token(logits.data() + r * V, V, opts, &rngs[r],
-                                       opts.repetition_penalty != 1.0 ? &seqs[r] : nullptr);
-      seqs[r].push_back(tok);
-      out[r].push_back(tok);
-      if (std::find(stops.begin(), stops.end(), tok) != stops.end()) done[r] = 1;
-      last[r] = tok;
-      if (on_token && !on_token(r, tok)) return out;
+      last[r] = rows[r].step(logits.data() + r * V, V);
+      if (on_token && !on_token(r, int32_t(last[r]))) {
+        for (auto& row : rows) row.cancel();
+        return results();
+      }
     }
-    if (std::all_of(done.begin(), done.end(), [](char d) { return d != 0; }) || step == max_new_tokens - 1) return out;
+    if (std::all_of(rows.begin(), rows.end(), [](const RowDecoder& d) { return d.done(); })) break;
     logits = impl.run(*state_, 0, b, last, 1, pos, true);
     for (auto& p : pos) ++p;
   }
-  return out;
+  return results();
 }
 
 }  // namespace mtx

@@ -60,6 +60,51 @@ const ByteMap& byte_map() {
 
 size_t utf8_len(unsigned char c) { return c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : 4; }
 
+// `bytes` as valid UTF-8: each maximal ill-formed subpart becomes one U+FFFD (Unicode's recommended
+// practice, as Rust's String::from_utf8_lossy in HF tokenizers and Python's errors="replace").
+std::string utf8_lossy(const std::string& bytes) {
+  static const char kReplacement[] = "\xEF\xBF\xBD";
+  std::string out;
+  out.reserve(bytes.size());
+  const size_t n = bytes.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = static_cast<unsigned char>(bytes[i]);
+    size_t need = 0;
+    unsigned char lo = 0x80, hi = 0xBF;  // the range of the first continuation byte
+    if (c < 0x80) {
+      out += char(c);
+      ++i;
+      continue;
+    } else if (c >= 0xC2 && c <= 0xDF) {
+      need = 1;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      need = 2;
+      if (c == 0xE0) lo = 0xA0;
+      if (c == 0xED) hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      need = 3;
+      if (c == 0xF0) lo = 0x90;
+      if (c == 0xF4) hi = 0x8F;
+    } else {  // 0x80-0xC1, 0xF5-0xFF never start a character
+      out += kReplacement;
+      ++i;
+      continue;
+    }
+    size_t k = 1;  // bytes of this character that are well-formed so far
+    for (; k <= need && i + k < n; ++k) {
+      const unsigned char d = static_cast<unsigned char>(bytes[i + k]);
+      if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF)) break;
+    }
+    if (k == need + 1) {
+      out.append(bytes, i, k);
+    } else {
+      out += kReplacement;  // the maximal subpart [i, i + k); resume at the byte that broke it
+    }
+    i += k;
+  }
+  return out;
+}
+
 // The GPT-2 split pattern of tokenizers' ByteLevel pre-tokenizer.
 const char* kByteLevelPattern = R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 }  // namespace
@@ -203,31 +248,37 @@ class ByteLevelBPE : public Tokenizer::Impl {
   }
 
   std::string decode(const std::vector<int32_t>& ids) const override {
-    std::string out, pending;
+    // As HF tokenizers: special tokens are skipped, every other token (added ones too) goes to the
+    // ByteLevel decoder: its characters mapped back to bytes (a token with a character outside the
+    // byte map keeps its UTF-8 bytes), and all bytes decoded once as lossy UTF-8.
+    std::string bytes;
     const auto& bm = byte_map();
-    auto flush = [&] {
-      for (size_t i = 0; i < pending.size();) {
-        const size_t n = utf8_len(static_cast<unsigned char>(pending[i]));
-        auto it = bm.to_byte.find(pending.substr(i, n));
-        if (it != bm.to_byte.end()) out += char(it->second);
+    auto add_token = [&](const std::string& token) {
+      std::string mapped;
+      for (size_t i = 0; i < token.size();) {
+        const size_t n = utf8_len(static_cast<unsigned char>(token[i]));
+        auto it = bm.to_byte.find(token.substr(i, n));
+        if (it == bm.to_byte.end()) {
+          bytes += token;
+          return;
+        }
+        mapped += char(it->second);
         i += n;
       }
-      pending.clear();
+      bytes += mapped;
     };
     for (int32_t id : ids) {
       auto a = added_ids_.find(id);
       if (a != added_ids_.end()) {
-        flush();
-        if (!a->second.second) out += a->second.first;  // special tokens are skipped
+        if (!a->second.second) add_token(a->second.first);
         continue;
       }
       auto t = id_to_token_.find(id);
       if (t == id_to_token_.end())
         throw Error(ErrorCode::InvalidArgument, "token id " + std::to_string(id) + " is not in the vocabulary of " + path_);
-      pending += t->second;
+      add_token(t->second);
     }
-    flush();
-    return out;
+    return utf8_lossy(bytes);
   }
 
  private:
@@ -344,5 +395,40 @@ Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;
 Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const { return impl_->encode(text); }
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const { return impl_->decode(ids); }
+
+namespace {
+bool ends_with_replacement(const std::string& s) {
+  return s.size() >= 3 && s.compare(s.size() - 3, 3, "\xEF\xBF\xBD") == 0;
+}
+}  // namespace
+
+std::string Detokenizer::push(int32_t id) {
+  ids_.push_back(id);
+  std::string text, done;
+  try {
+    text = tok_->decode(std::vector<int32_t>(ids_.begin() + prefix_, ids_.end()));
+    if (ends_with_replacement(text)) return "";  // a later id may complete that character
+    done = tok_->decode(std::vector<int32_t>(ids_.begin() + prefix_, ids_.begin() + read_));
+  } catch (...) {
+    ids_.pop_back();  // a refused id leaves the stream as it was
+    throw;
+  }
+  // Decoded from the same window start, `done` is a prefix of `text` (the start's context, e.g.
+  // SentencePiece's dropped leading space, affects both alike); hold while nothing is added.
+  if (text.size() <= done.size() || text.compare(0, done.size(), done) != 0) return "";
+  prefix_ = read_;
+  read_ = ids_.size();
+  return text.substr(done.size());
+}
+
+std::string Detokenizer::flush() {
+  if (read_ == ids_.size()) return "";
+  const std::string text = tok_->decode(std::vector<int32_t>(ids_.begin() + prefix_, ids_.end()));
+  const std::string done = tok_->decode(std::vector<int32_t>(ids_.begin() + prefix_, ids_.begin() + read_));
+  prefix_ = read_;  // as an emission: the next window starts where this text's ids start
+  read_ = ids_.size();
+  if (text.size() <= done.size() || text.compare(0, done.size(), done) != 0) return "";
+  return text.substr(done.size());
+}
 
 }  // namespace mtx

@@ -1,6 +1,7 @@
 // GoogleTest unit tests of the parts that need no export (ctest runs them; tests/test_cpp.py runs ctest).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -100,6 +101,106 @@ TEST(SamplingOptions, ValidateNamesTheOption) {
   o = {};
   o.seed = uint64_t(1) << 63;
   EXPECT_THROW(o.validate(), mtx::Error);
+}
+
+mtx::GenerationRequest request(int max_new, std::vector<int32_t> stops, mtx::SamplingOptions o = {}) {
+  mtx::GenerationRequest r;  // made by hand: make_request needs a Model
+  r.prompts = {{0}, {3, 3}};
+  r.max_new_tokens = max_new;
+  r.sampling = o;
+  r.stop_ids = std::move(stops);
+  return r;
+}
+
+TEST(RowDecoder, StopIdThenLengthThenCancel) {
+  const float logits[] = {0.0f, 5.0f, 1.0f, 2.0f};
+  auto stop = request(3, {1});
+  mtx::RowDecoder a(stop, 0);
+  EXPECT_EQ(a.step(logits, 4), 1);
+  EXPECT_EQ(a.finish_reason(), mtx::FinishReason::Stop);  // the stop id is included
+  EXPECT_EQ(a.generated(), std::vector<int32_t>{1});
+  EXPECT_THROW(a.step(logits, 4), mtx::Error);
+  auto len = request(2, {});
+  mtx::RowDecoder b(len, 1);
+  b.step(logits, 4);
+  EXPECT_FALSE(b.done());
+  b.step(logits, 4);
+  EXPECT_EQ(b.finish_reason(), mtx::FinishReason::Length);
+  EXPECT_EQ(b.sequence(), (std::vector<int32_t>{3, 3, 1, 1}));
+  b.cancel();  // a finished row keeps its reason
+  EXPECT_EQ(b.finish_reason(), mtx::FinishReason::Length);
+  mtx::RowDecoder c(len, 0);
+  c.cancel();
+  EXPECT_STREQ(mtx::to_string(c.finish_reason()), "cancelled");
+  mtx::RowDecoder none(request(0, {}), 0);
+  EXPECT_EQ(none.finish_reason(), mtx::FinishReason::Length);
+}
+
+TEST(RowDecoder, RowRSamplesStreamRWithItsSequence) {
+  const float logits[] = {1.0f, 1.2f, 0.9f, 1.1f, 0.3f};
+  mtx::SamplingOptions o;
+  o.temperature = 1.0;
+  o.repetition_penalty = 1.3;
+  o.seed = 77;
+  auto req = request(20, {}, o);
+  mtx::RowDecoder row(req, 1);
+  mtx::TokenRng rng(77, 1);
+  std::vector<int32_t> seq = {3, 3};
+  while (!row.done()) {
+    const int32_t want = mtx::select_token(logits, 5, o, &rng, &seq);
+    seq.push_back(want);
+    EXPECT_EQ(row.step(logits, 5), want);
+  }
+  EXPECT_EQ(row.sequence(), seq);
+}
+
+// A byte-level BPE tokenizer.json whose vocabulary is the 256 byte symbols (id = byte) and </s> (256).
+std::string byte_tokenizer() {
+  std::vector<int> bs, cs;
+  for (int b = 0; b < 256; ++b)
+    if ((b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE) bs.push_back(b);
+  cs = bs;
+  for (int b = 0, n = 0; b < 256; ++b)
+    if (std::find(bs.begin(), bs.end(), b) == bs.end()) {
+      bs.push_back(b);
+      cs.push_back(256 + n++);
+    }
+  nlohmann::json vocab = nlohmann::json::object();
+  for (size_t i = 0; i < bs.size(); ++i) {
+    const int c = cs[i];
+    std::string u = c < 0x80 ? std::string(1, char(c)) : std::string{char(0xC0 | (c >> 6)), char(0x80 | (c & 0x3F))};
+    vocab[u] = bs[i];
+  }
+  vocab["</s>"] = 256;
+  nlohmann::json tj = {{"pre_tokenizer", {{"type", "ByteLevel"}, {"add_prefix_space", false}}},
+                       {"decoder", {{"type", "ByteLevel"}}},
+                       {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", nlohmann::json::array()}}},
+                       {"added_tokens", {{{"id", 256}, {"content", "</s>"}, {"special", true}}}}};
+  const std::string path = temp_dir() + "/tokenizer.json";
+  std::ofstream(path) << tj.dump();
+  return path;
+}
+
+TEST(Tokenizer, ByteLevelDecodeIsLossyUtf8) {
+  mtx::Tokenizer tok(byte_tokenizer());
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(tok.decode({0xE6, 'a'}), r + "a");
+  EXPECT_EQ(tok.decode({0xF0, 0x9F}), r);                  // one maximal ill-formed subpart
+  EXPECT_EQ(tok.decode({0xED, 0xA0, 0x80}), r + r + r);   // a surrogate: three
+  EXPECT_EQ(tok.decode({0xE6, 256, 0x97, 0xA5}), "\xE6\x97\xA5");  // special tokens are skipped
+}
+
+TEST(Detokenizer, HoldsIncompleteCharactersAndFlushes) {
+  mtx::Tokenizer tok(byte_tokenizer());
+  mtx::Detokenizer d(tok);
+  std::vector<std::string> got;
+  for (int32_t id : std::vector<int32_t>{'a', 0xE6, 256, 0x97, 0xA5, 'b', 0xF0, 0x9F}) got.push_back(d.push(id));
+  EXPECT_EQ(got, (std::vector<std::string>{"a", "", "", "", "\xE6\x97\xA5", "b", "", ""}));
+  EXPECT_EQ(d.flush(), "\xEF\xBF\xBD");  // an unfinished character: U+FFFD, as decode gives
+  EXPECT_EQ(d.flush(), "");
+  EXPECT_EQ(d.push('c'), "c");
+  EXPECT_THROW(d.push(9999), mtx::Error);
+  EXPECT_EQ(d.ids().size(), 9u);  // a refused id is not kept
 }
 
 TEST(Sha256, KnownDigest) {

@@ -1,5 +1,5 @@
 // Test driver of tests/test_cpp.py: mtx_cpp_check REQUEST.json prints one JSON result.
-// Ops: generate (session or batch), score (float32 logits to a file), threads, kv, tokenize, load,
+// Ops: generate (session or batch), score (float32 logits to a file), threads, kv, tokenize, detok, load,
 // manifest (the manifest reader alone on each of "exports": {"results": [{"ok"} or {"error"}]}).
 // An mtx::Error prints {"error": {"code", "message"}} and exits 2.
 #include <chrono>
@@ -63,6 +63,19 @@ static json run(const json& r) {
       }
     }
     return {{"results", results}};
+  }
+  if (op == "detok") {  // each sequence pushed id by id: the text of every push, then the flush's
+    mtx::Tokenizer tok(r.at("tokenizer").get<std::string>());
+    json deltas = json::array(), decoded = json::array();
+    for (const auto& seq : r.at("sequences")) {
+      mtx::Detokenizer d(tok);
+      json pieces = json::array();
+      for (const auto& id : seq) pieces.push_back(d.push(id.get<int32_t>()));
+      pieces.push_back(d.flush());
+      deltas.push_back(pieces);
+      decoded.push_back(tok.decode(d.ids()));
+    }
+    return {{"deltas", deltas}, {"decoded", decoded}};
   }
   mtx::Model model(r.at("export").get<std::string>(), model_options(r));
   if (op == "load") return {{"vocab_size", model.info().vocab_size}, {"ort_version", mtx::Model::ort_version()}};

@@ -86,7 +86,56 @@ struct ModelOptions {
 
 class Session;
 class Batch;
+class Model;
 struct KVState;
+
+/// Why a row stopped: a stop id (included in its tokens), max_new_tokens reached, or the caller's
+/// callback returned false. None while the row still decodes.
+enum class FinishReason { None, Stop, Length, Cancelled };
+const char* to_string(FinishReason reason);  ///< "none", "stop", "length", "cancelled"
+
+/// One generation request, checked once by make_request (Session::generate and Batch::generate both
+/// go through it). Invariants after make_request: every prompt is non-empty with ids in
+/// [0, vocab_size); max_new_tokens >= 0 and prompt + max_new_tokens fits the model's positions;
+/// sampling passed SamplingOptions::validate (seed included); stop_ids resolved (the model's eos ids
+/// unless given).
+struct GenerationRequest {
+  std::vector<std::vector<int32_t>> prompts;  ///< one per row (a Session: its whole sequence so far)
+  int max_new_tokens = 0;
+  SamplingOptions sampling;
+  std::vector<int32_t> stop_ids;
+};
+
+/// The one validation of a request; throws Error(InvalidArgument) naming the field (a row as
+/// "<what> <r>": "prompt 1: token id 99999 is out of range ..."). Checks, in order: rows given,
+/// max_new_tokens, sampling options, each prompt's ids, positions.
+GenerationRequest make_request(const Model& model, std::vector<std::vector<int32_t>> prompts, int max_new_tokens,
+                               const SamplingOptions& opts = {},
+                               const std::optional<std::vector<int32_t>>& stop_ids = std::nullopt,
+                               const std::string& what = "prompt");
+
+/// One row of a request, one step at a time: sample (row r draws from stream r of the seed), record
+/// the token, decide whether the row ends (stop id, then length). Holds the row's sequence (prompt +
+/// generated), which the repetition penalty reads.
+class RowDecoder {
+ public:
+  RowDecoder(const GenerationRequest& request, int row);  ///< copies what it needs from the request
+  /// The next token from this row's logits [vocab]; the row must not be done.
+  int32_t step(const float* logits, int64_t vocab);
+  void cancel();  ///< the caller stops this row (finish reason Cancelled unless already done)
+  bool done() const { return reason_ != FinishReason::None; }
+  FinishReason finish_reason() const { return reason_; }
+  const std::vector<int32_t>& generated() const { return generated_; }
+  const std::vector<int32_t>& sequence() const { return sequence_; }
+
+ private:
+  SamplingOptions sampling_;
+  std::vector<int32_t> stop_ids_;
+  size_t max_new_tokens_;
+  TokenRng rng_;
+  std::vector<int32_t> sequence_, generated_;
+  FinishReason reason_ = FinishReason::None;
+};
 
 /// Per-token callback of a batch: (row, token); return false to stop the whole batch.
 using TokenCallback = std::function<bool(int row, int32_t token)>;
@@ -185,6 +234,25 @@ class Tokenizer {
 
  private:
   std::unique_ptr<Impl> impl_;
+};
+
+/// Streaming text of a growing id sequence. Invariants: the concatenation of everything push()
+/// returned is always a prefix of tok.decode(ids()), and with flush() it equals it. Each push decodes
+/// only ids[prefix:] (the window since the last text emitted; a few ids for text, growing only while
+/// the decoded text keeps ending in U+FFFD) and holds text back while it ends in U+FFFD, since a later
+/// byte may complete that character. Keeps a reference to `tok`.
+class Detokenizer {
+ public:
+  explicit Detokenizer(const Tokenizer& tok) : tok_(&tok) {}
+  std::string push(int32_t id);  ///< the text this id adds, possibly "" (held back)
+  std::string flush();           ///< everything held back
+  const std::vector<int32_t>& ids() const { return ids_; }
+
+ private:
+  const Tokenizer* tok_;
+  std::vector<int32_t> ids_;
+  size_t prefix_ = 0;  ///< window start: decode(ids[prefix:read]) is text already emitted
+  size_t read_ = 0;    ///< ids before read have all their text emitted
 };
 
 /// Hex sha256 of a file (read in chunks).
