@@ -1,4 +1,5 @@
-"""Errors that mean "bad input": the CLI prints them as one line and exits with code 2."""
+"""Errors that mean "bad input": the CLI prints them as one line and exits with code 2 (code 1 for a
+:class:`ResourceError`, a fault of the machine rather than of the input)."""
 
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ class CheckpointError(MtxError):
 
 class UsageError(MtxError):
     """A bad option or argument."""
+
+
+class ResourceError(MtxError):
+    """The machine cannot do it (out of memory): one line, exit code 1, the input may be fine."""
+
+    exit_code = 1

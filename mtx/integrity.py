@@ -6,9 +6,15 @@
 * the weights (``weights``, ``checkpoint-weights``, ``engine``) are hashed once, in parallel, and the
   verified state (path, device, inode, size, mtime and ctime, digest) is recorded in
   ``$MTX_CACHE_DIR`` (default ``~/.cache/mtx``); a later load skips a file whose state is unchanged;
-* the manifest is checked against the graph itself (inputs, outputs, their dtypes and shapes, the KV
-  capacity, layers, vocabulary, op counts, rotary table rows), so a tampered ``mtx.json`` is one line,
-  not an ONNX Runtime traceback.
+* the manifest is checked against the graph itself, in :func:`check_graph` (every field the graph
+  determines: inputs, outputs, their dtypes and shapes, ``dtype``, the KV capacity, layers, vocabulary,
+  op counts and domains, rotary table rows, ``layer_outputs``, quantised tensors, and the external data
+  the graph references: inside the folder, listed under ``files``, long enough), so a tampered
+  ``mtx.json`` or graph is one line, not an ONNX Runtime traceback.
+
+External data may be a symlink to a file outside the folder (a deduplicated model store): the file is
+listed in ``mtx.json``, whose sha256 pins its bytes; :func:`external_data_folder` says where ONNX
+Runtime must then look for it.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ def _load_records(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -84,15 +90,106 @@ def verify_hashes(root: Path, manifest: Manifest, remember: bool = True) -> None
         _save_records(record_file, records)
 
 
-def check_graph(root: Path, manifest: Manifest) -> None:
-    """The manifest agrees with ``model.onnx`` (read without its external data); ManifestError otherwise."""
+#: Op domains ONNX Runtime runs besides the model's own local functions ("" is ai.onnx).
+ORT_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft")
+
+
+def read_graph(root: Path, manifest: Manifest) -> Any:
+    """``root/model.onnx`` as an onnx.ModelProto without its external data; ManifestError if unreadable."""
     import onnx
 
     path = root / manifest.model
     try:
-        proto = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
+    except RecursionError:
+        raise ManifestError(f"{path}: not a readable ONNX model (nested too deeply)") from None
     except Exception as e:  # noqa: BLE001 - any parse failure is "not the exported graph"
-        raise ManifestError(f"{path}: not a readable ONNX model ({str(e).strip().splitlines()[0][:200]})") from None
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        raise ManifestError(f"{path}: not a readable ONNX model ({lines[0][:200]})") from None
+
+
+def external_files(proto: Any) -> dict[str, list[tuple[str, int, int]]]:
+    """Location -> [(initializer, offset, length)] of the graph's external data (length -1: not given)."""
+    out: dict[str, list[tuple[str, int, int]]] = {}
+    for t in proto.graph.initializer:
+        if t.data_location != 1:  # onnx.TensorProto.EXTERNAL
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            offset, length = -1, -1
+        out.setdefault(info.get("location", ""), []).append((t.name, offset, length))
+    return out
+
+
+def _tensor_bytes(t: Any) -> int | None:
+    """Bytes of an initializer from its dims and element type, None for packed or unknown types."""
+    import numpy as np
+    import onnx
+
+    try:
+        item = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    except Exception:  # noqa: BLE001 - int4, string and other types without a plain item size
+        return None
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.STRING):
+        return None
+    n = 1
+    for d in t.dims:
+        n *= int(d)
+    return n * item
+
+
+def _check_external_data(root: Path, manifest: Manifest, proto: Any, origin: str) -> None:
+    """Every external-data location is relative, inside the folder, listed under ``files`` (so its
+    sha256 pins its bytes, also through a symlink), and long enough for every tensor stored in it."""
+    path = root / manifest.model
+    listed = {f.path: f for f in manifest.files}
+    sizes = {t.name: _tensor_bytes(t) for t in proto.graph.initializer if t.data_location == 1}
+    for location, tensors in external_files(proto).items():
+        name = tensors[0][0]
+        parts = Path(location).parts
+        if not location or Path(location).is_absolute() or ".." in parts:
+            raise ManifestError(f"{path}: initializer {name!r} has its data at {location!r}, outside the export "
+                                f"folder (external data must be a relative path inside it)")
+        key = Path(location).as_posix()
+        if key not in listed:
+            raise ManifestError(f"{path}: initializer {name!r} has its data in {location!r}, which {origin} "
+                                f"does not list under files")
+        file = root / key
+        try:
+            size = file.stat().st_size
+        except OSError as e:
+            raise ManifestError(f"{file}: external data of {name!r} cannot be read ({e.strerror})") from None
+        for tensor, offset, length in tensors:
+            need = length if length >= 0 else sizes.get(tensor)
+            if offset < 0 or (need is not None and offset + need > size):
+                raise ManifestError(f"{file}: {size} bytes, but initializer {tensor!r} is stored at bytes "
+                                    f"{offset}..{offset + (need or 0)} (the file is truncated or not this graph's)")
+
+
+def external_data_folder(root: Path, proto: Any) -> tuple[Path, dict[str, str]] | None:
+    """Where ONNX Runtime must read external data that is a symlink out of ``root``: the folder holding
+    every resolved file and each location's path inside it; None when all resolve inside ``root``.
+
+    ONNX Runtime refuses external data whose resolved path leaves the model's folder; an export whose
+    files are symlinks into a store is opened from memory with the locations rewritten this way.
+    """
+    real_root = root.resolve()
+    resolved = {loc: (root / loc).resolve() for loc in external_files(proto)}
+    if all(r.is_relative_to(real_root) for r in resolved.values()):
+        return None
+    base = Path(os.path.commonpath([str(r.parent) for r in resolved.values()]))
+    return base, {loc: r.relative_to(base).as_posix() for loc, r in resolved.items()}
+
+
+def check_graph(root: Path, manifest: Manifest) -> None:
+    """The manifest agrees with ``model.onnx`` (read without its external data); ManifestError otherwise.
+
+    The one place where every field the graph determines is compared with it.
+    """
+    path = root / manifest.model
+    proto = read_graph(root, manifest)
     origin = f"{root / MANIFEST}"
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
@@ -107,6 +204,9 @@ def check_graph(root: Path, manifest: Manifest) -> None:
             if ONNX_ELEMENT_TYPES.get(spec.dtype) != tensor.elem_type or list(spec.shape) != dims:
                 raise ManifestError(f"{origin}: {kind} {spec.name!r} is {spec.dtype} {spec.shape} here, "
                                     f"the graph has element type {tensor.elem_type} {dims}")
+    for spec in manifest.inputs + manifest.outputs:
+        if spec.name.startswith(("past_", "present_")) and spec.dtype != manifest.dtype:
+            raise ManifestError(f"{origin}: dtype {manifest.dtype} but the graph's {spec.name} is {spec.dtype}")
     cfg = manifest.model_config
     past = [s for s in manifest.inputs if s.name.startswith("past_key.")]
     if len(past) != cfg.num_layers:
@@ -124,11 +224,35 @@ def check_graph(root: Path, manifest: Manifest) -> None:
         key = f"{node.domain or 'ai.onnx'}::{node.op_type}"
         counts[key] = counts.get(key, 0) + 1
     if counts != manifest.ops:
-        raise ManifestError(f"{origin}: ops do not match the graph's node counts")
+        key = min(k for k in set(counts) | set(manifest.ops) if counts.get(k, 0) != manifest.ops.get(k, 0))
+        raise ManifestError(f"{origin}: ops do not match the graph's node counts ({key}: "
+                            f"{manifest.ops.get(key, 0)} in {MANIFEST}, {counts.get(key, 0)} in the graph)")
+    functions = {(f.domain, f.name) for f in proto.functions}
+    for node in graph.node:
+        if node.domain not in ORT_DOMAINS and (node.domain, node.op_type) not in functions:
+            raise ManifestError(f"{path}: node {node.name!r} is {node.domain}::{node.op_type}, an op neither "
+                                f"ONNX Runtime nor the graph's own functions define")
     rows = {t.name: t.dims[0] for t in graph.initializer if t.name in ROPE_TABLES}
     if rows and manifest.max_position not in set(rows.values()):
         raise ManifestError(f"{origin}: max_position {manifest.max_position} but the graph's rotary tables have "
                             f"{sorted(set(rows.values()))} rows")
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
+            lws = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
+            if lws != (-1 if manifest.local_window_size is None else manifest.local_window_size):
+                raise ManifestError(f"{origin}: local_window_size {manifest.local_window_size} but the graph's "
+                                    f"node {node.name!r} has {lws}")
+    produced = {out for node in graph.node for out in node.output}
+    for lo in manifest.layer_outputs:
+        for name in (lo.after_attention, lo.after_block):
+            if name not in produced:
+                raise ManifestError(f"{origin}: layer_outputs names {name!r}, which the graph does not compute")
+    for q in manifest.quantization.tensors if manifest.quantization else []:
+        for name in (q.codes, q.scales, q.zero_points):
+            if name is not None and name not in initializers:
+                raise ManifestError(f"{origin}: quantization tensor {q.weight!r} names initializer {name!r}, "
+                                    f"which the graph does not hold")
+    _check_external_data(root, manifest, proto, origin)
 
 
 def verify_export(root: Path, manifest: Manifest, verify: bool = True) -> None:

@@ -285,6 +285,21 @@ def sha256_file(path: Path, progress=None, chunk: int = 16 << 20) -> str:
     return h.hexdigest()
 
 
+#: Deepest nesting a manifest may have (it needs 4); deeper is refused, by Python's parser or this check.
+MAX_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
 def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
     path = out_dir / MANIFEST
     path.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
@@ -304,6 +319,10 @@ def read_manifest(out_dir: str | Path, verify_hashes: bool = False) -> Manifest:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # Python's parser recurses per level; the C++ reader refuses the same depth
+        raise ManifestError(f"{path}: not valid JSON (nested more than {MAX_DEPTH} levels)") from None
+    if _depth(data) > MAX_DEPTH:
+        raise ManifestError(f"{path}: not valid JSON (nested more than {MAX_DEPTH} levels)")
     manifest = Manifest.from_dict(data, origin=str(path))
     for entry in manifest.files:
         f = out_dir / entry.path

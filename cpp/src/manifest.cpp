@@ -194,8 +194,10 @@ class HashRecords {
     path_ = dir_ + "/verified.json";
     std::ifstream in(path_);
     if (in) {
+      std::stringstream ss;
+      ss << in.rdbuf();
       try {
-        records_ = json::parse(in);
+        records_ = parse_json(ss.str(), path_);
       } catch (const std::exception&) {
       }
     }
@@ -244,6 +246,22 @@ class HashRecords {
 };
 }  // namespace
 
+nlohmann::json parse_json(const std::string& text, const std::string& path) {
+  bool too_deep = false;
+  auto limit = [&](int depth, json::parse_event_t, json&) {
+    if (depth > kMaxJsonDepth) too_deep = true;
+    return !too_deep;  // false: the value is dropped, and parsing goes on without building it
+  };
+  json d;
+  try {
+    d = json::parse(text, limit);
+  } catch (const std::exception& e) {
+    if (!too_deep) fail(path + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")");
+  }
+  if (too_deep) fail(path + ": not valid JSON (nested more than " + std::to_string(kMaxJsonDepth) + " levels)");
+  return d;
+}
+
 Manifest read_manifest(const std::string& folder, bool verify_hashes) {
   const std::string path = join_path(folder, "mtx.json");
   struct stat st{};
@@ -252,13 +270,7 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
   std::ifstream in(path);
   std::stringstream ss;
   ss << in.rdbuf();
-  json d;
-  try {
-    d = json::parse(ss.str());
-  } catch (const std::exception& e) {
-    std::string what = e.what();
-    fail(path + ": not valid JSON (" + what.substr(0, 200) + ")");
-  }
+  json d = parse_json(ss.str(), path);
   const std::string origin = path;
   const std::string format = schema()["format"];
   const int64_t version = schema()["format_version"];

@@ -27,6 +27,13 @@ struct Manifest {
   std::vector<FileEntry> files;
 };
 
+/// Deepest nesting a JSON file may have (mtx/manifest.py MAX_DEPTH; a manifest needs 4).
+constexpr int kMaxJsonDepth = 64;
+
+/// Parse `text` (the file `path`) refusing nesting deeper than kMaxJsonDepth (nlohmann's dump and
+/// comparisons recurse); throws Error(InvalidExport) "PATH: not valid JSON (...)".
+nlohmann::json parse_json(const std::string& text, const std::string& path);
+
 /// Read and validate FOLDER/mtx.json; every listed file exists with its size (and sha256 when
 /// `verify_hashes`). Throws Error(InvalidExport) with one line naming the key or file.
 Manifest read_manifest(const std::string& folder, bool verify_hashes);

@@ -2,9 +2,12 @@
 // (docs/ops.md §4): run(state, rows, input_ids, start_pos), bound as mtx/runtime/ort_backend.py binds.
 #include "model_impl.hpp"
 
+#include "graph.hpp"
+
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <fstream>
 #include <mutex>
@@ -56,7 +59,8 @@ std::string dims_str(const std::vector<int64_t>& d, const std::vector<const char
 }
 
 // The manifest agrees with the graph ONNX Runtime loaded: names, dtypes, shapes, capacity, layers,
-// vocabulary (mtx/integrity.py check_graph; op counts and rotary rows are covered by the sha256).
+// vocabulary (mtx/integrity.py check_graph; the rest of it, from model.onnx itself, is graph.cpp's
+// check_graph_file).
 void check_graph(const Manifest& m, Ort::Session& session, const std::string& origin) {
   Ort::AllocatorWithDefaultOptions alloc;
   for (int kind = 0; kind < 2; ++kind) {
@@ -110,16 +114,22 @@ void check_graph(const Manifest& m, Ort::Session& session, const std::string& or
                                               " does not match the graph's logits");
 }
 
+// Whether an ONNX Runtime message says memory ran out (the machine's fault: ErrorCode::Runtime).
+bool out_of_memory(const std::string& what) {
+  std::string low = what;
+  for (auto& c : low) c = char(std::tolower(static_cast<unsigned char>(c)));
+  for (const char* k : {"bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory"})
+    if (low.find(k) != std::string::npos) return true;
+  return false;
+}
+
 std::vector<int32_t> generation_eos(const std::string& folder, const std::vector<int32_t>& fallback) {
   const std::string path = join(folder, "generation_config.json");
   std::ifstream in(path);
   if (!in) return fallback;
-  nlohmann::json d;
-  try {
-    d = nlohmann::json::parse(in);
-  } catch (const std::exception&) {
-    throw Error(ErrorCode::InvalidExport, path + ": not valid JSON");
-  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  nlohmann::json d = parse_json(ss.str(), path);
   if (!d.is_object() || !d.contains("eos_token_id") || d["eos_token_id"].is_null()) return fallback;
   const auto& e = d["eos_token_id"];
   std::vector<int32_t> ids;
@@ -135,6 +145,13 @@ std::vector<int32_t> generation_eos(const std::string& folder, const std::vector
   return ids.empty() ? fallback : ids;
 }
 }  // namespace
+
+Error ort_error(const std::string& path, const Ort::Exception& e, const char* doing) {
+  const std::string what = std::string(e.what()).substr(0, 300);
+  if (out_of_memory(what))
+    return Error(ErrorCode::Runtime, path + ": ONNX Runtime " + doing + " it: out of memory (" + what + ")");
+  return Error(ErrorCode::InvalidExport, path + ": ONNX Runtime " + doing + " it (" + what + ")");
+}
 
 void* aligned_bytes(size_t n) {
   void* p = nullptr;
@@ -163,6 +180,8 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
   m.elem = info.dtype == "float32" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   m.elem_bytes = info.dtype == "float32" ? 4 : 2;
   m.row_bytes = size_t(info.num_kv_heads * info.capacity * info.head_dim) * m.elem_bytes;
+  const std::string model_path = Impl::join_model_path(folder, m.manifest.model);
+  const detail::GraphSource source = detail::check_graph_file(m.manifest, folder);
   Ort::Env& env = detail::ort_env();
   try {
     Ort::SessionOptions so;
@@ -182,11 +201,14 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
     } else if (options.device != "cpu") {
       throw Error(ErrorCode::InvalidArgument, "device: expected cpu, cuda or cuda:N, got '" + options.device + "'");
     }
-    const std::string model_path = Impl::join_model_path(folder, m.manifest.model);
-    m.session = std::make_unique<Ort::Session>(env, model_path.c_str(), so);
+    if (source.from_memory) {
+      so.AddConfigEntry("session.model_external_initializers_file_folder_path", source.external_folder.c_str());
+      m.session = std::make_unique<Ort::Session>(env, source.bytes.data(), source.bytes.size(), so);
+    } else {
+      m.session = std::make_unique<Ort::Session>(env, model_path.c_str(), so);
+    }
   } catch (const Ort::Exception& e) {
-    throw Error(ErrorCode::InvalidExport, folder + "/" + m.manifest.model + ": ONNX Runtime cannot load it (" +
-                                              std::string(e.what()).substr(0, 300) + ")");
+    throw detail::ort_error(model_path, e, "cannot load");
   }
   detail::check_graph(m.manifest, *m.session, folder + "/mtx.json");
   for (int64_t l = 0; l < info.num_layers; ++l) {
@@ -196,6 +218,9 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
     }
   }
   m.cpu = std::make_unique<Ort::MemoryInfo>(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault));
+  // Warm-up: one token at position 0 on one row, so a graph that loads but cannot run is refused here.
+  auto state = m.new_state(1);
+  m.run(*state, 0, 1, {0}, 1, {0}, true);
 }
 
 Model::~Model() = default;
@@ -316,7 +341,7 @@ std::vector<float> Model::Impl::run(KVState& st, int r0, int r1, const std::vect
     session->Run(Ort::RunOptions{nullptr}, bd.io);
     outs = bd.io.GetOutputValues();
   } catch (const Ort::Exception& e) {
-    throw Error(ErrorCode::Runtime, std::string("ONNX Runtime failed: ") + std::string(e.what()).substr(0, 300));
+    throw detail::ort_error(join_model_path(folder, manifest.model), e, "failed to run");
   }
   if (!manifest.info.shared_kv)
     for (int r = r0; r < r1; ++r) st.current[r] = 1 - src;

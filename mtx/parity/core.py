@@ -300,8 +300,13 @@ def _compare_calls(reference: TorchRunner, runners: list[Runner], sched: Schedul
 
 
 def _run(runner: Runner, ids: np.ndarray, call: Any) -> Any:
+    from mtx.runtime.ort_backend import OrtModelError
+
     try:
         return runner.run(ids, call.start)
+    except OrtModelError as e:  # the graph loaded but does not run: a parity failure, not bad input
+        raise BackendFailed(f"{runner.name} failed on the {call.phase} call at positions {call.start}-{call.stop - 1}: "
+                            f"{str(e).split(' it (', 1)[-1].removesuffix(')')}") from e
     except MtxError:
         raise
     except Exception as e:  # noqa: BLE001 - the artifact fails to run: a parity failure, said in one line

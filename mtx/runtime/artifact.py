@@ -1,5 +1,8 @@
 """Load an export folder (``mtx.json`` + ``model.onnx`` + tokenizer) into a :class:`Generator`.
 
+An export is verified (mtx.integrity), opened, and run once (:func:`warm_up`) before it is handed
+out: what cannot run is refused at load, in one line naming the file.
+
 torch is imported only for the ``torch`` backend (the PyTorch reference of the export's checkpoint).
 """
 
@@ -11,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from mtx.config import generation_eos_ids
 from mtx.errors import UsageError
 from mtx.integrity import verify_export
-from mtx.manifest import Manifest, read_manifest
+from mtx.manifest import Manifest, ManifestError, read_manifest
 from mtx.runtime.generator import Generator
 from mtx.tokenizer import load_tokenizer
 
@@ -42,8 +45,23 @@ def load_artifact(root: Path, backend: str | None, *, device: str | None = None,
         be = _torch_backend(root, manifest, threads=threads, device=device, max_batch=max_batch)
     else:
         raise UsageError(f"unknown backend {name!r}; expected onnxruntime, tensorrt or torch")
+    if name == "onnxruntime":
+        warm_up(be)
     eos = generation_eos_ids(root, be.config.eos_token_ids)
     return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk, eos_token_ids=eos)
+
+
+def warm_up(be: Any) -> None:
+    """One call of one token at position 0 on a one-row state, so that a graph ONNX Runtime loads but
+    cannot run (a manifest or graph at odds with itself) is refused at load, never by a serving request.
+    The backend raises MtxError naming the graph."""
+    import numpy as np
+
+    state = be.new_state(1)
+    logits = be.run(state, slice(0, 1), np.zeros((1, 1), dtype=np.int64), np.zeros(1, dtype=np.int64), True)
+    if logits.shape != (1, 1, be.config.vocab_size):
+        raise ManifestError(f"{be.root / be.manifest.model}: logits of shape {list(logits.shape)} for one token; "
+                            f"expected [1, 1, {be.config.vocab_size}]")
 
 
 def _torch_backend(root: Path, manifest: Manifest, *, threads: int | None, device: str | None,

@@ -10,6 +10,10 @@ The manifest's ``kv`` section (docs/ops.md §5) says how state passes between ca
 Buffers are allocated once per state at ``[batch, Hkv, C, D]``; a call on rows ``a:b`` binds views
 (pointer offsets) into them, so rows can be prefilled one at a time and decoded together.
 
+ONNX Runtime's errors, at session creation and at each call, are one line naming the graph
+(:func:`ort_error`): :class:`OrtModelError` (exit 2) for a graph that does not load or run, and
+:class:`mtx.errors.ResourceError` (exit 1) where memory ran out.
+
 ``extra_outputs`` names values inside the graph (``mtx.json`` ``layer_outputs``) to fetch as well:
 the session is then opened on an in-memory copy of the graph with those values as outputs (external
 data resolved against the export folder, which is never modified), and each call leaves them in
@@ -18,6 +22,7 @@ data resolved against the export folder, which is never modified), and each call
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from mtx.errors import MtxError, UsageError
+from mtx.errors import MtxError, ResourceError, UsageError
+from mtx.integrity import external_data_folder, read_graph
 from mtx.manifest import Manifest
 from mtx.names import ONNX_ELEMENT_TYPES, numpy_dtype
 from mtx.runtime.backends import Backend
@@ -49,8 +55,28 @@ class OrtKV:
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # extra_outputs of the last call [b, S, ...]
 
 
-def graph_with_outputs(root: Path, manifest: Manifest, names: Sequence[str]) -> bytes:
-    """``root/model.onnx`` (without its external data) with ``names`` appended to the graph outputs.
+#: Phrases of ONNX Runtime's messages that mean memory ran out (the machine's fault, not the graph's).
+OUT_OF_MEMORY = ("bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory")
+
+
+class OrtModelError(MtxError):
+    """ONNX Runtime refused to load or run an export's graph (exit 2: a bad artifact)."""
+
+
+def ort_error(path: Path, e: BaseException, when: str) -> MtxError:
+    """One line naming ``path`` for an exception ONNX Runtime raised ``when`` ("load" / "run")."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[0])
+    text = re.sub(r"/onnxruntime_src/\S+:\d+ ", "", text)[:300]
+    doing = "cannot load" if when == "load" else "failed to run"
+    if isinstance(e, MemoryError) or any(k in text.lower() for k in OUT_OF_MEMORY):
+        return ResourceError(f"{path}: ONNX Runtime {doing} it: out of memory ({text or 'MemoryError'})")
+    return OrtModelError(f"{path}: ONNX Runtime {doing} it ({text})")
+
+
+def graph_with_outputs(root: Path, manifest: Manifest, names: Sequence[str]) -> Any:
+    """``root/model.onnx`` (a ModelProto without its external data) with ``names`` appended to the
+    graph outputs.
 
     Each is declared ``[batch, seq, H]`` in the export dtype. Raises MtxError if a name is not a
     value of the main graph.
@@ -58,7 +84,7 @@ def graph_with_outputs(root: Path, manifest: Manifest, names: Sequence[str]) -> 
     import onnx
 
     path = root / manifest.model
-    model = onnx.load(str(path), load_external_data=False)
+    model = read_graph(root, manifest)
     produced = {out for node in model.graph.node for out in node.output}
     hidden = manifest.model_config.hidden_size
     for name in names:
@@ -67,7 +93,30 @@ def graph_with_outputs(root: Path, manifest: Manifest, names: Sequence[str]) -> 
                            f"the export and its manifest disagree")
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, ONNX_ELEMENT_TYPES[manifest.dtype],
                                                                      ["batch", "seq", hidden]))
-    return model.SerializeToString()
+    return model
+
+
+def session_model(root: Path, manifest: Manifest, extra_outputs: Sequence[str]) -> tuple[Any, str | None]:
+    """What to open an InferenceSession on, and the folder of its external data (None: beside it).
+
+    The graph's path, unless values are added as outputs or its external data are symlinks out of
+    the folder (ONNX Runtime refuses those; their sha256 in mtx.json pins their bytes): then the
+    serialised graph, its locations relative to the folder holding every resolved file.
+    """
+    proto = read_graph(root, manifest)
+    moved = external_data_folder(root, proto)
+    if not extra_outputs and moved is None:
+        return str(root / manifest.model), None
+    if extra_outputs:
+        proto = graph_with_outputs(root, manifest, extra_outputs)
+    folder = root.resolve()
+    if moved is not None:
+        folder, locations = moved
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = locations[entry.value]
+    return proto.SerializeToString(), str(folder)
 
 
 class OrtBackend(Backend):
@@ -110,12 +159,14 @@ class OrtBackend(Backend):
         so.log_severity_level = 4  # failures surface as exceptions, reported in one line
         if not spin_wait:
             so.add_session_config_entry(ALLOW_SPINNING, "0")
-        if self.extra_outputs:
-            so.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(root.resolve()))
-            model: Any = graph_with_outputs(root, manifest, self.extra_outputs)
-        else:
-            model = str(root / manifest.model)
-        self.session = ort.InferenceSession(model, so, providers=providers)
+        model, folder = session_model(root, manifest, self.extra_outputs)
+        if folder is not None:
+            so.add_session_config_entry(EXTERNAL_DATA_FOLDER, folder)
+        self.path = root / manifest.model
+        try:
+            self.session = ort.InferenceSession(model, so, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
+            raise ort_error(self.path, e, "load") from None
         names = {i.name for i in self.session.get_inputs()}
         self.layers = self.config.num_layers
         self.past = [(f"past_key.{l}", f"past_value.{l}") for l in range(self.layers)]
@@ -132,15 +183,24 @@ class OrtBackend(Backend):
             raise UsageError(f"batch {batch} exceeds the maximum batch {self.max_batch}")
         shape = (batch, *self.kv_shape)
         n_sets = 1 if self.shared else 2
-        sets = []
+        try:
+            sets = self._allocate(shape, n_sets)
+        except MemoryError:
+            raise ResourceError(f"out of memory for the KV buffers of {batch} rows "
+                                f"({n_sets * 2 * self.layers} x {list(shape)} {self.manifest.dtype})") from None
+        row_bytes = int(np.prod(self.kv_shape)) * np.dtype(self.np_dtype).itemsize
+        return OrtKV(sets, np.zeros(batch, dtype=np.int64), row_bytes, batch, self.device)
+
+    def _allocate(self, shape: tuple[int, ...], n_sets: int) -> list[list[Any]]:
+        """``n_sets`` sets of 2 * layers zeroed buffers of ``shape`` (host or device)."""
+        sets: list[list[Any]] = []
         for _ in range(n_sets):
             if self.device == "cpu":
                 sets.append([np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * self.layers)])
             else:
                 sets.append([self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.np_dtype), "cuda", 0)
                              for _ in range(2 * self.layers)])
-        row_bytes = int(np.prod(self.kv_shape)) * np.dtype(self.np_dtype).itemsize
-        return OrtKV(sets, np.zeros(batch, dtype=np.int64), row_bytes, batch, self.device)
+        return sets
 
     def state_nbytes(self, state: OrtKV) -> int:
         return len(state.sets) * 2 * self.layers * state.batch * state.row_bytes
@@ -192,14 +252,20 @@ class OrtBackend(Backend):
         src = 0 if self.shared else self._align_rows(state, rows)
         io = state.bindings.get((rows.start, rows.stop, src))
         if io is None:  # KV views of these rows, bound once and reused by every later call on them
-            io = self._bind_kv(state, rows, src)
+            try:
+                io = self._bind_kv(state, rows, src)
+            except Exception as e:  # noqa: BLE001 - a graph whose names or types do not bind
+                raise ort_error(self.path, e, "run") from None
             state.bindings[(rows.start, rows.stop, src)] = io
-        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
-        io.bind_output("logits", "cpu")  # rebinding keeps its place and lets ORT size it anew
-        for name in self.extra_outputs:
-            io.bind_output(name, "cpu")
-        self.session.run_with_iobinding(io)
+        try:
+            io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+            io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
+            io.bind_output("logits", "cpu")  # rebinding keeps its place and lets ORT size it anew
+            for name in self.extra_outputs:
+                io.bind_output(name, "cpu")
+            self.session.run_with_iobinding(io)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
+            raise ort_error(self.path, e, "run") from None
         if not self.shared:
             state.current[rows] = 1 - src
         outputs = io.get_outputs()
