@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from broken_exports import BROKEN, make_broken, store_symlinks
+
 ROOT = Path(__file__).resolve().parents[1]
 PREFILL_CHUNK = 5  # prompts of 3-5x the window of 8 are fed in several chunks
 PROMPT = [5, 17, 99, 3, 42, 8, 11]
@@ -526,3 +528,41 @@ def test_http_example(cpp_build, builtin_export):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# Broken exports (tests/broken_exports.py, the cases tests/test_reliability.py runs against Python):
+# one line, exit status 2, nothing on stdout, never a crash or another model's tokens.
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_generate_example_refuses_broken_exports(cpp_build, parity_export, tmp_path, case):
+    needle = make_broken(case, parity_export("mistral", "onnxruntime"), tmp_path / "broken",
+                         parity_export("mistral", "onnx"))
+    exe = str(cpp_build / "mtx-generate-cpp")
+    for verify in ([], ["--no-verify"]):
+        r = _run([exe, str(tmp_path / "broken"), "--ids", "1 2 3", "--max-new-tokens", "2", "--ids-out", *verify],
+                 timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and r.stdout == "", (case, r.returncode, r.stdout, r.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("mtx-generate-cpp: error: ") and needle in lines[0], r.stderr
+        assert str(tmp_path / "broken") in lines[0]
+
+
+def test_generate_example_loads_symlinked_weights_in_a_store(cpp_build, parity_export, tmp_path):
+    """Weight files symlinked out of the folder (a deduplicated store) load, verified by their sha256,
+    and give the tokens of the untouched export."""
+    good = parity_export("mistral", "onnxruntime")
+    store_symlinks(good, tmp_path / "linked", tmp_path / "store")
+    exe = str(cpp_build / "mtx-generate-cpp")
+    args = ["--ids", " ".join(map(str, PROMPT)), "--max-new-tokens", "8", "--ids-out"]
+    want = _run([exe, str(good), *args], timeout=300)
+    got = _run([exe, str(tmp_path / "linked"), *args], timeout=300)
+    assert want.returncode == 0 and got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout and len(got.stdout.split()) == 8
+    blob = (tmp_path / "linked" / "model.onnx.data").resolve()
+    raw = bytearray(blob.read_bytes())
+    raw[-16:] = bytes(16)
+    blob.write_bytes(bytes(raw))
+    r = _run([exe, str(tmp_path / "linked"), *args], timeout=300)
+    assert r.returncode == 2 and "model.onnx.data: sha256 differs" in r.stderr, r.stderr

@@ -37,6 +37,14 @@ def manifest(edit: Callable[[dict], Any]) -> Edit:
     return apply
 
 
+def nested(levels: int) -> list:
+    """``levels`` lists inside each other around a 0."""
+    value: object = 0
+    for _ in range(levels):
+        value = [value]
+    return value  # type: ignore[return-value]
+
+
 def raw(text: str) -> Edit:
     """A folder edit replacing mtx.json with ``text``."""
     return lambda folder: (folder / "mtx.json").write_text(text)
@@ -111,6 +119,14 @@ TAMPER: list[tuple[str, Edit, str | None]] = [
     ("no mtx.json", lambda folder: (folder / "mtx.json").unlink(), "not an mtx export (no mtx.json)"),
     ("not JSON", raw("{not json"), "not valid JSON"),
     ("not an object", raw("[1, 2]"), "expected a JSON object"),
+    # Nesting: at most 64 levels (top object 1, checkpoint 2, then lists), never a RecursionError or a crash.
+    ("nested 64 deep", manifest(lambda d: d["checkpoint"].update(x=nested(62))), None),
+    ("nested 65 deep", manifest(lambda d: d["checkpoint"].update(x=nested(63))),
+     "not valid JSON (nested more than 64 levels)"),
+    ("nested 200000 deep", raw("[" * 200000 + "]" * 200000), "not valid JSON (nested more than 64 levels)"),
+    ("value nested 200000 deep", lambda folder: (folder / "mtx.json").write_text(
+        (folder / "mtx.json").read_text().replace('"mtx-export"', "[" * 200000 + "]" * 200000, 1)),
+     "not valid JSON (nested more than 64 levels)"),
     ("format version only", raw('{"format": "mtx-export"}'), "missing key 'format_version'"),
     ("format version 1", set_key("format_version", 1),
      'not an mtx-export v3 manifest (format "mtx-export", version 1); export the checkpoint again'),

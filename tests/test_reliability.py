@@ -35,6 +35,9 @@ from mtx.exporter.core import export
 from mtx.exporter.options import ExportOptions
 from mtx.manifest import ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
+from mtx.errors import ResourceError
+from mtx.runtime.ort_backend import OrtModelError, ort_error
+from broken_exports import BROKEN, make_broken, store_symlinks
 
 BASE = {"model_type": "mistral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -325,6 +328,9 @@ TAMPER_CASES = {
     "vocab 4096": (lambda d: d["config"].update(vocab_size=4096), "vocab_size 4096"),
     "max_position 100000": (lambda d: d.update(max_position=100000), "max_position 100000"),
     "ops": (lambda d: d["ops"].update({"ai.onnx::Add": 1}), "ops do not match"),
+    "dtype": (lambda d: d.update(dtype="float16"), "dtype float16 but the graph's past_key.0 is float32"),
+    "local_window_size": (lambda d: d.update(local_window_size=4), "local_window_size 4 but the graph's node"),
+    "layer_outputs": (lambda d: d["layer_outputs"][1].update(after_attention="x"), "layer_outputs names 'x'"),
 }
 
 
@@ -425,6 +431,118 @@ def test_bad_run_options_from_the_cli(run_mtx, good_export, args, needle):
 def test_invalid_utf8_prompt_from_the_shell(run_mtx, good_export):
     res = run_mtx("generate", good_export, "--prompt", b"x = \xff\xfe", "--max-new-tokens", "1", timeout=300)
     one_line(res, 2, "--prompt", "not valid UTF-8")
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. ONNX Runtime's errors, and the manifest against the graph (tests/broken_exports.py; the same
+# cases run against the C++ runtime in tests/test_cpp.py)
+
+
+@pytest.fixture(scope="module")
+def other_target_export(ckpt_factory, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("other") / "out"
+    export(ckpt_factory("mistral"), out, ExportOptions(target="onnx"))
+    return out
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_export_is_one_line_at_load(good_export, other_target_export, tmp_path, case):
+    """Refused by mtx.load, hashes verified or not, before any request could reach the graph."""
+    needle = make_broken(case, good_export, tmp_path / "broken", other_target_export)
+    for verify in (True, False):
+        with pytest.raises(MtxError) as e:
+            mtx.load(tmp_path / "broken", verify=verify)
+        assert needle in str(e.value) and "\n" not in str(e.value) and e.value.exit_code == 2, str(e.value)
+        assert str(tmp_path / "broken") in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["truncated model.onnx.data", "external data at ../", "unknown op domain",
+                                  "manifest dtype float16", "graph fails at run", "graph fails at load",
+                                  "mtx.json nested 200000 deep"])
+def test_broken_export_from_the_cli(run_mtx, good_export, other_target_export, tmp_path, case):
+    needle = make_broken(case, good_export, tmp_path / "broken", other_target_export)
+    one_line(run_mtx("generate", tmp_path / "broken", "--ids", "1,2", "--max-new-tokens", "1"), 2, needle)
+
+
+@pytest.mark.parametrize("case", ["manifest dtype float16", "graph fails at run"])
+def test_server_that_cannot_run_its_model_never_serves(run_mtx, good_export, other_target_export, tmp_path, case):
+    """Before: `mtx serve` started and answered every request with 500. Now the load (with its
+    one-token warm-up) refuses the export: one line, exit 2, nothing listening."""
+    import socket
+
+    needle = make_broken(case, good_export, tmp_path / "broken", other_target_export)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    res = run_mtx("serve", tmp_path / "broken", "--port", port, timeout=300)
+    one_line(res, 2, needle)
+
+
+def test_symlinked_weights_in_a_store_load(good_export, tmp_path):
+    """A deduplicated model store: the weight files are symlinks out of the folder. ONNX Runtime refuses
+    external data outside the folder; mtx opens the graph with the locations resolved, and the sha256
+    in mtx.json still pins the bytes."""
+    store_symlinks(good_export, tmp_path / "linked", tmp_path / "store")
+    assert (tmp_path / "linked" / "model.onnx.data").is_symlink()
+    assert reference_ids(tmp_path / "linked") == reference_ids(good_export)
+    mtx.load(tmp_path / "linked")  # verified
+    blob = (tmp_path / "linked" / "model.onnx.data").resolve()
+    raw = bytearray(blob.read_bytes())
+    raw[-16:] = bytes(16)
+    blob.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="model.onnx.data: sha256 differs"):
+        mtx.load(tmp_path / "linked")
+
+
+@pytest.mark.parametrize("message,kind,code", [
+    ("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory for requested buffer", ResourceError, 1),
+    ("std::bad_alloc", ResourceError, 1),
+    ("[ONNXRuntimeError] : 1 : FAIL : Load model failed:Fatal error: x:Y(-1) is not a registered function/op",
+     OrtModelError, 2),
+])
+def test_ort_errors_are_classified(tmp_path, message, kind, code):
+    err = ort_error(tmp_path / "model.onnx", RuntimeError(message + "\nsecond line"), "run")
+    assert type(err) is kind and err.exit_code == code
+    assert str(err).startswith(f"{tmp_path / 'model.onnx'}: ONNX Runtime failed to run it") and "\n" not in str(err)
+    assert "[ONNXRuntimeError]" not in str(err)
+
+
+FAILING_RUN = textwrap.dedent("""
+    import runpy, sys
+    import onnxruntime
+    real, message = onnxruntime.InferenceSession.run_with_iobinding, sys.argv[2]
+    def fail(self, *a, **k):
+        if getattr(fail, "armed", False):
+            raise RuntimeError(message)
+        fail.armed = True  # the warm-up at load runs; the first call of the generation fails
+        return real(self, *a, **k)
+    onnxruntime.InferenceSession.run_with_iobinding = fail
+    sys.argv = ["mtx", "generate", sys.argv[1], "--ids", "1,2", "--max-new-tokens", "1"]
+    runpy.run_module("mtx", run_name="__main__")
+""")
+
+
+@pytest.mark.parametrize("message,code,needle", [
+    ("Failed to allocate memory for requested buffer of size 123", 1, "out of memory"),
+    ("Non-zero status code returned while running Foo node", 2, "failed to run it (Non-zero status"),
+])
+def test_run_failure_from_the_cli(good_export, message, code, needle):
+    """A call that fails after the load: the error names the graph, out of memory exits 1, a graph
+    that does not run exits 2. (mtx/runtime/core.py logs the failed call with its traceback before
+    the CLI's line; that log is the core's, so only the last line and the status are checked here.)"""
+    res = subprocess.run([sys.executable, "-c", FAILING_RUN, str(good_export), message], capture_output=True,
+                         text=True, env=mtx_env(), timeout=300)
+    assert res.returncode == code, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("mtx: error: ") and needle in last and "model.onnx" in last, res.stderr
+
+
+def test_deep_json_in_the_verified_record_is_ignored(copy_of, monkeypatch, tmp_path):
+    """$MTX_CACHE_DIR/verified.json is a best-effort record: a deeply nested one is rehashed past, not a crash."""
+    monkeypatch.setenv("MTX_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "verified.json").write_text("[" * 200000 + "]" * 200000)
+    mtx.load(copy_of)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// What model.onnx itself says, read with ONNX's protobuf classes (Debian libonnx-dev): the manifest
+// What model.onnx itself says, read with a minimal protobuf wire-format reader: the manifest
 // fields ONNX Runtime's session does not show (op counts and domains, rotary rows, attributes, value
 // and initializer names, external data), checked as mtx/integrity.py check_graph checks them.
 #pragma once
