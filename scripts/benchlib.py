@@ -212,9 +212,11 @@ def genai_source(ckpt: Path, work: Path, name: str) -> Path:
 def genai_build(src: Path, out: Path, precision: str, work: Path, threads: int) -> Path:
     """onnxruntime-genai's builder (``-p precision -e cpu``) into ``out``, once, with ``threads`` intra-op threads."""
     if not (out / "genai_config.json").exists():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-                        "-p", precision, "-e", "cpu", "-c", str(Path(work) / "genai-cache")], check=True,
-                       stdout=subprocess.DEVNULL)
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o",
+                              str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "genai-cache")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        if res.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai's builder failed on {src}:\n{res.stderr[-3000:]}")
         gc = json.loads((out / "genai_config.json").read_text())
         so = gc["model"]["decoder"].setdefault("session_options", {})
         so["intra_op_num_threads"] = threads
