@@ -48,12 +48,17 @@ def check_side_files(folder: Path, default_eos: tuple[int, ...]) -> None:
             read_json_object(folder / name, CheckpointError)
 
 
-def encode_checked(tokenizer: Any, text: str, origin: str, add_special_tokens: bool = True) -> list[int]:
+def encode_checked(tokenizer: Any, text: str, origin: str, add_special_tokens: bool = True,
+                   release_gil: bool = False) -> list[int]:
     """``tokenizer.encode(text).ids`` with a tokenizer failure (a panic) as one line naming ``origin``.
 
     ``add_special_tokens=False``: no BOS/EOS from the post-processor (text rendered by a chat
-    template already holds them, as transformers' apply_chat_template assumes)."""
+    template already holds them, as transformers' apply_chat_template assumes). ``release_gil``:
+    encode through ``encode_batch``, which releases the GIL while it works (``encode`` holds it for
+    the whole text: ~1 s per MB), for callers on a worker thread beside an event loop; same ids."""
     try:
+        if release_gil:
+            return list(tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
     except (KeyboardInterrupt, SystemExit):
         raise
