@@ -485,6 +485,9 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
 @click.option("--token-budget", type=int, default=None,
               help="Tokens one engine step may feed: one per decoding request, the rest to chunks of new "
                    "prompts (default 512).")
+@click.option("--decode-deferral", type=int, default=None,
+              help="Steps in a row that running streams may wait while new prompts are prefilled, so a burst "
+                   "of arrivals stalls each stream once (default 8; 0: decode every step).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
 @click.option("--max-request-bytes", type=int, default=None,
               help="Largest request body; larger ones get HTTP 413 (default 2097152, 2 MiB).")
@@ -497,7 +500,7 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
                    '"max_replicas": 4}\'); replaces --replicas.')
 @engine_options
 def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
-          model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
+          decode_deferral: int | None, model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
           replicas: int, autoscaling: str | None, backend: str | None, threads: int | None, device: str | None,
           verify: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
@@ -510,7 +513,7 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     new requests get 503, running ones finish, then the server exits.
     OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
-    from mtx.serving.engine import DEFAULT_TOKEN_BUDGET
+    from mtx.serving.engine import DEFAULT_DECODE_DEFERRAL, DEFAULT_TOKEN_BUDGET
     from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
     from mtx.serving.server import ServeOptions
 
@@ -518,12 +521,15 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
         raise UsageError(f"--port must be 0..65535, got {port}")
     if replicas < 1:
         raise UsageError(f"--replicas must be >= 1, got {replicas}")
+    if decode_deferral is not None and decode_deferral < 0:
+        raise UsageError(f"--decode-deferral must be >= 0, got {decode_deferral}")
     if max_request_bytes is not None and max_request_bytes < 1:
         raise UsageError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
     if body_timeout is not None and not 0 < body_timeout < float("inf"):
         raise UsageError(f"--body-timeout must be a number of seconds > 0, got {body_timeout}")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
+                           decode_deferral=DEFAULT_DECODE_DEFERRAL if decode_deferral is None else decode_deferral,
                            backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
                            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
                            else max_request_bytes,
