@@ -129,16 +129,20 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     """Check a checkpoint and show its config.
 
     Reads config.json (Hugging Face) or params.json (mistral-inference) and every safetensors header,
-    and checks that each tensor the model needs is present with the shape the config implies.
+    checks that each tensor the model needs is present with the shape the config implies, and loads
+    the tokenizer files and generation_config.json as export does.
     CKPT defaults to the built-in Mistral.
     """
     from mtx.assets import resolve_checkpoint
     from mtx.models.checkpoint import Checkpoint
 
+    from mtx.tokenizer import check_side_files
+
     ck = Checkpoint(resolve_checkpoint(ckpt))
     if verify:
         ck.verify_data()
     cfg = ck.config
+    check_side_files(ck.root, cfg.eos_token_ids)  # the tokenizer and generation config, as export checks them
     params = sum(int(_numel(ck.shapes[n])) for n in ck.names())
     info = {
         "checkpoint": str(ck.root),
