@@ -129,16 +129,20 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     """Check a checkpoint and show its config.
 
     Reads config.json (Hugging Face) or params.json (mistral-inference) and every safetensors header,
-    and checks that each tensor the model needs is present with the shape the config implies.
+    checks that each tensor the model needs is present with the shape the config implies, and loads
+    the tokenizer files and generation_config.json as export does.
     CKPT defaults to the built-in Mistral.
     """
     from mtx.assets import resolve_checkpoint
     from mtx.models.checkpoint import Checkpoint
 
+    from mtx.tokenizer import check_side_files
+
     ck = Checkpoint(resolve_checkpoint(ckpt))
     if verify:
         ck.verify_data()
     cfg = ck.config
+    check_side_files(ck.root, cfg.eos_token_ids)  # the tokenizer and generation config, as export checks them
     params = sum(int(_numel(ck.shapes[n])) for n in ck.names())
     info = {
         "checkpoint": str(ck.root),
@@ -485,7 +489,14 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
 @click.option("--token-budget", type=int, default=None,
               help="Tokens one engine step may feed: one per decoding request, the rest to chunks of new "
                    "prompts (default 512).")
+@click.option("--decode-deferral", type=int, default=None,
+              help="Steps in a row that running streams may wait while new prompts are prefilled, so a burst "
+                   "of arrivals stalls each stream once (default 8; 0: decode every step).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
+@click.option("--max-request-bytes", type=int, default=None,
+              help="Largest request body; larger ones get HTTP 413 (default 2097152, 2 MiB).")
+@click.option("--body-timeout", type=float, default=None,
+              help="Seconds a client may take to send a request body; then HTTP 408 (default 30).")
 @click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve instead: one engine per replica.")
 @click.option("--replicas", type=int, default=1, show_default=True, help="With --ray: number of replicas.")
 @click.option("--autoscaling", default=None, metavar="JSON",
@@ -493,8 +504,9 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
                    '"max_replicas": 4}\'); replaces --replicas.')
 @engine_options
 def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
-          model_name: str | None, use_ray: bool, replicas: int, autoscaling: str | None, backend: str | None,
-          threads: int | None, device: str | None, verify: bool) -> None:
+          decode_deferral: int | None, model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
+          replicas: int, autoscaling: str | None, backend: str | None, threads: int | None, device: str | None,
+          verify: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
 
     \b
@@ -505,16 +517,27 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     new requests get 503, running ones finish, then the server exits.
     OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
-    from mtx.serving.engine import DEFAULT_TOKEN_BUDGET
+    from mtx.serving.engine import DEFAULT_DECODE_DEFERRAL, DEFAULT_TOKEN_BUDGET
+    from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
     from mtx.serving.server import ServeOptions
 
     if not 0 <= port <= 65535:
         raise UsageError(f"--port must be 0..65535, got {port}")
     if replicas < 1:
         raise UsageError(f"--replicas must be >= 1, got {replicas}")
+    if decode_deferral is not None and decode_deferral < 0:
+        raise UsageError(f"--decode-deferral must be >= 0, got {decode_deferral}")
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise UsageError(f"--max-request-bytes must be >= 1, got {max_request_bytes}")
+    if body_timeout is not None and not 0 < body_timeout < float("inf"):
+        raise UsageError(f"--body-timeout must be a number of seconds > 0, got {body_timeout}")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
-                           backend=backend, threads=threads, device=device, verify=verify, model_name=model_name)
+                           decode_deferral=DEFAULT_DECODE_DEFERRAL if decode_deferral is None else decode_deferral,
+                           backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
+                           max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
+                           else max_request_bytes,
+                           body_timeout_s=DEFAULT_BODY_TIMEOUT_S if body_timeout is None else body_timeout)
     scaling = None
     if autoscaling is not None:
         try:

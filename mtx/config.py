@@ -12,19 +12,224 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from mtx.errors import ConfigError, MtxError
 
 HF_CONFIG = "config.json"
 MISTRAL_PARAMS = "params.json"
 
-#: model_type -> (architecture name, default sliding_window) as in transformers.
-_HF_FAMILIES: dict[str, tuple[str, int | None]] = {
-    "mistral": ("MistralForCausalLM", 4096),
-    "mixtral": ("MixtralForCausalLM", None),
+#: The model families of mtx (ModelConfig.model_type).
+_HF_FAMILIES = ("mistral", "mixtral")
+#: transformers model_type -> (mtx family, architecture, default sliding_window, rope_theta, rms_norm_eps),
+#: the defaults being those of transformers' config class. A Ministral whose layers all share one
+#: attention window is a Mistral.
+_HF_TYPES: dict[str, tuple[str, str, int | None, float, float]] = {
+    "mistral": ("mistral", "MistralForCausalLM", 4096, 10000.0, 1e-6),
+    "mixtral": ("mixtral", "MixtralForCausalLM", None, 1000000.0, 1e-5),
+    "ministral": ("mistral", "MinistralForCausalLM", 4096, 10000.0, 1e-6),
 }
-_ARCH_TO_TYPE = {arch: mt for mt, (arch, _) in _HF_FAMILIES.items()}
+_ARCH_TO_TYPE = {arch: mt for mt, (_, arch, *_) in _HF_TYPES.items()}
+
+# --------------------------------------------------------------------------------------------------
+# The config keys mtx knows, and what each does here.
+#
+# IMPLEMENTED: read into a ModelConfig field (``accepts``, where set, bounds the values implemented).
+# IRRELEVANT: read by transformers (or mistral-inference) but without effect on inference logits.
+# REFUSED: a value other than the neutral one (``accepts``) is a ConfigError naming the key and file.
+# Keys in no table are ignored: transformers' Mistral classes do not read them either (they only
+# become attributes), so they change nothing in the oracle; likewise params.json keys outside
+# PARAMS_KEYS (but a ``moe`` sub-key outside MOE_KEYS is refused). tests/test_config_keys.py derives
+# the keys transformers reads from its config classes and fails on any missing here.
+
+IMPLEMENTED, IRRELEVANT, REFUSED = "implemented", "irrelevant", "refused"
+
+Accepts = Callable[[Any, dict[str, Any]], bool]
+
+
+@dataclass(frozen=True)
+class Key:
+    """What one config key does in mtx: ``status``, and ``note`` (the field it sets, why it does not
+    matter, or what mtx lacks: the refusal says it). ``accepts(value, config)`` -> value usable."""
+
+    status: str
+    note: str
+    accepts: Accepts | None = None
+
+
+def _null_or(*neutral: Any) -> Accepts:
+    """null, or one of ``neutral`` (same JSON type: true is not 1)."""
+    return lambda v, d: v is None or any(type(v) is type(n) and v == n for n in neutral)
+
+
+def _falsy_or_null(v: Any, d: dict[str, Any]) -> bool:
+    return v is None or v is False or v == {} or v == []
+
+
+def _unit_factor(v: Any, d: dict[str, Any]) -> bool:
+    return v is None or (not isinstance(v, bool) and isinstance(v, (int, float)) and v == 1)
+
+
+def _window_off(v: Any, d: dict[str, Any]) -> bool:
+    """use_sliding_window (Qwen2 spelling): true, or false with no sliding_window to switch off."""
+    return v is None or v is True or (v is False and d.get("sliding_window") is None)
+
+
+def _all_windowed(v: Any, d: dict[str, Any]) -> bool:
+    """max_window_layers (Qwen2 spelling: layers below it attend fully): 0, or no window at all."""
+    return v is None or (type(v) is int and v == 0) or d.get("sliding_window") is None
+
+
+_LAYER_TYPES = {"sliding_attention": "sliding_attention", "full_attention": "full_attention",
+                "attention": "full_attention"}  # transformers' legacy "attention" is full attention
+
+
+def _uniform_layer_types(v: Any, d: dict[str, Any]) -> bool:
+    """One attention kind for every layer (per-layer windows are not supported yet)."""
+    if v is None:
+        return True
+    return (isinstance(v, list) and bool(v) and all(isinstance(t, str) and t in _LAYER_TYPES for t in v)
+            and len({_LAYER_TYPES[t] for t in v}) == 1)
+
+
+_PER_LAYER = "per-layer attention windows are not supported yet (one window for every layer only)"
+
+#: config.json (transformers) keys of MistralConfig, MixtralConfig, MinistralConfig and
+#: PreTrainedConfig, and the keys of other families that would change the model if mtx ignored them.
+HF_KEYS: dict[str, Key] = {
+    # -- implemented
+    "model_type": Key(IMPLEMENTED, "model_type: mistral, mixtral; ministral (uniform layer_types) reads as mistral"),
+    "architectures": Key(IMPLEMENTED, "model_type where model_type is absent"),
+    "vocab_size": Key(IMPLEMENTED, "vocab_size"),
+    "hidden_size": Key(IMPLEMENTED, "hidden_size"),
+    "intermediate_size": Key(IMPLEMENTED, "intermediate_size"),
+    "num_hidden_layers": Key(IMPLEMENTED, "num_layers"),
+    "num_attention_heads": Key(IMPLEMENTED, "num_heads"),
+    "num_key_value_heads": Key(IMPLEMENTED, "num_kv_heads (default num_attention_heads)"),
+    "head_dim": Key(IMPLEMENTED, "head_dim (default hidden_size / num_attention_heads)"),
+    "hidden_act": Key(IMPLEMENTED, "the mtx MLP and MoE ops compute SiLU (SwiGLU) only",
+                      _null_or("silu", "swish")),
+    "rms_norm_eps": Key(IMPLEMENTED, "rms_norm_eps (default 1e-6; Mixtral 1e-5)"),
+    "rope_parameters": Key(IMPLEMENTED, "rope_theta, and rope_linear_factor; rope_type 'default' or 'linear'"),
+    "rope_scaling": Key(IMPLEMENTED, "the transformers 4 spelling of rope_parameters; when set it replaces "
+                                     "rope_parameters, as in transformers"),
+    "rope_theta": Key(IMPLEMENTED, "rope_theta where the RoPE object has none (default 1e4; Mixtral 1e6)"),
+    "partial_rotary_factor": Key(REFUSED, "mtx rotates the whole head (partial_rotary_factor 1)", _unit_factor),
+    "sliding_window": Key(IMPLEMENTED, "sliding_window (null: full attention)"),
+    "layer_types": Key(IMPLEMENTED, f"sliding_window when every layer has the same kind; {_PER_LAYER}",
+                       _uniform_layer_types),
+    "max_position_embeddings": Key(IMPLEMENTED, "max_position_embeddings"),
+    "tie_word_embeddings": Key(IMPLEMENTED, "tie_word_embeddings"),
+    "num_local_experts": Key(IMPLEMENTED, "num_experts (Mixtral)"),
+    "num_experts": Key(IMPLEMENTED, "num_experts: MixtralConfig's alias of num_local_experts (it wins)"),
+    "num_experts_per_tok": Key(IMPLEMENTED, "num_experts_per_tok (Mixtral)"),
+    "bos_token_id": Key(IMPLEMENTED, "bos_token_id"),
+    "eos_token_id": Key(IMPLEMENTED, "eos_token_ids (generation_config.json's win at run time)"),
+    "dtype": Key(IMPLEMENTED, "recorded (extra); the export dtype is --dtype"),
+    "torch_dtype": Key(IMPLEMENTED, "recorded (extra); the transformers 4 spelling of dtype"),
+    # -- read by transformers, no effect on inference
+    "transformers_version": Key(IRRELEVANT, "provenance"),
+    "output_hidden_states": Key(IRRELEVANT, "what forward() returns, not the logits"),
+    "output_attentions": Key(IRRELEVANT, "what forward() returns, not the logits"),
+    "return_dict": Key(IRRELEVANT, "what forward() returns, not the logits"),
+    "use_cache": Key(IRRELEVANT, "transformers' KV cache switch; mtx always caches"),
+    "chunk_size_feed_forward": Key(IRRELEVANT, "not read by the Mistral models"),
+    "id2label": Key(IRRELEVANT, "classification heads only"),
+    "label2id": Key(IRRELEVANT, "classification heads only"),
+    "num_labels": Key(IRRELEVANT, "classification heads only"),
+    "problem_type": Key(IRRELEVANT, "classification heads only"),
+    "initializer_range": Key(IRRELEVANT, "random initialisation only"),
+    "pad_token_id": Key(IRRELEVANT, "the embedding's padding_idx: gradients only"),
+    "attention_dropout": Key(IRRELEVANT, "dropout is off at inference (any value accepted)"),
+    "router_jitter_noise": Key(IRRELEVANT, "training only (Mixtral router noise)"),
+    "output_router_logits": Key(IRRELEVANT, "training only (auxiliary loss)"),
+    "router_aux_loss_coef": Key(IRRELEVANT, "training only (auxiliary loss)"),
+    "attn_implementation": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "_attn_implementation": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "_attn_implementation_internal": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "experts_implementation": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "_experts_implementation": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "_experts_implementation_internal": Key(IRRELEVANT, "kernel choice, same mathematics"),
+    "name_or_path": Key(IRRELEVANT, "provenance"),
+    "_name_or_path": Key(IRRELEVANT, "provenance"),
+    "_commit_hash": Key(IRRELEVANT, "provenance"),
+    # -- refused unless neutral
+    "is_encoder_decoder": Key(REFUSED, "Mistral-family models are decoder-only", _null_or(False)),
+    "per_layer_config": Key(REFUSED, "per-layer config overrides are not supported", _falsy_or_null),
+    "quantization_config": Key(REFUSED, "quantized checkpoints are not supported: export the unquantized "
+                                        "weights (mtx export --quantize quantizes)", _falsy_or_null),
+    "attention_bias": Key(REFUSED, "the attention projections have no bias in this family", _null_or(False)),
+    "mlp_bias": Key(REFUSED, "the FFN projections have no bias in this family", _null_or(False)),
+    "use_sliding_window": Key(REFUSED, "false with a sliding_window set is ambiguous (transformers' Mistral "
+                                       "ignores it and uses the window); remove one of them", _window_off),
+    "max_window_layers": Key(REFUSED, _PER_LAYER, _all_windowed),
+}
+
+_DEFAULT_ROPE = ("only default and linear RoPE are implemented (no dynamic, yarn, longrope or llama3 "
+                 "scaling)")
+
+#: rope_parameters / rope_scaling sub-keys; any other sub-key is only read by scaled RoPE types.
+ROPE_KEYS: dict[str, Key] = {
+    "rope_type": Key(IMPLEMENTED, _DEFAULT_ROPE, _null_or("default", "linear")),
+    "type": Key(IMPLEMENTED, f"{_DEFAULT_ROPE} (type is rope_type's older spelling)", _null_or("default", "linear")),
+    "factor": Key(IMPLEMENTED, "rope_linear_factor with rope_type 'linear' (required there); unread by default RoPE"),
+    "rope_theta": Key(IMPLEMENTED, "rope_theta (wins over the top-level rope_theta, as in transformers)"),
+    "partial_rotary_factor": Key(REFUSED, "mtx rotates the whole head (partial_rotary_factor 1)", _unit_factor),
+}
+
+#: params.json (mistral-inference TransformerArgs) keys.
+PARAMS_KEYS: dict[str, Key] = {
+    "model_type": Key(IMPLEMENTED, "'transformer' only"),
+    "dim": Key(IMPLEMENTED, "hidden_size"),
+    "n_layers": Key(IMPLEMENTED, "num_layers"),
+    "head_dim": Key(IMPLEMENTED, "head_dim (default dim / n_heads)"),
+    "hidden_dim": Key(IMPLEMENTED, "intermediate_size"),
+    "n_heads": Key(IMPLEMENTED, "num_heads"),
+    "n_kv_heads": Key(IMPLEMENTED, "num_kv_heads (default n_heads)"),
+    "norm_eps": Key(IMPLEMENTED, "rms_norm_eps (default 1e-5)"),
+    "vocab_size": Key(IMPLEMENTED, "vocab_size"),
+    "rope_theta": Key(IMPLEMENTED, "rope_theta (default 1e4, as transformers' conversion script)"),
+    "sliding_window": Key(IMPLEMENTED, f"sliding_window (a list: one window per layer; {_PER_LAYER})",
+                          lambda v, d: not isinstance(v, list) or (bool(v) and all(x == v[0] for x in v))),
+    "max_seq_len": Key(IMPLEMENTED, "max_position_embeddings (default 32768)"),
+    "tied_embeddings": Key(IMPLEMENTED, "tie_word_embeddings"),
+    "moe": Key(IMPLEMENTED, "num_experts, num_experts_per_tok (Mixtral-style MoE)"),
+    "max_batch_size": Key(IRRELEVANT, "mistral-inference's cache allocation"),
+    "lora": Key(REFUSED, "LoRA adapters are not supported: merge them into the weights first",
+                lambda v, d: v is None or (isinstance(v, dict) and v.get("enable") is False)),
+    "quantization": Key(REFUSED, "quantized checkpoints are not supported: export the unquantized weights",
+                        _falsy_or_null),
+    "vision_encoder": Key(REFUSED, "vision encoders (Pixtral) are not supported", _falsy_or_null),
+    "yarn": Key(REFUSED, "only default RoPE is implemented (no YaRN scaling)", _falsy_or_null),
+    "llama_4_scaling": Key(REFUSED, "attention temperature scaling is not supported", _falsy_or_null),
+}
+
+#: params.json ``moe`` sub-keys; any other is refused (shared experts, expert groups, dense first layers
+#: and routing scales all change the model).
+MOE_KEYS: dict[str, Key] = {
+    "num_experts": Key(IMPLEMENTED, "num_experts"),
+    "num_experts_per_tok": Key(IMPLEMENTED, "num_experts_per_tok"),
+}
+
+
+def _check_keys(d: dict[str, Any], table: dict[str, Key], origin: Path, prefix: str = "",
+                strict: bool = False) -> None:
+    """Raise for the first key of ``d`` whose value ``table`` does not accept (``strict``: or that
+    ``table`` does not list): one line naming the key, its value and why."""
+    for key, value in d.items():
+        spec = table.get(key)
+        if spec is None:
+            if strict:
+                raise ConfigError(f"{origin}: '{prefix}{key}' is not supported (mtx knows "
+                                  f"{', '.join(prefix + k for k in table)})"[:300])
+            continue
+        if spec.accepts is not None and not spec.accepts(value, d):
+            raise ConfigError(f"{origin}: '{prefix}{key}' = {_short(value)} is not supported: {spec.note}"[:400])
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -33,6 +238,8 @@ class ModelConfig:
 
     ``sliding_window`` is W (a query at position p sees p-W+1..p) or None for full attention.
     ``num_experts == 0`` means a dense SwiGLU FFN (Mistral); otherwise a sparse MoE (Mixtral).
+    ``rope_linear_factor`` is transformers' linear RoPE scaling (1: default RoPE); :meth:`to_dict`
+    leaves it out at 1, so manifests of unscaled models keep their keys.
     """
 
     model_type: str
@@ -53,6 +260,7 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_ids: tuple[int, ...] = (2,)
     source_format: str = "hf"  # "hf" or "mistral": naming and q/k layout of the checkpoint
+    rope_linear_factor: float = 1.0  # linear RoPE scaling: positions divided by it (inv_freq / factor)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -63,6 +271,8 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("extra")
         d["eos_token_ids"] = list(self.eos_token_ids)
+        if self.rope_linear_factor == 1.0:
+            d.pop("rope_linear_factor")
         return d
 
     @classmethod
@@ -98,7 +308,7 @@ class ModelConfig:
             raise ConfigError(f"{origin}: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None:
             positive("sliding_window", self.sliding_window)
-        for name in ("rope_theta", "rms_norm_eps"):
+        for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{origin}: '{name}' must be a finite number, got {value!r}")
@@ -106,6 +316,8 @@ class ModelConfig:
             raise ConfigError(f"{origin}: rope_theta must be > 0, got {self.rope_theta!r}")
         if not (self.rms_norm_eps > 0):
             raise ConfigError(f"{origin}: rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if not (self.rope_linear_factor > 0):
+            raise ConfigError(f"{origin}: rope_linear_factor must be > 0, got {self.rope_linear_factor!r}")
         if self.model_type not in _HF_FAMILIES:
             raise ConfigError(f"{origin}: unknown model_type {self.model_type!r}; expected one of "
                               f"{', '.join(sorted(_HF_FAMILIES))}")
@@ -215,8 +427,61 @@ def generation_eos_ids(folder: Path, default: tuple[int, ...]) -> tuple[int, ...
     return _Reader(read_json_object(path), path).token_ids("eos_token_id", default) or default
 
 
+def _rope(d: dict[str, Any], origin: Path, default_theta: float) -> tuple[float, float]:
+    """(rope_theta, rope_linear_factor) of a config.json, read as transformers does: ``rope_scaling``
+    (when set) replaces ``rope_parameters``; the object's ``rope_theta`` wins over the top-level one;
+    rope_type 'default' or 'linear' (whose ``factor`` divides the frequencies)."""
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    rope = d.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{origin}: '{key}' must be an object, got {_short(rope)}")
+    nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
+    if nested:
+        raise ConfigError(f"{origin}: '{key}.{nested[0]}': RoPE parameters per layer type are not supported")
+    # rope_type wins over its older spelling type, as in transformers: check the one that counts
+    _check_keys({k: v for k, v in rope.items() if not (k == "type" and "rope_type" in rope)}, ROPE_KEYS,
+                origin, f"{key}.")
+    if "partial_rotary_factor" not in rope:
+        _check_keys({k: d[k] for k in ("partial_rotary_factor",) if k in d}, HF_KEYS, origin)
+    top = _Reader(d, origin).float("rope_theta", default_theta)
+    sub = _Reader(rope, origin, f"{key}.")
+    factor = 1.0
+    if rope.get("rope_type", rope.get("type")) == "linear":
+        if rope.get("factor") is None:
+            raise ConfigError(f"{origin}: '{key}.factor' is required with rope_type 'linear'")
+        factor = sub.float("factor", 1.0)
+    return sub.float("rope_theta", top), factor
+
+
+def _hf_window(d: dict[str, Any], model_type: str, origin: Path, default: int | None) -> int | None:
+    """The one attention window of every layer: ``sliding_window``, with Ministral's ``layer_types``
+    (uniform only; checked by the key table). Mistral and Mixtral ignore layer_types in
+    transformers, so there it must agree with sliding_window."""
+    if "sliding_window" in d and d["sliding_window"] is None:
+        window = None  # present and null: full attention
+    else:
+        window = _Reader(d, origin).int("sliding_window", default)
+    kinds = d.get("layer_types")
+    if kinds is None:
+        return window
+    kind = _LAYER_TYPES[kinds[0]]
+    if model_type == "ministral":
+        layers = _Reader(d, origin).int("num_hidden_layers")
+        if layers is not None and len(kinds) < layers:
+            raise ConfigError(f"{origin}: 'layer_types' has {len(kinds)} entries for {layers} layers")
+        return window if kind == "sliding_attention" else None
+    if (kind == "sliding_attention") != (window is not None):
+        raise ConfigError(f"{origin}: 'layer_types' ({kind}) disagrees with sliding_window ({window}); "
+                          f"transformers' {model_type} ignores layer_types")
+    return window
+
+
 def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConfig:
-    """Parse a transformers ``config.json`` dict for MistralForCausalLM / MixtralForCausalLM."""
+    """Parse a transformers ``config.json`` dict for Mistral / Mixtral / Ministral (uniform windows).
+
+    Every key in :data:`HF_KEYS` is implemented, irrelevant, or refused unless neutral; keys not
+    listed are ignored, as transformers' Mistral classes ignore them.
+    """
     model_type = d.get("model_type")
     if model_type is None:
         archs = d.get("architectures") or []
@@ -225,30 +490,23 @@ def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConf
         model_type = next((_ARCH_TO_TYPE[a] for a in archs if isinstance(a, str) and a in _ARCH_TO_TYPE), None)
         if model_type is None:
             raise ConfigError(f"{origin}: missing required key model_type")
-    if not isinstance(model_type, str) or model_type not in _HF_FAMILIES:
+    if not isinstance(model_type, str) or model_type not in _HF_TYPES:
         raise ConfigError(f"{origin}: unknown model_type {model_type!r}; mtx supports "
-                          f"{', '.join(sorted(_HF_FAMILIES))}")
+                          f"{', '.join(sorted(_HF_TYPES))}")
+    family, _, default_window, default_theta, default_eps = _HF_TYPES[model_type]
     _require(d, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"], origin)
+    _check_keys(d, HF_KEYS, origin)
     r = _Reader(d, origin)
-
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ConfigError(f"{origin}: 'rope_parameters' must be an object")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"{origin}: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    theta = r.float("rope_theta", _Reader(rope, origin, "rope_parameters.").float("rope_theta", 10000.0))
+    theta, linear_factor = _rope(d, origin, default_theta)
 
     heads = r.int("num_attention_heads")
     hidden = r.int("hidden_size")
     assert heads is not None and hidden is not None  # required above
-    if "sliding_window" in d and d["sliding_window"] is None:
-        window = None  # present and null: full attention
-    else:
-        window = r.int("sliding_window", _HF_FAMILIES[model_type][1])
-    is_moe = model_type == "mixtral"
+    window = _hf_window(d, model_type, origin, default_window)
+    is_moe = family == "mixtral"
+    experts = (r.int("num_experts") or r.int("num_local_experts", 8)) if is_moe else 0
     cfg = ModelConfig(
-        model_type=model_type,
+        model_type=family,
         vocab_size=r.int("vocab_size"),
         hidden_size=hidden,
         intermediate_size=r.int("intermediate_size"),
@@ -256,24 +514,25 @@ def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConf
         num_heads=heads,
         num_kv_heads=r.int("num_key_value_heads", heads),
         head_dim=r.int("head_dim", hidden // heads),
-        rms_norm_eps=r.float("rms_norm_eps", 1e-6),
+        rms_norm_eps=r.float("rms_norm_eps", default_eps),
         rope_theta=theta,
         sliding_window=window,
         max_position_embeddings=r.int("max_position_embeddings", 4096 * 32),
         tie_word_embeddings=r.bool("tie_word_embeddings", False),
-        num_experts=r.int("num_local_experts", 8) if is_moe else 0,
+        num_experts=experts,
         num_experts_per_tok=r.int("num_experts_per_tok", 2) if is_moe else 0,
         bos_token_id=r.int("bos_token_id", None, positive=False) if "bos_token_id" in d else 1,
         eos_token_ids=r.token_ids("eos_token_id", (2,)),
         source_format="hf",
         extra={k: d[k] for k in ("dtype", "torch_dtype") if k in d},
+        rope_linear_factor=linear_factor,
     )
     cfg.validate(str(origin))
     return cfg
 
 
 def from_mistral_params(d: dict[str, Any], origin: Path = Path(MISTRAL_PARAMS)) -> ModelConfig:
-    """Parse a mistral-inference ``params.json`` dict.
+    """Parse a mistral-inference ``params.json`` dict (keys: :data:`PARAMS_KEYS`, :data:`MOE_KEYS`).
 
     ``rope_theta`` defaults to 10000 when absent (as transformers' Mistral conversion does);
     ``moe`` present means a Mixtral-style sparse MoE.
@@ -281,6 +540,7 @@ def from_mistral_params(d: dict[str, Any], origin: Path = Path(MISTRAL_PARAMS)) 
     if d.get("model_type", "transformer") != "transformer":
         raise ConfigError(f"{origin}: unknown model_type {d['model_type']!r}; mtx supports 'transformer'")
     _require(d, ["dim", "n_layers", "hidden_dim", "n_heads", "vocab_size"], origin)
+    _check_keys(d, PARAMS_KEYS, origin)
     r = _Reader(d, origin)
     heads = r.int("n_heads")
     dim = r.int("dim")
@@ -290,7 +550,11 @@ def from_mistral_params(d: dict[str, Any], origin: Path = Path(MISTRAL_PARAMS)) 
         raise ConfigError(f"{origin}: 'moe' must be an object with num_experts and num_experts_per_tok")
     if moe is not None:
         _require(moe, ["num_experts", "num_experts_per_tok"], origin)
+        _check_keys(moe, MOE_KEYS, origin, "moe.", strict=True)
     m = _Reader(moe or {}, origin, "moe.")
+    window = d.get("sliding_window")
+    if isinstance(window, list):  # one window per layer: uniform only (checked by the key table)
+        r = _Reader({**d, "sliding_window": window[0]}, origin)
     cfg = ModelConfig(
         model_type="mixtral" if moe else "mistral",
         vocab_size=r.int("vocab_size"),

@@ -18,67 +18,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+import benchlib
+from benchlib import SHAPE, make_checkpoint, summarize
 
-from bench_peers import SHAPE, make_checkpoint, mtx_runner, summarize  # noqa: E402
-
+ROOT = benchlib.ROOT
 CHECK = ROOT / "build" / "cpp" / "mtx_cpp_check"
 
 
 def export(ckpt: Path, work: Path) -> Path:
     """The onnxruntime-target export bench_peers.py uses (work/mtx-ort), made once."""
-    out = work / "mtx-ort"
-    if not (out / "mtx.json").exists():
-        subprocess.run([sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", "onnxruntime",
-                        "--force"], check=True, stdout=subprocess.DEVNULL)
-    return out
+    return benchlib.export_once(ckpt, work / "mtx-ort")
 
 
 def child_python(a: argparse.Namespace, prompt: list[int]) -> dict:
-    run = mtx_runner(make_checkpoint(a.work), a.work, a.threads, prompt, a.new_tokens)
-    run()
-    ttft, steps, tokens = run()
-    return {"ttft": ttft, "steps": steps, "tokens": tokens}
+    out = export(make_checkpoint(a.work), a.work)
+    return benchlib.timed_twice(benchlib.mtx_decode_runner(out, a.threads, prompt, a.new_tokens))
 
 
 def run_cpp(a: argparse.Namespace, out: Path, prompt: list[int]) -> dict:
     req = a.work / "bench_cpp_request.json"
     req.write_text(json.dumps({"op": "bench", "export": str(out), "prompt": prompt, "new_tokens": a.new_tokens,
                                "intra_op_threads": a.threads}))
-    res = subprocess.run([str(CHECK), str(req)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(f"bench_cpp: the C++ runtime failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
-    return json.loads(res.stdout)
+    return benchlib.run_json([CHECK, req], "bench_cpp: the C++ runtime")
 
 
 def run_python(a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--work", str(a.work), "--threads", str(a.threads),
-           "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if res.returncode != 0:
-        raise SystemExit(f"bench_cpp: the Python runtime failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return benchlib.run_json([sys.executable, __file__, "--child", "--work", a.work, "--threads", a.threads,
+                              "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens],
+                             "bench_cpp: the Python runtime", cwd=ROOT)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mtx-bench"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    benchlib.add_common_args(ap, work="/tmp/mtx-bench", prompt_len=128, new_tokens=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
-    prompt = np.random.default_rng(0).integers(3, SHAPE["vocab"], a.prompt_len).tolist()
+    prompt = benchlib.bench_prompt(a.prompt_len)
     if a.child:
         print(json.dumps(child_python(a, prompt)))
         return

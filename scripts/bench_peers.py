@@ -17,26 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-SHAPE = dict(vocab=32000, hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, window=256)
-
-
-def make_checkpoint(work: Path) -> Path:
-    from mtx import synthetic_checkpoints as mk
-
-    ckpt = work / "mistral-125m"
-    if not (ckpt / "config.json").exists():
-        mk.make_hf(ckpt, "mistral", max_positions=4096, init_std=0.02, seed=0, **SHAPE)
-    return ckpt
+import benchlib
+from benchlib import SHAPE, make_checkpoint, summarize
 
 
 def weight_bytes(ckpt: Path) -> tuple[int, int]:
@@ -66,88 +54,15 @@ def memory_bandwidth_gbs(threads: int) -> float:
 
 def mtx_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
     """A function timing one greedy generation with mtx (ONNX Runtime backend): (ttft, step times, tokens)."""
-    import mtx.runtime
-
-    out = work / "mtx-ort"
-    if not (out / "mtx.json").exists():
-        subprocess.run([sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", "onnxruntime",
-                        "--force"], check=True, stdout=subprocess.DEVNULL)
-    gen = mtx.runtime.load(out, threads=threads)
-
-    def run() -> tuple[float, list[float], list[int]]:
-        t0 = time.perf_counter()
-        stream = gen.stream(prompt, new, stop_token_ids=[])
-        tokens = [next(stream)]
-        ttft = time.perf_counter() - t0
-        steps = []
-        s = time.perf_counter()
-        for tok in stream:
-            steps.append(time.perf_counter() - s)
-            tokens.append(tok)
-            s = time.perf_counter()
-        return ttft, steps, tokens
-
-    return run
+    out = benchlib.export_once(ckpt, work / "mtx-ort")
+    return benchlib.mtx_decode_runner(out, threads, prompt, new)
 
 
 def genai_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
     """A function timing one greedy generation with onnxruntime-genai: (ttft, step times, tokens)."""
-    src = work / "mistral-125m-genai-src"
-    if not src.exists():
-        src.mkdir()
-        cfg = json.loads((ckpt / "config.json").read_text())
-        cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
-        (src / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in ckpt.iterdir():
-            if f.name != "config.json":
-                os.link(f, src / f.name)
-    out = work / "genai-fp32-cpu"
-    if not (out / "genai_config.json").exists():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-                        "-p", "fp32", "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
-                       stdout=subprocess.DEVNULL)
-        gc = json.loads((out / "genai_config.json").read_text())
-        so = gc["model"]["decoder"].setdefault("session_options", {})
-        so["intra_op_num_threads"] = threads
-        so["inter_op_num_threads"] = 1
-        (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
-    return genai_decode_runner(out, prompt, new)
-
-
-def genai_decode_runner(folder: Path, prompt: list[int], new: int):
-    """A timed greedy run of onnxruntime-genai's model in ``folder``: (ttft_s, step_s, tokens)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-
-    def run() -> tuple[float, list[float], list[int]]:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new, do_sample=False, min_length=len(prompt) + new)
-        g = og.Generator(model, params)
-        t0 = time.perf_counter()
-        g.append_tokens(np.asarray([prompt], dtype=np.int32))
-        g.generate_next_token()
-        ttft = time.perf_counter() - t0
-        steps = []
-        while not g.is_done():
-            s = time.perf_counter()
-            g.generate_next_token()
-            steps.append(time.perf_counter() - s)
-        return ttft, steps, [int(t) for t in g.get_sequence(0)[len(prompt):]]
-
-    return run
-
-
-def summarize(runs: list[tuple[float, list[float], list[int]]]) -> dict:
-    """Medians over repeated timed runs (each after its own warm-up run)."""
-    ttfts = [r[0] for r in runs]
-    tps = [len(r[1]) / sum(r[1]) for r in runs]
-    return {"decode_tokens_per_s": round(float(np.median(tps)), 1),
-            "time_to_first_token_s": round(float(np.median(ttfts)), 4),
-            "decode_step_ms_median": round(1000 * float(np.median([np.median(r[1]) for r in runs])), 3),
-            "samples": {"decode_tokens_per_s": [round(x, 1) for x in tps],
-                        "time_to_first_token_s": [round(x, 4) for x in ttfts]},
-            "tokens": runs[-1][2]}
+    src = benchlib.genai_source(ckpt, work, "mistral-125m")
+    out = benchlib.genai_build(src, work / "genai-fp32-cpu", "fp32", work, threads)
+    return benchlib.genai_decode_runner(out, prompt, new)
 
 
 def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int) -> dict:
@@ -180,31 +95,22 @@ def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int) ->
 def child(system: str, a: argparse.Namespace) -> None:
     """One system in its own process: a warm-up run, then one timed run; prints JSON on stdout."""
     ckpt = make_checkpoint(a.work)
-    prompt = np.random.default_rng(0).integers(3, SHAPE["vocab"], a.prompt_len).tolist()
+    prompt = benchlib.bench_prompt(a.prompt_len)
     if system == "transformers":
         print(json.dumps(bench_transformers(ckpt, a.threads, prompt, a.new_tokens)))
         return
     run = (mtx_runner if system == "mtx" else genai_runner)(ckpt, a.work, a.threads, prompt, a.new_tokens)
-    run()
-    ttft, steps, tokens = run()
-    print(json.dumps({"ttft": ttft, "steps": steps, "tokens": tokens}))
+    print(json.dumps(benchlib.timed_twice(run)))
 
 
 def in_child(system: str, a: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--child", system, "--work", str(a.work), "--threads", str(a.threads),
-           "--prompt-len", str(a.prompt_len), "--new-tokens", str(a.new_tokens)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"bench_peers: {system} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return benchlib.run_json([sys.executable, __file__, "--child", system, "--work", a.work, "--threads", a.threads,
+                              "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens], f"bench_peers: {system}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mtx-bench"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    benchlib.add_common_args(ap, work="/tmp/mtx-bench", prompt_len=128, new_tokens=256)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per system, alternating mtx and genai")
     ap.add_argument("--skip", action="append", default=[], choices=["genai", "transformers"])
     ap.add_argument("--child", choices=["mtx", "genai", "transformers"], help=argparse.SUPPRESS)

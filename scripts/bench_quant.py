@@ -21,18 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_peers  # noqa: E402  (the 125M checkpoint, genai source folder, summaries)
+import benchlib
+from benchlib import genai_build, genai_source
 
 QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4 block 32": ["--quantize", "int4", "--block-size", "32"],
           "int4 block 128": ["--quantize", "int4", "--block-size", "128"],
@@ -40,45 +35,11 @@ QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4 block 32": ["--quant
 
 
 def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:
-    if not (out / "mtx.json").exists():
-        subprocess.run([sys.executable, "-m", "mtx", "export", ckpt, "-o", str(out), "--force", *args], check=True,
-                       stdout=subprocess.DEVNULL)
-    return out
+    return benchlib.export_once(ckpt, out, args)
 
 
 def folder_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".data", ".safetensors", ".onnx"))
-
-
-def genai_source(ckpt: Path, work: Path, name: str) -> Path:
-    """A copy of ``ckpt`` (hard links) whose config.json declares every layer sliding (genai keeps the window)."""
-    src = work / f"{name}-genai-src"
-    if not src.exists():
-        src.mkdir(parents=True)
-        cfg = json.loads((ckpt / "config.json").read_text())
-        if cfg.get("sliding_window"):
-            cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
-        (src / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in ckpt.iterdir():
-            if f.name != "config.json":
-                try:
-                    os.link(f, src / f.name)
-                except OSError:
-                    (src / f.name).write_bytes(f.read_bytes())
-    return src
-
-
-def genai_build(src: Path, out: Path, precision: str, work: Path, threads: int) -> Path:
-    if not (out / "genai_config.json").exists():
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
-                        "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        gc = json.loads((out / "genai_config.json").read_text())
-        so = gc["model"]["decoder"].setdefault("session_options", {})
-        so["intra_op_num_threads"] = threads
-        so["inter_op_num_threads"] = 1
-        (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
-    return out
 
 
 def inspect_genai(out: Path) -> dict:
@@ -159,36 +120,15 @@ def quality(work: Path, threads: int, skip_genai: bool, max_tokens: int) -> dict
 # Speed
 
 
-def mtx_child_runner(out: Path, threads: int, prompt: list[int], new: int):
-    import mtx.runtime
-
-    gen = mtx.runtime.load(out, threads=threads)
-
-    def run():
-        t0 = time.perf_counter()
-        stream = gen.stream(prompt, new, stop_token_ids=[])
-        tokens = [next(stream)]
-        ttft = time.perf_counter() - t0
-        steps, s = [], time.perf_counter()
-        for tok in stream:
-            steps.append(time.perf_counter() - s)
-            tokens.append(tok)
-            s = time.perf_counter()
-        return ttft, steps, tokens
-    return run
-
-
 def child(system: str, folder: Path, a: argparse.Namespace) -> None:
-    prompt = np.random.default_rng(0).integers(3, bench_peers.SHAPE["vocab"], 128).tolist()
-    run = bench_peers.genai_decode_runner(folder, prompt, a.new_tokens) if system.startswith("genai") else \
-        mtx_child_runner(folder, a.threads, prompt, a.new_tokens)
-    run()
-    ttft, steps, tokens = run()
-    print(json.dumps({"ttft": ttft, "steps": steps, "tokens": tokens}))
+    prompt = benchlib.bench_prompt(128)
+    run = benchlib.genai_decode_runner(folder, prompt, a.new_tokens) if system.startswith("genai") else \
+        benchlib.mtx_decode_runner(folder, a.threads, prompt, a.new_tokens)
+    print(json.dumps(benchlib.timed_twice(run)))
 
 
 def speed(work: Path, a: argparse.Namespace) -> dict:
-    ckpt = bench_peers.make_checkpoint(work)
+    ckpt = benchlib.make_checkpoint(work)
     folders = {f"mtx {q}": mtx_export(str(ckpt), work / f"mtx-125m-{q.replace(' ', '-')}", args) for q, args in QUANTS.items()}
     if a.accuracy_level0:
         folders["mtx int4 accuracy_level 0"] = mtx_export(str(ckpt), work / "mtx-125m-int4-acc0",
@@ -202,20 +142,16 @@ def speed(work: Path, a: argparse.Namespace) -> dict:
     runs: dict[str, list] = {n: [] for n in folders}
     for _ in range(a.repeats):
         for name, folder in folders.items():
-            cmd = [sys.executable, __file__, "--child", name, "--folder", str(folder), "--threads", str(a.threads),
-                   "--new-tokens", str(a.new_tokens)]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise SystemExit(f"bench_quant: {name} failed:\n{res.stderr[-3000:]}")
-            r = json.loads(res.stdout.strip().splitlines()[-1])
+            r = benchlib.run_json([sys.executable, __file__, "--child", name, "--folder", folder, "--threads",
+                                   a.threads, "--new-tokens", a.new_tokens], f"bench_quant: {name}")
             runs[name].append((r["ttft"], r["steps"], r["tokens"]))
     results = {}
     for name, rs in runs.items():
-        s = bench_peers.summarize(rs)
+        s = benchlib.summarize(rs)
         s.pop("tokens")
         s["weight_bytes"] = folder_bytes(folders[name])
         results[name] = s
-    out = {"setup": {**bench_peers.SHAPE, "batch": 1, "prompt_len": 128, "new_tokens": a.new_tokens,
+    out = {"setup": {**benchlib.SHAPE, "batch": 1, "prompt_len": 128, "new_tokens": a.new_tokens,
                      "threads": a.threads, "repeats": a.repeats}, "results": results}
     if graph:
         out["genai_int4_graph"] = graph
@@ -226,9 +162,7 @@ def speed(work: Path, a: argparse.Namespace) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", type=Path, default=Path("/tmp/mtx-bench"))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--new-tokens", type=int, default=256)
+    benchlib.add_common_args(ap, work="/tmp/mtx-bench", prompt_len=None, new_tokens=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-tokens", type=int, default=2048, help="tokens of held-out text scored for perplexity")
     ap.add_argument("--accuracy-level0", action="store_true", help="also time an int4 export with accuracy_level 0")

@@ -21,118 +21,9 @@ import argparse
 import asyncio
 import json
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-@dataclass
-class Result:
-    prompt: int
-    t_sent: float
-    chunk_times: list[float] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    completion_tokens: int | None = None
-    error: str | None = None
-
-
-def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    rng = np.random.default_rng(seed)
-    return rng.integers(3, vocab, size=(n, length)).tolist()
-
-
-async def _one(client: Any, model: str, prompt: list[int], index: int, max_tokens: int) -> Result:
-    res = Result(index, time.perf_counter())
-    try:
-        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True})
-        async for chunk in stream:
-            now = time.perf_counter()
-            if chunk.usage is not None:
-                res.completion_tokens = chunk.usage.completion_tokens
-            for choice in chunk.choices:
-                if choice.text:
-                    res.chunk_times.append(now)
-                    res.text += choice.text
-                res.finish_reason = choice.finish_reason or res.finish_reason
-    except Exception as e:  # noqa: BLE001 - every failure is counted and reported
-        res.error = f"{type(e).__name__}: {e}"
-    return res
-
-
-async def run_load(url: str, model: str, prompts: list[list[int]], clients: int, requests: int, duration: float,
-                   max_tokens: int) -> tuple[list[Result], float, float]:
-    """Results of up to ``requests`` requests by ``clients`` concurrent clients within ``duration`` s."""
-    import httpx
-    import openai
-
-    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600,
-                                http_client=openai.DefaultAsyncHttpxClient(
-                                    limits=httpx.Limits(max_connections=clients + 4)))
-    results: list[Result] = []
-    counter = iter(range(requests))
-    t0 = time.perf_counter()
-    deadline = t0 + duration
-
-    async def worker() -> None:
-        for i in counter:
-            if time.perf_counter() > deadline:
-                return
-            results.append(await _one(client, model, prompts[i % len(prompts)], i % len(prompts), max_tokens))
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    await client.close()
-    return results, t0, time.perf_counter()
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    return round(float(np.percentile(values, q)), 4) if values else None
-
-
-def summarize(results: list[Result], t0: float, t1: float, max_tokens: int,
-              expected: dict[int, str] | None) -> dict[str, Any]:
-    ok = [r for r in results if r.error is None]
-    incomplete = [r for r in ok if r.finish_reason != "length" or r.completion_tokens != max_tokens]
-    mismatched = [r for r in ok if expected is not None and r.text != expected[r.prompt]]
-    ttft = [r.chunk_times[0] - r.t_sent for r in ok if r.chunk_times]
-    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
-    tokens = sum(r.completion_tokens or 0 for r in ok)
-    # decode rate while every request was streaming: chunks between the last first-chunk and the first last-chunk
-    started = [r.chunk_times[0] for r in ok if r.chunk_times]
-    ended = [r.chunk_times[-1] for r in ok if r.chunk_times]
-    agg = None
-    if started and ended and min(ended) > max(started):
-        lo, hi = max(started), min(ended)
-        n = sum(sum(1 for t in r.chunk_times if lo < t <= hi) for r in ok)
-        agg = round(n / (hi - lo), 1)
-    return {
-        "requests": len(results),
-        "errors": len(results) - len(ok),
-        "error_examples": sorted({r.error for r in results if r.error})[:3],
-        "incomplete": len(incomplete),
-        "checked_against_offline": expected is not None,
-        "mismatched": len(mismatched),
-        "wall_s": round(t1 - t0, 3),
-        "throughput_tokens_per_s": round(tokens / (t1 - t0), 1),
-        "aggregate_decode_tokens_per_s": agg,
-        "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
-        "inter_token_latency_s": {"p50": _pct(itl, 50), "p99": _pct(itl, 99)},
-    }
-
-
-def offline_texts(export: str, prompts: list[list[int]], max_tokens: int, threads: int | None) -> dict[int, str]:
-    import mtx.runtime
-
-    gen = mtx.runtime.load(export, threads=threads)
-    return {i: gen.decode(gen.generate([p], max_new_tokens=max_tokens, stop_token_ids=[])[0])
-            for i, p in enumerate(prompts)}
+from benchlib import make_prompts, offline_texts, run_load, summarize_load
 
 
 def main() -> None:
@@ -160,7 +51,7 @@ def main() -> None:
     prompts = make_prompts(a.distinct, a.prompt_len, vocab or 128, a.seed)
     expected = offline_texts(a.check, prompts, a.max_tokens, a.threads) if a.check else None
     results, t0, t1 = asyncio.run(run_load(a.url, a.model, prompts, a.clients, a.requests, a.duration, a.max_tokens))
-    summary = summarize(results, t0, t1, a.max_tokens, expected)
+    summary = summarize_load(results, t0, t1, a.max_tokens, expected)
     print(json.dumps({"clients": a.clients, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, **summary},
                      indent=2))
     sys.exit(1 if summary["errors"] or summary["incomplete"] or summary["mismatched"] else 0)

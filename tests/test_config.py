@@ -62,7 +62,7 @@ def test_params_json(tmp_path):
     ({**BASE, "model_type": "llama"}, "unknown model_type 'llama'"),
     ({k: v for k, v in BASE.items() if k != "hidden_size"}, "missing required key hidden_size"),
     ({**BASE, "num_key_value_heads": 3}, "multiple of"),
-    ({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "rope_type 'yarn'"),
+    ({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, "'rope_parameters.rope_type' = 'yarn' is not supported"),
     ({**BASE, "sliding_window": -4}, "sliding_window"),
 ])
 def test_config_errors(tmp_path, data, needle):

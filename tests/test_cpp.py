@@ -106,6 +106,22 @@ def test_seeded_sampling_matches_python(cpp_build, parity_export, tmp_path, vari
         assert got["tokens"] == batch, params
 
 
+@pytest.mark.parametrize("params", [dict(temperature=1e-310, seed=1), dict(temperature=0.8, repetition_penalty=1e-320,
+                                                                           seed=2),
+                                    dict(temperature=1e-310, repetition_penalty=1e-320, top_k=5, top_p=0.5, seed=3)])
+def test_poisoned_sampling_options_stay_in_the_vocabulary(cpp_build, parity_export, tmp_path, params):
+    """A temperature of 1e-310 or a penalty of 1e-320 once gave NaN probabilities and token id == vocab
+    size (exit 0). Both runtimes now draw valid ids, the same ones, batch rows together."""
+    export = parity_export("mistral", "onnxruntime")
+    gen = py_load(export)
+    want = gen.generate(PROMPTS, max_new_tokens=N_NEW, stop_token_ids=[], **params)
+    assert all(0 <= t < gen.config.vocab_size for row in want for t in row)
+    got = check(cpp_build, tmp_path, {"op": "generate", "mode": "batch", "export": str(export), "prompts": PROMPTS,
+                                      "max_new_tokens": N_NEW, "stop": [], "sampling": params,
+                                      "prefill_chunk": PREFILL_CHUNK})
+    assert got["tokens"] == want
+
+
 def test_turns_and_stop_ids_match_python(cpp_build, parity_export, tmp_path):
     """Multi-turn session (the last generated token pending until the next turn) and stop ids."""
     export = parity_export("mistral", "onnx")

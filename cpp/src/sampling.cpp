@@ -75,13 +75,22 @@ double TokenRng::uniform() { return double(next_u64() >> 11) * (1.0 / double(uin
 
 int32_t select_token(const float* logits_in, int64_t vocab, const SamplingOptions& opts, TokenRng* rng,
                      const std::vector<int32_t>* seen) {
+  // No option value can produce NaN probabilities or an id outside [0, vocab): infinite logits and
+  // penalised values that overflow are clamped to the largest float, and where x / T overflows the
+  // maximum is subtracted before dividing (otherwise the arithmetic is unchanged, draw for draw).
+  const float big = std::numeric_limits<float>::max();
   std::vector<float> logits(logits_in, logits_in + vocab);
+  for (float& v : logits) {
+    if (std::isnan(v)) throw Error(ErrorCode::Runtime, "the model produced NaN logits for this row");
+    v = std::clamp(v, -big, big);
+  }
   if (seen && opts.repetition_penalty != 1.0 && !seen->empty()) {
     const float pen = static_cast<float>(opts.repetition_penalty);  // numpy: float32 array op python float
     std::set<int32_t> ids(seen->begin(), seen->end());
     for (int32_t id : ids) {
       float v = logits[id];
-      logits[id] = v > 0 ? v / pen : v * pen;
+      v = v > 0 ? v / pen : v * pen;
+      logits[id] = std::clamp(v, -big, big);
     }
   }
   if (opts.temperature == 0) {
@@ -89,6 +98,13 @@ int32_t select_token(const float* logits_in, int64_t vocab, const SamplingOption
   }
   std::vector<double> scaled(vocab);
   for (int64_t i = 0; i < vocab; ++i) scaled[i] = double(logits[i]) / opts.temperature;
+  if (!std::isfinite(*std::max_element(scaled.begin(), scaled.end()))) {  // a temperature so small x / T overflows
+    const double xmax = double(*std::max_element(logits.begin(), logits.end()));
+    for (int64_t i = 0; i < vocab; ++i) {
+      const double v = (double(logits[i]) - xmax) / opts.temperature;
+      scaled[i] = std::isnan(v) ? -std::numeric_limits<double>::infinity() : v;
+    }
+  }
   if (opts.top_k && opts.top_k < vocab) {
     std::vector<double> tmp(scaled);
     std::nth_element(tmp.begin(), tmp.begin() + (opts.top_k - 1), tmp.end(), std::greater<double>());
@@ -124,7 +140,7 @@ int32_t select_token(const float* logits_in, int64_t vocab, const SamplingOption
   double c = 0;
   for (int64_t i = 0; i < vocab; ++i) cdf[i] = (c += probs[i]);
   const double x = rng->uniform() * cdf.back();
-  return int32_t(std::upper_bound(cdf.begin(), cdf.end(), x) - cdf.begin());
+  return int32_t(std::min<int64_t>(std::upper_bound(cdf.begin(), cdf.end(), x) - cdf.begin(), vocab - 1));
 }
 
 }  // namespace mtx

@@ -117,7 +117,7 @@ def _trace_cached(cfg: ModelConfig, dtype: torch.dtype, capacity: int) -> ir.Mod
     onnx_model = program.model
     _demote_outputs(onnx_model.graph, probes)
     inv = onnx_model.graph.initializers[INV_FREQ]
-    table = rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+    table = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor)
     inv.const_value = ir.tensor(table.numpy(), name=INV_FREQ)
     _name_dims(onnx_model.graph)
     onnx_model.producer_name = "mtx"

@@ -17,9 +17,11 @@ import torch.nn.functional as F
 from mtx import rolling_kv
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """Inverse frequencies [head_dim/2] float32, bit-identical to transformers' default RoPE."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, linear_factor: float = 1.0) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2] float32, bit-identical to transformers' default RoPE, and to its
+    linear RoPE scaling (positions divided by ``linear_factor``: the frequencies divided, in float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    return inv_freq if linear_factor == 1.0 else inv_freq / linear_factor
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

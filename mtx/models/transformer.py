@@ -170,7 +170,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         with torch.device("cpu"):
-            inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta)
+            inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property

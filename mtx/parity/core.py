@@ -114,13 +114,13 @@ def _check_checkpoint(ckpt_root: Path, config: dict[str, Any], manifest: Manifes
 
 
 def _prompt_ids(out: Path, prompt: str, vocab: int) -> list[int]:
-    from mtx.tokenizer import load_tokenizer
+    from mtx.tokenizer import encode_checked, load_tokenizer
 
     tokenizer = load_tokenizer(out)
     if tokenizer is None:
         raise UsageError(f"prompt: {out} has no tokenizer.json; use prompt_len N for random token ids",
                          params=("prompt", "prompt_len"))
-    ids = list(tokenizer.encode(prompt).ids)
+    ids = encode_checked(tokenizer, prompt, str(out / "tokenizer.json"))
     if not ids:
         raise UsageError("prompt: the text encodes to no tokens", params=("prompt",))
     bad = [i for i in ids if not 0 <= i < vocab]

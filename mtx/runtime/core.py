@@ -51,7 +51,7 @@ class RequestOutput:
     error: BaseException | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Running:
     """A request in a row. ``fed``: tokens of the row's KV (its next position); ``pending``: the sampled
     token still to feed (DECODE phase)."""
@@ -195,8 +195,9 @@ class BatchCore:
         if logits is None:
             return
         for i, a in members:
-            a.fed += 1
-            self._sample(a, logits[i, -1], out)
+            if self.rows[a.row] is a:  # not failed alone in a retry
+                a.fed += 1
+                self._sample(a, logits[i, -1], out)
 
     def _prefill(self, rows: slice, n: int, out: list[RequestOutput]) -> None:
         members = [a for a in self.rows[rows] if a is not None]
@@ -206,21 +207,37 @@ class BatchCore:
         if logits is None:
             return
         for i, a in enumerate(members):
+            if self.rows[a.row] is not a:  # failed alone in a retry
+                continue
             a.fed += n
             if a.fed == len(a.request.prompt_ids):
                 self._sample(a, logits[i, -1], out)
 
     def _run(self, rows: slice, ids: np.ndarray, pos: np.ndarray, members: list[_Running],
              out: list[RequestOutput]) -> np.ndarray | None:
-        """One graph call; on failure the call's requests finish with ``"error"`` and None is returned."""
+        """One graph call over ``rows``. If it fails, each member row is retried alone (a call only writes
+        the KV slots of its own positions, so a repeat writes the same values); rows that fail alone
+        finish with ``"error"`` and their logits are NaN. None if every member failed."""
         try:
             return self.backend.run(self.state, rows, ids, pos, last_only=True)
         except Exception as e:  # noqa: BLE001 - a failed call fails its own requests, not the core
-            log.exception("graph call on rows %d:%d failed", rows.start, rows.stop)
-            for a in members:
-                self._release(a)
-                out.append(_error(a.request.request_id, e))
+            if len(members) == 1 or rows.stop - rows.start == 1:
+                log.exception("graph call on rows %d:%d failed", rows.start, rows.stop)
+                for a in members:
+                    self._release(a)
+                    out.append(_error(a.request.request_id, e))
+                return None
+        parts: list[np.ndarray | None] = []
+        for i, r in enumerate(range(rows.start, rows.stop)):
+            a = self.rows[r]
+            if a is None or not any(a is m for m in members):  # an idle row of a decode span: nothing to retry
+                parts.append(None)
+                continue
+            parts.append(self._run(slice(r, r + 1), ids[i:i + 1], pos[i:i + 1], [a], out))
+        if all(p is None for p in parts):
             return None
+        shape = next(p for p in parts if p is not None).shape[1:]
+        return np.concatenate([p if p is not None else np.full((1, *shape), np.nan, np.float32) for p in parts])
 
     def _sample(self, a: _Running, logits: np.ndarray, out: list[RequestOutput]) -> None:
         try:

@@ -52,6 +52,16 @@ class TorchBackend(Backend):
 
     def run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
+        """Rows of a multi-row call run one at a time: torch's CPU matmuls block by the row count, so a
+        row's float32 result would otherwise depend on the rows beside it (1e-6 differences, measured).
+        The reference keeps each row bit-identical to the row run alone."""
+        if rows.stop - rows.start > 1:
+            return np.concatenate([self._run(state, slice(r, r + 1), input_ids[i:i + 1], start_pos[i:i + 1],
+                                             last_only) for i, r in enumerate(range(rows.start, rows.stop))])
+        return self._run(state, rows, input_ids, start_pos, last_only)
+
+    def _run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
+             last_only: bool) -> np.ndarray:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
         start = torch.from_numpy(np.ascontiguousarray(start_pos, dtype=np.int64)).to(self.device)
         with self._run_lock, torch.no_grad():

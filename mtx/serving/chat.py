@@ -9,6 +9,16 @@ text already holds its special tokens, so it is tokenized without adding any.
 Special tokens of tokenizer_config.json that tokenizer.json does not list as added tokens are matched
 as single tokens in the rendered text (as transformers, which adds them, does).
 
+**Bounded rendering.** The template is the export's, the messages the client's: rendering runs
+on a worker thread (never the event loop) under :data:`RENDER_DEADLINE_S`. A Python thread cannot be
+killed, so the bound is enforced from inside it: while rendering, a trace function
+(``sys.settrace``, this thread only) checks the deadline at every line of the compiled template and
+every Python call it makes, and raises :class:`TemplateTimeout` once it has passed — so nested loops
+(``range`` is capped at jinja2's ``MAX_RANGE`` = 100000 by the sandbox) give up within a few
+milliseconds of the deadline. ``*`` and ``**`` are checked before they run (a string, list or number
+of more than :data:`MAX_TEMPLATE_VALUE` characters / bits is refused), as a single C operation
+cannot be interrupted by the trace. The output is bounded by the same limit.
+
 Exports without a template (the built-in models, the synthetic test checkpoints) get
 :data:`DEFAULT_CHAT_TEMPLATE`, a plain one written here: ``<s>`` then, per message,
 ``<|role|>\\ncontent</s>\\n``, and ``<|assistant|>\\n`` to prompt the reply.
@@ -17,7 +27,10 @@ Exports without a template (the built-in models, the synthetic test checkpoints)
 from __future__ import annotations
 
 import json
+import sys
+import time
 from datetime import datetime
+from types import FrameType
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,6 +38,13 @@ from typing import Any
 from mtx.errors import CheckpointError, UsageError
 
 TOKENIZER_CONFIG = "tokenizer_config.json"
+#: Seconds a chat template may take to render one request's messages (then HTTP 400).
+RENDER_DEADLINE_S = 2.0
+#: Characters (strings, lists) or bits (integers) a template's ``*`` / ``**`` may produce, and the
+#: longest rendered prompt.
+MAX_TEMPLATE_VALUE = 16 * 1024 * 1024
+#: The filename jinja2 gives code compiled from a string (the lines the deadline is checked at).
+_TEMPLATE_FILENAME = "<template>"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -37,6 +57,10 @@ DEFAULT_CHAT_TEMPLATE = (
 
 class TemplateError(UsageError):
     """The chat template refused the messages (its raise_exception) or failed to render."""
+
+
+class TemplateTimeout(TemplateError):
+    """Rendering passed its deadline."""
 
 
 def _token_text(value: Any) -> str:
@@ -84,16 +108,61 @@ class ChatTemplate:
             raise CheckpointError(f"{path}: chat_template must be a string")
         return cls(template, special, f"{path} chat_template")
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               deadline_s: float | None = RENDER_DEADLINE_S) -> str:
+        """The prompt text of ``messages``; TemplateError when the template refuses them, fails, or runs
+        past ``deadline_s`` seconds (None: no deadline)."""
         import jinja2
 
+        variables = dict(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **self.special_tokens)
+            if deadline_s is None:
+                text = self._template.render(**variables)
+            else:
+                with _Deadline(deadline_s, self.origin):
+                    text = self._template.render(**variables)
         except TemplateError:
             raise
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, OverflowError,
+                MemoryError, RecursionError) as e:
             raise TemplateError(f"messages: {self.origin} failed to render ({e})", params=("messages",)) from None
+        if len(text) > MAX_TEMPLATE_VALUE:
+            raise TemplateError(f"messages: {self.origin} rendered more than {MAX_TEMPLATE_VALUE} characters",
+                                params=("messages",))
+        return text
+
+
+class _Deadline:
+    """While entered, the current thread raises :class:`TemplateTimeout` at the first template line or
+    Python call after ``seconds`` (a ``sys.settrace`` hook of this thread; the previous one restored)."""
+
+    def __init__(self, seconds: float, origin: str) -> None:
+        self.seconds, self.origin = seconds, origin
+        self.end = 0.0
+        self._previous: Any = None
+
+    def _check(self) -> None:
+        if time.monotonic() > self.end:
+            raise TemplateTimeout(f"messages: {self.origin} did not render within {self.seconds:g} s",
+                                  params=("messages",))
+
+    def _line(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self._check()
+        return self._line
+
+    def _call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self._check()
+        # Line events only in the compiled template (its loops); other frames are checked per call.
+        return self._line if frame.f_code.co_filename == _TEMPLATE_FILENAME else None
+
+    def __enter__(self) -> _Deadline:
+        self.end = time.monotonic() + self.seconds
+        self._previous = sys.gettrace()
+        sys.settrace(self._call)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self._previous)
 
 
 def chat_tokenizer(tokenizer: Any, special_tokens: dict[str, str]) -> Any:
@@ -119,13 +188,35 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _bounded_binop(operator: str, left: Any, right: Any) -> None:
+    """Refuse a template's ``*`` / ``**`` whose result would exceed MAX_TEMPLATE_VALUE (before it runs)."""
+    if operator == "*":
+        for seq, n in ((left, right), (right, left)):
+            if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
+                raise TemplateError(f"messages: the chat template's '*' would build more than {MAX_TEMPLATE_VALUE} "
+                                    "items", params=("messages",))
+    elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+            and right * left.bit_length() > MAX_TEMPLATE_VALUE:
+        raise TemplateError(f"messages: the chat template's '**' would build a number of more than "
+                            f"{MAX_TEMPLATE_VALUE} bits", params=("messages",))
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str, origin: str) -> Any:
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class Environment(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, with ``*`` and ``**`` bounded (see the module's "Bounded rendering")."""
+
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _bounded_binop(operator, left, right)
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

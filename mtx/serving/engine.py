@@ -39,8 +39,9 @@ log = logging.getLogger("mtx.serving")
 #: longest stall a step of new prompts puts on running streams.
 DEFAULT_TOKEN_BUDGET = 512
 #: Steps in a row that decode may be skipped while prompts are prefilled (mtx.runtime.scheduler.defer_decode):
-#: a burst of up to 4 x the token budget of prompt tokens is prefilled before running streams decode again.
-DEFAULT_DECODE_DEFERRAL = 4
+#: a burst of up to 8 x the token budget of prompt tokens (16 prompts of 128 tokens arriving over a few
+#: steps) is prefilled before the running streams decode again, so each stream stalls once per burst.
+DEFAULT_DECODE_DEFERRAL = 8
 
 
 class EngineBusy(Exception):

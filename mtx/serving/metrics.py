@@ -36,7 +36,7 @@ class ServingMetrics:
         self.prompt_tokens = Counter("mtx_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("mtx_generation_tokens", "Tokens generated", registry=r)
         self.finished = Counter("mtx_requests_finished", "Requests finished, by reason", ["reason"], registry=r)
-        self.rejected = Counter("mtx_requests_rejected", "Requests refused before queueing, by HTTP status",
+        self.rejected = Counter("mtx_requests_rejected", "Responses with an HTTP error status (4xx, 5xx), by status",
                                 ["status"], registry=r)
 
     def bind(self, engine: Any) -> None:

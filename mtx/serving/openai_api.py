@@ -9,61 +9,104 @@ deployment (mtx.serving.ray_app) mount the same FastAPI routes.
   and in a last chunk with ``stream_options.include_usage``.
 * ``GET /v1/models``, ``GET /health`` (liveness), ``GET /ready`` and ``GET /health/ready``,
   ``GET /metrics`` (Prometheus).
+
+Invariants (no request can stall the event loop, so /health always answers):
+* The event loop only moves bytes: a body is read with a byte limit (:class:`Guard`: Content-Length
+  first, then the bytes actually received; 413) and a deadline (408). Parsing, validation,
+  tokenization (GIL released) and chat-template rendering (under its deadline) run on a bounded pool
+  of worker threads, at most ``max_preparing`` requests at a time (then 429).
+* Every error response is OpenAI's error JSON, and each one is counted once, by status, in
+  ``mtx_requests_rejected_total`` — both in :class:`Guard`, which every response passes.
+* A request whose client disconnects is cancelled at once, streamed or not (its row freed at the
+  engine's next step).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from mtx.errors import MtxError
+from mtx.errors import MtxError, UsageError
 from mtx.serving import protocol
 from mtx.serving.chat import ChatTemplate, chat_tokenizer
-from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event
+from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
 from mtx.serving.metrics import ServingMetrics
-from mtx.serving.protocol import (DEFAULT_COMPLETION_MAX_TOKENS, SSE_DONE, ApiError, ChatRequest, CompletionRequest,
-                                  Envelope, Prepared, SamplingRequest, api_error, sse)
+from mtx.serving.protocol import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
+                                  SSE_DONE, ApiError, ChatRequest, CompletionRequest, Envelope, Prepared,
+                                  SamplingRequest, api_error, sse)
 from mtx.tokenizer import encode_checked
+
+log = logging.getLogger("mtx.serving")
+#: Worker threads that parse, tokenize and render requests (off the event loop).
+PREPARE_THREADS = 4
+Sink = Callable[[Event], None]
 
 
 # -- the routes' state ---------------------------------------------------------------------------------
 class OpenAIServer:
     """The state behind the routes: one engine, its generator, the served model name, the chat
-    template and the metrics."""
+    template, the metrics, the request limits and the pool of worker threads that prepares requests."""
 
-    def __init__(self, engine: Engine, model_name: str, folder: Path | None, metrics: ServingMetrics) -> None:
+    def __init__(self, engine: Engine, model_name: str, folder: Path | None, metrics: ServingMetrics,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+                 prepare_threads: int = PREPARE_THREADS) -> None:
         self.engine = engine
         self.generator = engine.generator
         self.model_name = model_name
         self.metrics = metrics
+        self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
         self.created = int(time.time())
         self.chat_template = ChatTemplate.for_folder(folder) if folder is not None else ChatTemplate.default()
         self._chat_tokenizer = None if self.generator.tokenizer is None else chat_tokenizer(
             self.generator.tokenizer, self.chat_template.special_tokens)
+        self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
+        #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
+        self.max_preparing = prepare_threads + engine.max_queue
+        self._preparing = 0
         metrics.bind(engine)
+
+    def close(self) -> None:
+        """Stop the worker threads (those at work finish their request) and the engine."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.engine.close()
 
     def position_limit(self) -> int | None:
         """Positions a request may reach (prompt + new tokens), or None where unbounded."""
         return self.generator.backend.position_limit()
 
-    # -- request body -> Prepared (tokenising here, validating in protocol) ---------------------------
+    # -- request body -> Prepared (on a worker thread: tokenising here, validating in protocol) --------
     def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, default_max: int | None,
                  prompt_field: str) -> Prepared:
         return protocol.prepare(req, ids, max_tokens=max_tokens, default_max=default_max, prompt_field=prompt_field,
                                 position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids)
 
+    def _ids(self, prompt: str | list[int], what: str, tokenizer: Any, add_special_tokens: bool) -> list[int]:
+        """Validated ids of ``prompt``; text is tokenized with the GIL released (long texts take seconds)."""
+        if isinstance(prompt, str) and tokenizer is not None:
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON)
+                raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})") from None
+            prompt = encode_checked(tokenizer, prompt, what, add_special_tokens, release_gil=True)
+        return self.generator.to_ids(prompt, what)
+
     def prepare_completion(self, req: CompletionRequest) -> Prepared:
         protocol.check_model(req, self.model_name)
         prompt = protocol.completion_prompt(req)
         try:
-            ids = self.generator.to_ids(prompt)
+            ids = self._ids(prompt, "prompt", self.generator.tokenizer, add_special_tokens=True)
         except MtxError as e:
             raise api_error(e, "prompt") from None
         return self._prepare(req, ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
@@ -73,16 +116,48 @@ class OpenAIServer:
         messages = protocol.chat_messages(req, self.generator.tokenizer is not None)
         try:
             text = self.chat_template.render(messages, add_generation_prompt=True)
-            ids = encode_checked(self._chat_tokenizer, text, "chat prompt", add_special_tokens=False)
-            ids = self.generator.to_ids(ids, "chat prompt")
+            ids = self._ids(text, "chat prompt", self._chat_tokenizer, add_special_tokens=False)
         except MtxError as e:
             raise api_error(e, "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         return self._prepare(req, ids, max_tokens, None, "messages")
 
-    # -- running ------------------------------------------------------------------------------------
-    def submit(self, prep: Prepared) -> tuple[Any, asyncio.Queue[Event]]:
-        """Submit ``prep`` to the engine; its events arrive on the returned queue (this event loop's)."""
+    def submit(self, prep: Prepared, sink: Sink) -> RequestHandle:
+        """Submit ``prep`` to the engine (any thread); its events go to ``sink``."""
+        try:
+            return self.engine.submit(prep.ids, prep.max_tokens, sink=sink, want_text=self.generator.tokenizer
+                                      is not None, **prep.options)
+        except (EngineBusy, EngineDraining, MtxError) as e:
+            raise api_error(e, "max_tokens") from None
+
+    def _admit(self, raw: bytes, chat: bool, sink: Sink) -> tuple[SamplingRequest, Prepared, RequestHandle]:
+        """On a worker thread: parse and validate ``raw``, tokenize, submit (ApiError when refused)."""
+        body: SamplingRequest
+        if chat:
+            body = protocol.parse_body(raw, ChatRequest)
+            prep = self.prepare_chat(body)  # type: ignore[arg-type]
+        else:
+            body = protocol.parse_body(raw, CompletionRequest)
+            prep = self.prepare_completion(body)  # type: ignore[arg-type]
+        return body, prep, self.submit(prep, sink)
+
+    # -- running (on the event loop) ----------------------------------------------------------------
+    async def read_body(self, request: Request) -> bytes:
+        """The request body, within ``body_timeout_s`` (408) and the byte limit (413, :class:`Guard`)."""
+        try:
+            return await asyncio.wait_for(request.body(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.body_timeout_s:g} s (--body-timeout)",
+                           None, "invalid_request_error", "request_timeout") from None
+        except ClientDisconnect:
+            raise ApiError(400, "the client disconnected while sending the request body") from None
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        """One POST of a completion (``chat``: a chat completion): read, prepare off the loop, run."""
+        raw = await self.read_body(request)
+        if self._preparing >= self.max_preparing:
+            raise ApiError(429, f"{self._preparing} requests are being prepared; retry later", None,
+                           "rate_limit_error", "queue_full")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -92,51 +167,49 @@ class OpenAIServer:
             except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
                 pass
 
+        self._preparing += 1
         try:
-            handle = self.engine.submit(prep.ids, prep.max_tokens, sink=sink, want_text=self.generator.tokenizer
-                                        is not None, **prep.options)
-        except (EngineBusy, EngineDraining, MtxError) as e:
-            err = api_error(e, "max_tokens")
-            self.metrics.rejected.labels(status=str(err.status)).inc()
-            raise err from None
-        return handle, events
+            body, prep, handle = await loop.run_in_executor(self._pool, self._admit, raw, chat, sink)
+        finally:
+            self._preparing -= 1
+        return await self.run(request, body, prep, handle, events, chat)
 
-    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, chat: bool) -> Response:
-        """Submit ``prep`` and answer: an SSE stream, or one JSON object when the request finishes.
+    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: RequestHandle,
+                  events: asyncio.Queue[Event], chat: bool) -> Response:
+        """Answer a submitted request: an SSE stream, or one JSON object when it finishes.
 
         The text is the engine's (the core's one detokenizer: complete characters only, ending before
         the first stop string); this layer only wraps it."""
-        handle, events = self.submit(prep)
         env = Envelope(self.model_name, chat, body.stream, body.include_usage)
         if body.stream:
             return StreamingResponse(self._stream(handle, events, env, prep),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait(_GONE)))
         try:
-            reason, text, n_tokens = await self._collect(request, events)
+            reason, text, n_tokens = await self._collect(events)
         finally:
+            watcher.cancel()
             handle.cancel()  # no-op once finished; frees the row if the client went away
         if reason == "error":
             raise ApiError(500, "the engine failed on this request", None, "server_error")
         return JSONResponse(env.wrap([env.choice(text, reason)], protocol.usage(len(prep.ids), n_tokens)))
 
-    async def _collect(self, request: Request, events: asyncio.Queue[Event]) -> tuple[str, str, int]:
-        """(finish reason, text, tokens) of a request ("cancelled" once the client is gone)."""
+    @staticmethod
+    async def _collect(events: asyncio.Queue[Event]) -> tuple[str, str, int]:
+        """(finish reason, text, tokens) of a request ("cancelled" as soon as the client is gone)."""
         parts: list[str] = []
         n_tokens = 0
         while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return "cancelled", "".join(parts), n_tokens
-                continue
+            ev = await events.get()
+            if ev is _GONE:
+                return "cancelled", "".join(parts), n_tokens
             parts.append(ev.text)
             if ev.kind == "token":
                 n_tokens += 1
             else:
                 return ev.finish_reason or "error", "".join(parts), n_tokens
 
-    async def _stream(self, handle: Any, events: asyncio.Queue[Event], env: Envelope,
+    async def _stream(self, handle: RequestHandle, events: asyncio.Queue[Event], env: Envelope,
                       prep: Prepared) -> AsyncIterator[str]:
         """The SSE events of one request; always ends with ``[DONE]`` and cancels ``handle``."""
         n_tokens = 0
@@ -169,6 +242,94 @@ class OpenAIServer:
             handle.cancel()  # the client went away (or we are done): free the row now
 
 
+#: Put on a request's event queue when its client disconnects.
+_GONE = Event("finish", finish_reason="cancelled")
+
+
+async def _on_disconnect(request: Request, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when the client of ``request`` (its body already read) disconnects: the ASGI
+    server's next message after the body is ``http.disconnect``."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            callback()
+            return
+        await asyncio.sleep(0.05)  # a server that repeats empty body messages: poll, never spin
+
+
+# -- the one place every response passes -----------------------------------------------------------------
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class Guard:
+    """ASGI middleware around the routes (inside Starlette's last-resort error handler):
+
+    * the request body limit: a Content-Length over the limit is answered 413 before any byte of the
+      body is read; bodies without one (chunked) are counted as they arrive, and the read raises 413
+      once the count passes the limit — a body is never held beyond ``limit`` bytes;
+    * an exception no handler took becomes OpenAI's 500 JSON (when no response has started);
+    * every response of status >= 400 is counted once in ``mtx_requests_rejected_total{status}``.
+
+    ``get_server()`` gives the limit and the metrics (the defaults, uncounted, while it cannot)."""
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]],
+                 get_server: Callable[[], OpenAIServer]) -> None:
+        self.app = app
+        self.get_server = get_server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            server: OpenAIServer | None = self.get_server()
+        except Exception:  # noqa: BLE001 - e.g. a Ray replica still loading: defaults
+            server = None
+        limit = server.max_request_bytes if server is not None else DEFAULT_MAX_REQUEST_BYTES
+        started = False
+
+        async def counted_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400 and server is not None:
+                    server.metrics.rejected.labels(status=str(message["status"])).inc()
+            await send(message)
+
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None:
+            error = None
+            if not length.strip().isdigit():
+                error = ApiError(400, f"Content-Length {length[:40].decode('latin-1')!r} is not a number")
+            elif int(length) > limit:
+                error = protocol.too_large(limit)
+            if error is not None:
+                await error.response()(scope, receive, counted_send)
+                return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise protocol.too_large(limit)
+            return message
+
+        try:
+            await self.app(scope, limited_receive, counted_send)
+        except Exception as e:  # noqa: BLE001 - the last resort: OpenAI's 500, logged
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            error = ApiError(500, f"internal server error ({type(e).__name__})", None, "server_error")
+            await error.response()(scope, receive, counted_send)
+
+
 def add_routes(app: FastAPI, get_server: Callable[[], OpenAIServer]) -> FastAPI:
     """Mount the OpenAI routes on ``app``; ``get_server()`` returns the :class:`OpenAIServer` of this
     process (a replica's own under Ray Serve)."""
@@ -178,15 +339,21 @@ def add_routes(app: FastAPI, get_server: Callable[[], OpenAIServer]) -> FastAPI:
     async def _error(request: Request, exc: Exception) -> JSONResponse:
         return api_error(exc).response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = protocol.http_error(exc.status_code, exc.detail, request.method, request.url.path).response()
+        response.headers.update(exc.headers or {})
+        return response
+
+    app.add_middleware(Guard, get_server=get_server)
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        server = get_server()
-        return await server.run(request, body, server.prepare_completion(body), chat=False)
+    async def completions(request: Request) -> Response:
+        return await get_server().handle(request, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request) -> Response:
-        server = get_server()
-        return await server.run(request, body, server.prepare_chat(body), chat=True)
+    async def chat_completions(request: Request) -> Response:
+        return await get_server().handle(request, chat=True)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

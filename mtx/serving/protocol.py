@@ -9,6 +9,11 @@ options, response envelopes, and OpenAI's error JSON.
 * Errors: ``{"error": {"message", "type", "param", "code"}}`` built by :meth:`ApiError.body` only;
   :func:`api_error` maps an exception to its status: 400 for a bad request (a validation error, an
   :class:`MtxError`), 429 when the waiting queue is full, 503 while shutting down.
+* Limits (each bounds the work one request can cause before it is refused): the body's bytes
+  (:data:`DEFAULT_MAX_REQUEST_BYTES`, 413), JSON nesting (Python's recursion limit, 400),
+  :data:`MAX_MESSAGES` messages and as many content parts, :data:`MAX_STOP_STRINGS` stop strings of
+  at most :data:`MAX_STOP_CHARS` characters, and the chat roles of :data:`CHAT_ROLES`.
+  :func:`parse_body` applies them before pydantic sees the body.
 
 Sampling fields: ``temperature`` (OpenAI's default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
 (completions default 16; chat default: up to 256 or the positions left), and the vLLM-style
@@ -23,11 +28,11 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mtx.errors import MtxError
 from mtx.serving.engine import EngineBusy, EngineDraining
@@ -39,6 +44,20 @@ FIELD_OF_PARAM = {"max_new_tokens": "max_tokens", "prompt": "prompt", "max_posit
                   "cache_capacity": "max_tokens"}
 #: The last event of every stream.
 SSE_DONE = "data: [DONE]\n\n"
+#: Bytes a request body may have (``mtx serve --max-request-bytes``): 2 MiB holds a 128K-token prompt
+#: as token ids, and parses (json.loads, on a worker thread but holding the GIL) in well under 100 ms.
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+#: Seconds a client may take to send its request body (``mtx serve --body-timeout``; then 408).
+DEFAULT_BODY_TIMEOUT_S = 30.0
+#: Messages of one chat request, and text parts over all its messages.
+MAX_MESSAGES = 2048
+#: OpenAI's limit on stop strings, and mtx's on each one's length (matching is O(length^2) per token).
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024
+#: The chat roles accepted (OpenAI's, less the deprecated "function").
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+#: Roles whose ``content`` may be null (OpenAI: an assistant message that only calls tools).
+NULL_CONTENT_ROLES = ("assistant",)
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -101,6 +120,9 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = None
 
 
+_M = TypeVar("_M", bound=SamplingRequest)
+
+
 # -- errors -------------------------------------------------------------------------------------------
 class ApiError(Exception):
     """An HTTP error in OpenAI's shape; :meth:`body` is the only builder of the error JSON."""
@@ -136,17 +158,79 @@ def api_error(exc: Exception, param: str | None = None) -> ApiError:
 
 
 def _invalid_body(exc: RequestValidationError) -> ApiError:
-    errs = exc.errors()
+    return validation_error(list(exc.errors()))
+
+
+def validation_error(errs: Sequence[Any]) -> ApiError:
+    """The 400 of pydantic's (or FastAPI's) validation errors: the first one, naming its field."""
     e = errs[0] if errs else {}
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
     field_ = loc[0] if loc else None
     if e.get("type") == "json_invalid":
         message, field_ = f"request body is not valid JSON ({e.get('ctx', {}).get('error', e.get('msg'))})", None
-    elif e.get("type") == "model_attributes_type":
+    elif e.get("type") in ("model_attributes_type", "model_type", "dict_type"):
         message, field_ = "request body must be a JSON object", None
     else:
         message = f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid value')}"
     return ApiError(400, message, field_)
+
+
+def http_error(status: int, detail: Any, method: str, path: str) -> ApiError:
+    """The :class:`ApiError` of a Starlette HTTPException (unknown route, method not allowed, ...)."""
+    if status == 404:
+        return ApiError(404, f"no route {method} {path}; routes: POST /v1/completions, POST /v1/chat/completions, "
+                        "GET /v1/models, /health, /ready, /metrics", None, "invalid_request_error", "not_found")
+    if status == 405:
+        return ApiError(405, f"method {method} is not allowed on {path}", None, "invalid_request_error",
+                        "method_not_allowed")
+    return ApiError(status, str(detail), None, "invalid_request_error" if status < 500 else "server_error")
+
+
+def too_large(limit: int) -> ApiError:
+    """413: a request body over ``limit`` bytes."""
+    return ApiError(413, f"the request body exceeds this server's limit of {limit} bytes (--max-request-bytes)",
+                    None, "invalid_request_error", "request_too_large")
+
+
+def parse_body(raw: bytes, model: type[_M]) -> _M:
+    """The request ``model`` of body ``raw``; ApiError 400 naming what is wrong.
+
+    Invariant: the count limits (:func:`check_limits`) hold before pydantic validates, so validation
+    (which holds the GIL) is linear in a bounded body with no large lists of objects."""
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON (nested too deeply)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"request body is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    check_limits(obj)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(e.errors()) from None
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply") from None
+
+
+def check_limits(obj: dict[str, Any]) -> None:
+    """Refuse a raw body past the count limits: messages and their parts, stop strings, and more than
+    one completion prompt (cheap: looks at list lengths only)."""
+    messages = obj.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise ApiError(400, f"messages: at most {MAX_MESSAGES} messages per request, got {len(messages)}",
+                           "messages")
+        parts = sum(len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_MESSAGES:
+            raise ApiError(400, f"messages: at most {MAX_MESSAGES} content parts per request, got {parts}", "messages")
+    stop = obj.get("stop")
+    if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop: up to {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    prompt = obj.get("prompt")
+    if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], (str, list)):
+        raise ApiError(400, f"prompt: one prompt per request is supported, got {len(prompt)}", "prompt")
 
 
 # -- validation: request body -> engine options -------------------------------------------------------
@@ -181,14 +265,23 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
 
 
 def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, str]]:
-    """The messages as the chat template takes them (``role``, text ``content``); at least one."""
+    """The messages as the chat template takes them (``role``, text ``content``); at least one.
+
+    Roles are those of CHAT_ROLES (a role is written into the prompt by the template, so a free string
+    could forge template markers); ``content`` may be null only for an assistant (rendered as "")."""
     if not req.messages:
         raise ApiError(400, "messages: give at least one message", "messages")
     if not has_tokenizer:
         raise ApiError(400, "messages: this export has no tokenizer.json; use /v1/completions with token ids",
                        "messages")
     messages = []
-    for m in req.messages:
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}].role: unknown role {m.role[:40]!r}; expected one of "
+                           f"{', '.join(CHAT_ROLES)}", f"messages[{i}].role")
+        if m.content is None and m.role not in NULL_CONTENT_ROLES:
+            raise ApiError(400, f"messages[{i}].content: null content is allowed for assistant messages only",
+                           f"messages[{i}].content")
         content = m.content if isinstance(m.content, str) or m.content is None else \
             "".join(p.text for p in m.content)
         messages.append({"role": m.role, "content": content or ""})
@@ -214,8 +307,11 @@ def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, def
         if getattr(req, name) != 0:
             raise ApiError(400, f"{name}: not supported (use repetition_penalty)", name)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stop) > 4 or any(not s for s in stop):
-        raise ApiError(400, "stop: up to 4 non-empty strings", "stop")
+    if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
+        raise ApiError(400, f"stop: up to {MAX_STOP_STRINGS} non-empty strings", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(400, f"stop: each stop string may have at most {MAX_STOP_CHARS} characters, got "
+                       f"{max(len(s) for s in stop)}", "stop")
     if max_tokens is None:
         max_tokens = default_max if default_max is not None else DEFAULT_CHAT_MAX_TOKENS
         if left is not None and default_max is None:

@@ -52,7 +52,7 @@ class MtxDeployment:
     def __del__(self) -> None:
         server = getattr(self, "server", None)
         if server is not None:
-            server.engine.close()
+            server.close()
 
 
 def application(out: str | Path | None, options: ServeOptions, replicas: int = 1,
@@ -72,13 +72,15 @@ def application(out: str | Path | None, options: ServeOptions, replicas: int = 1
 
 
 def build(args: dict[str, str]) -> Any:
-    """``serve run mtx.serving.ray_app:build out=OUT [replicas=N] [autoscaling=JSON] [max_batch=N] ...``."""
+    """``serve run mtx.serving.ray_app:build out=OUT [replicas=N] [autoscaling=JSON] [max_batch=N]
+    [max_request_bytes=N] [body_timeout_s=S] ...``."""
     args = dict(args)
     out = args.pop("out", None)
     replicas = int(args.pop("replicas", 1))
     autoscaling = json.loads(args.pop("autoscaling")) if "autoscaling" in args else None
-    ints = {"max_batch", "max_queue", "token_budget", "threads"}
-    fields: dict[str, Any] = {k: (int(v) if k in ints else v) for k, v in args.items()}
+    ints = {"max_batch", "max_queue", "token_budget", "decode_deferral", "threads", "max_request_bytes"}
+    floats = {"body_timeout_s"}
+    fields: dict[str, Any] = {k: (int(v) if k in ints else float(v) if k in floats else v) for k, v in args.items()}
     if "verify" in fields:
         fields["verify"] = str(fields["verify"]).lower() not in ("0", "false", "no")
     return application(out, ServeOptions(**fields), replicas, autoscaling)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtx.serving.engine import DEFAULT_TOKEN_BUDGET, Engine
+from mtx.serving.engine import DEFAULT_DECODE_DEFERRAL, DEFAULT_TOKEN_BUDGET, Engine
+from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
     from mtx.serving.openai_api import OpenAIServer
@@ -19,19 +20,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class ServeOptions:
-    """``mtx serve``'s options: where to listen (``host``, ``port``; the HTTP server's), and how to load
-    the model and size its engine (the rest)."""
+    """``mtx serve``'s options: where to listen (``host``, ``port``; the HTTP server's), the request
+    limits (``max_request_bytes``: 413 beyond; ``body_timeout_s``: 408 beyond), and how to load the
+    model and size its engine (the rest)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     max_batch: int | None = None  # default: the export's max_batch
     max_queue: int = 64
     token_budget: int = DEFAULT_TOKEN_BUDGET
+    decode_deferral: int = DEFAULT_DECODE_DEFERRAL
     backend: str | None = None
     threads: int | None = None
     device: str | None = None
     verify: bool = True
     model_name: str | None = None  # default: the export folder's name
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
 
 def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
@@ -51,8 +56,10 @@ def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
                            max_batch=sized, verify=options.verify)
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
-                    token_budget=options.token_budget, observer=metrics)
+                    token_budget=options.token_budget, observer=metrics,
+                    max_decode_deferral=options.decode_deferral)
     name = options.model_name or folder.resolve().name
-    server = OpenAIServer(engine, name, folder, metrics)
+    server = OpenAIServer(engine, name, folder, metrics, max_request_bytes=options.max_request_bytes,
+                          body_timeout_s=options.body_timeout_s)
     engine.start()
     return server

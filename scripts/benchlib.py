@@ -1,0 +1,341 @@
+"""What the benchmark scripts share (imported as a sibling module: the scripts run as ``python scripts/X.py``).
+
+- the benchmark model: ``SHAPE``, ``make_checkpoint`` (the ~125M Mistral of issue #4, made once in ``--work``),
+  ``export_once`` (``mtx export`` into a folder, once), ``bench_prompt``;
+- child processes that print JSON: ``run_json`` (run one, parse its JSON, fail with its stderr),
+  ``child_env`` (PYTHONPATH with this checkout first), ``timed_twice`` (a warm-up run, then the timed one);
+- timed greedy runs: ``mtx_decode_runner``, ``genai_decode_runner``, ``summarize``;
+- onnxruntime-genai builds: ``genai_source``, ``genai_build``;
+- the OpenAI load generator (scripts/load_openai.py is its command line): ``make_prompts``, ``run_load``,
+  ``summarize_load``, ``offline_texts``, ``offline_outputs``;
+- ``loadavg``: the machine's load average, recorded with a figure;
+- shared argparse options: ``add_common_args`` (``--work --threads --prompt-len --new-tokens``).
+
+Everything heavy (mtx, torch, onnxruntime_genai, openai) is imported inside the function that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the scripts use this checkout's mtx, however they are started
+    sys.path.insert(1, str(ROOT))
+
+#: The benchmark model (issue #4): a ~125M-parameter Mistral-shaped float32 checkpoint.
+SHAPE = dict(vocab=32000, hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, window=256)
+
+#: (time to first token s, decode step times s, tokens) of one timed greedy run.
+Run = tuple[float, list[float], list[int]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_common_args(ap: argparse.ArgumentParser, *, work: str = "/tmp/mtx-bench", threads: int = 2,
+                    prompt_len: int | None = 128, new_tokens: int = 256) -> argparse._ArgumentGroup:
+    """``--work --threads [--prompt-len] --new-tokens`` (``prompt_len=None``: no ``--prompt-len``)."""
+    g = ap.add_argument_group("benchmark")
+    g.add_argument("--work", type=Path, default=Path(work), help="folder of the checkpoint and exports (made once)")
+    g.add_argument("--threads", type=int, default=threads, help="intra-op threads")
+    if prompt_len is not None:
+        g.add_argument("--prompt-len", type=int, default=prompt_len)
+    g.add_argument("--new-tokens", type=int, default=new_tokens)
+    return g
+
+
+# --------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with this checkout first on PYTHONPATH (children import the same mtx)."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": str(ROOT) + (os.pathsep + path if path else ""), **(extra or {})}
+
+
+def run_json(cmd: Sequence[str], what: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``cmd`` (stdout captured), parse the JSON it prints: all of stdout, else its last line.
+
+    A failing child ends the benchmark with ``what`` and the end of its stderr."""
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=False, cwd=cwd,
+                         env=child_env() if env is None else env)
+    if res.returncode != 0:
+        raise SystemExit(f"{what} failed (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    try:
+        return json.loads(res.stdout)
+    except json.JSONDecodeError:
+        lines = res.stdout.strip().splitlines()
+        if not lines:
+            raise SystemExit(f"{what} printed no JSON:\n{res.stderr[-3000:]}") from None
+        return json.loads(lines[-1])
+
+
+def timed_twice(run: Callable[[], Run]) -> dict[str, Any]:
+    """A warm-up run, then a timed one: the JSON a benchmark child prints (``{"ttft", "steps", "tokens"}``)."""
+    run()
+    ttft, steps, tokens = run()
+    return {"ttft": ttft, "steps": steps, "tokens": tokens}
+
+
+def loadavg() -> dict[str, float]:
+    """The 1/5/15-minute load averages now (the machine is shared: record them with every figure)."""
+    one, five, fifteen = os.getloadavg()
+    return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The benchmark model
+
+
+def make_checkpoint(work: Path) -> Path:
+    """The ~125M Mistral (``SHAPE``, 4096 positions, seed 0) as a Hugging Face checkpoint, made once in ``work``."""
+    from mtx import synthetic_checkpoints as mk
+
+    ckpt = Path(work) / "mistral-125m"
+    if not (ckpt / "config.json").exists():
+        mk.make_hf(ckpt, "mistral", max_positions=4096, init_std=0.02, seed=0, **SHAPE)
+    return ckpt
+
+
+def export_once(ckpt: Path | str, out: Path, args: Sequence[str] = ("--target", "onnxruntime")) -> Path:
+    """``mtx export ckpt -o out --force *args`` in a child process, unless ``out`` already holds an export."""
+    out = Path(out)
+    if not (out / "mtx.json").exists():
+        subprocess.run([sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--force", *args],
+                       check=True, stdout=subprocess.DEVNULL, env=child_env())
+    return out
+
+
+def bench_prompt(length: int, seed: int = 0) -> list[int]:
+    """The random prompt every system of a benchmark decodes from."""
+    return np.random.default_rng(seed).integers(3, SHAPE["vocab"], length).tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Timed greedy runs
+
+
+def mtx_decode_runner(out: Path, threads: int, prompt: list[int], new: int) -> Callable[[], Run]:
+    """A function timing one greedy generation of the mtx export ``out`` (mtx.runtime)."""
+    import mtx.runtime
+
+    gen = mtx.runtime.load(out, threads=threads)
+
+    def run() -> Run:
+        t0 = time.perf_counter()
+        stream = gen.stream(prompt, new, stop_token_ids=[])
+        tokens = [next(stream)]
+        ttft = time.perf_counter() - t0
+        steps = []
+        s = time.perf_counter()
+        for tok in stream:
+            steps.append(time.perf_counter() - s)
+            tokens.append(tok)
+            s = time.perf_counter()
+        return ttft, steps, tokens
+
+    return run
+
+
+def genai_decode_runner(folder: Path, prompt: list[int], new: int) -> Callable[[], Run]:
+    """A function timing one greedy generation of onnxruntime-genai's model in ``folder``."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+
+    def run() -> Run:
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(prompt) + new, do_sample=False, min_length=len(prompt) + new)
+        g = og.Generator(model, params)
+        t0 = time.perf_counter()
+        g.append_tokens(np.asarray([prompt], dtype=np.int32))
+        g.generate_next_token()
+        ttft = time.perf_counter() - t0
+        steps = []
+        while not g.is_done():
+            s = time.perf_counter()
+            g.generate_next_token()
+            steps.append(time.perf_counter() - s)
+        return ttft, steps, [int(t) for t in g.get_sequence(0)[len(prompt):]]
+
+    return run
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Medians over repeated timed runs (each after its own warm-up run), with the samples and the last tokens."""
+    ttfts = [r[0] for r in runs]
+    tps = [len(r[1]) / sum(r[1]) for r in runs]
+    return {"decode_tokens_per_s": round(float(np.median(tps)), 1),
+            "time_to_first_token_s": round(float(np.median(ttfts)), 4),
+            "decode_step_ms_median": round(1000 * float(np.median([np.median(r[1]) for r in runs])), 3),
+            "samples": {"decode_tokens_per_s": [round(x, 1) for x in tps],
+                        "time_to_first_token_s": [round(x, 4) for x in ttfts]},
+            "tokens": runs[-1][2]}
+
+
+# --------------------------------------------------------------------------------------------------
+# onnxruntime-genai builds
+
+
+def genai_source(ckpt: Path, work: Path, name: str) -> Path:
+    """A copy of ``ckpt`` (hard links) whose config.json declares every layer sliding (genai's builder keeps the
+    window only when ``layer_types = ["sliding_attention"] * n_layers``), made once as ``work/{name}-genai-src``."""
+    src = Path(work) / f"{name}-genai-src"
+    if not src.exists():
+        src.mkdir(parents=True)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        if cfg.get("sliding_window"):
+            cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
+        (src / "config.json").write_text(json.dumps(cfg, indent=2))
+        for f in ckpt.iterdir():
+            if f.name != "config.json":
+                try:
+                    os.link(f, src / f.name)
+                except OSError:
+                    (src / f.name).write_bytes(f.read_bytes())
+    return src
+
+
+def genai_build(src: Path, out: Path, precision: str, work: Path, threads: int) -> Path:
+    """onnxruntime-genai's builder (``-p precision -e cpu``) into ``out``, once, with ``threads`` intra-op threads."""
+    if not (out / "genai_config.json").exists():
+        res = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o",
+                              str(out), "-p", precision, "-e", "cpu", "-c", str(Path(work) / "genai-cache")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
+        if res.returncode != 0:
+            raise SystemExit(f"onnxruntime-genai's builder failed on {src}:\n{res.stderr[-3000:]}")
+        gc = json.loads((out / "genai_config.json").read_text())
+        so = gc["model"]["decoder"].setdefault("session_options", {})
+        so["intra_op_num_threads"] = threads
+        so["inter_op_num_threads"] = 1
+        (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# OpenAI load generator (N concurrent streaming clients; scripts/load_openai.py is its command line)
+
+
+@dataclass
+class Result:
+    prompt: int
+    t_sent: float
+    chunk_times: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(3, vocab, size=(n, length)).tolist()
+
+
+async def _one(client: Any, model: str, prompt: list[int], index: int, max_tokens: int) -> Result:
+    res = Result(index, time.perf_counter())
+    try:
+        stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                res.completion_tokens = chunk.usage.completion_tokens
+            for choice in chunk.choices:
+                if choice.text:
+                    res.chunk_times.append(now)
+                    res.text += choice.text
+                res.finish_reason = choice.finish_reason or res.finish_reason
+    except Exception as e:  # noqa: BLE001 - every failure is counted and reported
+        res.error = f"{type(e).__name__}: {e}"
+    return res
+
+
+async def run_load(url: str, model: str, prompts: list[list[int]], clients: int, requests: int, duration: float,
+                   max_tokens: int) -> tuple[list[Result], float, float]:
+    """Results of up to ``requests`` requests by ``clients`` concurrent clients within ``duration`` s."""
+    import httpx
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=600,
+                                http_client=openai.DefaultAsyncHttpxClient(
+                                    limits=httpx.Limits(max_connections=clients + 4)))
+    results: list[Result] = []
+    counter = iter(range(requests))
+    t0 = time.perf_counter()
+    deadline = t0 + duration
+
+    async def worker() -> None:
+        for i in counter:
+            if time.perf_counter() > deadline:
+                return
+            results.append(await _one(client, model, prompts[i % len(prompts)], i % len(prompts), max_tokens))
+
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    await client.close()
+    return results, t0, time.perf_counter()
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if values else None
+
+
+def summarize_load(results: list[Result], t0: float, t1: float, max_tokens: int,
+                   expected: dict[int, str] | None) -> dict[str, Any]:
+    """Throughput, aggregate decode rate while every request streamed, TTFT and inter-token p50/p99, errors."""
+    ok = [r for r in results if r.error is None]
+    incomplete = [r for r in ok if r.finish_reason != "length" or r.completion_tokens != max_tokens]
+    mismatched = [r for r in ok if expected is not None and r.text != expected[r.prompt]]
+    ttft = [r.chunk_times[0] - r.t_sent for r in ok if r.chunk_times]
+    itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:])]
+    tokens = sum(r.completion_tokens or 0 for r in ok)
+    # decode rate while every request was streaming: chunks between the last first-chunk and the first last-chunk
+    started = [r.chunk_times[0] for r in ok if r.chunk_times]
+    ended = [r.chunk_times[-1] for r in ok if r.chunk_times]
+    agg = None
+    if started and ended and min(ended) > max(started):
+        lo, hi = max(started), min(ended)
+        n = sum(sum(1 for t in r.chunk_times if lo < t <= hi) for r in ok)
+        agg = round(n / (hi - lo), 1)
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "error_examples": sorted({r.error for r in results if r.error})[:3],
+        "incomplete": len(incomplete),
+        "checked_against_offline": expected is not None,
+        "mismatched": len(mismatched),
+        "wall_s": round(t1 - t0, 3),
+        "throughput_tokens_per_s": round(tokens / (t1 - t0), 1),
+        "aggregate_decode_tokens_per_s": agg,
+        "ttft_s": {"p50": _pct(ttft, 50), "p99": _pct(ttft, 99)},
+        "inter_token_latency_s": {"p50": _pct(itl, 50), "p99": _pct(itl, 99)},
+    }
+
+
+def offline_outputs(export: str, prompts: list[list[int]], max_tokens: int,
+                    threads: int | None) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """Each prompt's greedy tokens and text from ``Generator.generate`` of the export run alone in this process."""
+    import mtx.runtime
+
+    gen = mtx.runtime.load(export, threads=threads)
+    tokens = {i: gen.generate([p], max_new_tokens=max_tokens, stop_token_ids=[])[0] for i, p in enumerate(prompts)}
+    return tokens, {i: gen.decode(t) for i, t in tokens.items()}
+
+
+def offline_texts(export: str, prompts: list[list[int]], max_tokens: int, threads: int | None) -> dict[int, str]:
+    """Each prompt's greedy text from ``Generator.generate`` of the export run alone in this process."""
+    return offline_outputs(export, prompts, max_tokens, threads)[1]
