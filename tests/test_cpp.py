@@ -582,3 +582,17 @@ def test_generate_example_loads_symlinked_weights_in_a_store(cpp_build, parity_e
     blob.write_bytes(bytes(raw))
     r = _run([exe, str(tmp_path / "linked"), *args], timeout=300)
     assert r.returncode == 2 and "model.onnx.data: sha256 differs" in r.stderr, r.stderr
+
+
+def test_generate_example_out_of_memory_is_one_line(cpp_build, parity_export):
+    """Out of memory (an address-space limit of 300 MB) is the machine's failure: one line, exit status 1."""
+    import resource
+
+    good = parity_export("mistral", "onnxruntime")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (300 << 20, 300 << 20))  # noqa: E731
+    r = subprocess.run([str(cpp_build / "mtx-generate-cpp"), str(good), "--ids", "1 2 3", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
+    assert lines[0] == f"mtx-generate-cpp: error: {good}: out of memory" or \
+        (lines[0].startswith(f"mtx-generate-cpp: error: {good}") and "out of memory" in lines[0]), lines[0]

@@ -27,17 +27,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mtx
+from broken_exports import BROKEN, make_broken, store_symlinks
 from conftest import mtx_command, mtx_env
 from mtx.config import load_config
-from mtx.errors import CheckpointError, ConfigError, MtxError, UsageError
+from mtx.errors import CheckpointError, ConfigError, MtxError, ResourceError, UsageError
 from mtx.exporter import output
 from mtx.exporter.core import export
 from mtx.exporter.options import ExportOptions
 from mtx.manifest import ManifestError, read_manifest
 from mtx.models.checkpoint import Checkpoint
-from mtx.errors import ResourceError
 from mtx.runtime.ort_backend import OrtModelError, ort_error
-from broken_exports import BROKEN, make_broken, store_symlinks
 
 BASE = {"model_type": "mistral", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

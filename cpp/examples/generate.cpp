@@ -1,5 +1,6 @@
 // mtx-generate-cpp OUT --prompt TEXT [options]: generate text from an mtx export folder, streaming.
-// Bad input: one line "mtx-generate-cpp: error: ..." on stderr, exit status 2.
+// Bad input: one line "mtx-generate-cpp: error: ..." on stderr, exit status 2 (1 for the machine's
+// failures: ONNX Runtime's ErrorCode::Runtime, out of memory).
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -7,6 +8,7 @@
 #include <cstring>
 #include <iostream>
 #include <limits>
+#include <new>
 #include <sstream>
 #include <string>
 
@@ -166,6 +168,9 @@ int main(int argc, char** argv) {
   } catch (const mtx::Error& e) {
     std::cerr << "mtx-generate-cpp: error: " << e.what() << "\n";
     return e.code() == mtx::ErrorCode::Runtime ? 1 : 2;
+  } catch (const std::bad_alloc&) {  // the machine's fault, not the input's: exit status 1
+    std::cerr << "mtx-generate-cpp: error: " << out << ": out of memory\n";
+    return 1;
   }
   return 0;
 }
