@@ -12,13 +12,13 @@ Invariants:
   its own ``TokenRng`` on the logits of its own row, and rows sharing a call are computed independently
   (bit for bit in float32), so a request's tokens equal those it gets run alone.
 * A failure is confined: a graph call that raises fails the requests of that call only; a sampling or
-  text step that raises fails its request only. Both finish with ``"error"`` and the row is freed.
+  text step that raises fails its request only. Both finish with ``"error"`` (the exception in the
+  output, for the front end to raise or log) and the row is freed.
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +32,6 @@ from mtx.runtime.request import Request
 from mtx.runtime.row_decoder import RowDecoder
 from mtx.runtime.scheduler import Phase, RowView, admit, plan_step
 
-log = logging.getLogger("mtx.runtime")
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
@@ -222,7 +221,6 @@ class BatchCore:
             return self.backend.run(self.state, rows, ids, pos, last_only=True)
         except Exception as e:  # noqa: BLE001 - a failed call fails its own requests, not the core
             if len(members) == 1 or rows.stop - rows.start == 1:
-                log.exception("graph call on rows %d:%d failed", rows.start, rows.stop)
                 for a in members:
                     self._release(a)
                     out.append(_error(a.request.request_id, e))
@@ -243,7 +241,6 @@ class BatchCore:
         try:
             res = a.decoder.step(logits)
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
-            log.exception("request %d: sampling failed", a.request.request_id)
             self._release(a)
             out.append(_error(a.request.request_id, e))
             return

@@ -309,6 +309,8 @@ class Engine:
             h.n_tokens += 1
             h.sink(Event("token", token=o.token, text=o.text if o.finish_reason is None else ""))
         if o.finish_reason is not None:
+            if o.finish_reason == "error":
+                log.error("request %d failed: %s", o.request_id, o.message)
             with self._lock:
                 self._handles.pop(o.request_id, None)
             self._deliver_finish(h, o.finish_reason, o.message, text=o.text if o.token is not None else "")
