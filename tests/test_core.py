@@ -100,15 +100,20 @@ class _Faulty:
         return out
 
 
-@pytest.mark.parametrize("mode", ["raise", "nan"])
-def test_a_failing_request_ends_alone(gen, mode):
+@pytest.mark.parametrize("mode,shared", [("raise", False), ("raise", True), ("nan", True)])
+def test_a_failing_request_ends_alone(gen, mode, shared):
     """8 requests through the engine, one of which makes its graph call raise (or its logits NaN): it
-    finishes with "error", the other 7 give their offline tokens."""
+    finishes with "error" and every request outside its call gives its offline tokens. A call shared
+    with others is retried row by row where the backend's calls can be rerun (``rerun_safe``: ring
+    buffers); on ONNX Runtime's ``ort_window`` cache, which a repeated call would shift again, every
+    member of the failed call ends with "error" instead."""
     from mtx.runtime import Generator
     from mtx.serving import Engine
 
     rng = random.Random(2)
     prompts = [[rng.randrange(3, gen.config.vocab_size) for _ in range(5)] for _ in range(8)]
+    if not shared:
+        prompts[3] = prompts[3][:4]  # a length of its own: its prefill call holds it alone
     expect = {i: gen.generate([p], max_new_tokens=10, stop_token_ids=[])[0] for i, p in enumerate(prompts) if i != 3}
     used = {t for seq in [*prompts, *expect.values()] for t in seq}
     magic = next(t for t in range(3, gen.config.vocab_size) if t not in used)  # only request 3 will hold it
@@ -123,8 +128,51 @@ def test_a_failing_request_ends_alone(gen, mode):
             except RuntimeError as e:
                 results[i] = str(e)
     assert "injected failure" in results[3] or "NaN" in results[3]
+    whole_call_fails = mode == "raise" and shared and not gen.backend.rerun_safe
     for i, e in expect.items():
-        assert results[i] == e, f"request {i}"
+        if whole_call_fails:
+            assert "injected failure" in results[i], f"request {i}"
+        else:
+            assert results[i] == e, f"request {i}"
+
+
+def test_a_failed_call_is_not_rerun_on_a_cache_it_already_moved(gen):
+    """A decode call that ran and then failed (say, fetching its logits) must not be repeated where the
+    repeat is not the same call (ONNX Runtime's ort_window cache): its rows end with "error" rather than
+    continue with shifted keys. Where it is rerun, the rows give their offline tokens."""
+    from mtx.runtime import Generator
+    from mtx.serving import Engine
+
+    class FailAfterRun:
+        def __init__(self, backend: Any) -> None:
+            self._backend, self.calls = backend, 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._backend, name)
+
+        def run(self, state, rows, ids, pos, last_only):
+            out = self._backend.run(state, rows, ids, pos, last_only)
+            self.calls += 1
+            if ids.shape == (2, 1) and int(pos.min()) >= 40 and not getattr(self, "failed", False):
+                self.failed = True
+                raise RuntimeError("injected failure after the call ran")
+            return out
+
+    prompts = [[5, 17, 99, 3], [64, 3, 77, 12]]
+    expect = [gen.generate([p], max_new_tokens=60, stop_token_ids=[])[0] for p in prompts]
+    faulty = Generator(FailAfterRun(gen.backend), gen.tokenizer, prefill_chunk=gen.prefill_chunk)
+    with Engine(faulty, max_batch=2) as engine:
+        handles = [engine.submit(p, max_tokens=60, stop_token_ids=[]) for p in prompts]
+        got = []
+        for h in handles:
+            try:
+                got.append(h.result().tokens)
+            except RuntimeError as e:
+                got.append(str(e))
+    if gen.backend.rerun_safe:
+        assert got == expect
+    else:
+        assert all("injected failure" in g for g in got)
 
 
 def test_poisoned_sampling_options_stay_in_the_vocabulary_and_alone(gen):
@@ -166,3 +214,89 @@ def test_refused_append_leaves_the_session_as_it_was(gen):
         s.append([9] * limit)
     assert (s.tokens, s.position) == before
     assert s.generate(4, stop_token_ids=[]) == gen.generate([[5, 6, 7]], 4, stop_token_ids=[])[0]
+
+
+def test_engine_survives_a_failing_sink_and_every_request_finishes(gen):
+    """A sink that raises cancels its own request; the engine goes on and the others finish as offline."""
+    from mtx.serving import Engine
+
+    prompts = [[5, 17, 99], [64, 3, 77], [9, 9, 9]]
+    expect = [gen.generate([p], max_new_tokens=6, stop_token_ids=[])[0] for p in prompts]
+
+    def broken(event: Any) -> None:
+        raise ValueError("consumer gone")
+
+    with Engine(gen, max_batch=2) as engine:
+        engine.submit([11, 12, 13], max_tokens=6, stop_token_ids=[], sink=broken)
+        handles = [engine.submit(p, max_tokens=6, stop_token_ids=[]) for p in prompts]
+        assert [h.result().tokens for h in handles] == expect
+        assert engine.alive and engine.wait_idle(30)
+        assert engine.stats().finished["cancelled"] == 1 and engine.stats().running == 0
+
+
+def test_queue_limit_holds_while_a_step_runs(gen):
+    """Requests handed to the core but not yet admitted still count against max_queue."""
+    import threading
+
+    from mtx.runtime import Generator
+    from mtx.serving import Engine, EngineBusy
+
+    gate = threading.Event()
+
+    class Slow:
+        def __init__(self, backend: Any) -> None:
+            self._backend = backend
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._backend, name)
+
+        def run(self, *a: Any, **k: Any) -> np.ndarray:
+            gate.wait(10)
+            return self._backend.run(*a, **k)
+
+    slow = Generator(Slow(gen.backend), gen.tokenizer, prefill_chunk=gen.prefill_chunk)
+    with Engine(slow, max_batch=1, max_queue=2) as engine:
+        handles = [engine.submit([5, 6], max_tokens=3, stop_token_ids=[])]
+        accepted = 1
+        for _ in range(6):
+            try:
+                handles.append(engine.submit([5, 6], max_tokens=3, stop_token_ids=[]))
+                accepted += 1
+            except EngineBusy:
+                pass
+            assert engine.stats().waiting <= 2
+        gate.set()
+        assert accepted <= 3  # one in the row (or about to be) + at most max_queue waiting
+        for h in handles:
+            assert h.result().finish_reason == "length"
+
+
+def test_one_prepared_request_submitted_twice_runs_twice(gen):
+    """A Request object submitted twice is two requests, each with its own tokens and finish."""
+    from mtx.serving import Engine
+
+    req = gen.request([5, 17, 99], 6, stop_token_ids=[])
+    expect = gen.generate([[5, 17, 99]], max_new_tokens=6, stop_token_ids=[])[0]
+    with Engine(gen, max_batch=2) as engine:
+        h1, h2 = engine.submit(req), engine.submit(req)
+        assert h1.id != h2.id
+        assert h1.result().tokens == expect and h2.result().tokens == expect
+
+
+def test_bench_raises_when_a_request_fails(gen):
+    """mtx bench reports nothing, rather than hanging or a figure, when a request fails."""
+    from mtx.runtime import Generator
+    from mtx.runtime.bench import run_bench
+
+    class NaNs:
+        def __init__(self, backend: Any) -> None:
+            self._backend = backend
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._backend, name)
+
+        def run(self, *a: Any, **k: Any) -> np.ndarray:
+            return self._backend.run(*a, **k) * np.nan
+
+    with pytest.raises(ValueError, match="NaN"):
+        run_bench(Generator(NaNs(gen.backend), gen.tokenizer), batch=2, prompt_len=4, new_tokens=4, warmup=0)

@@ -33,6 +33,11 @@ class Backend(ABC):
     #: ``"first_call_only"``: a call with several rows and several tokens per row is allowed only when
     #: every row starts at position 0 (docs/ops.md §5 ``kv.multi_token_batch``); ``"any"``: always.
     multi_token_batch: str = "any"
+    #: Whether a call may be run again on the same rows and positions with the same result, even after
+    #: it failed part-way: true where a call writes only its positions' slots (``ring`` layout, or
+    #: separate past/present), false for ONNX Runtime's ``ort_window`` cache, which a repeated call
+    #: shifts a second time.
+    rerun_safe: bool = True
 
     @property
     def window(self) -> int | None:

@@ -115,7 +115,12 @@ class BatchCore:
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Queue a prepared request; it is admitted into a free row at a later step."""
+        """Queue a prepared request; it is admitted into a free row at a later step. A request id already
+        in the core is refused (UsageError)."""
+        rid = request.request_id
+        if any(r.request_id == rid for r in self.waiting) or any(
+                a is not None and a.request.request_id == rid for a in self.rows):
+            raise UsageError(f"request {rid} is already in this core: prepare a new Request for each run")
         self.waiting.append(request)
 
     def abort(self, request_id: int) -> None:
@@ -214,13 +219,14 @@ class BatchCore:
 
     def _run(self, rows: slice, ids: np.ndarray, pos: np.ndarray, members: list[_Running],
              out: list[RequestOutput]) -> np.ndarray | None:
-        """One graph call over ``rows``. If it fails, each member row is retried alone (a call only writes
-        the KV slots of its own positions, so a repeat writes the same values); rows that fail alone
-        finish with ``"error"`` and their logits are NaN. None if every member failed."""
+        """One graph call over ``rows``. If it fails and the backend's calls can be rerun
+        (``Backend.rerun_safe``: a call writes only its own positions' slots), each member row is retried
+        alone; rows that fail alone finish with ``"error"`` and their logits are NaN. Otherwise every
+        member of the call finishes with ``"error"``. None if every member failed."""
         try:
             return self.backend.run(self.state, rows, ids, pos, last_only=True)
         except Exception as e:  # noqa: BLE001 - a failed call fails its own requests, not the core
-            if len(members) == 1 or rows.stop - rows.start == 1:
+            if len(members) == 1 or rows.stop - rows.start == 1 or not self.backend.rerun_safe:
                 for a in members:
                     self._release(a)
                     out.append(_error(a.request.request_id, e))

@@ -137,6 +137,7 @@ class OrtBackend(Backend):
         self.max_position = manifest.max_position
         self.shared = manifest.ort_aliases_past_present
         self.multi_token_batch = manifest.kv.multi_token_batch
+        self.rerun_safe = manifest.kv.layout == "ring"
         dtype = manifest.dtype
         if dtype not in ORT_DTYPES:
             raise UsageError(f"{root}: the onnxruntime backend runs {' and '.join(ORT_DTYPES)} exports, "

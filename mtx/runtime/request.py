@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
@@ -48,6 +48,11 @@ class Request:
     @property
     def needs_text(self) -> bool:
         return self.want_text or bool(self.stop)
+
+
+def with_new_id(request: Request) -> Request:
+    """The same request under a fresh id (a prepared Request submitted again runs as a request of its own)."""
+    return replace(request, request_id=next(_request_ids))
 
 
 def check_max_new_tokens(value: object) -> None:

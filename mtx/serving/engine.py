@@ -29,7 +29,7 @@ from typing import Any
 from mtx.errors import UsageError
 from mtx.runtime.core import FINISH_REASONS, BatchCore, RequestOutput
 from mtx.runtime.generator import Generator
-from mtx.runtime.request import Prompt, Request
+from mtx.runtime.request import Prompt, Request, with_new_id
 
 log = logging.getLogger("mtx.serving")
 
@@ -191,39 +191,33 @@ class Engine:
             return True
 
     def close(self) -> None:
-        """Cancel everything in flight and stop the engine thread."""
+        """Cancel everything in flight and stop the engine thread. Every request gets its finish event."""
         with self._lock:
             self._closing = True
             self._draining = True
             self._wake.notify_all()
         if self._thread.is_alive():
             self._thread.join()
-        else:  # never started: finish what was queued
-            with self._lock:
-                doomed = list(self._inbox)
-                self._inbox.clear()
-            for h in doomed:
-                self._deliver_finish(h, "cancelled")
+        self._finish_all("cancelled")  # nothing left after a clean stop; what a dead thread left, or a never-started engine
 
     # -- requests ----------------------------------------------------------------------------------
     def submit(self, prompt: Prompt | Request, max_tokens: int = 16, *,
                sink: Callable[[Event], None] | None = None, **options: Any) -> RequestHandle:
         """Validate a request (UsageError naming the field) and queue it. Never waits for a step.
 
-        ``prompt`` is text, token ids, or a prepared :class:`~mtx.runtime.request.Request`. Options mean
-        what they mean for :meth:`Generator.generate` (``temperature``, ``top_k``, ``top_p``,
-        ``repetition_penalty``, ``seed``, ``stop``, ``stop_token_ids``, ``want_text``): ``max_tokens`` new
-        tokens at most, ``stop_token_ids`` default the model's EOS ids. Raises EngineBusy when
-        ``max_queue`` requests already wait, EngineDraining once :meth:`begin_drain` was called.
+        ``prompt`` is text, token ids, or a prepared :class:`~mtx.runtime.request.Request` (run under a
+        fresh id, so one Request may be submitted many times). Options mean what they mean for
+        :meth:`Generator.generate` (``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
+        ``seed``, ``stop``, ``stop_token_ids``, ``want_text``): ``max_tokens`` new tokens at most,
+        ``stop_token_ids`` default the model's EOS ids. Raises EngineBusy when ``max_queue`` requests
+        already wait, EngineDraining once :meth:`begin_drain` was called.
         """
-        request = prompt if isinstance(prompt, Request) else self.generator.request(
+        request = with_new_id(prompt) if isinstance(prompt, Request) else self.generator.request(
             prompt, max_tokens, **options)
         handle = RequestHandle(request, sink, self._cancel)
         with self._lock:
             if self._draining:
                 raise EngineDraining("the server is shutting down and admits no new requests")
-            if self._queued() >= self.max_queue:
-                self._drop_cancelled_inbox()
             if self._queued() >= self.max_queue:
                 raise EngineBusy(f"the waiting queue is full ({self.max_queue} requests); retry later")
             self._inbox.append(handle)
@@ -238,31 +232,36 @@ class Engine:
 
     # -- internals (lock held where noted) ---------------------------------------------------------
     def _queued(self) -> int:
-        """Requests waiting for a row, cancelled ones not counted (lock held)."""
-        n = sum(not h.cancelled.is_set() for h in self._inbox)
-        return n + sum(not self._handles[i].cancelled.is_set() for i in self._core_waiting if i in self._handles)
+        """Requests waiting for a row: in the inbox, or in the core's queue (lock held). A cancelled
+        request leaves the inbox at once; one in the core's queue is counted until the next step."""
+        return len(self._inbox) + len(self._core_waiting)
 
     def _busy(self) -> bool:
         return bool(self._inbox) or bool(self._handles)
 
     def _cancel(self, handle: RequestHandle) -> None:
-        """A request still in the inbox finishes at once (its queue slot freed); one the core holds is
-        aborted at the next step."""
+        """A request still in the inbox finishes at once (its queue slot freed; its finish event sent on
+        the caller's thread, outside the engine's lock); one the core holds is aborted at the next step."""
         with self._lock:
-            if handle in self._inbox:
+            queued = handle in self._inbox
+            if queued:
                 self._inbox.remove(handle)
-                self._deliver_finish(handle, "cancelled", locked=True)
             else:
                 self._cancels.append(handle.id)
             self._wake.notify_all()
+        if queued:
+            self._deliver_finish(handle, "cancelled")
 
-    def _drop_cancelled_inbox(self) -> None:
-        """Finish cancelled requests still in the inbox at once, freeing their queue slots (lock held)."""
-        doomed = [h for h in self._inbox if h.cancelled.is_set()]
-        if doomed:
-            self._inbox = deque(h for h in self._inbox if not h.cancelled.is_set())
-            for h in doomed:
-                self._deliver_finish(h, "cancelled", locked=True)
+    def _finish_all(self, reason: str) -> None:
+        """Finish every request still held (inbox and core) with ``reason``; the engine thread is not running."""
+        with self._lock:
+            doomed = list(self._handles.values()) + list(self._inbox)
+            self._handles.clear()
+            self._inbox.clear()
+            self._core_waiting = set()
+            self._running = 0
+        for h in doomed:
+            self._deliver_finish(h, reason)
 
     def _loop(self) -> None:
         while True:
@@ -271,10 +270,10 @@ class Engine:
                     self._wake.wait()
                 if self._closing:
                     break
-                self._drop_cancelled_inbox()
                 for h in self._inbox:
                     self._handles[h.id] = h
                     self.core.add(h.request)
+                    self._core_waiting.add(h.id)
                 self._inbox.clear()
                 for rid in self._cancels:
                     if rid in self._handles:
@@ -284,20 +283,18 @@ class Engine:
                 outputs = self.core.step()
             except Exception as e:  # noqa: BLE001 - the core confines failures; this is a last resort
                 log.exception("engine step failed")
+                failed = list(self._handles)
+                for rid in failed:
+                    self.core.abort(rid)  # their rows are freed at the next step (its outputs are ignored)
                 outputs = [RequestOutput(rid, None, finish_reason="error", message=f"{type(e).__name__}: {e}")
-                           for rid in list(self._handles)]
+                           for rid in failed]
             for o in outputs:
                 self._deliver(o)
             with self._lock:
                 self._running = self.core.running
                 self._core_waiting = {r.request_id for r in self.core.waiting}
                 self._wake.notify_all()
-        with self._lock:
-            doomed = list(self._handles.values()) + list(self._inbox)
-            self._handles.clear()
-            self._inbox.clear()
-        for h in doomed:
-            self._deliver_finish(h, "cancelled")
+        self._finish_all("cancelled")
 
     def _deliver(self, o: RequestOutput) -> None:
         h = self._handles.get(o.request_id)
@@ -307,7 +304,8 @@ class Engine:
             if h.t_first is None:
                 h.t_first = time.perf_counter()
             h.n_tokens += 1
-            h.sink(Event("token", token=o.token, text=o.text if o.finish_reason is None else ""))
+            if not self._send(h, Event("token", token=o.token, text=o.text if o.finish_reason is None else "")):
+                return
         if o.finish_reason is not None:
             if o.finish_reason == "error":
                 log.error("request %d failed: %s", o.request_id, o.message)
@@ -315,14 +313,26 @@ class Engine:
                 self._handles.pop(o.request_id, None)
             self._deliver_finish(h, o.finish_reason, o.message, text=o.text if o.token is not None else "")
 
-    def _deliver_finish(self, h: RequestHandle, reason: str, message: str | None = None, text: str = "",
-                        locked: bool = False) -> None:
-        """Count ``h``'s end, report it to the observer, and send its finish event."""
-        if locked:
-            self._finished[reason] = self._finished.get(reason, 0) + 1
-        else:
+    def _send(self, h: RequestHandle, event: Event) -> bool:
+        """Call ``h``'s sink. A sink that raises cancels its own request (its row freed at the next step,
+        no further events); the engine goes on. False if it raised."""
+        try:
+            h.sink(event)
+            return True
+        except Exception:  # noqa: BLE001 - a consumer's failure is its own request's
+            log.exception("request %d: its sink failed; cancelling it", h.id)
             with self._lock:
-                self._finished[reason] = self._finished.get(reason, 0) + 1
+                self._handles.pop(h.id, None)
+                self._finished["cancelled"] = self._finished.get("cancelled", 0) + 1
+            h.cancelled.set()
+            h.finish_reason = "cancelled"
+            self.core.abort(h.id)
+            return False
+
+    def _deliver_finish(self, h: RequestHandle, reason: str, message: str | None = None, text: str = "") -> None:
+        """Count ``h``'s end, report it to the observer, and send its finish event (never under the lock)."""
+        with self._lock:
+            self._finished[reason] = self._finished.get(reason, 0) + 1
         if self.observer is not None:
             now = time.perf_counter()
             ttft = None if h.t_first is None else h.t_first - h.t_submit
@@ -332,4 +342,7 @@ class Engine:
             except Exception:  # noqa: BLE001 - metrics never break serving
                 log.exception("metrics observer failed")
         h.finish_reason = reason
-        h.sink(Event("finish", finish_reason=reason, message=message, text=text))
+        try:
+            h.sink(Event("finish", finish_reason=reason, message=message, text=text))
+        except Exception:  # noqa: BLE001 - a consumer's failure is its own request's
+            log.exception("request %d: its sink failed on the finish event", h.id)
