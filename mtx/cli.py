@@ -488,10 +488,10 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
               help="Requests that may wait for a free row; beyond it requests get HTTP 429 at once.")
 @click.option("--token-budget", type=int, default=None,
               help="Tokens one engine step may feed: one per decoding request, the rest to chunks of new "
-                   "prompts (default 512).")
-@click.option("--decode-deferral", type=int, default=None,
-              help="Steps in a row that running streams may wait while new prompts are prefilled, so a burst "
-                   "of arrivals stalls each stream once (default 8; 0: decode every step).")
+                   "prompts (default 128).")
+@click.option("--decode-deferral", type=int, default=None, metavar="TOKENS",
+              help="Prompt tokens that may be prefilled while running streams wait, so a burst of arrivals "
+                   "stalls each stream once (default 4096; 0: decode every step).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
 @click.option("--max-request-bytes", type=int, default=None,
               help="Largest request body; larger ones get HTTP 413 (default 2097152, 2 MiB).")
@@ -517,7 +517,7 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
     new requests get 503, running ones finish, then the server exits.
     OUT defaults to the built-in Mistral checkpoint (torch backend).
     """
-    from mtx.serving.engine import DEFAULT_DECODE_DEFERRAL, DEFAULT_TOKEN_BUDGET
+    from mtx.serving.engine import DEFAULT_DEFERRED_TOKENS, DEFAULT_TOKEN_BUDGET
     from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
     from mtx.serving.server import ServeOptions
 
@@ -533,7 +533,8 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
         raise UsageError(f"--body-timeout must be a number of seconds > 0, got {body_timeout}")
     options = ServeOptions(host=host, port=port, max_batch=max_batch, max_queue=max_queue,
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
-                           decode_deferral=DEFAULT_DECODE_DEFERRAL if decode_deferral is None else decode_deferral,
+                           decode_deferral_tokens=DEFAULT_DEFERRED_TOKENS if decode_deferral is None
+                           else decode_deferral,
                            backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
                            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
                            else max_request_bytes,

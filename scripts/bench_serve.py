@@ -351,8 +351,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     benchlib.add_common_args(ap, work="/tmp/mtx-bench-serve", prompt_len=128, new_tokens=128)
     ap.add_argument("--streams", default="1,4,8,16")
-    ap.add_argument("--budgets", default="512", help="comma-separated --token-budget values, one server each "
-                    "(the first is the peer comparison's; 512 is mtx serve's default)")
+    ap.add_argument("--budgets", default="128", help="comma-separated --token-budget values, one server each "
+                    "(the first is the peer comparison's; 128 is mtx serve's default)")
     ap.add_argument("--check", type=int, default=4, help="check this many prompts against Generator alone")
     peers = ap.add_argument_group("peers")
     peers.add_argument("--peers", default="", help="comma-separated peer servers to compare with: vllm "

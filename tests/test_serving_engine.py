@@ -202,20 +202,20 @@ def test_plan_step_groups_equal_chunks_into_one_call():
 
 
 def test_decode_is_deferred_while_prompts_are_fed_up_to_the_limit():
-    """A step with new prompts skips decode (the prompts get the whole budget) until decode was skipped
-    max_decode_deferral steps in a row; without prompts to feed nothing is deferred."""
+    """A step with new prompts skips decode (the prompts get the whole budget) until max_deferred_tokens
+    prompt tokens were fed while decode waited; without prompts to feed nothing is deferred."""
     from mtx.runtime.scheduler import Phase, PrefillCall, RowView, plan_step
 
     D = RowView(Phase.DECODE, position=9)
     rows = [D, D, RowView(Phase.PREFILL, 100, 0, 5)]
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_steps=0, max_decode_deferral=2)
+    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=0, max_deferred_tokens=20)
     assert plan.decode_spans == [] and plan.prefill == [PrefillCall(slice(2, 3), 10)]
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_steps=1, max_decode_deferral=2)
+    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=19, max_deferred_tokens=20)
     assert plan.decode_spans == []
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_steps=2, max_decode_deferral=2)
+    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=20, max_deferred_tokens=20)
     assert plan.decode_spans == [slice(0, 2)] and plan.prefill == [PrefillCall(slice(2, 3), 8)]
-    assert plan_step([D, D], 10, 64, deferred_steps=0, max_decode_deferral=2).decode_spans == [slice(0, 2)]
-    assert plan_step(rows, 10, 64, deferred_steps=0, max_decode_deferral=0).decode_spans == [slice(0, 2)]
+    assert plan_step([D, D], 10, 64, deferred_tokens=0, max_deferred_tokens=20).decode_spans == [slice(0, 2)]
+    assert plan_step(rows, 10, 64, deferred_tokens=0, max_deferred_tokens=0).decode_spans == [slice(0, 2)]
 
 
 def test_engine_with_decode_deferral_gives_offline_tokens(gen):
@@ -224,7 +224,7 @@ def test_engine_with_decode_deferral_gives_offline_tokens(gen):
 
     reqs = make_requests(gen, n=8, seed=5)
     expect = [offline(gen, p, kw) for p, kw in reqs]
-    with Engine(gen, max_batch=4, token_budget=6, max_decode_deferral=3) as engine:
+    with Engine(gen, max_batch=4, token_budget=6, max_deferred_tokens=15) as engine:
         handles = [engine.submit(p, **kw) for p, kw in reqs]
         got = [h.result().tokens for h in handles]
     assert got == expect

@@ -87,11 +87,11 @@ class BatchCore:
     """Continuous batching over one backend state. Not thread-safe: one thread calls add/abort/step."""
 
     def __init__(self, backend: Backend, tokenizer: Any | None, max_batch: int, token_budget: int,
-                 prefill_chunk: int, max_decode_deferral: int = 0) -> None:
-        """``max_decode_deferral``: steps in a row that decode may be skipped while prompts are being fed
-        (:func:`mtx.runtime.scheduler.defer_decode`); 0 never skips."""
+                 prefill_chunk: int, max_deferred_tokens: int = 0) -> None:
+        """``max_deferred_tokens``: prompt tokens that may be fed while decode waits
+        (:func:`mtx.runtime.scheduler.defer_decode`); 0 never defers decode."""
         for name, value, low in (("max_batch", max_batch, 1), ("token_budget", token_budget, 1),
-                                 ("prefill_chunk", prefill_chunk, 1), ("max_decode_deferral", max_decode_deferral, 0)):
+                                 ("prefill_chunk", prefill_chunk, 1), ("max_deferred_tokens", max_deferred_tokens, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))
         if max_batch > backend.max_batch:
@@ -102,8 +102,8 @@ class BatchCore:
         self.max_batch = max_batch
         self.token_budget = token_budget
         self.prefill_chunk = prefill_chunk
-        self.max_decode_deferral = max_decode_deferral
-        self._deferred = 0  # consecutive steps whose decode was deferred
+        self.max_deferred_tokens = max_deferred_tokens
+        self._deferred = 0  # prompt tokens fed while decode waited, since the last decode
         self.first_call_only = backend.multi_token_batch == "first_call_only"
         self.state = backend.new_state(max_batch)
         self.kv_bytes = backend.state_nbytes(self.state)
@@ -143,12 +143,13 @@ class BatchCore:
         views = [RowView(Phase.IDLE) if a is None else
                  RowView(a.phase, len(a.request.prompt_ids) - a.fed, a.fed, a.order) for a in self.rows]
         plan = plan_step(views, self.token_budget, self.prefill_chunk, self.first_call_only, self._deferred,
-                         self.max_decode_deferral)
+                         self.max_deferred_tokens)
         if plan.empty:
             return out
         self.steps += 1
         decoding = any(v.phase is Phase.DECODE for v in views)
-        self._deferred = self._deferred + 1 if decoding and not plan.decode_spans else 0
+        fed = sum(call.tokens * (call.rows.stop - call.rows.start) for call in plan.prefill)
+        self._deferred = self._deferred + fed if decoding and not plan.decode_spans else 0
         for span in plan.decode_spans:
             self._decode(span, out)
         for call in plan.prefill:

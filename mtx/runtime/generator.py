@@ -66,11 +66,11 @@ class Generator:
         """A prepared :class:`Request` (options as for :meth:`generate`; ``want_text=True`` for text deltas)."""
         return prepare_request(self, prompt, max_new_tokens, **options)
 
-    def core(self, max_batch: int, token_budget: int = OFFLINE_TOKEN_BUDGET, max_decode_deferral: int = 0
+    def core(self, max_batch: int, token_budget: int = OFFLINE_TOKEN_BUDGET, max_deferred_tokens: int = 0
              ) -> BatchCore:
         """A :class:`BatchCore` of ``max_batch`` rows over this model (its KV state allocated now)."""
         return BatchCore(self.backend, self.tokenizer, max_batch, token_budget, self.prefill_chunk,
-                         max_decode_deferral)
+                         max_deferred_tokens)
 
     # -- API ---------------------------------------------------------------------------------------
     def session(self) -> Session:

@@ -9,10 +9,10 @@ A row of the core's KV state is ``IDLE`` (no request), ``PREFILL`` (its prompt i
 * **the step plan** (:func:`plan_step`): which graph calls one step runs —
   - one decode call per maximal run of rows free of PREFILL rows, trimmed to its DECODE rows (IDLE rows
     inside a run are fed a dummy token at position 0, harmless by rule 3) — unless the step *defers
-    decode*: while prompts are being prefilled, decode is skipped for up to ``max_decode_deferral``
-    steps in a row. A burst of arrivals is then prefilled in a few large steps before anyone decodes, so
-    a stream stalls once per burst instead of once per prefill step (the p99 inter-token latency), and
-    the prompts get the whole budget (the time to first token);
+    decode*: while prompts are being prefilled, decode is skipped until ``max_deferred_tokens`` prompt
+    tokens have been fed since the last decode. A burst of arrivals is then prefilled before anyone
+    decodes, so a stream stalls once per burst instead of once per prefill step (the p99 inter-token
+    latency), and the prompts get the whole budget (the time to first token);
   - prefill chunks of PREFILL rows in admission order until the step's token budget is spent (each
     DECODE row in the step costs one token; prefill gets at least one token a step so a prompt always
     progresses),
@@ -130,18 +130,18 @@ def group_calls(rows: Sequence[RowView], chunks: dict[int, int], first_call_only
     return calls
 
 
-def defer_decode(rows: Sequence[RowView], deferred_steps: int, max_decode_deferral: int) -> bool:
-    """Whether this step skips decode: prompts are waiting to be fed, some row could decode, and decode
-    was skipped fewer than ``max_decode_deferral`` steps in a row (``deferred_steps``) so far."""
+def defer_decode(rows: Sequence[RowView], deferred_tokens: int, max_deferred_tokens: int) -> bool:
+    """Whether this step skips decode: prompts are waiting to be fed, some row could decode, and fewer
+    than ``max_deferred_tokens`` prompt tokens were fed while decode waited (``deferred_tokens``)."""
     phases = [v.phase for v in rows]
-    return (Phase.PREFILL in phases and Phase.DECODE in phases and deferred_steps < max_decode_deferral)
+    return Phase.PREFILL in phases and Phase.DECODE in phases and deferred_tokens < max_deferred_tokens
 
 
 def plan_step(rows: Sequence[RowView], token_budget: int, max_chunk: int, first_call_only: bool = False,
-              deferred_steps: int = 0, max_decode_deferral: int = 0) -> StepPlan:
+              deferred_tokens: int = 0, max_deferred_tokens: int = 0) -> StepPlan:
     """The calls of one step. ``token_budget`` >= 1, ``max_chunk`` >= 1; see :func:`defer_decode`."""
     phases = [v.phase for v in rows]
-    if defer_decode(rows, deferred_steps, max_decode_deferral):
+    if defer_decode(rows, deferred_tokens, max_deferred_tokens):
         spans: list[slice] = []
         n_decode = 0
     else:

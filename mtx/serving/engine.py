@@ -33,15 +33,17 @@ from mtx.runtime.request import Prompt, Request, with_new_id
 
 log = logging.getLogger("mtx.serving")
 
-#: Prompt + decode tokens one step may feed (decode rows count one each). Measured on the 125M
-#: Mistral with 8 128-token prompts arriving together (scripts/bench_serve.py, README): budgets
-#: 512 and 1024 gave the same TTFT (p50 0.37 / 0.38 s), 128 and 256 a later one; 512 halves the
-#: longest stall a step of new prompts puts on running streams.
-DEFAULT_TOKEN_BUDGET = 512
-#: Steps in a row that decode may be skipped while prompts are prefilled (mtx.runtime.scheduler.defer_decode):
-#: a burst of up to 8 x the token budget of prompt tokens (16 prompts of 128 tokens arriving over a few
-#: steps) is prefilled before the running streams decode again, so each stream stalls once per burst.
-DEFAULT_DECODE_DEFERRAL = 8
+#: Prompt + decode tokens one step may feed (decode rows count one each). With decode deferred during a
+#: burst (DEFAULT_DEFERRED_TOKENS), a small budget lets the first prompts of a burst stream sooner: on
+#: the 125M Mistral, 8 / 16 128-token prompts arriving together (scripts/bench_serve.py --budgets
+#: 128,256,512, load average 1.5-1.8), TTFT p50 0.70 / 1.21 s at 128, 0.75 / 1.29 s at 256, 0.72 /
+#: 1.42 s at 512, with the same aggregate decode and inter-token p99 (0.03-0.04 s). It also bounds the
+#: stall one new request puts on running streams to one 128-token step.
+DEFAULT_TOKEN_BUDGET = 128
+#: Prompt tokens that may be fed while running streams wait (mtx.runtime.scheduler.defer_decode): a burst
+#: of arrivals up to this size (16 prompts of 256 tokens) is prefilled before the streams decode again, so
+#: each stream stalls once per burst, not once per prefill step.
+DEFAULT_DEFERRED_TOKENS = 4096
 
 
 class EngineBusy(Exception):
@@ -127,7 +129,7 @@ class Engine:
 
     def __init__(self, generator: Generator, max_batch: int | None = None, max_queue: int = 64,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, observer: Any | None = None,
-                 max_decode_deferral: int = DEFAULT_DECODE_DEFERRAL) -> None:
+                 max_deferred_tokens: int = DEFAULT_DEFERRED_TOKENS) -> None:
         """``observer``: optional object with ``request_finished(prompt_tokens, output_tokens, ttft_s,
         tpot_s, reason)`` called on the engine thread (the Prometheus metrics of mtx.serving.metrics)."""
         if max_queue is None or isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 1:
@@ -135,7 +137,7 @@ class Engine:
         self.generator = generator
         self.backend = generator.backend
         self.core = generator.core(self.backend.max_batch if max_batch is None else max_batch, token_budget,
-                                   max_decode_deferral)
+                                   max_deferred_tokens)
         self.max_batch = self.core.max_batch
         self.max_queue = max_queue
         self.token_budget = token_budget

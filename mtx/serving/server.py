@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtx.serving.engine import DEFAULT_DECODE_DEFERRAL, DEFAULT_TOKEN_BUDGET, Engine
+from mtx.serving.engine import DEFAULT_DEFERRED_TOKENS, DEFAULT_TOKEN_BUDGET, Engine
 from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ class ServeOptions:
     max_batch: int | None = None  # default: the export's max_batch
     max_queue: int = 64
     token_budget: int = DEFAULT_TOKEN_BUDGET
-    decode_deferral: int = DEFAULT_DECODE_DEFERRAL
+    decode_deferral_tokens: int = DEFAULT_DEFERRED_TOKENS
     backend: str | None = None
     threads: int | None = None
     device: str | None = None
@@ -57,7 +57,7 @@ def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
                     token_budget=options.token_budget, observer=metrics,
-                    max_decode_deferral=options.decode_deferral)
+                    max_deferred_tokens=options.decode_deferral_tokens)
     name = options.model_name or folder.resolve().name
     server = OpenAIServer(engine, name, folder, metrics, max_request_bytes=options.max_request_bytes,
                           body_timeout_s=options.body_timeout_s)
