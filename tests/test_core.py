@@ -81,15 +81,23 @@ def test_offline_batch_shares_calls_and_equals_each_prompt_alone(gen):
         assert toks == gen.generate([p], max_new_tokens=12, stop_token_ids=[])[0]
 
 
-class _Faulty:
+class _Proxy:
+    """A backend that forwards everything to ``backend``; subclasses change ``run``."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+
+class _Faulty(_Proxy):
     """A backend proxy: a call whose input holds token ``magic`` raises (``mode="raise"``) or gives NaN
     logits for the rows holding it (``mode="nan"``)."""
 
     def __init__(self, backend: Any, magic: int, mode: str) -> None:
-        self._backend, self._magic, self._mode = backend, magic, mode
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
+        super().__init__(backend)
+        self._magic, self._mode = magic, mode
 
     def run(self, state: Any, rows: slice, ids: np.ndarray, pos: np.ndarray, last_only: bool) -> np.ndarray:
         hit = (ids == self._magic).any(axis=1)
@@ -143,16 +151,9 @@ def test_a_failed_call_is_not_rerun_on_a_cache_it_already_moved(gen):
     from mtx.runtime import Generator
     from mtx.serving import Engine
 
-    class FailAfterRun:
-        def __init__(self, backend: Any) -> None:
-            self._backend, self.calls = backend, 0
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._backend, name)
-
+    class FailAfterRun(_Proxy):
         def run(self, state, rows, ids, pos, last_only):
             out = self._backend.run(state, rows, ids, pos, last_only)
-            self.calls += 1
             if ids.shape == (2, 1) and int(pos.min()) >= 40 and not getattr(self, "failed", False):
                 self.failed = True
                 raise RuntimeError("injected failure after the call ran")
@@ -243,13 +244,7 @@ def test_queue_limit_holds_while_a_step_runs(gen):
 
     gate = threading.Event()
 
-    class Slow:
-        def __init__(self, backend: Any) -> None:
-            self._backend = backend
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._backend, name)
-
+    class Slow(_Proxy):
         def run(self, *a: Any, **k: Any) -> np.ndarray:
             gate.wait(10)
             return self._backend.run(*a, **k)
@@ -288,13 +283,7 @@ def test_bench_raises_when_a_request_fails(gen):
     from mtx.runtime import Generator
     from mtx.runtime.bench import run_bench
 
-    class NaNs:
-        def __init__(self, backend: Any) -> None:
-            self._backend = backend
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._backend, name)
-
+    class NaNs(_Proxy):
         def run(self, *a: Any, **k: Any) -> np.ndarray:
             return self._backend.run(*a, **k) * np.nan
 
