@@ -105,7 +105,7 @@ HF_KEYS: dict[str, Key] = {
     "intermediate_size": Key(IMPLEMENTED, "intermediate_size"),
     "num_hidden_layers": Key(IMPLEMENTED, "num_layers"),
     "num_attention_heads": Key(IMPLEMENTED, "num_heads"),
-    "num_key_value_heads": Key(IMPLEMENTED, "num_kv_heads (default num_attention_heads)"),
+    "num_key_value_heads": Key(IMPLEMENTED, "num_kv_heads (absent: 8, transformers' default; null: num_attention_heads)"),
     "head_dim": Key(IMPLEMENTED, "head_dim (default hidden_size / num_attention_heads)"),
     "hidden_act": Key(IMPLEMENTED, "the mtx MLP and MoE ops compute SiLU (SwiGLU) only",
                       _null_or("silu", "swish")),
@@ -446,6 +446,8 @@ def _rope(d: dict[str, Any], origin: Path, default_theta: float) -> tuple[float,
     top = _Reader(d, origin).float("rope_theta", default_theta)
     sub = _Reader(rope, origin, f"{key}.")
     factor = 1.0
+    if "rope_type" in rope and rope["rope_type"] is None:  # transformers fails on it (KeyError: None)
+        raise ConfigError(f"{origin}: '{key}.rope_type' is null; give 'default' or 'linear'")
     if rope.get("rope_type", rope.get("type")) == "linear":
         if rope.get("factor") is None:
             raise ConfigError(f"{origin}: '{key}.factor' is required with rope_type 'linear'")
@@ -467,7 +469,7 @@ def _hf_window(d: dict[str, Any], model_type: str, origin: Path, default: int | 
     kind = _LAYER_TYPES[kinds[0]]
     if model_type == "ministral":
         layers = _Reader(d, origin).int("num_hidden_layers")
-        if layers is not None and len(kinds) < layers:
+        if layers is not None and len(kinds) != layers:
             raise ConfigError(f"{origin}: 'layer_types' has {len(kinds)} entries for {layers} layers")
         return window if kind == "sliding_attention" else None
     if (kind == "sliding_attention") != (window is not None):
@@ -512,7 +514,9 @@ def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConf
         intermediate_size=r.int("intermediate_size"),
         num_layers=r.int("num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=r.int("num_key_value_heads", heads),
+        # transformers: absent -> 8 (the config classes' default); null -> num_attention_heads (4.x)
+        num_kv_heads=heads if "num_key_value_heads" in d and d["num_key_value_heads"] is None
+        else r.int("num_key_value_heads", 8),
         head_dim=r.int("head_dim", hidden // heads),
         rms_norm_eps=r.float("rms_norm_eps", default_eps),
         rope_theta=theta,

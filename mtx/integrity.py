@@ -19,6 +19,8 @@ Runtime must then look for it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import json
 import os
 import tempfile
@@ -108,19 +110,59 @@ def read_graph(root: Path, manifest: Manifest) -> Any:
         raise ManifestError(f"{path}: not a readable ONNX model ({lines[0][:200]})") from None
 
 
-def external_files(proto: Any) -> dict[str, list[tuple[str, int, int]]]:
-    """Location -> [(initializer, offset, length)] of the graph's external data (length -1: not given)."""
+def _nested_tensors(proto: Any) -> Iterator[tuple[str, Any]]:
+    """(where, tensor) of every tensor outside the main graph's initializers that ONNX Runtime could load
+    external data for: node attribute tensors (Constant values, ...), sparse initializers, and the
+    initializers and nodes of subgraphs and model-local functions."""
+    def in_nodes(nodes: Any, where: str) -> Iterator[tuple[str, Any]]:
+        for node in nodes:
+            for a in node.attribute:
+                label = f"{where}node {node.name or node.op_type!r} attribute {a.name!r}"
+                if a.HasField("t"):
+                    yield label, a.t
+                yield from ((label, t) for t in a.tensors)
+                if a.HasField("sparse_tensor"):
+                    yield label, a.sparse_tensor.values
+                yield from ((label, st.values) for st in a.sparse_tensors)
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from in_graph(g, f"{label}: subgraph ")
+
+    def in_graph(g: Any, where: str) -> Iterator[tuple[str, Any]]:
+        if where:
+            yield from ((f"{where}initializer {t.name!r}", t) for t in g.initializer)
+        yield from ((f"{where}sparse initializer", st.values) for st in g.sparse_initializer)
+        yield from in_nodes(g.node, where)
+
+    yield from in_graph(proto.graph, "")
+    for f in proto.functions:
+        yield from in_nodes(f.node, f"function {f.name!r}: ")
+
+
+def external_files(proto: Any, path: Path | str = "model.onnx") -> dict[str, list[tuple[str, int, int]]]:
+    """Location -> [(initializer, offset, length)] of the graph's external data (offset -1: not a
+    non-negative integer; length -1: not given). ManifestError if any tensor other than a main-graph
+    initializer stores external data (mtx never writes one, and its bytes would escape the checks)."""
+    for where, t in _nested_tensors(proto):
+        if t.data_location == 1:
+            raise ManifestError(f"{path}: {where} stores its data externally; only initializers of the main "
+                                f"graph may (the export never writes another)")
     out: dict[str, list[tuple[str, int, int]]] = {}
     for t in proto.graph.initializer:
         if t.data_location != 1:  # onnx.TensorProto.EXTERNAL
             continue
         info = {e.key: e.value for e in t.external_data}
-        try:
-            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
-        except ValueError:
-            offset, length = -1, -1
+        offset = _non_negative(info.get("offset", "0"))
+        length = _non_negative(info.get("length", "")) if "length" in info else -1
+        if "length" in info and length < 0:
+            offset = -1  # an unparsable length makes the entry as unusable as a bad offset
         out.setdefault(info.get("location", ""), []).append((t.name, offset, length))
     return out
+
+
+def _non_negative(text: str) -> int:
+    """``text`` as a non-negative decimal integer that fits int64 (as ONNX Runtime reads it), or -1."""
+    value = int(text) if text.isascii() and text.isdigit() else -1
+    return value if value < 1 << 63 else -1
 
 
 def _tensor_bytes(t: Any) -> int | None:
@@ -146,7 +188,7 @@ def _check_external_data(root: Path, manifest: Manifest, proto: Any, origin: str
     path = root / manifest.model
     listed = {f.path: f for f in manifest.files}
     sizes = {t.name: _tensor_bytes(t) for t in proto.graph.initializer if t.data_location == 1}
-    for location, tensors in external_files(proto).items():
+    for location, tensors in external_files(proto, path).items():
         name = tensors[0][0]
         parts = Path(location).parts
         if not location or Path(location).is_absolute() or ".." in parts:
@@ -162,10 +204,13 @@ def _check_external_data(root: Path, manifest: Manifest, proto: Any, origin: str
         except OSError as e:
             raise ManifestError(f"{file}: external data of {name!r} cannot be read ({e.strerror})") from None
         for tensor, offset, length in tensors:
+            if offset < 0:
+                raise ManifestError(f"{path}: initializer {tensor!r} has an external-data offset or length that "
+                                    f"is not a non-negative integer")
             need = length if length >= 0 else sizes.get(tensor)
-            if offset < 0 or (need is not None and offset + need > size):
+            if need is not None and (need < 0 or offset + need > size):  # need < 0: a negative dimension
                 raise ManifestError(f"{file}: {size} bytes, but initializer {tensor!r} is stored at bytes "
-                                    f"{offset}..{offset + (need or 0)} (the file is truncated or not this graph's)")
+                                    f"{offset}..{offset + need} (the file is truncated or not this graph's)")
 
 
 def external_data_folder(root: Path, proto: Any) -> tuple[Path, dict[str, str]] | None:
@@ -193,6 +238,11 @@ def check_graph(root: Path, manifest: Manifest) -> None:
     origin = f"{root / MANIFEST}"
     graph = proto.graph
     initializers = {t.name for t in graph.initializer}
+    if len(initializers) != len(graph.initializer):
+        seen: set[str] = set()
+        twice = next(t.name for t in graph.initializer if t.name in seen or seen.add(t.name))
+        raise ManifestError(f"{path}: initializer {twice!r} is defined twice (ONNX Runtime would use one "
+                            f"silently)")
     for kind, specs, values in (("input", manifest.inputs, [v for v in graph.input if v.name not in initializers]),
                                 ("output", manifest.outputs, list(graph.output))):
         if [s.name for s in specs] != [v.name for v in values]:

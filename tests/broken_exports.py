@@ -121,7 +121,46 @@ def _deep_value(dst: Path) -> None:
     (dst / "mtx.json").write_text(text.replace('"format": "mtx-export"', '"format": ' + "[" * 200000 + "]" * 200000, 1))
 
 
+def _constant_outside(dst: Path) -> None:
+    """A Constant node whose value lives in a file mtx.json does not list (found by review: only
+    initializers' external data were checked, so its bytes escaped every hash)."""
+    def edit(m: onnx.ModelProto) -> None:
+        value = onnx.helper.make_tensor("stray", onnx.TensorProto.FLOAT, [4], [0.0] * 4)
+        value.ClearField("float_data")
+        value.data_location = onnx.TensorProto.EXTERNAL
+        value.external_data.add(key="location", value="stray.bin")
+        value.external_data.add(key="offset", value="0")
+        m.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["stray_value"], name="stray_constant",
+                                                     value=value))
+    (dst / "stray.bin").write_bytes(b"\0" * 4096)
+    edit_graph(dst, edit)
+    edit_manifest(dst, lambda d: d["ops"].update({"ai.onnx::Constant": d["ops"].get("ai.onnx::Constant", 0) + 1}))
+
+
+def _duplicate_initializer(dst: Path) -> None:
+    def edit(m: onnx.ModelProto) -> None:
+        twin = onnx.TensorProto()
+        twin.CopyFrom(next(t for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL))
+        m.graph.initializer.append(twin)
+    edit_graph(dst, edit)
+
+
+def _offset(text: str) -> Callable[[Path], None]:
+    def make(dst: Path) -> None:
+        edit_graph(dst, lambda m: [e.__setattr__("value", text) for t in m.graph.initializer[:1]
+                                   for e in t.external_data if e.key == "offset"]
+                   or [t.external_data.add(key="offset", value=text) for t in m.graph.initializer[:1]
+                       if t.data_location == onnx.TensorProto.EXTERNAL])
+    return make
+
+
 BROKEN: dict[str, tuple[Callable[[Path, Path], None], str]] = {
+    "Constant with external data": (lambda d, o: _constant_outside(d),
+                                    "stores its data externally; only initializers of the main graph may"),
+    "initializer defined twice": (lambda d, o: _duplicate_initializer(d), "is defined twice"),
+    "offset with trailing junk": (lambda d, o: _offset("1024abc")(d), "is not a non-negative integer"),
+    "offset past 2**63": (lambda d, o: _offset("99999999999999999999")(d), "is not a non-negative integer"),
+    "offset near 2**63": (lambda d, o: _offset(str(2**63 - 100))(d), "is stored at bytes"),
     "truncated model.onnx.data": (lambda d, o: _truncate(d), "is stored at bytes"),
     "external data at ../": (lambda d, o: _locate(lambda p: f"../{p.name}")(d), "outside the export folder"),
     "external data at an absolute path": (lambda d, o: _locate(str)(d), "outside the export folder"),

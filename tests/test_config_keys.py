@@ -82,6 +82,22 @@ def test_defaults_follow_transformers_for_each_family(tmp_path):
         assert cfg.max_position_embeddings == hf.max_position_embeddings, cls.model_type
 
 
+def test_num_key_value_heads_absent_or_null_as_transformers(tmp_path):
+    """Absent: the config classes' default of 8 KV heads (transformers 5); null: as many as query heads
+    (transformers 4, whose classes mapped None to num_attention_heads). Found by review: mtx read an
+    absent key as num_attention_heads."""
+    from transformers import MinistralConfig, MistralConfig, MixtralConfig
+
+    data = {k: v for k, v in {**BASE, "num_attention_heads": 16, "hidden_size": 256}.items()
+            if k != "num_key_value_heads"}
+    for cls in (MistralConfig, MixtralConfig, MinistralConfig):
+        (tmp_path / "config.json").write_text(json.dumps({**data, "model_type": cls.model_type}))
+        hf = cls(**{k: v for k, v in data.items() if k != "model_type"})
+        assert load_config(tmp_path).num_kv_heads == hf.num_key_value_heads == 8, cls.model_type
+    (tmp_path / "config.json").write_text(json.dumps({**data, "num_key_value_heads": None}))
+    assert load_config(tmp_path).num_kv_heads == 16
+
+
 @pytest.mark.parametrize("extra", [
     {"rope_theta": 5.0, "rope_parameters": {"rope_type": "default", "rope_theta": 7.0}},
     {"rope_parameters": {"rope_type": "default", "rope_theta": 7.0}, "rope_scaling": {"type": "default"}},
@@ -182,6 +198,11 @@ HF_REFUSED = [
     ({"model_type": "ministral", "layer_types": ["sliding_attention"]}, "'layer_types' has 1 entries for 2 layers"),
     ({"layer_types": ["full_attention", "full_attention"], "sliding_window": 16},
      "'layer_types' (full_attention) disagrees with sliding_window (16)"),
+]
+HF_REFUSED += [
+    ({"rope_scaling": {"rope_type": None, "type": "linear", "factor": 2.0}}, "'rope_scaling.rope_type' is null"),
+    ({"model_type": "ministral", "layer_types": ["sliding_attention"] * 3, "sliding_window": 16},
+     "'layer_types' has 3 entries"),
 ]
 PARAMS_REFUSED = [
     ({"lora": {"enable": True, "rank": 16, "scaling": 2.0}}, "'lora'"),

@@ -3,9 +3,11 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <charconv>
 #include <climits>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <optional>
 #include <set>
@@ -133,6 +135,7 @@ struct Graph {
   std::vector<Node> nodes;
   std::vector<Tensor> initializers;
   std::set<std::pair<std::string, std::string>> functions;  // (domain, name)
+  std::string nested_external;  // where a tensor other than a main-graph initializer stores external data
 };
 
 Node read_node(std::string_view s) {
@@ -172,24 +175,91 @@ Tensor read_tensor(std::string_view s) {
         if (e.number == 1 && e.wire == 2) key = str(e);
         if (e.number == 2 && e.wire == 2) value = str(e);
       }
-      char* end = nullptr;
       if (key == "location") t.location = value;
-      if (key == "offset") t.offset = std::strtoll(value.c_str(), &end, 10);
-      if (key == "length") t.length = std::strtoll(value.c_str(), &end, 10);
+      if (key == "offset" || key == "length") {  // a whole non-negative decimal integer, else -1 (refused)
+        int64_t v = -1;
+        const auto [p, ec] = std::from_chars(value.data(), value.data() + value.size(), v);
+        if (ec != std::errc() || p != value.data() + value.size() || value.empty() || value[0] == '-') v = -1;
+        if (key == "offset") t.offset = v;
+        if (key == "length") t.length = v < 0 ? -2 : v;  // -2: given but unusable (-1: not given)
+      }
     }
   }
   return t;
 }
 
-// ModelProto: graph 7 (GraphProto: node 1, initializer 5), functions 25 (FunctionProto: name 1, domain 10).
+// TensorProto data_location 14 == EXTERNAL.
+bool is_external(std::string_view tensor) {
+  for (const auto& f : fields(tensor))
+    if (f.number == 14 && f.wire == 0 && f.value == 1) return true;
+  return false;
+}
+
+std::string nested_in_graph(std::string_view graph, const std::string& where, int depth);
+
+// The first tensor of `nodes` (NodeProto messages) that stores external data: attribute (NodeProto 5)
+// tensors t 5 / tensors 10, sparse tensors 22 / 23 (SparseTensorProto values 1), subgraphs g 6 / graphs 11.
+std::string nested_in_node(std::string_view node, const std::string& where, int depth) {
+  std::string name, op;
+  for (const auto& f : fields(node)) {
+    if (f.number == 3 && f.wire == 2) name = str(f);
+    if (f.number == 4 && f.wire == 2) op = str(f);
+  }
+  for (const auto& f : fields(node)) {
+    if (f.number != 5 || f.wire != 2) continue;
+    std::string attr;
+    for (const auto& a : fields(f.bytes))
+      if (a.number == 1 && a.wire == 2) attr = str(a);
+    const std::string label = where + "node '" + (name.empty() ? op : name) + "' attribute '" + attr + "'";
+    for (const auto& a : fields(f.bytes)) {
+      if (a.wire != 2) continue;
+      if ((a.number == 5 || a.number == 10) && is_external(a.bytes)) return label;
+      if (a.number == 22 || a.number == 23)
+        for (const auto& v : fields(a.bytes))
+          if (v.number == 1 && v.wire == 2 && is_external(v.bytes)) return label;
+      if (a.number == 6 || a.number == 11) {
+        std::string in = nested_in_graph(a.bytes, label + ": subgraph ", depth + 1);
+        if (!in.empty()) return in;
+      }
+    }
+  }
+  return "";
+}
+
+// GraphProto: node 1, initializer 5 (nested graphs only), sparse_initializer 15 (values 1).
+std::string nested_in_graph(std::string_view graph, const std::string& where, int depth) {
+  if (depth > 64) return where + "(nested more than 64 graphs deep)";
+  for (const auto& f : fields(graph)) {
+    if (f.wire != 2) continue;
+    if (f.number == 5 && !where.empty() && is_external(f.bytes)) {
+      std::string name;
+      for (const auto& t : fields(f.bytes))
+        if (t.number == 8 && t.wire == 2) name = str(t);
+      return where + "initializer '" + name + "'";
+    }
+    if (f.number == 15)
+      for (const auto& v : fields(f.bytes))
+        if (v.number == 1 && v.wire == 2 && is_external(v.bytes)) return where + "sparse initializer";
+    if (f.number == 1) {
+      std::string in = nested_in_node(f.bytes, where, depth);
+      if (!in.empty()) return in;
+    }
+  }
+  return "";
+}
+
+// ModelProto: graph 7 (GraphProto: node 1, initializer 5), functions 25 (FunctionProto: name 1, node 7,
+// domain 10).
 Graph read_graph(std::string_view model) {
   Graph g;
   for (const auto& f : fields(model)) {
-    if (f.number == 7 && f.wire == 2)
+    if (f.number == 7 && f.wire == 2) {
       for (const auto& gf : fields(f.bytes)) {
         if (gf.number == 1 && gf.wire == 2) g.nodes.push_back(read_node(gf.bytes));
         if (gf.number == 5 && gf.wire == 2) g.initializers.push_back(read_tensor(gf.bytes));
       }
+      if (g.nested_external.empty()) g.nested_external = nested_in_graph(f.bytes, "", 0);
+    }
     if (f.number == 25 && f.wire == 2) {
       std::string name, domain;
       for (const auto& ff : fields(f.bytes)) {
@@ -197,6 +267,9 @@ Graph read_graph(std::string_view model) {
         if (ff.number == 10 && ff.wire == 2) domain = str(ff);
       }
       g.functions.insert({domain, name});
+      for (const auto& ff : fields(f.bytes))
+        if (ff.number == 7 && ff.wire == 2 && g.nested_external.empty())
+          g.nested_external = nested_in_node(ff.bytes, "function '" + name + "': ", 0);
     }
   }
   return g;
@@ -233,9 +306,10 @@ int64_t tensor_bytes(const Tensor& t) {
     case 7: case 11: case 13: item = 8; break;          // INT64, DOUBLE, UINT64
     default: return -1;
   }
-  int64_t n = 1;
-  for (int64_t d : t.dims) n *= d;
-  return n * item;
+  int64_t n = item;  // a negative dimension or an overflow: larger than any file, so refused
+  for (int64_t d : t.dims)
+    if (d < 0 || __builtin_mul_overflow(n, d, &n)) return std::numeric_limits<int64_t>::max();
+  return n;
 }
 }  // namespace
 
@@ -284,9 +358,13 @@ GraphSource check_graph_file(const Manifest& m, const std::string& folder) {
            ", an op neither ONNX Runtime nor the graph's own functions define");
   // rotary tables: max_position rows
   std::set<int64_t> rows;
+  if (!graph.nested_external.empty())
+    fail(path + ": " + graph.nested_external +
+         " stores its data externally; only initializers of the main graph may (the export never writes another)");
   std::set<std::string> initializers;
   for (const auto& t : graph.initializers) {
-    initializers.insert(t.name);
+    if (!initializers.insert(t.name).second)
+      fail(path + ": initializer '" + t.name + "' is defined twice (ONNX Runtime would use one silently)");
     if ((t.name == "rope_cos_cache" || t.name == "rope_sin_cache") && !t.dims.empty()) rows.insert(t.dims[0]);
   }
   if (!rows.empty() && !(m.info.max_position && rows.count(*m.info.max_position))) {
@@ -335,10 +413,16 @@ GraphSource check_graph_file(const Manifest& m, const std::string& folder) {
     struct stat st{};
     if (stat(file.c_str(), &st) != 0) fail(file + ": external data of '" + name + "' cannot be read");
     for (const Tensor* t : tensors) {
+      if (t->offset < 0 || t->length == -2)
+        fail(path + ": initializer '" + t->name +
+             "' has an external-data offset or length that is not a non-negative integer");
       const int64_t need = t->length >= 0 ? t->length : tensor_bytes(*t);
-      if (t->offset < 0 || (need >= 0 && t->offset + need > int64_t(st.st_size)))
-        fail(file + ": " + std::to_string(st.st_size) + " bytes, but initializer '" + t->name + "' is stored at bytes " +
-             std::to_string(t->offset) + ".." + std::to_string(t->offset + std::max<int64_t>(need, 0)) +
+      const int64_t size = int64_t(st.st_size);
+      if (need >= 0 && (need > size || t->offset > size - need))  // no overflow: both sides within the file
+        fail(file + ": " + std::to_string(size) + " bytes, but initializer '" + t->name + "' is stored at bytes " +
+             std::to_string(t->offset) + ".." +
+             (need > size || t->offset > std::numeric_limits<int64_t>::max() - need ? std::string("beyond")
+                                                                                     : std::to_string(t->offset + need)) +
              " (the file is truncated or not this graph's)");
     }
     resolved[location] = real(file);
