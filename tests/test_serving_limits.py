@@ -310,3 +310,49 @@ def test_parse_body_limits():
     assert err(many.encode(), ChatRequest).param == "messages"
     assert "one prompt per request" in err(json.dumps({"model": MODEL, "prompt": ["a", "b"]}).encode()).message
     assert parse_body(json.dumps(chat()).encode(), ChatRequest).messages[0].content == "w5 w6"
+    # an integer of 5000 digits: Python's json raises a plain ValueError (found by review: it was a 500)
+    huge = err(b'{"model": "m", "prompt": "hi", "seed": 1' + b"0" * 5000 + b"}")
+    assert huge.status == 400 and "not valid JSON" in huge.message
+
+
+def test_template_c_calls_are_bounded_before_they_run():
+    """Single C calls a template can blow up (found by review) are refused before they run."""
+    from mtx.serving.chat import ChatTemplate, TemplateError
+
+    messages = [{"role": "user", "content": "w5"}]
+    for src in ("{% set x = ('f' * 16000)|int(base=16) %}{{ x * x }}", "{{ ''|center(600000000) }}",
+                "{{ '%0600000000d' % 1 }}", "{{ ('x' * 1000000)|replace('x', 'x' * 20) }}",
+                "{{ 'a'.center(600000000) }}", "{{ 'a'.ljust(600000000) }}", "{{ ('\t' * 100000).expandtabs(1000) }}",
+                "{{ (2 ** 9000000) * (2 ** 9000000) }}"):
+        t0 = time.perf_counter()
+        with pytest.raises(TemplateError, match="would build"):
+            ChatTemplate(src, {}, "t").render(messages)
+        assert time.perf_counter() - t0 < 0.5, src
+    ok = "{{ 'ok'|center(6) }}|{{ '%3d' % 7 }}|{{ 'ab'|replace('a', 'c') }}|{{ '12'|int }}|{{ 'x'.rjust(3) }}"
+    assert ChatTemplate(ok, {}, "t").render(messages) == "  ok  |  7|cb|12|  x"
+
+
+def test_serve_options_are_checked_for_every_front_end():
+    """ServeOptions refuses bad limits itself, so `serve run mtx.serving.ray_app:build` gets the CLI's checks."""
+    from mtx.errors import UsageError
+    from mtx.serving.server import ServeOptions
+
+    for bad in (dict(body_timeout_s=0), dict(body_timeout_s=float("nan")), dict(max_request_bytes=-1),
+                dict(max_queue=0), dict(token_budget=0), dict(decode_deferral_tokens=-1)):
+        with pytest.raises(UsageError, match=next(iter(bad))):
+            ServeOptions(**bad)
+    ServeOptions(body_timeout_s=0.5, max_request_bytes=1, decode_deferral_tokens=0)
+
+
+def test_a_second_server_on_the_same_port_fails_before_loading():
+    """The socket listens as soon as it is bound (found by review: two servers could bind one port, and
+    the second printed its URL but never listened)."""
+    from mtx.errors import MtxError
+    from mtx.serving.http import bind
+
+    first = bind("127.0.0.1", 0)
+    try:
+        with pytest.raises(MtxError, match="already in use"):
+            bind("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()

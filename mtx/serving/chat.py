@@ -15,9 +15,13 @@ killed, so the bound is enforced from inside it: while rendering, a trace functi
 (``sys.settrace``, this thread only) checks the deadline at every line of the compiled template and
 every Python call it makes, and raises :class:`TemplateTimeout` once it has passed — so nested loops
 (``range`` is capped at jinja2's ``MAX_RANGE`` = 100000 by the sandbox) give up within a few
-milliseconds of the deadline. ``*`` and ``**`` are checked before they run (a string, list or number
-of more than :data:`MAX_TEMPLATE_VALUE` characters / bits is refused), as a single C operation
-cannot be interrupted by the trace. The output is bounded by the same limit.
+milliseconds of the deadline. A single C operation cannot be interrupted by the trace, so the ones a
+template can make arbitrarily large are checked before they run against :data:`MAX_TEMPLATE_VALUE`
+characters (or bits): ``*``, ``**`` and ``%`` (format widths), the ``int`` filter's digits, the
+``center``/``indent``/``replace`` filters and the ``center``/``ljust``/``rjust``/``zfill``/``expandtabs``/
+``replace``/``join`` string methods. The output is bounded by the same limit. This bounds what a
+client's messages can make a template do; a template that is itself written to exhaust the machine
+(it is the export's file) may still find a C call not listed here.
 
 Exports without a template (the built-in models, the synthetic test checkpoints) get
 :data:`DEFAULT_CHAT_TEMPLATE`, a plain one written here: ``<s>`` then, per message,
@@ -27,6 +31,7 @@ Exports without a template (the built-in models, the synthetic test checkpoints)
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from datetime import datetime
@@ -188,9 +193,24 @@ def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separ
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+def _too_big(what: str) -> TemplateError:
+    return TemplateError(f"messages: the chat template's {what} would build more than {MAX_TEMPLATE_VALUE} "
+                         f"characters", params=("messages",))
+
+
+#: Widths and precisions in a %-format (``%0600000000d``).
+_FORMAT_WIDTH = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
+
+
 def _bounded_binop(operator: str, left: Any, right: Any) -> None:
-    """Refuse a template's ``*`` / ``**`` whose result would exceed MAX_TEMPLATE_VALUE (before it runs)."""
+    """Refuse a template's ``*`` / ``**`` / ``%`` whose result would exceed MAX_TEMPLATE_VALUE (before it runs)."""
+    if operator == "%" and isinstance(left, str):
+        if any(int(n) > MAX_TEMPLATE_VALUE for m in _FORMAT_WIDTH.finditer(left) for n in m.groups() if n):
+            raise _too_big("'%' format")
     if operator == "*":
+        if isinstance(left, int) and isinstance(right, int) and \
+                abs(left).bit_length() + abs(right).bit_length() > MAX_TEMPLATE_VALUE:
+            raise _too_big("'*'")
         for seq, n in ((left, right), (right, left)):
             if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_VALUE:
                 raise TemplateError(f"messages: the chat template's '*' would build more than {MAX_TEMPLATE_VALUE} "
@@ -199,6 +219,52 @@ def _bounded_binop(operator: str, left: Any, right: Any) -> None:
             and right * left.bit_length() > MAX_TEMPLATE_VALUE:
         raise TemplateError(f"messages: the chat template's '**' would build a number of more than "
                             f"{MAX_TEMPLATE_VALUE} bits", params=("messages",))
+
+
+def _size_after(name: str, text: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int:
+    """An upper bound on the characters ``text.name(*args)`` (or the filter ``name``) builds; 0 if unknown."""
+    if not isinstance(text, str):
+        return 0
+    arg = (list(args) + [None])[0]
+    if name in ("center", "ljust", "rjust", "zfill"):
+        width = kwargs.get("width", arg if arg is not None else 80)
+        return width if isinstance(width, int) else 0
+    if name == "expandtabs":
+        size = kwargs.get("tabsize", arg if arg is not None else 8)
+        return len(text) * size if isinstance(size, int) else 0
+    if name == "indent":
+        width = kwargs.get("width", arg if arg is not None else 4)
+        return len(text) + (text.count("\n") + 1) * (width if isinstance(width, int) else len(str(width)))
+    if name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        return len(text) + (text.count(args[0]) + (1 if args[0] == "" else 0) + len(text) * (args[0] == "")) \
+            * len(args[1])
+    if name == "join" and isinstance(arg, (list, tuple)):
+        return len(text) * len(arg) + sum(len(x) for x in arg if isinstance(x, str))
+    if name == "int" and len(text) > 4300:  # Python's own limit on decimal digits, for every base
+        return MAX_TEMPLATE_VALUE + 1
+    return 0
+
+
+def _bounded_str_call(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Refuse a string method call whose result would exceed MAX_TEMPLATE_VALUE (before it runs)."""
+    name = getattr(obj, "__name__", "")
+    if isinstance(getattr(obj, "__self__", None), str) and _size_after(name, obj.__self__, args, kwargs) \
+            > MAX_TEMPLATE_VALUE:
+        raise _too_big(f"'{name}'")
+
+
+def _bounded_filter(filter_: Any, name: str) -> Any:
+    """jinja2's filter ``name`` refusing an input whose result would exceed MAX_TEMPLATE_VALUE."""
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        values = [a for a in args if not hasattr(a, "environment")]  # pass_environment/eval_context filters
+        if values and _size_after(name, values[0], tuple(values[1:]), kwargs) > MAX_TEMPLATE_VALUE:
+            raise _too_big(f"'{name}' filter")
+        return filter_(*args, **kwargs)
+
+    for attr in ("jinja_pass_arg",):  # keep how jinja2 calls the original (environment, eval context)
+        if hasattr(filter_, attr):
+            setattr(bounded, attr, getattr(filter_, attr))
+    return bounded
 
 
 @lru_cache(maxsize=8)
@@ -210,14 +276,20 @@ def _compile(source: str, origin: str) -> Any:
     class Environment(ImmutableSandboxedEnvironment):
         """transformers' sandbox, with ``*`` and ``**`` bounded (see the module's "Bounded rendering")."""
 
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "%"})
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             _bounded_binop(operator, left, right)
             return super().call_binop(context, operator, left, right)
 
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+            _bounded_str_call(__obj, args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
     env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
+    for name in ("int", "center", "indent", "replace"):
+        env.filters[name] = _bounded_filter(env.filters[name], name)
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:

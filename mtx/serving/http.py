@@ -35,8 +35,9 @@ class ListenError(MtxError):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host``:``port`` (not listening yet), as uvicorn would bind it
-    (SO_REUSEADDR, which still refuses a port another socket listens on)."""
+    """A TCP socket bound to ``host``:``port`` and listening, as uvicorn would bind it (SO_REUSEADDR,
+    which still refuses a port another socket listens on). It listens at once, so a second server on
+    the same port fails here, before it loads its model; connections wait in the backlog meanwhile."""
     try:
         family, type_, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                               flags=socket.AI_PASSIVE)[0]
@@ -47,6 +48,7 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # uvicorn's default backlog
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRNOTAVAIL:
@@ -75,8 +77,9 @@ def serve(out: str | Path | None, options: ServeOptions) -> int:
                             timeout_graceful_shutdown=5)
     http = _DrainingServer(config, engine)
     port = sock.getsockname()[1]
+    url_host = f"[{options.host}]" if ":" in options.host else options.host  # an IPv6 address in a URL
     print(f"mtx serve: model {server.model_name!r} ({engine.backend.name}, max_batch {engine.max_batch}, "
-          f"KV {engine.kv_bytes:,} bytes) on http://{options.host}:{port}", file=sys.stderr, flush=True)
+          f"KV {engine.kv_bytes:,} bytes) on http://{url_host}:{port}", file=sys.stderr, flush=True)
     try:
         http.run(sockets=[sock])
     finally:

@@ -54,6 +54,33 @@ Sink = Callable[[Event], None]
 
 
 # -- the routes' state ---------------------------------------------------------------------------------
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the event loop is gone (server stopped)
+        pass
+
+
+class _StreamResponse(StreamingResponse):
+    """An SSE response that cancels its request however it ends, even if its body never started."""
+
+    def __init__(self, handle: RequestHandle, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handle = handle
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._handle.cancel()  # no-op once finished
+
+
+def _cancel_submitted(future: Any) -> None:
+    """Cancel the request a finished preparation submitted (its handler is gone)."""
+    if not future.cancelled() and future.exception() is None:
+        future.result()[2].cancel()
+
+
 class OpenAIServer:
     """The state behind the routes: one engine, its generator, the served model name, the chat
     template, the metrics, the request limits and the pool of worker threads that prepares requests."""
@@ -168,11 +195,21 @@ class OpenAIServer:
                 pass
 
         self._preparing += 1
+        future = self._pool.submit(self._admit, raw, chat, sink)
+        future.add_done_callback(lambda _: _call_soon(loop, self._prepared))  # counted until it ends
         try:
-            body, prep, handle = await loop.run_in_executor(self._pool, self._admit, raw, chat, sink)
-        finally:
-            self._preparing -= 1
-        return await self.run(request, body, prep, handle, events, chat)
+            body, prep, handle = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:  # the handler was cancelled (client gone, shutdown): so is the request
+            future.add_done_callback(_cancel_submitted)
+            raise
+        try:
+            return await self.run(request, body, prep, handle, events, chat)
+        except BaseException:
+            handle.cancel()  # no-op once finished; a response that never started frees its row
+            raise
+
+    def _prepared(self) -> None:
+        self._preparing -= 1
 
     async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: RequestHandle,
                   events: asyncio.Queue[Event], chat: bool) -> Response:
@@ -182,8 +219,8 @@ class OpenAIServer:
         the first stop string); this layer only wraps it."""
         env = Envelope(self.model_name, chat, body.stream, body.include_usage)
         if body.stream:
-            return StreamingResponse(self._stream(handle, events, env, prep),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return _StreamResponse(handle, self._stream(handle, events, env, prep),
+                                   media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait(_GONE)))
         try:
             reason, text, n_tokens = await self._collect(events)

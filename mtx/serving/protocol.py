@@ -203,6 +203,8 @@ def parse_body(raw: bytes, model: type[_M]) -> _M:
         raise ApiError(400, "request body is not valid JSON (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"request body is not valid JSON ({e})") from None
+    except ValueError as e:  # an integer literal of more than 4300 digits (Python's int conversion limit)
+        raise ApiError(400, f"request body is not valid JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "request body must be a JSON object")
     check_limits(obj)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mtx.errors import UsageError
 from mtx.serving.engine import DEFAULT_DEFERRED_TOKENS, DEFAULT_TOKEN_BUDGET, Engine
 from mtx.serving.protocol import DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_REQUEST_BYTES
 
@@ -37,6 +38,19 @@ class ServeOptions:
     model_name: str | None = None  # default: the export folder's name
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        """The limits checked once, for the CLI and Ray Serve alike (UsageError naming the option)."""
+        import math
+
+        for name, low in (("max_request_bytes", 1), ("max_queue", 1), ("token_budget", 1),
+                          ("decode_deferral_tokens", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))
+        t = self.body_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
+            raise UsageError(f"body_timeout_s must be a number of seconds > 0, got {t!r}", params=("body_timeout_s",))
 
 
 def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
