@@ -60,13 +60,20 @@ def check_max_new_tokens(value: object) -> None:
         raise UsageError(f"max_new_tokens must be an integer >= 0, got {value!r}", params=("max_new_tokens",))
 
 
+def check_utf8(text: str, what: str, param: str | None = "prompt") -> None:
+    """UsageError (naming ``param``) if ``text`` holds lone surrogates: bytes that were not UTF-8 (a shell,
+    a file, "\\ud800" in JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})",
+                         params=(param,) if param else ()) from None
+
+
 def prompt_ids(generator: Generator, prompt: object, what: str = "prompt") -> list[int]:
     """Validate a prompt (text or token ids) and return its ids."""
     if isinstance(prompt, str):
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8 (shell, file)
-            raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})", params=("prompt",)) from None
+        check_utf8(prompt, what)
         ids = generator.encode(prompt)
     elif isinstance(prompt, (list, tuple, np.ndarray)) and all(
             isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
@@ -117,8 +124,10 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
             raise UsageError(f"stop_token_ids: id {bad[0]} is out of range for a vocabulary of {vocab}",
                              params=("stop_token_ids",))
         stop_ids = frozenset(int(t) for t in stop_token_ids)
-    ids = prompt_ids(generator, prompt, what) if not (isinstance(prompt, (list, tuple)) and not prompt and history) \
-        else []
+    if history and isinstance(prompt, (list, tuple)) and not prompt:
+        ids: list[int] = []  # a session whose tokens are all in its KV already: nothing new to feed
+    else:
+        ids = prompt_ids(generator, prompt, what)
     generator.backend.check_positions(history + len(ids) + max_new_tokens)
     return Request(next(_request_ids), tuple(ids), max_new_tokens, params, seed, rng_stream, stop_ids, stop_strings,
                    want_text)

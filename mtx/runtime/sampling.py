@@ -102,10 +102,10 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | Non
     logits (a broken row) raise ValueError, which fails that request alone.
     """
     logits = logits.astype(np.float32, copy=False)
-    if np.isnan(logits).any():
-        raise ValueError("the model produced NaN logits for this row")
     big = np.finfo(np.float32).max
-    if not np.isfinite(logits).all():
+    if not np.isfinite(logits).all():  # one pass over the row in the common, finite case
+        if np.isnan(logits).any():
+            raise ValueError("the model produced NaN logits for this row")
         logits = np.clip(logits, -big, big)
     if seen is not None and params.repetition_penalty != 1.0:
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):

@@ -22,12 +22,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from mtx.errors import UsageError
-from mtx.runtime.core import FINISH_REASONS, BatchCore, RequestOutput
+from mtx.runtime.core import FINISH_REASONS, RequestOutput
 from mtx.runtime.generator import Generator
 from mtx.runtime.request import Prompt, Request, with_new_id
 

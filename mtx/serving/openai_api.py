@@ -37,7 +37,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mtx.errors import MtxError, UsageError
+from mtx.errors import MtxError
+from mtx.runtime.request import check_utf8
 from mtx.serving import protocol
 from mtx.serving.chat import ChatTemplate, chat_tokenizer
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
@@ -122,10 +123,7 @@ class OpenAIServer:
     def _ids(self, prompt: str | list[int], what: str, tokenizer: Any, add_special_tokens: bool) -> list[int]:
         """Validated ids of ``prompt``; text is tokenized with the GIL released (long texts take seconds)."""
         if isinstance(prompt, str) and tokenizer is not None:
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON)
-                raise UsageError(f"{what}: not valid UTF-8 text (character {e.start})") from None
+            check_utf8(prompt, what, param=None)  # the route names its own field
             prompt = encode_checked(tokenizer, prompt, what, add_special_tokens, release_gil=True)
         return self.generator.to_ids(prompt, what)
 
