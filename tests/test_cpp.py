@@ -585,14 +585,25 @@ def test_generate_example_loads_symlinked_weights_in_a_store(cpp_build, parity_e
 
 
 def test_generate_example_out_of_memory_is_one_line(cpp_build, parity_export):
-    """Out of memory (an address-space limit of 300 MB) is the machine's failure: one line, exit status 1."""
+    """Out of memory (an address-space limit) is the machine's failure: one line naming the folder, exit
+    status 1, never a crash. Where a limit is first hit varies from run to run (allocations of ONNX
+    Runtime's arena and thread stacks), so several limits are tried: each run either completes or fails
+    that way, and at least one is out of memory. (``--ids-out``: no text, so the synthetic checkpoint's
+    word-level tokenizer, which the C++ tokenizer does not read, is not loaded.)"""
     import resource
 
     good = parity_export("mistral", "onnxruntime")
-    limit = lambda: resource.setrlimit(resource.RLIMIT_AS, (300 << 20, 300 << 20))  # noqa: E731
-    r = subprocess.run([str(cpp_build / "mtx-generate-cpp"), str(good), "--ids", "1 2 3", "--max-new-tokens", "2"],
-                       capture_output=True, text=True, timeout=300, preexec_fn=limit)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and len(lines) == 1, (r.returncode, r.stderr[-2000:])
-    assert lines[0] == f"mtx-generate-cpp: error: {good}: out of memory" or \
-        (lines[0].startswith(f"mtx-generate-cpp: error: {good}") and "out of memory" in lines[0]), lines[0]
+    outcomes = []
+    for mb in (150, 200, 250, 300, 350):
+        limit = lambda mb=mb: resource.setrlimit(resource.RLIMIT_AS, (mb << 20, mb << 20))  # noqa: E731
+        r = subprocess.run([str(cpp_build / "mtx-generate-cpp"), str(good), "--ids", "1 2 3", "--max-new-tokens", "2",
+                            "--ids-out"], capture_output=True, text=True, timeout=300, preexec_fn=limit)
+        lines = r.stderr.strip().splitlines()
+        if r.returncode == 0:
+            assert len(r.stdout.split()) == 2 and not lines, (mb, r.stdout, r.stderr[-2000:])
+            continue
+        assert r.returncode == 1 and len(lines) == 1, (mb, r.returncode, r.stderr[-2000:])
+        assert lines[0].startswith(f"mtx-generate-cpp: error: {good}") and \
+            ("out of memory" in lines[0] or "the system refused a resource" in lines[0]), (mb, lines[0])
+        outcomes.append(lines[0])
+    assert any("out of memory" in line for line in outcomes), outcomes

@@ -11,6 +11,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <system_error>
 
 #include "mtx/mtx.hpp"
 
@@ -170,6 +171,9 @@ int main(int argc, char** argv) {
     return e.code() == mtx::ErrorCode::Runtime ? 1 : 2;
   } catch (const std::bad_alloc&) {  // the machine's fault, not the input's: exit status 1
     std::cerr << "mtx-generate-cpp: error: " << out << ": out of memory\n";
+    return 1;
+  } catch (const std::system_error& e) {  // e.g. no thread could be started (EAGAIN under a memory limit)
+    std::cerr << "mtx-generate-cpp: error: " << out << ": the system refused a resource (" << e.what() << ")\n";
     return 1;
   }
   return 0;
