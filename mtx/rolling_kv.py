@@ -101,3 +101,88 @@ def check_full_attention_context(end_pos: int, window: int | None, capacity: int
         raise UsageError(
             f"context of {end_pos} tokens exceeds the KV capacity {capacity} of this full-attention model; "
             f"export it with a larger cache_capacity", params=("cache_capacity",))
+
+
+# -- live positions, seeding and rollback (docs/ops.md §1 rules 10-12) -----------------------------
+
+LAYOUTS = ("ring", "ort_window")
+
+
+def live_positions(at: int, window: int | None, capacity: int) -> range:
+    """Positions whose keys a row about to be fed at ``at`` may still read: ``[max(0, at - W), at)``."""
+    return range(max(0, at - effective_window(window, capacity)), at)
+
+
+def ort_window_fill(at: int, window: int | None, capacity: int) -> int:
+    """Rows of ONNX Runtime's windowed cache in use when a row is at ``at``: ``at`` while it fits, then
+    (once a call overflows the capacity, ORT shifts the rows so that the last W remain and fills up again)
+    ``W + (at - C - 1) mod (C - W + 1)``. A function of ``at`` alone: measured on ORT 1.32 for every chunk
+    size up to W, and checked by the prefix-cache and speculative tests on every capacity they use."""
+    if at <= capacity:
+        return at
+    W = effective_window(window, capacity)
+    return W + (at - capacity - 1) % (capacity - W + 1)
+
+
+def slot_at(layout: str, position: int, at: int, window: int | None, capacity: int) -> int:
+    """Where the key of ``position`` (held at ``at``) sits in a row's buffers when the row is at ``at``.
+
+    ``ring``: slot ``position mod C``. ``ort_window`` (ONNX Runtime's windowed cache): rows ``[0, n)``
+    hold positions ``at - n .. at - 1`` in order, ``n`` = :func:`ort_window_fill`.
+    """
+    if layout == "ring":
+        return position % capacity
+    if layout == "ort_window":
+        return position - (at - ort_window_fill(at, window, capacity))
+    raise ValueError(f"unknown KV layout {layout!r}")
+
+
+def slots_at(layout: str, positions: range, at: int, window: int | None, capacity: int) -> list[int]:
+    """:func:`slot_at` of each of ``positions`` (all held at ``at``)."""
+    return [slot_at(layout, q, at, window, capacity) for q in positions]
+
+
+def held_positions(layout: str, at: int, window: int | None, capacity: int) -> range:
+    """Positions whose keys a row at ``at`` still holds (a superset of the live ones): ``ring`` the last C,
+    ``ort_window`` the last :func:`ort_window_fill`."""
+    if layout == "ring":
+        return range(max(0, at - capacity), at)
+    return range(at - ort_window_fill(at, window, capacity), at)
+
+
+def max_draft_tokens(window: int | None, capacity: int) -> int:
+    """The most draft tokens one verification call may carry: ``W - 1`` (rule 12)."""
+    return effective_window(window, capacity) - 1
+
+
+def verify_saves(layout: str, start: int, drafts: int, window: int | None, capacity: int) -> range:
+    """Positions to save before a verification call at ``start`` with ``drafts`` draft tokens: those live
+    after the least acceptance (at ``start + 1``) that the call may overwrite or drop (rule 12). Empty on
+    ``ring`` when ``C >= W + drafts``."""
+    end = start + drafts + 1
+    need = live_positions(start + 1, window, capacity)
+    kept = held_positions(layout, end, window, capacity)
+    return range(need.start, max(need.start, min(kept.start, start)))
+
+
+def rollback_moves(layout: str, start: int, drafts: int, accepted: int, window: int | None, capacity: int
+                   ) -> tuple[range, range]:
+    """After a verification call at ``start`` with ``drafts`` drafts of which ``accepted`` were taken,
+    what makes the row's state the one at ``start + accepted + 1`` (rule 12).
+
+    Returns ``(restore, relocate)``: live positions to write back from the saved ones
+    (:func:`verify_saves`), and live positions to copy from where the call's layout left them to where
+    the new position's layout wants them (empty on ``ring``, and on ``ort_window`` until the call passed
+    the capacity). Both empty when every draft was accepted.
+    """
+    end = start + drafts + 1
+    new = start + accepted + 1
+    if accepted == drafts:
+        return range(0), range(0)
+    need = live_positions(new, window, capacity)
+    kept = held_positions(layout, end, window, capacity)
+    restore = range(need.start, max(need.start, min(kept.start, need.stop)))
+    moved = range(restore.stop, need.stop)
+    if layout == "ring" or end - ort_window_fill(end, window, capacity) == new - ort_window_fill(new, window, capacity):
+        moved = range(0)  # every kept position is already where the new position's layout wants it
+    return restore, moved

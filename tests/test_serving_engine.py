@@ -175,9 +175,14 @@ def test_plan_step_spans_and_budget():
     assert plan.prefill == [PrefillCall(slice(3, 4), 4)]
     plan = plan_step([P(3, 1), D, D, P(9, 0)], token_budget=6, max_chunk=16)
     assert plan.decode_spans == [slice(1, 3)]
-    assert plan.prefill == [PrefillCall(slice(3, 4), 4)]
+    # chunks are never cut by the budget (docs/ops.md §1 rule 7): the step's first chunk runs whole,
+    # and the next one, which no longer fits, waits
+    assert plan.prefill == [PrefillCall(slice(3, 4), 9)]
     plan = plan_step([D, D, P(9, 0)], token_budget=2, max_chunk=16)
-    assert plan.prefill == [PrefillCall(slice(2, 3), 1)]  # at least one prefill token per step
+    assert plan.prefill == [PrefillCall(slice(2, 3), 9)]  # a prompt progresses every step
+    # canonical chunks end at multiples of max_chunk, wherever the row stands
+    plan = plan_step([P(10, 0, position=3), P(10, 1, position=8), P(2, 2, position=13)], token_budget=100, max_chunk=4)
+    assert plan.prefill == [PrefillCall(slice(0, 1), 1), PrefillCall(slice(1, 2), 4), PrefillCall(slice(2, 3), 2)]
 
 
 def test_plan_step_groups_equal_chunks_into_one_call():
@@ -196,9 +201,11 @@ def test_plan_step_groups_equal_chunks_into_one_call():
                                                                           PrefillCall(slice(1, 2), 5)]
     one_token = [RowView(Phase.PREFILL, 1, 3, 0), RowView(Phase.PREFILL, 1, 7, 1)]
     assert plan_step(one_token, 100, 16, first_call_only=True).prefill == [PrefillCall(slice(0, 2), 1)]
-    # the budget runs out in admission order: the oldest row (row 1) first
+    # the budget runs out in admission order: the oldest row (row 1) first; a chunk that does not fit waits
     plan = plan_step([RowView(Phase.PREFILL, 8, 0, 1), RowView(Phase.PREFILL, 8, 0, 0)], 10, 16)
-    assert plan.prefill == [PrefillCall(slice(1, 2), 8), PrefillCall(slice(0, 1), 2)]
+    assert plan.prefill == [PrefillCall(slice(1, 2), 8)]
+    plan = plan_step([RowView(Phase.PREFILL, 8, 0, 1), RowView(Phase.PREFILL, 8, 0, 0)], 16, 16)
+    assert plan.prefill == [PrefillCall(slice(0, 2), 8)]
 
 
 def test_decode_is_deferred_while_prompts_are_fed_up_to_the_limit():
@@ -208,12 +215,21 @@ def test_decode_is_deferred_while_prompts_are_fed_up_to_the_limit():
 
     D = RowView(Phase.DECODE, position=9)
     rows = [D, D, RowView(Phase.PREFILL, 100, 0, 5)]
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=0, max_deferred_tokens=20)
-    assert plan.decode_spans == [] and plan.prefill == [PrefillCall(slice(2, 3), 10)]
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=19, max_deferred_tokens=20)
+    plan = plan_step(rows, token_budget=10, max_chunk=8, deferred_tokens=0, max_deferred_tokens=20)
+    assert plan.decode_spans == [] and plan.prefill == [PrefillCall(slice(2, 3), 8)]
+    plan = plan_step(rows, token_budget=10, max_chunk=8, deferred_tokens=19, max_deferred_tokens=20)
     assert plan.decode_spans == []
-    plan = plan_step(rows, token_budget=10, max_chunk=64, deferred_tokens=20, max_deferred_tokens=20)
+    plan = plan_step(rows, token_budget=10, max_chunk=8, deferred_tokens=20, max_deferred_tokens=20)
     assert plan.decode_spans == [slice(0, 2)] and plan.prefill == [PrefillCall(slice(2, 3), 8)]
+    # a VERIFY row (a decoding row with drafts) has its own call, costs its drafts and pending token,
+    # breaks decode spans, and is deferred like decode
+    V = RowView(Phase.VERIFY, position=9, drafts=3)
+    plan = plan_step([D, V, D, RowView(Phase.PREFILL, 100, 0, 5)], token_budget=14, max_chunk=8,
+                     deferred_tokens=20, max_deferred_tokens=20)
+    assert plan.decode_spans == [slice(0, 1), slice(2, 3)] and plan.verify == [1]
+    assert plan.prefill == [PrefillCall(slice(3, 4), 8)]
+    plan = plan_step([D, V, RowView(Phase.PREFILL, 100, 0, 5)], 14, 8, deferred_tokens=0, max_deferred_tokens=20)
+    assert plan.verify == [] and plan.decode_spans == []
     assert plan_step([D, D], 10, 64, deferred_tokens=0, max_deferred_tokens=20).decode_spans == [slice(0, 2)]
     assert plan_step(rows, 10, 64, deferred_tokens=0, max_deferred_tokens=0).decode_spans == [slice(0, 2)]
 

@@ -55,12 +55,15 @@ def check_engine_options(backend: str | None, threads: int | None, device: str |
 
 def load(path: str | Path | None = None, backend: str | None = None, *, device: str | None = None,
          threads: int | None = None, prefill_chunk: int = 256, max_batch: int | None = None,
-         capacity: int | None = None, dtype: str | None = None, verify: bool = True) -> Generator:
+         capacity: int | None = None, dtype: str | None = None, verify: bool = True,
+         prefix_cache_bytes: int | None = None) -> Generator:
     """A :class:`Generator` for an export folder (``mtx.json`` inside) or a checkpoint folder.
 
     ``backend``: ``onnxruntime``, ``tensorrt`` or ``torch`` (the reference). Default: the export's
     target, or ``torch`` for a checkpoint folder. ``threads`` sets intra-op threads (CPU).
     ``verify``: check an export's files against the sha256 in ``mtx.json`` (:mod:`mtx.integrity`).
+    ``prefill_chunk``: the prefill block (canonical chunks). ``prefix_cache_bytes``: bound of the prefix
+    cache (0: off; None: the default where the window allows it, see :class:`Generator`).
     """
     from mtx.assets import resolve_checkpoint
     from mtx.errors import UsageError
@@ -74,7 +77,7 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
         from mtx.runtime.artifact import load_artifact
 
         return load_artifact(root, backend, device=device, threads=threads, prefill_chunk=prefill_chunk,
-                             max_batch=max_batch, verify=verify)
+                             max_batch=max_batch, verify=verify, prefix_cache_bytes=prefix_cache_bytes)
     if backend not in (None, "torch"):
         raise UsageError(f"{root}: not an mtx export (no mtx.json); backend {backend!r} needs `mtx export` output")
     from mtx.config import generation_eos_ids
@@ -83,4 +86,5 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     be = TorchBackend.from_checkpoint(root, dtype or "float32", capacity=capacity, max_batch=max_batch or 8,
                                       threads=threads, device=device)
     return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk,
-                     eos_token_ids=generation_eos_ids(root, be.config.eos_token_ids))
+                     eos_token_ids=generation_eos_ids(root, be.config.eos_token_ids),
+                     prefix_cache_bytes=prefix_cache_bytes)

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def load_artifact(root: Path, backend: str | None, *, device: str | None = None, threads: int | None = None,
-                  prefill_chunk: int = 256, max_batch: int | None = None, verify: bool = True) -> Generator:
+                  prefill_chunk: int = 256, max_batch: int | None = None, verify: bool = True,
+                  prefix_cache_bytes: int | None = None) -> Generator:
     """``verify``: recompute the files' sha256 (weights once per file state, mtx.integrity)."""
     manifest = read_manifest(root)
     verify_export(root, manifest, verify)
@@ -48,7 +49,8 @@ def load_artifact(root: Path, backend: str | None, *, device: str | None = None,
     if name == "onnxruntime":
         warm_up(be)
     eos = generation_eos_ids(root, be.config.eos_token_ids)
-    return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk, eos_token_ids=eos)
+    return Generator(be, load_tokenizer(root), prefill_chunk=prefill_chunk, eos_token_ids=eos,
+                     prefix_cache_bytes=prefix_cache_bytes)
 
 
 def warm_up(be: Any) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from mtx import rolling_kv
 from mtx.config import ModelConfig
+from mtx.errors import UsageError
 
 
 class Backend(ABC):
@@ -38,6 +39,8 @@ class Backend(ABC):
     #: separate past/present), false for ONNX Runtime's ``ort_window`` cache, which a repeated call
     #: shifts a second time.
     rerun_safe: bool = True
+    #: Where a position's key sits in a row (docs/ops.md §5 ``kv.layout``; §1 rule 10).
+    kv_layout: str = "ring"
 
     @property
     def window(self) -> int | None:
@@ -59,6 +62,35 @@ class Backend(ABC):
         Returns float32 logits [b, S, V], or [b, 1, V] for the last token when ``last_only``.
         """
 
+    def row_buffers(self, state: Any, row: int) -> list[Any]:
+        """The 2L buffers [Hkv, C, D] holding ``row`` of ``state`` (keys of layer l at 2l, values at 2l+1):
+        writable views (numpy arrays, or torch tensors), or :class:`HostRow` for device memory."""
+        raise UsageError(f"the {self.name} backend cannot read or write a row's KV positions")
+
+    def read_positions(self, state: Any, row: int, at: int, positions: range) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values [L, Hkv, n, D] (numpy, export dtype; float32 for bfloat16) of ``positions``,
+        all held by ``row`` at position ``at``, in position order (docs/ops.md §1 rule 10)."""
+        slots = np.asarray(rolling_kv.slots_at(self.kv_layout, positions, at, self.window, self.capacity),
+                           dtype=np.int64)
+        bufs = self.row_buffers(state, row)
+        parts = [_to_numpy(b[:, slots]) for b in bufs]
+        return np.stack(parts[0::2]), np.stack(parts[1::2])
+
+    def write_positions(self, state: Any, row: int, at: int, first: int, keys: np.ndarray,
+                        values: np.ndarray) -> None:
+        """Write keys/values [L, Hkv, n, D] of positions ``first .. first+n-1`` where ``row``'s layout holds
+        them at position ``at`` (rule 10). Other slots are left as they are."""
+        positions = range(first, first + keys.shape[2])
+        slots = np.asarray(rolling_kv.slots_at(self.kv_layout, positions, at, self.window, self.capacity),
+                           dtype=np.int64)
+        bufs = self.row_buffers(state, row)
+        for i, b in enumerate(bufs):
+            src = (keys if i % 2 == 0 else values)[i // 2]
+            _assign(b, slots, src)
+        for b in bufs:
+            if isinstance(b, HostRow):
+                b.flush()
+
     def position_limit(self) -> int | None:
         """Positions a row may reach (prompt + generated tokens), or None where unbounded."""
         return rolling_kv.context_limit(self.window, self.capacity, self.max_position)
@@ -67,6 +99,46 @@ class Backend(ABC):
         """Raise a clear error if a row would run past what this engine can hold."""
         rolling_kv.check_full_attention_context(end_pos, self.window, self.capacity)
         if self.max_position is not None and end_pos > self.max_position:
-            from mtx.errors import UsageError
             raise UsageError(f"position {end_pos} exceeds max_position {self.max_position} of this export "
                              f"(its RoPE tables); export it again with a larger max_position", params=("max_position",))
+
+
+class HostRow:
+    """A host copy of one row [Hkv, C, D] of a device buffer, written back by :meth:`flush`."""
+
+    def __init__(self, host: np.ndarray, write_back: Any) -> None:
+        self.host = host
+        self._write_back = write_back
+        self.dirty = False
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        return self.host[index]
+
+    def __setitem__(self, index: Any, value: np.ndarray) -> None:
+        self.host[index] = value
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            self._write_back(self.host)
+            self.dirty = False
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    import torch
+
+    t = x.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _assign(buf: Any, slots: np.ndarray, src: np.ndarray) -> None:
+    """``buf[:, slots] = src`` for a numpy array, a :class:`HostRow` or a torch tensor."""
+    if isinstance(buf, (np.ndarray, HostRow)):
+        buf[:, slots] = src
+        return
+    import torch
+
+    buf[:, torch.from_numpy(slots).to(buf.device)] = torch.from_numpy(np.ascontiguousarray(src)).to(buf.device,
+                                                                                                    buf.dtype)

@@ -11,6 +11,12 @@ Invariants:
   the core executes them. A row's tokens depend only on its own request: each request samples with
   its own ``TokenRng`` on the logits of its own row, and rows sharing a call are computed independently
   (bit for bit in float32), so a request's tokens equal those it gets run alone.
+* Prompts are fed in canonical chunks (docs/ops.md §1 rule 7), so a row's bits do not depend on the
+  load. With a :class:`~mtx.runtime.prefix_cache.PrefixCache`, an admitted request starts from the
+  longest cached prefix of its prompt (rule 11; its row seeded with the live positions), and every full
+  prompt block it computes is stored for later requests.
+* A request with ``speculative`` options verifies prompt-lookup drafts in one call per step when it has
+  some (:mod:`mtx.runtime.speculative`, rule 12): its tokens equal plain decoding's.
 * A failure is confined: a graph call that raises fails the requests of that call only; a sampling or
   text step that raises fails its request only. Both finish with ``"error"`` (the exception in the
   output, for the front end to raise or log) and the row is freed.
@@ -27,10 +33,13 @@ from typing import Any
 import numpy as np
 
 from mtx.errors import UsageError
+from mtx.runtime import speculative
 from mtx.runtime.backends import Backend
+from mtx.runtime.prefix_cache import PrefixCache, chain_digests
 from mtx.runtime.request import Request
-from mtx.runtime.row_decoder import RowDecoder
-from mtx.runtime.scheduler import Phase, RowView, admit, plan_step
+from mtx.runtime.row_decoder import RowDecoder, TokenOutput
+from mtx.runtime.scheduler import Phase, RowView, admit, canonical_chunk, defer_decode, plan_step
+from mtx.runtime.speculative import NgramProposer, SpeculativeStats
 
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -61,6 +70,8 @@ class _Running:
     order: int
     fed: int = 0
     pending: int = 0
+    digests: list[bytes] | None = None  # prompt block digests, with a prefix cache
+    proposer: NgramProposer | None = None  # with speculative options
 
     @property
     def phase(self) -> Phase:
@@ -68,28 +79,48 @@ class _Running:
 
 
 def feed(backend: Backend, state: Any, row: int, ids: Sequence[int], start: int, chunk: int,
-         want_all: bool) -> np.ndarray:
-    """Feed ``ids`` to one row from position ``start`` in chunks of at most ``chunk`` tokens.
+         want_all: bool, on_chunk: Any = None) -> np.ndarray:
+    """Feed ``ids`` to one row from position ``start`` in canonical chunks (ending at multiples of
+    ``chunk`` or at the end: docs/ops.md §1 rule 7). ``on_chunk(end)`` is called after each call.
 
     Returns float32 logits of the last token [V], or of every token [T, V] with ``want_all``.
     """
     backend.check_positions(start + len(ids))
     outs = []
-    for off in range(0, len(ids), chunk):
-        piece = np.asarray([ids[off:off + chunk]], dtype=np.int64)
+    off = 0
+    while off < len(ids):
+        n = canonical_chunk(start + off, len(ids) - off, chunk)
+        piece = np.asarray([ids[off:off + n]], dtype=np.int64)
         logits = backend.run(state, slice(row, row + 1), piece, np.asarray([start + off], dtype=np.int64),
                              last_only=not want_all)
         outs.append(logits[0])
+        off += n
+        if on_chunk is not None:
+            on_chunk(start + off)
     return np.concatenate(outs, axis=0) if want_all else outs[-1][-1]
+
+
+def store_prompt_block(cache: PrefixCache, backend: Backend, state: Any, row: int, prompt: Sequence[int],
+                       digests: Sequence[bytes], fed: int) -> None:
+    """After a canonical chunk of a prompt fed from position 0 ended at ``fed``: store the block that
+    ended there, if it is a full block not cached yet (docs/ops.md §1 rule 11)."""
+    P = cache.block
+    if fed % P or fed == 0 or fed // P > len(digests) or digests[fed // P - 1] in cache:
+        return
+    j = fed // P - 1
+    keys, values = backend.read_positions(state, row, fed, range(fed - P, fed))
+    cache.store(digests[j], j, prompt[fed - P:fed], keys, values)
 
 
 class BatchCore:
     """Continuous batching over one backend state. Not thread-safe: one thread calls add/abort/step."""
 
     def __init__(self, backend: Backend, tokenizer: Any | None, max_batch: int, token_budget: int,
-                 prefill_chunk: int, max_deferred_tokens: int = 0) -> None:
+                 prefill_chunk: int, max_deferred_tokens: int = 0, prefix_cache: PrefixCache | None = None
+                 ) -> None:
         """``max_deferred_tokens``: prompt tokens that may be fed while decode waits
-        (:func:`mtx.runtime.scheduler.defer_decode`); 0 never defers decode."""
+        (:func:`mtx.runtime.scheduler.defer_decode`); 0 never defers decode. ``prefix_cache``: its block
+        must be ``prefill_chunk``."""
         for name, value, low in (("max_batch", max_batch, 1), ("token_budget", token_budget, 1),
                                  ("prefill_chunk", prefill_chunk, 1), ("max_deferred_tokens", max_deferred_tokens, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -97,7 +128,12 @@ class BatchCore:
         if max_batch > backend.max_batch:
             raise UsageError(f"max_batch {max_batch} exceeds the maximum batch {backend.max_batch} of this export "
                              f"(export again with a larger max_batch)", params=("max_batch",))
+        if prefix_cache is not None and prefix_cache.block != prefill_chunk:
+            raise UsageError(f"the prefix cache's block {prefix_cache.block} differs from prefill_chunk {prefill_chunk}",
+                             params=("prefill_chunk",))
         self.backend = backend
+        self.prefix_cache = prefix_cache
+        self.spec_stats = SpeculativeStats()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.token_budget = token_budget
@@ -142,19 +178,39 @@ class BatchCore:
         self._admit(out)
         views = [RowView(Phase.IDLE) if a is None else
                  RowView(a.phase, len(a.request.prompt_ids) - a.fed, a.fed, a.order) for a in self.rows]
+        drafts = self._drafts(views)
+        for r, d in drafts.items():
+            views[r] = RowView(Phase.VERIFY, 0, views[r].position, views[r].order, len(d))
         plan = plan_step(views, self.token_budget, self.prefill_chunk, self.first_call_only, self._deferred,
                          self.max_deferred_tokens)
         if plan.empty:
             return out
         self.steps += 1
-        decoding = any(v.phase is Phase.DECODE for v in views)
+        decoding = any(v.phase in (Phase.DECODE, Phase.VERIFY) for v in views)
         fed = sum(call.tokens * (call.rows.stop - call.rows.start) for call in plan.prefill)
-        self._deferred = self._deferred + fed if decoding and not plan.decode_spans else 0
+        self._deferred = self._deferred + fed if decoding and not (plan.decode_spans or plan.verify) else 0
         for span in plan.decode_spans:
             self._decode(span, out)
+        for r in plan.verify:
+            self._verify(self.rows[r], drafts[r], out)
         for call in plan.prefill:
             self._prefill(call.rows, call.tokens, out)
         return out
+
+    def _drafts(self, views: list[RowView]) -> dict[int, list[int]]:
+        """Draft tokens of the DECODE rows with speculative options, unless decode waits this step."""
+        if defer_decode(views, self._deferred, self.max_deferred_tokens):
+            return {}
+        drafts: dict[int, list[int]] = {}
+        for r, a in enumerate(self.rows):
+            if a is None or a.proposer is None or views[r].phase is not Phase.DECODE:
+                continue
+            prop = a.proposer
+            prop.extend(a.decoder.generated[len(prop.context) - len(a.request.prompt_ids):])
+            d = prop.propose(a.request.max_new_tokens - len(a.decoder.generated) - 1)
+            if d:
+                drafts[r] = d
+        return drafts
 
     def _cancel(self, out: list[RequestOutput]) -> None:
         if not self._aborted:
@@ -182,10 +238,21 @@ class BatchCore:
                     continue
                 try:
                     decoder = RowDecoder(req, self.tokenizer)
+                    a = _Running(req, decoder, row, next(self._order))
+                    if req.speculative is not None:
+                        req.speculative.validate(self.backend.window, self.backend.capacity)
+                        a.proposer = NgramProposer(req.speculative, req.prompt_ids)
+                    if self.prefix_cache is not None:
+                        a.digests = chain_digests(req.prompt_ids, self.prefix_cache.block)
+                        hit = self.prefix_cache.lookup(req.prompt_ids, a.digests)
+                        if hit is not None:
+                            self.backend.write_positions(self.state, row, hit.position, hit.first, hit.keys,
+                                                         hit.values)
+                            a.fed = hit.position
                 except Exception as e:  # noqa: BLE001 - one request's failure is its own
                     out.append(_error(req.request_id, e))
                     continue
-                self.rows[row] = _Running(req, decoder, row, next(self._order))
+                self.rows[row] = a
                 break
 
     def _decode(self, span: slice, out: list[RequestOutput]) -> None:
@@ -215,8 +282,45 @@ class BatchCore:
             if self.rows[a.row] is not a:  # failed alone in a retry
                 continue
             a.fed += n
+            if self.prefix_cache is not None and a.digests is not None:
+                try:
+                    store_prompt_block(self.prefix_cache, self.backend, self.state, a.row, a.request.prompt_ids,
+                                       a.digests, a.fed)
+                except Exception as e:  # noqa: BLE001 - one request's failure is its own
+                    self._release(a)
+                    out.append(_error(a.request.request_id, e))
+                    continue
             if a.fed == len(a.request.prompt_ids):
                 self._sample(a, logits[i, -1], out)
+
+    def _verify(self, a: _Running, drafts: list[int], out: list[RequestOutput]) -> None:
+        """One verification call for ``a``: its pending token and ``drafts`` (docs/ops.md §1 rule 12)."""
+        try:
+            v = speculative.verify(self.backend, self.state, a.row, a.fed, a.pending, drafts)
+        except Exception as e:  # noqa: BLE001 - a failed call fails its own request
+            self._release(a)
+            out.append(_error(a.request.request_id, e))
+            return
+
+        def sample(logits: np.ndarray) -> tuple[int, bool]:
+            res = self._sample(a, logits, out)
+            return (res.token, res.finish_reason is not None) if res is not None else (-1, True)
+
+        accepted = speculative.accept(v, drafts, sample)
+        self.spec_stats.verifications += 1
+        self.spec_stats.drafted += len(drafts)
+        self.spec_stats.accepted += accepted
+        if self.rows[a.row] is not a:  # finished (or failed) within the drafts
+            return
+        assert a.proposer is not None
+        a.proposer.record(accepted)
+        try:
+            speculative.rollback(self.backend, self.state, a.row, v, accepted)
+        except Exception as e:  # noqa: BLE001
+            self._release(a)
+            out.append(_error(a.request.request_id, e))
+            return
+        a.fed = v.start + accepted + 1
 
     def _run(self, rows: slice, ids: np.ndarray, pos: np.ndarray, members: list[_Running],
              out: list[RequestOutput]) -> np.ndarray | None:
@@ -244,18 +348,20 @@ class BatchCore:
         shape = next(p for p in parts if p is not None).shape[1:]
         return np.concatenate([p if p is not None else np.full((1, *shape), np.nan, np.float32) for p in parts])
 
-    def _sample(self, a: _Running, logits: np.ndarray, out: list[RequestOutput]) -> None:
+    def _sample(self, a: _Running, logits: np.ndarray, out: list[RequestOutput]) -> TokenOutput | None:
+        """The request's sampling step on ``logits`` [V]; None if it failed (the request ends with "error")."""
         try:
             res = a.decoder.step(logits)
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self._release(a)
             out.append(_error(a.request.request_id, e))
-            return
+            return None
         out.append(RequestOutput(a.request.request_id, res.token, res.text, res.finish_reason))
         if res.finish_reason is not None:
             self._release(a)
         else:
             a.pending = res.token
+        return res
 
     def _release(self, a: _Running) -> None:
         if self.rows[a.row] is a:

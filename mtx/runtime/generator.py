@@ -7,6 +7,9 @@ Invariants:
   (:class:`~mtx.runtime.row_decoder.RowDecoder`). Row ``r`` of a batch samples with ``TokenRng`` stream ``r``.
 * KV buffers are allocated once per batch/session at capacity C and updated in place.
 * A row's tokens do not depend on the other rows of its batch.
+* With a prefix cache (on by default: ``prefix_cache_bytes``), the cores of ``generate``/``stream`` and a
+  session's first turn start from the longest cached prefix of their prompt and store the prompt blocks
+  they compute (docs/ops.md §1 rule 11): the same bits as without it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,11 @@ import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
-from mtx.runtime.core import BatchCore, RequestOutput, feed
+from mtx import rolling_kv
+from mtx.runtime import speculative
+from mtx.runtime.core import BatchCore, RequestOutput, feed, store_prompt_block
+from mtx.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, chain_digests
+from mtx.runtime.prefix_state import PrefixState
 from mtx.runtime.request import Prompt, Request, prepare_request, prompt_ids
 from mtx.runtime.row_decoder import RowDecoder
 from mtx.tokenizer import encode_checked
@@ -38,14 +45,28 @@ class Generator:
     :class:`Session` (or call :meth:`generate`, which makes its own buffers per call)."""
 
     def __init__(self, backend: Backend, tokenizer: Any | None = None, prefill_chunk: int = 256,
-                 eos_token_ids: Sequence[int] | None = None) -> None:
-        if prefill_chunk <= 0:
-            raise UsageError(f"prefill_chunk must be positive, got {prefill_chunk}", params=("prefill_chunk",))
+                 eos_token_ids: Sequence[int] | None = None, prefix_cache_bytes: int | None = None) -> None:
+        """``prefill_chunk``: the prefill block P (canonical chunks, docs/ops.md §1 rule 7).
+        ``prefix_cache_bytes``: bound of the prefix cache (0: off); None: ``DEFAULT_PREFIX_CACHE_BYTES``
+        where the model allows it (P no longer than the window), else off (``prefix_cache_status`` says why)."""
+        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk <= 0:
+            raise UsageError(f"prefill_chunk must be a positive integer, got {prefill_chunk!r}",
+                             params=("prefill_chunk",))
         self.backend = backend
         self.config = backend.config
         self.tokenizer = tokenizer
         self.prefill_chunk = prefill_chunk
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else self.config.eos_token_ids)
+        self.prefix_cache: PrefixCache | None = None
+        window = rolling_kv.effective_window(backend.window, backend.capacity)
+        if prefix_cache_bytes is None and prefill_chunk > window:
+            self.prefix_cache_status = f"off: prefill_chunk {prefill_chunk} exceeds the window {window}"
+        elif prefix_cache_bytes == 0:
+            self.prefix_cache_status = "off"
+        else:
+            nbytes = DEFAULT_PREFIX_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes
+            self.prefix_cache = PrefixCache(nbytes, prefill_chunk, backend.window, backend.capacity)
+            self.prefix_cache_status = f"on: {nbytes} bytes"
 
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -70,12 +91,13 @@ class Generator:
              ) -> BatchCore:
         """A :class:`BatchCore` of ``max_batch`` rows over this model (its KV state allocated now)."""
         return BatchCore(self.backend, self.tokenizer, max_batch, token_budget, self.prefill_chunk,
-                         max_deferred_tokens)
+                         max_deferred_tokens, self.prefix_cache)
 
     # -- API ---------------------------------------------------------------------------------------
-    def session(self) -> Session:
-        """A single-sequence session with its own KV buffers, for multi-turn use."""
-        return Session(self)
+    def session(self, prefix: PrefixState | None = None) -> Session:
+        """A single-sequence session with its own KV buffers, for multi-turn use; ``prefix``: start from
+        a saved state (:meth:`Session.prefix_state`), as a session that was fed its tokens."""
+        return Session(self, prefix)
 
     def stream_outputs(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
                        ) -> Iterator[tuple[int, RequestOutput]]:
@@ -83,7 +105,9 @@ class Generator:
         prompts: tokens and, with ``want_text=True``, their visible text deltas (stop strings cut).
 
         Options: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
-        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings), ``want_text``.
+        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings), ``want_text``,
+        ``speculative`` (prompt-lookup decoding: ``{"method": "ngram", "num_tokens": k}`` or
+        :class:`~mtx.runtime.speculative.SpeculativeOptions`; the same tokens, fewer calls).
         """
         _check_prompts(prompts)
         if not prompts:
@@ -137,9 +161,10 @@ class Session:
     Thread-safe: each call holds the session's lock, and a stream holds it only while it computes a
     token, never across ``yield``. A paused stream whose session was changed meanwhile (an append, or
     another stream) raises UsageError when resumed; an abandoned stream blocks nothing.
+    The first turn of a fresh session uses the generator's prefix cache (docs/ops.md §1 rule 11).
     """
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, generator: Generator, prefix: PrefixState | None = None) -> None:
         self.generator = generator
         self._state = generator.backend.new_state(1)
         self._lock = threading.Lock()
@@ -147,6 +172,26 @@ class Session:
         self.tokens: list[int] = []
         self._fed = 0
         self._logits: np.ndarray | None = None
+        self.spec_stats = speculative.SpeculativeStats()
+        if prefix is not None:
+            self._seed(prefix)
+
+    def _seed(self, prefix: PrefixState) -> None:
+        g = self.generator
+        be = g.backend
+        p = prefix.position
+        if p < 1:
+            raise UsageError("prefix state holds no tokens")
+        g.to_ids(list(prefix.tokens), "prefix state tokens")
+        be.check_positions(p)
+        live = rolling_kv.live_positions(p, be.window, be.capacity)
+        shape = (g.config.num_layers, g.config.num_kv_heads, len(live), g.config.head_dim)
+        if prefix.first != live.start or prefix.keys.shape != shape or prefix.values.shape != shape:
+            raise UsageError(f"prefix state: expected keys/values {list(shape)} of positions {live.start}..{p - 1}, "
+                             f"got {list(prefix.keys.shape)} from position {prefix.first}")
+        be.write_positions(self._state, 0, p, prefix.first, prefix.keys, prefix.values)
+        self.tokens = list(prefix.tokens)
+        self._fed = p
 
     @property
     def position(self) -> int:
@@ -157,9 +202,32 @@ class Session:
     def kv_bytes(self) -> int:
         return self.generator.backend.state_nbytes(self._state)
 
+    def prefix_state(self) -> PrefixState:
+        """This session's state at its position: the tokens in its buffer and their live keys/values."""
+        with self._lock:
+            be = self.generator.backend
+            if self._fed == 0:
+                raise UsageError("session is empty: append a prompt first")
+            live = rolling_kv.live_positions(self._fed, be.window, be.capacity)
+            keys, values = be.read_positions(self._state, 0, self._fed, live)
+            return PrefixState(tuple(self.tokens[:self._fed]), live.start, keys, values)
+
     def _feed_pending(self, want_all: bool) -> np.ndarray:
         g = self.generator
-        logits = feed(g.backend, self._state, 0, self.tokens[self._fed:], self._fed, g.prefill_chunk, want_all)
+        start, ids = self._fed, self.tokens[self._fed:]
+        on_chunk = None
+        cache = g.prefix_cache
+        if cache is not None and start == 0 and not want_all:
+            digests = chain_digests(ids, cache.block)
+            hit = cache.lookup(ids, digests)
+            if hit is not None:
+                g.backend.write_positions(self._state, 0, hit.position, hit.first, hit.keys, hit.values)
+                start = hit.position
+
+            def on_chunk(end: int) -> None:
+                store_prompt_block(cache, g.backend, self._state, 0, ids, digests, end)
+
+        logits = feed(g.backend, self._state, 0, self.tokens[start:], start, g.prefill_chunk, want_all, on_chunk)
         self._fed = len(self.tokens)
         self._logits = logits[-1] if want_all else logits
         return logits
@@ -177,13 +245,18 @@ class Session:
             return logits[n_pending:] if want_all else logits
 
     def stream(self, max_new_tokens: int = 64, **options: Any) -> Iterator[int]:
-        """Continue the sequence, yielding tokens as they are produced (options as for ``Generator.generate``)."""
+        """Continue the sequence, yielding tokens as they are produced (options as for ``Generator.generate``,
+        ``speculative`` included)."""
         g = self.generator
         with self._lock:
             if not self.tokens:
                 raise UsageError("session is empty: append a prompt before generating")
+            if self._logits is None and self._fed == len(self.tokens):
+                raise UsageError("this session starts from a saved prefix state, which holds no logits: "
+                                 "append a turn before generating")
             request = prepare_request(g, self.tokens[self._fed:], max_new_tokens, history=self._fed, **options)
             decoder = RowDecoder(request, g.tokenizer, history=tuple(self.tokens[:self._fed]))
+            proposer = speculative.NgramProposer(request.speculative) if request.speculative else None
             if self._fed < len(self.tokens):
                 self._feed_pending(want_all=False)
             self._version += 1
@@ -193,18 +266,55 @@ class Session:
         while True:
             with self._lock:
                 self._check_unchanged(mine)
-                res = decoder.step(self._logits)
-                self.tokens.append(res.token)
+                produced, finished = self._next_tokens(decoder, proposer)
                 self._version += 1
                 mine = self._version
-            yield res.token
-            if res.finish_reason is not None:
+            yield from produced
+            if finished:
                 return  # the last token stays pending until the next append/generate
-            with self._lock:
-                self._check_unchanged(mine)
-                self._feed_pending(want_all=False)
-                self._version += 1
-                mine = self._version
+
+    def _next_tokens(self, decoder: RowDecoder, proposer: speculative.NgramProposer | None
+                     ) -> tuple[list[int], bool]:
+        """One decode step under the lock: feed the pending token (or verify it with drafts) and sample.
+        Returns the new tokens (appended to ``tokens``; the last one pending) and whether the stream ends."""
+        g = self.generator
+        if self._fed < len(self.tokens):  # a pending token
+            drafts: list[int] = []
+            if proposer is not None:
+                proposer.extend(self.tokens[len(proposer.context):])
+                drafts = proposer.propose(decoder.request.max_new_tokens - len(decoder.generated) - 1)
+            if drafts:
+                return self._verify(decoder, proposer, drafts)
+            self._feed_pending(want_all=False)
+        res = decoder.step(self._logits)
+        self.tokens.append(res.token)
+        return [res.token], res.finish_reason is not None
+
+    def _verify(self, decoder: RowDecoder, proposer: speculative.NgramProposer, drafts: list[int]
+                ) -> tuple[list[int], bool]:
+        be = self.generator.backend
+        v = speculative.verify(be, self._state, 0, self._fed, self.tokens[-1], drafts)
+        produced: list[int] = []
+        finished = False
+
+        def sample(logits: np.ndarray) -> tuple[int, bool]:
+            nonlocal finished
+            res = decoder.step(logits)
+            produced.append(res.token)
+            finished = res.finish_reason is not None
+            return res.token, finished
+
+        accepted = speculative.accept(v, drafts, sample)
+        self.spec_stats.verifications += 1
+        self.spec_stats.drafted += len(drafts)
+        self.spec_stats.accepted += accepted
+        proposer.record(accepted)
+        if accepted < len(drafts):
+            speculative.rollback(be, self._state, 0, v, accepted)
+        self._fed = v.start + accepted + 1
+        self.tokens.extend(produced)
+        self._logits = None
+        return produced, finished
 
     def _check_unchanged(self, version: int) -> None:
         if self._version != version:

@@ -34,7 +34,7 @@ from mtx.errors import MtxError, ResourceError, UsageError
 from mtx.integrity import external_data_folder, read_graph
 from mtx.manifest import Manifest
 from mtx.names import ONNX_ELEMENT_TYPES, numpy_dtype
-from mtx.runtime.backends import Backend
+from mtx.runtime.backends import Backend, HostRow
 
 #: Dtypes whose exports ONNX Runtime's CPU and CUDA providers run.
 ORT_DTYPES = ("float32", "float16")
@@ -138,6 +138,7 @@ class OrtBackend(Backend):
         self.shared = manifest.ort_aliases_past_present
         self.multi_token_batch = manifest.kv.multi_token_batch
         self.rerun_safe = manifest.kv.layout == "ring"
+        self.kv_layout = manifest.kv.layout
         dtype = manifest.dtype
         if dtype not in ORT_DTYPES:
             raise UsageError(f"{root}: the onnxruntime backend runs {' and '.join(ORT_DTYPES)} exports, "
@@ -205,6 +206,21 @@ class OrtBackend(Backend):
 
     def state_nbytes(self, state: OrtKV) -> int:
         return len(state.sets) * 2 * self.layers * state.batch * state.row_bytes
+
+    def row_buffers(self, state: OrtKV, row: int) -> list[Any]:
+        """Views of ``row`` in the set holding its state; device buffers through a host copy."""
+        bufs = state.sets[int(state.current[row])]
+        if state.device == "cpu":
+            return [b[row] for b in bufs]
+
+        def write_back(buf: Any) -> Any:
+            def put(host_row: np.ndarray) -> None:
+                host = buf.numpy()
+                host[row] = host_row
+                buf.update_inplace(host)
+            return put
+
+        return [HostRow(b.numpy()[row].copy(), write_back(b)) for b in bufs]
 
     def _ptr(self, buf: Any, row: int, row_bytes: int) -> int:
         base = buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()

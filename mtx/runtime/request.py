@@ -16,6 +16,7 @@ import numpy as np
 
 from mtx.errors import UsageError
 from mtx.runtime.sampling import SamplingParams, check_seed
+from mtx.runtime.speculative import SpeculativeOptions
 
 if TYPE_CHECKING:
     from mtx.runtime.generator import Generator
@@ -33,6 +34,7 @@ class Request:
     ``seed``/``rng_stream``: its ``TokenRng`` (a request alone is stream 0; row r of an offline batch is
     stream r). ``stop_token_ids``: ids that end it (default: the model's EOS ids); ``stop``: stop strings.
     ``want_text``: detokenize as it goes (text deltas in the core's outputs; implied by ``stop``).
+    ``speculative``: prompt-lookup decoding options (:mod:`mtx.runtime.speculative`), or None.
     """
 
     request_id: int
@@ -44,6 +46,7 @@ class Request:
     stop_token_ids: frozenset[int]
     stop: tuple[str, ...]
     want_text: bool
+    speculative: SpeculativeOptions | None = None
 
     @property
     def needs_text(self) -> bool:
@@ -93,16 +96,21 @@ def prompt_ids(generator: Generator, prompt: object, what: str = "prompt") -> li
 def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 64, *, temperature: float = 0.0,
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                     stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None,
-                    rng_stream: int = 0, want_text: bool = False, what: str = "prompt", history: int = 0) -> Request:
+                    rng_stream: int = 0, want_text: bool = False, what: str = "prompt", history: int = 0,
+                    speculative: object = None) -> Request:
     """The :class:`Request` for ``prompt``; raises UsageError naming the first bad parameter.
 
     ``history``: tokens already in the row's KV before ``prompt`` (a session's earlier turns), counted
-    against the model's position limit.
+    against the model's position limit. ``speculative``: :class:`SpeculativeOptions`, a mapping of its
+    fields (vLLM's names), an int (``num_tokens``) or None.
     """
     check_max_new_tokens(max_new_tokens)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
     params.validate()
     check_seed(seed)
+    spec = SpeculativeOptions.parse(speculative)
+    if spec is not None:
+        spec.validate(generator.backend.window, generator.backend.capacity)
     if isinstance(stop, str):
         stop = [stop]
     stop_strings = tuple(stop or ())
@@ -130,4 +138,4 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
         ids = prompt_ids(generator, prompt, what)
     generator.backend.check_positions(history + len(ids) + max_new_tokens)
     return Request(next(_request_ids), tuple(ids), max_new_tokens, params, seed, rng_stream, stop_ids, stop_strings,
-                   want_text)
+                   want_text, spec)

@@ -50,6 +50,9 @@ class TorchBackend(Backend):
     def state_nbytes(self, state: Any) -> int:
         return state.nbytes()
 
+    def row_buffers(self, state: Any, row: int) -> list[Any]:
+        return [t for pair in zip(state.keys, state.values) for t in (pair[0][row], pair[1][row])]
+
     def run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
         """Rows of a multi-row call run one at a time: torch's CPU matmuls block by the row count, so a

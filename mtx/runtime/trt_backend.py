@@ -160,6 +160,9 @@ class TrtBackend(Backend):
     def state_nbytes(self, state: TrtKV) -> int:
         return state.nbytes()
 
+    def row_buffers(self, state: TrtKV, row: int) -> list[Any]:
+        return [t for pair in zip(state.keys, state.values) for t in (pair[0][row], pair[1][row])]
+
     def run(self, state: TrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
         import torch
