@@ -111,11 +111,10 @@ static json run(const json& r) {
     }
     return {{"tokens", out}, {"stats", stats}};
   }
-  if (op == "prefix") {  // a session seeded from "state" (or fresh), fed "append", then generating
+  if (op == "prefix") {  // a session seeded from "state" (or fresh), fed each of "append" in turn, then generating
     mtx::Session s = r.contains("state") ? model.session_from_prefix(r.at("state").get<std::string>()) : model.session();
     json result = {{"seeded_position", s.position()}, {"seeded_tokens", s.tokens()}};
-    const auto more = r.value("append", std::vector<int32_t>{});
-    if (!more.empty()) s.append(more);
+    for (const auto& more : r.value("append", json::array())) s.append(more.get<std::vector<int32_t>>());
     if (r.contains("save")) s.save_prefix_state(r.at("save").get<std::string>());
     result["tokens"] = s.generate(r.value("max_new_tokens", 0), sampling(r), stops(r), nullptr, speculative(r));
     result["stats"] = stats_json(s);
