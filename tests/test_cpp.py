@@ -870,3 +870,26 @@ def test_generate_example_prefix_state_and_speculative(cpp_build, parity_export,
         assert r.stderr.startswith(f"mtx-generate-cpp: error: {state}: ") and words in r.stderr, r.stderr
     r = _run([exe, str(export), *ids(prompt), "--speculative-ngram", "0"], timeout=300)
     assert r.returncode == 2 and "--speculative-ngram: expected an integer in [1, 1024]" in r.stderr, r.stderr
+
+
+def test_c_abi_prefix_state_and_speculative(cpp_build, parity_export, tmp_path):
+    """The C ABI: a state saved after a prefix seeds a session that, given the rest, generates the whole
+    prompt's tokens; speculative decoding gives the same tokens and counts accepted drafts; a bad file
+    is a status and one line."""
+    export = _spec_export(parity_export, "onnxruntime", 12)
+    prompt = [5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17]
+    want = py_load(export).generate([prompt], max_new_tokens=40, stop_token_ids=[])[0]
+    line = "ok " + " ".join(map(str, want))
+    state = tmp_path / "state.safetensors"
+    assert c_check(cpp_build, export, prompt[:8], 0, env={"MTX_C_CHECK_SAVE": str(state)}) == (0, "ok")
+    assert c_check(cpp_build, export, prompt[8:], 40, env={"MTX_C_CHECK_PREFIX": str(state)}) == (0, line)
+    r = _run([str(cpp_build / "mtx_c_check"), str(export), "40", *map(str, prompt)], timeout=300,
+             env={**os.environ, "MTX_C_CHECK_SPECULATIVE": "3"})
+    assert r.returncode == 0 and r.stdout.strip() == line, r.stderr
+    v, d, a = (int(x) for x in r.stderr.split()[1:])
+    assert v > 0 and 0 < a <= d <= 3 * v, r.stderr
+    state.write_bytes(state.read_bytes()[:-3])
+    rc, out = c_check(cpp_build, export, prompt[8:], 40, env={"MTX_C_CHECK_PREFIX": str(state)})
+    assert rc == 2 and out.startswith(f"error 1 {state}: header: ") and len(out.splitlines()) == 1, out
+    rc, out = c_check(cpp_build, export, prompt, 3, env={"MTX_C_CHECK_SPECULATIVE": "-1"})
+    assert rc == 2 and out.startswith("error 1 ") and "num_tokens" in out, out
