@@ -893,3 +893,35 @@ def test_c_abi_prefix_state_and_speculative(cpp_build, parity_export, tmp_path):
     assert rc == 2 and out.startswith(f"error 1 {state}: header: ") and len(out.splitlines()) == 1, out
     rc, out = c_check(cpp_build, export, prompt, 3, env={"MTX_C_CHECK_SPECULATIVE": "-1"})
     assert rc == 2 and out.startswith("error 1 ") and "num_tokens" in out, out
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+def test_canonical_chunks_make_turns_bit_identical(cpp_build, parity_export, tmp_path, target):
+    """docs/ops.md §1 rule 7: every feed is cut at multiples of the prefill block. A session fed 6 tokens
+    then 2 then the rest computes the rest in the same calls as one fed 6 then all the rest (6..8,
+    8..12, 12..16, ...), so the logits are the same bits; cut from where each feed starts (6..10,
+    10..14 against 8..12, ...) they would not be."""
+    export = _spec_export(parity_export, target, 12)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, 120, 30)]
+    base = {"op": "prefix", "export": str(export), "prefill_chunk": 4}
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    check(cpp_build, tmp_path, {**base, "append": [prompt[:6]], "score": prompt[6:], "out": str(a)})
+    check(cpp_build, tmp_path, {**base, "append": [prompt[:6], prompt[6:8]], "score": prompt[8:], "out": str(b)})
+    vocab = json.loads((export / "mtx.json").read_text())["config"]["vocab_size"]
+    la, lb = np.fromfile(a, np.float32).reshape(-1, vocab), np.fromfile(b, np.float32).reshape(-1, vocab)
+    assert la.shape[0] == 24 and lb.shape[0] == 22
+    assert np.array_equal(la[2:], lb)
+
+
+def test_speculative_under_full_attention_up_to_the_capacity(cpp_build, parity_export, tmp_path):
+    """Full attention (window 0, W = C = 64, layout ring): drafts are capped so that a verification never
+    passes the capacity; prompt + new tokens = C exactly, the tokens of plain decoding."""
+    export = parity_export("mistral_full", "onnxruntime")
+    prompt = [5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17]
+    n = 64 - len(prompt)
+    want = py_load(export).generate([prompt], max_new_tokens=n, stop_token_ids=[])[0]
+    req = {"op": "generate", "export": str(export), "prompts": [prompt], "max_new_tokens": n, "stop": [],
+           "prefill_chunk": PREFILL_CHUNK}
+    for k in (2, 7):
+        got = check(cpp_build, tmp_path, {**req, "speculative": {"num_tokens": k}})
+        assert got["tokens"] == [want] and got["stats"][0]["verifications"] > 0, k

@@ -111,11 +111,19 @@ static json run(const json& r) {
     }
     return {{"tokens", out}, {"stats", stats}};
   }
-  if (op == "prefix") {  // a session seeded from "state" (or fresh), fed each of "append" in turn, then generating
+  // A session seeded from "state" (or fresh), fed each of "append" in turn, then generating (or scoring "score").
+  if (op == "prefix") {
     mtx::Session s = r.contains("state") ? model.session_from_prefix(r.at("state").get<std::string>()) : model.session();
     json result = {{"seeded_position", s.position()}, {"seeded_tokens", s.tokens()}};
     for (const auto& more : r.value("append", json::array())) s.append(more.get<std::vector<int32_t>>());
     if (r.contains("save")) s.save_prefix_state(r.at("save").get<std::string>());
+    if (r.contains("score")) {  // teacher-forced logits of "score" (float32) to the file "out"
+      auto logits = s.score(r.at("score").get<std::vector<int32_t>>());
+      std::ofstream f(r.at("out").get<std::string>(), std::ios::binary);
+      f.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+      result["values"] = logits.size();
+      return result;
+    }
     result["tokens"] = s.generate(r.value("max_new_tokens", 0), sampling(r), stops(r), nullptr, speculative(r));
     result["stats"] = stats_json(s);
     return result;
