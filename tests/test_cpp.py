@@ -820,8 +820,9 @@ def test_bad_prefix_state_files_refused_by_both_readers(cpp_build, parity_export
     other, other_manifest = _python_prefix_state(other_export, prompt[:10], PREFIX_CHUNK)
     save_prefix_state(tmp_path / "other.safetensors", other, other_manifest)
     assert load_prefix_state(tmp_path / "other.safetensors", other_manifest).tokens == tuple(prompt[:10])
-    good = check(cpp_build, tmp_path, {"op": "prefix", "export": str(export), "state": str(tmp_path / "good.safetensors"),
-                                       "append": [prompt[10:]], "max_new_tokens": 2, "stop": []})
+    good = check(cpp_build, tmp_path, {"op": "prefix", "export": str(export),
+                                       "state": str(tmp_path / "good.safetensors"), "append": [prompt[10:]],
+                                       "max_new_tokens": 2, "stop": []})
     assert good["seeded_position"] == 10
     exe = str(cpp_build / "mtx-generate-cpp")
     cases = _bad_prefix_files(tmp_path / "good.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
