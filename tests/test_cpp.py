@@ -607,3 +607,322 @@ def test_generate_example_out_of_memory_is_one_line(cpp_build, parity_export):
             ("out of memory" in lines[0] or "the system refused a resource" in lines[0]), (mb, lines[0])
         outcomes.append(lines[0])
     assert any("out of memory" in line for line in outcomes), outcomes
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt-lookup speculative decoding and prefix state files (docs/ops.md §1 rules 7, 10-12, §6).
+
+#: (target, capacity) on window 8: ort_window and ring layouts, with C = W (rollback copies) and
+#: C = W + 4 (ring rollback free for k <= 4; ort_window crossing C).
+SPEC_EXPORTS = [("onnxruntime", 8), ("onnxruntime", 12), ("onnx", 8), ("onnx", 12)]
+SPEC_NEW = 48  # > 3 wraps of capacities 8 and 12
+
+
+def _spec_export(parity_export, target: str, capacity: int) -> Path:
+    return parity_export("mistral", target, cache_capacity=capacity)
+
+
+def _spec_prompts() -> list[list[int]]:
+    """Prompts that repeat themselves (drafts accepted) and seeded random ones (drafts rejected)."""
+    rng = np.random.default_rng(21)
+    return [[5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17], [9, 4] * 6 + [9], [int(t) for t in rng.integers(0, 120, 13)],
+            [int(t) for t in rng.integers(0, 120, 4)]]
+
+
+@pytest.mark.parametrize("target,capacity", SPEC_EXPORTS)
+@pytest.mark.parametrize("params", [dict(), dict(temperature=0.3, top_k=8, seed=3)], ids=["greedy", "seeded"])
+def test_speculative_ngram_gives_plain_decoding_tokens(cpp_build, parity_export, tmp_path, target, capacity, params):
+    """k = 1..4 drafts a verification: the tokens of C++ plain decoding and of the Python runtime, over
+    > 3 wraps of the buffer, with drafts accepted and rejected (rollbacks across wrap boundaries)."""
+    export = _spec_export(parity_export, target, capacity)
+    prompts = _spec_prompts()
+    gen = py_load(export)
+    want = [gen.generate([p], max_new_tokens=SPEC_NEW, stop_token_ids=[], **params)[0] for p in prompts]
+    if params:  # sampled, not greedy
+        assert want != [gen.generate([p], max_new_tokens=SPEC_NEW, stop_token_ids=[])[0] for p in prompts]
+    req = {"op": "generate", "export": str(export), "prompts": prompts, "max_new_tokens": SPEC_NEW, "stop": [],
+           "sampling": params, "prefill_chunk": PREFILL_CHUNK}
+    plain = check(cpp_build, tmp_path, req)
+    assert plain["tokens"] == want
+    assert all(s == {"verifications": 0, "drafted": 0, "accepted": 0} for s in plain["stats"])
+    drafted = accepted = 0
+    for k in (1, 2, 3, 4):
+        got = check(cpp_build, tmp_path, {**req, "speculative": {"num_tokens": k}})
+        assert got["tokens"] == want, k
+        for s in got["stats"]:
+            assert 0 <= s["accepted"] <= s["drafted"] <= k * s["verifications"]
+        drafted += sum(s["drafted"] for s in got["stats"])
+        accepted += sum(s["accepted"] for s in got["stats"])
+    assert accepted > 0 and drafted > accepted, (drafted, accepted)  # drafts both accepted and rejected
+
+
+def _layout_row(layout: str, q: int, p: int, capacity: int, window: int) -> int:
+    """Where a row at position p holds position q (docs/ops.md §1 rule 10), written here from the spec
+    and the measurement (test_ort_window_layout_as_measured), independently of the runtimes' code."""
+    if layout == "ring":
+        return q % capacity
+    if p <= capacity:
+        return q
+    return q - (p - window - (p - capacity - 1) % (capacity - window + 1))
+
+
+def _python_prefix_state(export: Path, tokens: list[int], chunk: int):
+    """The state of ``tokens`` computed by the Python runtime's ONNX Runtime backend in canonical chunks
+    of ``chunk`` (each call ends at a multiple of it), read out of the row's buffers at the places the
+    layout puts the live positions."""
+    from mtx.manifest import read_manifest
+    from mtx.runtime.prefix_state import PrefixState
+
+    m = read_manifest(export)
+    b = py_load(export).backend
+    st = b.new_state(1)
+    p = 0
+    while p < len(tokens):
+        n = min(len(tokens) - p, chunk - p % chunk)
+        b.run(st, slice(0, 1), np.asarray([tokens[p:p + n]], dtype=np.int64), np.asarray([p], dtype=np.int64),
+              last_only=True)
+        p += n
+    window = m.window or m.capacity
+    first = max(0, p - window)
+    rows = [_layout_row(m.kv.layout, q, p, m.capacity, window) for q in range(first, p)]
+    bufs = st.sets[int(st.current[0])]
+    layers = m.model_config.num_layers
+    keys = np.stack([bufs[2 * l][0][:, rows, :] for l in range(layers)])
+    values = np.stack([bufs[2 * l + 1][0][:, rows, :] for l in range(layers)])
+    return PrefixState(tuple(tokens), first, keys, values), m
+
+
+def test_ort_window_layout_as_measured(parity_export):
+    """ONNX Runtime's windowed cache (layout ort_window, window 8, capacity 12) holds position q of a row
+    at p in row q while p <= C, else in row q - base(p), base(p) = p - W - ((p - C - 1) mod (C - W + 1)),
+    whatever calls brought the row to p: the layout the C++ seeding and rollback write. Positions are
+    recognised by their layer-0 keys, which depend on the token and position only, taken from the `onnx`
+    export's ring buffer (slot q mod C, rule 1)."""
+    ort, ring = (_spec_export(parity_export, t, 12) for t in ("onnxruntime", "onnx"))
+    tokens = [int(t) for t in np.random.default_rng(5).integers(0, 120, 40)]
+    rb = py_load(ring).backend
+    st = rb.new_state(1)
+    ref = []
+    for q, t in enumerate(tokens):
+        rb.run(st, slice(0, 1), np.asarray([[t]]), np.asarray([q]), last_only=True)
+        ref.append(st.sets[int(st.current[0])][0][0, :, q % 12].copy())  # layer 0 keys [Hkv, D]
+    ob = py_load(ort).backend
+    for calls in ([1] * 40, [5] * 8, [12, 1, 3, 7, 2, 9, 6], [13, 4, 4, 4, 15], [40]):
+        st = ob.new_state(1)
+        p = 0
+        for n in calls:
+            ob.run(st, slice(0, 1), np.asarray([tokens[p:p + n]]), np.asarray([p]), last_only=True)
+            p += n
+            buf = st.sets[0][0][0]  # layer 0 keys [Hkv, C, D]
+            for q in range(max(0, p - 8), p):
+                np.testing.assert_allclose(buf[:, _layout_row("ort_window", q, p, 12, 8)], ref[q], atol=1e-4,
+                                           err_msg=f"calls {calls}: position {q} at {p}")
+
+
+PREFIX_CHUNK = 2  # the prefix lengths below are block boundaries: seeded rows continue bit for bit
+
+
+@pytest.mark.parametrize("target,capacity", SPEC_EXPORTS)
+def test_prefix_state_from_python_seeds_a_cpp_session(cpp_build, parity_export, tmp_path, target, capacity):
+    """A state written by Python (save_prefix_state) seeds a C++ session that, fed the rest of the prompt,
+    generates the tokens of the C++ session that fed the whole prompt from position 0 (and of Python),
+    for prefixes below W, equal to W, between W and C, and above C; a C++-written state is the same
+    state (Python reads it: same tokens, same bits)."""
+    from mtx.runtime.prefix_state import load_prefix_state, save_prefix_state
+
+    export = _spec_export(parity_export, target, capacity)
+    prompt = [int(t) for t in np.random.default_rng(capacity).integers(0, 120, 26)]
+    base = {"op": "prefix", "export": str(export), "max_new_tokens": 20, "stop": [], "prefill_chunk": PREFIX_CHUNK}
+    scratch = check(cpp_build, tmp_path, {**base, "append": [prompt]})["tokens"]
+    assert scratch == py_load(export).generate([prompt], max_new_tokens=20, stop_token_ids=[])[0]
+    for n in (6, 8, 10, 14, 20):
+        state, manifest = _python_prefix_state(export, prompt[:n], PREFIX_CHUNK)
+        path = tmp_path / f"prefix-{n}.safetensors"
+        save_prefix_state(path, state, manifest)
+        got = check(cpp_build, tmp_path, {**base, "state": str(path), "append": [prompt[n:]]})
+        assert got["seeded_position"] == n and got["seeded_tokens"] == prompt[:n]
+        assert got["tokens"] == scratch, n
+        spec = check(cpp_build, tmp_path, {**base, "state": str(path), "append": [prompt[n:]],
+                                           "speculative": {"num_tokens": 3}})
+        assert spec["tokens"] == scratch, n
+        # The same state written by C++ after feeding the prefix: Python reads the same tokens and bits.
+        cpp_path = tmp_path / f"cpp-{n}.safetensors"
+        check(cpp_build, tmp_path, {**base, "append": [prompt[:n]], "save": str(cpp_path), "max_new_tokens": 0})
+        loaded = load_prefix_state(cpp_path, manifest)
+        assert loaded.tokens == state.tokens and loaded.first == state.first == max(0, n - 8)
+        assert np.array_equal(loaded.keys, state.keys) and np.array_equal(loaded.values, state.values)
+        assert loaded.keys.dtype == np.float32 and loaded.keys.shape[2] == n - state.first
+    # Off a block boundary the seeded row continues as the row that fed the prefix, then the rest.
+    n = 11
+    state, manifest = _python_prefix_state(export, prompt[:n], PREFIX_CHUNK)
+    save_prefix_state(tmp_path / "odd.safetensors", state, manifest)
+    got = check(cpp_build, tmp_path, {**base, "state": str(tmp_path / "odd.safetensors"), "append": [prompt[n:]]})
+    assert got["tokens"] == check(cpp_build, tmp_path, {**base, "append": [prompt[:n], prompt[n:]]})["tokens"]
+    # Seeded, nothing appended: no logits of the last token to sample from.
+    err = check(cpp_build, tmp_path, {**base, "state": str(tmp_path / "odd.safetensors")}, expect_error=True)
+    assert err["error"]["code"] == 1 and "append at least one token" in err["error"]["message"]
+
+
+def _bad_prefix_files(good: Path, other: Path, folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (a broken copy of the prefix state file ``good``, the field its error must name). ``other``
+    is a valid state of another export."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(str(good), framework="numpy") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    raw = good.read_bytes()
+    folder.mkdir()
+    cases: dict[str, tuple[Path, str]] = {}
+
+    def add(name: str, field: str, data: bytes | None = None, meta: dict | None = None,
+            ts: dict | None = None) -> None:
+        path = folder / f"{name}.safetensors"
+        if data is not None:
+            path.write_bytes(data)
+        else:
+            save_file(ts if ts is not None else tensors, str(path), metadata=meta if meta is not None else md)
+        cases[name] = (path, field)
+
+    add("truncated", "header", raw[:-7])
+    add("truncated-header", "header", raw[:20])
+    add("short", "header", raw[:5])
+    add("header-not-json", "header", (16).to_bytes(8, "little") + b"{not json}      ")
+    add("header-too-long", "header", (10 ** 6).to_bytes(8, "little") + raw[8:])
+    cases["other-export"] = (other, "export_sha256")
+    cases["missing"] = (folder / "nowhere.safetensors", "file")
+    for key, value in (("format", "pt"), ("version", "2"), ("dtype", "float16"), ("capacity", "9"),
+                       ("window", "0"), ("position", "abc"), ("position", "99999"), ("first", "0"),
+                       ("tokens", "[1, 2"), ("tokens", json.dumps(json.loads(md["tokens"])[:-1])),
+                       ("tokens", json.dumps(json.loads(md["tokens"])[:-1] + [10 ** 6])),
+                       ("tokens", json.dumps(json.loads(md["tokens"])[:-1] + [True]))):
+        add(f"{key}-{len(cases)}", key, meta={**md, key: value})
+    add("no-metadata", "format", meta={})
+    add("extra-metadata", "header", meta={**md, "note": "x"})
+    add("missing-tensor", "value.1", ts={k: v for k, v in tensors.items() if k != "value.1"})
+    add("extra-tensor", "key.9", ts={**tensors, "key.9": tensors["key.0"]})
+    add("wrong-shape", "key.0", ts={**tensors, "key.0": np.concatenate([tensors["key.0"]] * 2, axis=1)})
+    add("wrong-dtype", "value.0", ts={**tensors, "value.0": tensors["value.0"].astype(np.float16)})
+    return cases
+
+
+def test_bad_prefix_state_files_refused_by_both_readers(cpp_build, parity_export, tmp_path):
+    """Truncated files, another export's state, wrong shapes or dtypes, bad metadata: one line naming the
+    file and the field, from the Python reader, the C++ library (InvalidArgument) and mtx-generate-cpp
+    (exit status 2, nothing on stdout), never a crash."""
+    from mtx.runtime.prefix_state import PrefixStateError, load_prefix_state, save_prefix_state
+
+    export, other_export = _spec_export(parity_export, "onnxruntime", 8), _spec_export(parity_export, "onnx", 8)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 120, 12)]
+    state, manifest = _python_prefix_state(export, prompt[:10], PREFIX_CHUNK)
+    save_prefix_state(tmp_path / "good.safetensors", state, manifest)
+    other, other_manifest = _python_prefix_state(other_export, prompt[:10], PREFIX_CHUNK)
+    save_prefix_state(tmp_path / "other.safetensors", other, other_manifest)
+    assert load_prefix_state(tmp_path / "other.safetensors", other_manifest).tokens == tuple(prompt[:10])
+    good = check(cpp_build, tmp_path, {"op": "prefix", "export": str(export),
+                                       "state": str(tmp_path / "good.safetensors"), "append": [prompt[10:]],
+                                       "max_new_tokens": 2, "stop": []})
+    assert good["seeded_position"] == 10
+    exe = str(cpp_build / "mtx-generate-cpp")
+    cases = _bad_prefix_files(tmp_path / "good.safetensors", tmp_path / "other.safetensors", tmp_path / "bad")
+    for name, (path, field) in cases.items():
+        head = f"{path}: {field}: "
+        with pytest.raises(PrefixStateError) as e:
+            load_prefix_state(path, manifest)
+        assert str(e.value).startswith(head) and "\n" not in str(e.value), (name, str(e.value))
+        err = check(cpp_build, tmp_path, {"op": "prefix", "export": str(export), "state": str(path),
+                                          "append": [prompt[10:]], "max_new_tokens": 2}, expect_error=True)["error"]
+        assert err["code"] == 1 and err["message"].startswith(head) and "\n" not in err["message"], (name, err)
+        r = _run([exe, str(export), "--ids", " ".join(map(str, prompt)), "--max-new-tokens", "2", "--ids-out",
+                  "--prefix-state", str(path)], timeout=300)
+        assert r.returncode == 2 and r.stdout == "", (name, r.returncode, r.stdout, r.stderr[-2000:])
+        assert r.stderr == f"mtx-generate-cpp: error: {err['message']}\n", (name, r.stderr)
+
+
+def test_generate_example_prefix_state_and_speculative(cpp_build, parity_export, tmp_path):
+    """mtx-generate-cpp: --save-prefix-state then --prefix-state gives the tokens of the whole prompt;
+    --speculative-ngram K gives the tokens of plain decoding, --stats counts accepted drafts; a prompt
+    that does not extend the state is one line, exit status 2."""
+    export = _spec_export(parity_export, "onnxruntime", 12)
+    exe = str(cpp_build / "mtx-generate-cpp")
+    prompt = [5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17]
+    args = ["--max-new-tokens", "40", "--ids-out"]
+    ids = lambda toks: ["--ids", " ".join(map(str, toks))]  # noqa: E731
+    want = py_load(export).generate([prompt], max_new_tokens=40)[0]
+    plain = _run([exe, str(export), *ids(prompt), *args], timeout=300)
+    assert plain.returncode == 0 and plain.stdout.split() == [str(t) for t in want], plain.stderr
+    spec = _run([exe, str(export), *ids(prompt), *args, "--speculative-ngram", "3", "--stats"], timeout=300)
+    assert spec.returncode == 0 and spec.stdout == plain.stdout, spec.stderr
+    stats = spec.stderr.strip().splitlines()
+    assert len(stats) == 1 and stats[0].startswith("speculative: "), spec.stderr
+    verifications, drafted, accepted = (int(w) for w in stats[0].split()[1::2])
+    assert verifications > 0 and 0 < accepted <= drafted <= 3 * verifications, stats
+    state = tmp_path / "system.safetensors"
+    r = _run([exe, str(export), *ids(prompt[:16]), "--max-new-tokens", "0", "--ids-out", "--save-prefix-state",
+              str(state)], timeout=300)
+    assert r.returncode == 0 and state.is_file(), r.stderr
+    seeded = _run([exe, str(export), *ids(prompt), *args, "--prefix-state", str(state)], timeout=300)
+    assert seeded.returncode == 0 and seeded.stdout == plain.stdout, seeded.stderr
+    for toks, words in ((prompt[:16], "must add at least one token to the 16 tokens"),
+                        ([1] + prompt, "does not start with the 16 tokens"), (prompt[:9], "does not start with")):
+        r = _run([exe, str(export), *ids(toks), *args, "--prefix-state", str(state)], timeout=300)
+        assert r.returncode == 2 and r.stdout == "" and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"mtx-generate-cpp: error: {state}: ") and words in r.stderr, r.stderr
+    r = _run([exe, str(export), *ids(prompt), "--speculative-ngram", "0"], timeout=300)
+    assert r.returncode == 2 and "--speculative-ngram: expected an integer in [1, 1024]" in r.stderr, r.stderr
+
+
+def test_c_abi_prefix_state_and_speculative(cpp_build, parity_export, tmp_path):
+    """The C ABI: a state saved after a prefix seeds a session that, given the rest, generates the whole
+    prompt's tokens; speculative decoding gives the same tokens and counts accepted drafts; a bad file
+    is a status and one line."""
+    export = _spec_export(parity_export, "onnxruntime", 12)
+    prompt = [5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17]
+    want = py_load(export).generate([prompt], max_new_tokens=40, stop_token_ids=[])[0]
+    line = "ok " + " ".join(map(str, want))
+    state = tmp_path / "state.safetensors"
+    assert c_check(cpp_build, export, prompt[:8], 0, env={"MTX_C_CHECK_SAVE": str(state)}) == (0, "ok")
+    assert c_check(cpp_build, export, prompt[8:], 40, env={"MTX_C_CHECK_PREFIX": str(state)}) == (0, line)
+    r = _run([str(cpp_build / "mtx_c_check"), str(export), "40", *map(str, prompt)], timeout=300,
+             env={**os.environ, "MTX_C_CHECK_SPECULATIVE": "3"})
+    assert r.returncode == 0 and r.stdout.strip() == line, r.stderr
+    v, d, a = (int(x) for x in r.stderr.split()[1:])
+    assert v > 0 and 0 < a <= d <= 3 * v, r.stderr
+    state.write_bytes(state.read_bytes()[:-3])
+    rc, out = c_check(cpp_build, export, prompt[8:], 40, env={"MTX_C_CHECK_PREFIX": str(state)})
+    assert rc == 2 and out.startswith(f"error 1 {state}: header: ") and len(out.splitlines()) == 1, out
+    rc, out = c_check(cpp_build, export, prompt, 3, env={"MTX_C_CHECK_SPECULATIVE": "-1"})
+    assert rc == 2 and out.startswith("error 1 ") and "num_tokens" in out, out
+
+
+@pytest.mark.parametrize("target", ["onnxruntime", "onnx"])
+def test_canonical_chunks_make_turns_bit_identical(cpp_build, parity_export, tmp_path, target):
+    """docs/ops.md §1 rule 7: every feed is cut at multiples of the prefill block. A session fed 6 tokens
+    then 2 then the rest computes the rest in the same calls as one fed 6 then all the rest (6..8,
+    8..12, 12..16, ...), so the logits are the same bits; cut from where each feed starts (6..10,
+    10..14 against 8..12, ...) they would not be."""
+    export = _spec_export(parity_export, target, 12)
+    prompt = [int(t) for t in np.random.default_rng(7).integers(0, 120, 30)]
+    base = {"op": "prefix", "export": str(export), "prefill_chunk": 4}
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    check(cpp_build, tmp_path, {**base, "append": [prompt[:6]], "score": prompt[6:], "out": str(a)})
+    check(cpp_build, tmp_path, {**base, "append": [prompt[:6], prompt[6:8]], "score": prompt[8:], "out": str(b)})
+    vocab = json.loads((export / "mtx.json").read_text())["config"]["vocab_size"]
+    la, lb = np.fromfile(a, np.float32).reshape(-1, vocab), np.fromfile(b, np.float32).reshape(-1, vocab)
+    assert la.shape[0] == 24 and lb.shape[0] == 22
+    assert np.array_equal(la[2:], lb)
+
+
+def test_speculative_under_full_attention_up_to_the_capacity(cpp_build, parity_export, tmp_path):
+    """Full attention (window 0, W = C = 64, layout ring): drafts are capped so that a verification never
+    passes the capacity; prompt + new tokens = C exactly, the tokens of plain decoding."""
+    export = parity_export("mistral_full", "onnxruntime")
+    prompt = [5, 17, 99, 3, 42, 8, 11] * 3 + [5, 17]
+    n = 64 - len(prompt)
+    want = py_load(export).generate([prompt], max_new_tokens=n, stop_token_ids=[])[0]
+    req = {"op": "generate", "export": str(export), "prompts": [prompt], "max_new_tokens": n, "stop": [],
+           "prefill_chunk": PREFILL_CHUNK}
+    for k in (2, 7):
+        got = check(cpp_build, tmp_path, {**req, "speculative": {"num_tokens": k}})
+        assert got["tokens"] == [want] and got["stats"][0]["verifications"] > 0, k

@@ -18,11 +18,17 @@
 static const char* kUsage =
     "usage: mtx-generate-cpp OUT (--prompt TEXT | --ids \"1 2 3\") [--max-new-tokens N] [--temperature T]\n"
     "       [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop TEXT]... [--threads N]\n"
-    "       [--no-verify] [--ids-out]\n"
+    "       [--no-verify] [--ids-out] [--prefix-state FILE] [--save-prefix-state FILE] [--speculative-ngram K]\n"
+    "       [--stats]\n"
     "Generate from the mtx export folder OUT (mtx.json, model.onnx, tokenizer.json or tokenizer.model) with the\n"
     "mtx C++ runtime. The text streams to stdout as it is generated; --ids-out prints the token ids instead.\n"
     "--stop TEXT (repeatable): the text ends before the first stop string, and generation stops at the token\n"
-    "completing it.\n";
+    "completing it.\n"
+    "--prefix-state FILE: start from a prefix state file (docs/ops.md section 6) written for this export; the\n"
+    "prompt must start with its tokens and add at least one, and only the tokens after them are fed.\n"
+    "--save-prefix-state FILE: write the state after the prompt (before generating) to FILE.\n"
+    "--speculative-ngram K: prompt-lookup speculative decoding, up to K draft tokens a call (same tokens).\n"
+    "--stats: one line on stderr with the speculative verifications, drafted and accepted tokens.\n";
 
 [[noreturn]] static void usage_error(const std::string& msg) {
   std::cerr << "mtx-generate-cpp: error: " << msg << "\n";
@@ -57,8 +63,9 @@ static size_t held_suffix(const std::string& text, const std::vector<std::string
 }
 
 int main(int argc, char** argv) {
-  std::string out, prompt, ids_text;
-  bool have_prompt = false, have_ids = false, ids_out = false;
+  std::string out, prompt, ids_text, prefix_state, save_prefix_state;
+  bool have_prompt = false, have_ids = false, ids_out = false, stats = false;
+  mtx::SpeculativeOptions spec;
   int max_new = 64;
   std::vector<std::string> stops;
   mtx::SamplingOptions opts;
@@ -106,6 +113,16 @@ int main(int argc, char** argv) {
       mo.verify_hashes = false;
     } else if (a == "--ids-out") {
       ids_out = true;
+    } else if (a == "--prefix-state") {
+      prefix_state = value();
+      if (prefix_state.empty()) usage_error("--prefix-state: expected a file name");
+    } else if (a == "--save-prefix-state") {
+      save_prefix_state = value();
+      if (save_prefix_state.empty()) usage_error("--save-prefix-state: expected a file name");
+    } else if (a == "--speculative-ngram") {
+      spec.num_tokens = int(parse_int(a, value(), 1, 1024, "an integer in [1, 1024]"));
+    } else if (a == "--stats") {
+      stats = true;
     } else if (!a.empty() && a[0] == '-') {
       usage_error("unknown option " + a + " (see --help)");
     } else if (out.empty()) {
@@ -128,8 +145,19 @@ int main(int argc, char** argv) {
     std::unique_ptr<mtx::Tokenizer> tok;
     if (have_prompt || !ids_out || !stops.empty()) tok = std::make_unique<mtx::Tokenizer>(out);
     if (have_prompt) ids = tok->encode(prompt);
-    mtx::Session s = model.session();
+    mtx::Session s = prefix_state.empty() ? model.session() : model.session_from_prefix(prefix_state);
+    if (!prefix_state.empty()) {
+      const auto& have = s.tokens();
+      if (ids.size() < have.size() || !std::equal(have.begin(), have.end(), ids.begin()))
+        throw mtx::Error(mtx::ErrorCode::InvalidArgument, prefix_state + ": the prompt does not start with the " +
+                                                              std::to_string(have.size()) + " tokens of this prefix state");
+      if (ids.size() == have.size())
+        throw mtx::Error(mtx::ErrorCode::InvalidArgument, prefix_state + ": the prompt must add at least one token to the " +
+                                                              std::to_string(have.size()) + " tokens of this prefix state");
+      ids.erase(ids.begin(), ids.begin() + std::ptrdiff_t(have.size()));
+    }
     s.append(ids);
+    if (!save_prefix_state.empty()) s.save_prefix_state(save_prefix_state);
     std::unique_ptr<mtx::Detokenizer> detok;
     if (tok) detok = std::make_unique<mtx::Detokenizer>(*tok);
     size_t n_out = 0;
@@ -160,12 +188,17 @@ int main(int argc, char** argv) {
     s.generate(max_new, opts, std::nullopt, [&](int32_t t) {
       if (ids_out) std::cout << (n_out++ ? " " : "") << t << std::flush;
       return detok ? add_text(detok->push(t)) : true;
-    });
+    }, spec);
     if (detok && !stopped) {
       add_text(detok->flush());
       if (!stopped) show(text.size());
     }
-    std::cout << "\n";
+    std::cout << "\n" << std::flush;
+    if (stats) {
+      const auto& st = s.speculative_stats();
+      std::cerr << "speculative: " << st.verifications << " verifications, " << st.drafted << " drafted, "
+                << st.accepted << " accepted\n";
+    }
   } catch (const mtx::Error& e) {
     std::cerr << "mtx-generate-cpp: error: " << e.what() << "\n";
     return e.code() == mtx::ErrorCode::Runtime ? 1 : 2;

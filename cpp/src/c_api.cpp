@@ -13,6 +13,7 @@ struct mtx_model {
 };
 struct mtx_session {
   mtx::Session session;
+  mtx::SpeculativeOptions speculative{};
 };
 struct mtx_tokenizer {
   mtx::Tokenizer tokenizer;
@@ -82,7 +83,7 @@ mtx_status mtx_session_new(const mtx_model* model, mtx_session** out) {
   return guard([&] {
     need(model, "model");
     need(out, "out");
-    *out = new mtx_session{model->model.session()};
+    *out = new mtx_session{model->model.session(), {}};
   });
 }
 void mtx_session_free(mtx_session* session) { delete session; }
@@ -107,7 +108,7 @@ mtx_status mtx_session_generate(mtx_session* session, int32_t max_new_tokens, co
     if (stop_ids) stops = std::vector<int32_t>(stop_ids, stop_ids + n_stop);
     std::function<bool(int32_t)> cb;
     if (callback) cb = [&](int32_t t) { return callback(user, t) != 0; };
-    auto toks = session->session.generate(max_new_tokens, options(sampling), stops, cb);
+    auto toks = session->session.generate(max_new_tokens, options(sampling), stops, cb, session->speculative);
     std::copy(toks.begin(), toks.end(), out_tokens);
     *n_out = toks.size();
   });
@@ -123,6 +124,48 @@ mtx_status mtx_session_score(mtx_session* session, const int32_t* tokens, size_t
   });
 }
 int64_t mtx_session_kv_bytes(const mtx_session* session) { return session ? session->session.kv_bytes() : -1; }
+
+mtx_status mtx_session_from_prefix(const mtx_model* model, const char* path, mtx_session** out) {
+  return guard([&] {
+    need(model, "model");
+    need(path, "path");
+    need(out, "out");
+    *out = nullptr;
+    *out = new mtx_session{model->model.session_from_prefix(path), {}};
+  });
+}
+
+mtx_status mtx_session_save_prefix(const mtx_session* session, const char* path) {
+  return guard([&] {
+    need(session, "session");
+    need(path, "path");
+    session->session.save_prefix_state(path);
+  });
+}
+
+mtx_status mtx_session_set_speculative(mtx_session* session, int32_t num_tokens, int32_t lookup_max,
+                                       int32_t lookup_min) {
+  return guard([&] {
+    need(session, "session");
+    mtx::SpeculativeOptions o;
+    o.num_tokens = num_tokens;
+    o.prompt_lookup_max = lookup_max;
+    o.prompt_lookup_min = lookup_min;
+    o.validate();
+    session->speculative = o;
+  });
+}
+
+mtx_status mtx_session_speculative_stats(const mtx_session* session, int64_t* verifications, int64_t* drafted,
+                                         int64_t* accepted) {
+  return guard([&] {
+    need(session, "session");
+    const auto& st = session->session.speculative_stats();
+    if (verifications) *verifications = st.verifications;
+    if (drafted) *drafted = st.drafted;
+    if (accepted) *accepted = st.accepted;
+  });
+}
 
 mtx_status mtx_tokenizer_open(const char* path, mtx_tokenizer** out) {
   return guard([&] {

@@ -10,6 +10,7 @@
 #include <cctype>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <mutex>
 #include <sstream>
 
@@ -176,6 +177,8 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
     throw Error(ErrorCode::InvalidExport, folder + ": the mtx C++ runtime runs float32 and float16 exports in ONNX "
                                                    "Runtime, this one is " + info.dtype);
   if (options.max_batch > 0) info.max_batch = options.max_batch;
+  m.layout = kv::parse_layout(info.kv_layout);
+  m.window = info.window > 0 ? info.window : info.capacity;
   info.eos_token_ids = detail::generation_eos(folder, info.eos_token_ids);
   m.elem = info.dtype == "float32" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   m.elem_bytes = info.dtype == "float32" ? 4 : 2;
@@ -263,6 +266,19 @@ void Model::Impl::check_positions(int64_t end_pos) const {
     throw Error(ErrorCode::InvalidArgument, "position " + std::to_string(end_pos) + " exceeds max_position " +
                                                 std::to_string(*info.max_position) +
                                                 " of this export (its RoPE tables); export it again with a larger max_position");
+}
+
+int64_t Model::Impl::position_limit() const {
+  const ModelInfo& info = manifest.info;
+  int64_t limit = info.window == 0 ? info.capacity : std::numeric_limits<int64_t>::max();
+  if (info.max_position) limit = std::min(limit, *info.max_position);
+  return limit;
+}
+
+char* Model::Impl::slot_ptr(KVState& st, int row, size_t tensor, int64_t head, int64_t slot) const {
+  const ModelInfo& info = manifest.info;
+  return st.sets[st.current[row]][tensor].get() + size_t(row) * st.row_bytes +
+         size_t((head * info.capacity + slot) * info.head_dim) * elem_bytes;
 }
 
 void Model::Impl::check_tokens(const std::vector<int32_t>& ids, const char* what) const {
@@ -361,16 +377,15 @@ std::vector<float> Model::Impl::run(KVState& st, int r0, int r1, const std::vect
   return out;
 }
 
-// Feed `ids` for one row from `start` in chunks; logits of the last token [V], or of all [T, V].
 std::vector<float> Model::Impl::prefill(KVState& st, int row, const std::vector<int32_t>& ids, int64_t start,
                                         bool want_all) const {
   check_positions(start + int64_t(ids.size()));
-  const int64_t chunk = options.prefill_chunk;
   std::vector<float> all, last;
-  for (size_t off = 0; off < ids.size(); off += chunk) {
-    const size_t n = std::min<size_t>(chunk, ids.size() - off);
-    std::vector<int64_t> c(ids.begin() + off, ids.begin() + off + n);
-    auto logits = run(st, row, row + 1, c, int64_t(n), {start + int64_t(off)}, !want_all);
+  size_t off = 0;
+  for (const int64_t n : kv::canonical_chunks(start, int64_t(ids.size()), options.prefill_chunk)) {
+    std::vector<int64_t> c(ids.begin() + off, ids.begin() + off + size_t(n));
+    auto logits = run(st, row, row + 1, c, n, {start + int64_t(off)}, !want_all);
+    off += size_t(n);
     if (want_all)
       all.insert(all.end(), logits.begin(), logits.end());
     else

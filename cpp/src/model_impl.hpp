@@ -42,6 +42,8 @@ struct Model::Impl {
   std::string folder;
   ModelOptions options;
   detail::Manifest manifest;
+  kv::Layout layout = kv::Layout::Ring;  // manifest kv.layout
+  int64_t window = 0;                    // W: the sliding window, or C under full attention
   std::unique_ptr<Ort::Session> session;
   std::unique_ptr<Ort::MemoryInfo> cpu;
   std::vector<std::string> past_names, present_names;  // 2*l key, 2*l+1 value
@@ -51,14 +53,40 @@ struct Model::Impl {
   static std::string join_model_path(const std::string& folder, const std::string& model);
   std::unique_ptr<KVState> new_state(int batch) const;
   void check_positions(int64_t end_pos) const;
+  /// Positions a row may reach: C under full attention (rule 8), max_position; else INT64_MAX.
+  int64_t position_limit() const;
+  /// Slot `slot` of head `head` of KV tensor `tensor` (2*l key, 2*l+1 value of layer l) of `row`,
+  /// in the set holding the row's state: head_dim elements in the export dtype.
+  char* slot_ptr(KVState& st, int row, size_t tensor, int64_t head, int64_t slot) const;
   void check_tokens(const std::vector<int32_t>& ids, const char* what) const;
   int align_rows(KVState& st, int r0, int r1) const;
   KVState::Binding& binding(KVState& st, int r0, int r1, int src) const;
   /// Feed input_ids [b, seq] at start_pos [b] for rows [r0, r1); float32 logits [b, seq or 1, V].
   std::vector<float> run(KVState& st, int r0, int r1, const std::vector<int64_t>& ids, int64_t seq,
                          const std::vector<int64_t>& start_pos, bool last_only) const;
+  /// Feed `ids` for one row from `start` in canonical chunks (kv::canonical_chunks, block
+  /// options.prefill_chunk); logits of the last token [V], or of all [T, V] with want_all.
   std::vector<float> prefill(KVState& st, int row, const std::vector<int32_t>& ids, int64_t start,
                              bool want_all) const;
 };
+
+namespace detail {
+/// A prefix state in memory (docs/ops.md §6 "Prefix state files"): the ids of positions
+/// 0..position-1 and, per KV tensor (2*l key, 2*l+1 value), the live positions first..position-1
+/// as [Hkv, n, D] in the export dtype, n = position - first, first = max(0, position - W).
+struct PrefixData {
+  std::vector<int32_t> tokens;
+  int64_t first = 0;
+  std::vector<std::vector<char>> tensors;
+};
+/// Hex sha256 pinning an export's computation: of the lines "ROLE PATH SHA256\n" of its files of
+/// roles model, weights and checkpoint-weights, in manifest order.
+std::string export_digest(const Manifest& m);
+/// Read and check a prefix state file against the open export; Error(InvalidArgument), one line
+/// naming the file and the field, for anything inconsistent.
+PrefixData read_prefix_state(const std::string& path, const Model::Impl& m);
+/// Write `d` to `path` through a temporary file in its folder, renamed into place.
+void write_prefix_state(const std::string& path, const PrefixData& d, const Model::Impl& m);
+}  // namespace detail
 
 }  // namespace mtx

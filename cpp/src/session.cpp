@@ -1,5 +1,6 @@
 // Session and Batch: mtx/runtime/generator.py Session.stream and Generator.stream_batch, in C++.
 #include <algorithm>
+#include <cstring>
 
 #include "model_impl.hpp"
 
@@ -7,6 +8,64 @@ namespace mtx {
 
 Session Model::session() const { return Session(this); }
 Batch Model::batch(int rows) const { return Batch(this, rows); }
+
+void SpeculativeOptions::validate() const {
+  auto bad = [](const std::string& m) { throw Error(ErrorCode::InvalidArgument, m); };
+  if (num_tokens < 0) bad("speculative num_tokens must be an integer >= 0, got " + std::to_string(num_tokens));
+  if (prompt_lookup_min < 1)
+    bad("speculative prompt_lookup_min must be an integer >= 1, got " + std::to_string(prompt_lookup_min));
+  if (prompt_lookup_max < prompt_lookup_min)
+    bad("speculative prompt_lookup_max must be >= prompt_lookup_min (" + std::to_string(prompt_lookup_min) +
+        "), got " + std::to_string(prompt_lookup_max));
+}
+
+namespace {
+// The live positions `span` of a row at position `p`, read where the layout puts them (docs/ops.md §1
+// rule 10), packed per KV tensor and head: [2L][Hkv][span][D].
+std::vector<char> read_positions(const Model::Impl& m, KVState& st, kv::Span span, int64_t p) {
+  const ModelInfo& info = m.manifest.info;
+  const size_t vec = size_t(info.head_dim) * m.elem_bytes, n = size_t(span.size());
+  std::vector<char> out(size_t(2 * info.num_layers * info.num_kv_heads) * n * vec);
+  char* dst = out.data();
+  for (size_t t = 0; t < size_t(2 * info.num_layers); ++t)
+    for (int64_t h = 0; h < info.num_kv_heads; ++h)
+      for (int64_t q = span.begin; q < span.end; ++q, dst += vec)
+        std::memcpy(dst, m.slot_ptr(st, 0, t, h, kv::slot_at(m.layout, q, p, info.capacity, m.window)), vec);
+  return out;
+}
+}  // namespace
+
+Session Model::session_from_prefix(const std::string& path) const {
+  const Impl& m = *impl_;
+  const ModelInfo& info = m.manifest.info;
+  detail::PrefixData d = detail::read_prefix_state(path, m);
+  Session s(this);
+  const int64_t p = int64_t(d.tokens.size()), n = p - d.first;
+  const size_t vec = size_t(info.head_dim) * m.elem_bytes;
+  for (size_t t = 0; t < d.tensors.size(); ++t)
+    for (int64_t h = 0; h < info.num_kv_heads; ++h)
+      for (int64_t q = d.first; q < p; ++q)
+        std::memcpy(m.slot_ptr(*s.state_, 0, t, h, kv::slot_at(m.layout, q, p, info.capacity, m.window)),
+                    d.tensors[t].data() + size_t(h * n + q - d.first) * vec, vec);
+  s.tokens_ = std::move(d.tokens);
+  s.fed_ = p;
+  return s;
+}
+
+void Session::save_prefix_state(const std::string& path) const {
+  const auto& m = model_->impl();
+  const ModelInfo& info = m.manifest.info;
+  if (fed_ < 1) throw Error(ErrorCode::InvalidArgument, path + ": the session is empty: nothing to save");
+  detail::PrefixData d;
+  d.tokens.assign(tokens_.begin(), tokens_.begin() + fed_);
+  const kv::Span live = kv::live(fed_, m.window);
+  d.first = live.begin;
+  const std::vector<char> all = read_positions(m, *state_, live, fed_);
+  const size_t per = all.size() / size_t(2 * info.num_layers);
+  for (size_t t = 0; t < size_t(2 * info.num_layers); ++t)
+    d.tensors.emplace_back(all.begin() + t * per, all.begin() + (t + 1) * per);
+  detail::write_prefix_state(path, d, m);
+}
 
 Session::Session(const Model* model) : model_(model), state_(model->impl().new_state(1)) {}
 Session::Session(Session&&) noexcept = default;
@@ -41,21 +100,108 @@ std::vector<float> Session::score(const std::vector<int32_t>& ids) {
 
 std::vector<int32_t> Session::generate(int max_new_tokens, const SamplingOptions& opts,
                                        const std::optional<std::vector<int32_t>>& stop_ids,
-                                       const std::function<bool(int32_t)>& on_token) {
+                                       const std::function<bool(int32_t)>& on_token,
+                                       const SpeculativeOptions& speculative) {
   if (tokens_.empty()) throw Error(ErrorCode::InvalidArgument, "session is empty: append a prompt before generating");
+  speculative.validate();
   // The session's row: its whole sequence is the prompt (positions and the repetition penalty see it all).
   const GenerationRequest req = make_request(*model_, {tokens_}, max_new_tokens, opts, stop_ids, "session");
-  if (fed_ < int64_t(tokens_.size())) feed_pending(false);
   RowDecoder row(req, 0);
+  if (row.done()) return row.generated();
+  if (fed_ < int64_t(tokens_.size()))
+    feed_pending(false);
+  else if (last_logits_.empty())
+    throw Error(ErrorCode::InvalidArgument, "session seeded from a prefix state has no logits of its last token: "
+                                            "append at least one token before generating");
   const int64_t V = model_->info().vocab_size;
-  while (!row.done()) {
-    const int32_t tok = row.step(last_logits_.data(), V);
+  // One sampling step (the row's own sampler and random stream); the token becomes the pending one.
+  auto take = [&](const float* logits) {
+    const int32_t tok = row.step(logits, V);
     tokens_.push_back(tok);
     if (on_token && !on_token(tok)) row.cancel();
-    if (row.done()) break;  // the last token stays pending until the next append / generate
-    feed_pending(false);
+    return tok;
+  };
+  take(last_logits_.data());
+  int fails = 0, cooldown = 0;  // backoff after verifications that accepted nothing
+  while (!row.done()) {  // the last token stays pending until the next append / generate
+    std::vector<int32_t> draft;
+    if (speculative.num_tokens > 0) {
+      if (cooldown > 0)
+        --cooldown;
+      else
+        draft = kv::ngram_draft(tokens_, draft_limit(speculative.num_tokens, max_new_tokens, row),
+                                speculative.prompt_lookup_max, speculative.prompt_lookup_min);
+    }
+    if (draft.empty()) {
+      feed_pending(false);
+      take(last_logits_.data());
+      continue;
+    }
+    if (verify(draft, row, take) == 0) {
+      ++fails;
+      cooldown = fails >= 5 ? 32 : std::min(1 << fails, 32);
+    } else {
+      fails = 0;
+    }
   }
   return row.generated();
+}
+
+int64_t Session::draft_limit(int num_tokens, int max_new_tokens, const RowDecoder& row) const {
+  const auto& m = model_->impl();
+  const int64_t remaining = int64_t(max_new_tokens) - int64_t(row.generated().size());  // tokens still to draw
+  int64_t k = std::min<int64_t>(num_tokens, remaining - 1);
+  k = std::min(k, m.position_limit() - fed_ - 1);  // the call feeds positions fed_ .. fed_ + k
+  return std::min(k, m.window - 1);
+}
+
+int64_t Session::verify(const std::vector<int32_t>& draft, RowDecoder& row,
+                        const std::function<int32_t(const float*)>& take) {
+  const auto& m = model_->impl();
+  const ModelInfo& info = m.manifest.info;
+  const int64_t p = fed_, k = int64_t(draft.size()), C = info.capacity, W = m.window, V = info.vocab_size;
+  // Positions the call loses that a rejection may still need, read at the layout of p (rule 12).
+  const kv::Span saved = kv::verify_saved(m.layout, p, k, C, W);
+  const std::vector<char> kept = read_positions(m, *state_, saved, p);
+  std::vector<int64_t> ids = {tokens_.back()};
+  ids.insert(ids.end(), draft.begin(), draft.end());
+  m.check_positions(p + k + 1);
+  const std::vector<float> logits = m.run(*state_, 0, 1, ids, k + 1, {p}, false);  // [k + 1, V]
+  // Draw as plain decoding would, one position at a time, while the drafts match the tokens drawn.
+  int64_t a = 0;
+  for (int64_t i = 0;; ++i) {
+    const int32_t t = take(logits.data() + i * V);
+    if (row.done() || i == k || t != draft[size_t(i)]) break;
+    ++a;
+  }
+  const int64_t next = p + a + 1;
+  const auto moves = kv::verify_restore(m.layout, p, k, a, C, W);
+  if (!moves.empty()) {  // gather every source first: sources and destinations may overlap
+    const size_t vec = size_t(info.head_dim) * m.elem_bytes, T = size_t(2 * info.num_layers);
+    std::vector<char> tmp(T * size_t(info.num_kv_heads) * moves.size() * vec);
+    char* at = tmp.data();
+    for (size_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < info.num_kv_heads; ++h)
+        for (const auto& mv : moves) {
+          const char* src = mv.from_saved ? kept.data() + ((t * info.num_kv_heads + h) * saved.size() + mv.source) * vec
+                                          : m.slot_ptr(*state_, 0, t, h, mv.source);
+          std::memcpy(at, src, vec);
+          at += vec;
+        }
+    at = tmp.data();
+    for (size_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < info.num_kv_heads; ++h)
+        for (const auto& mv : moves) {
+          std::memcpy(m.slot_ptr(*state_, 0, t, h, mv.dest), at, vec);
+          at += vec;
+        }
+  }
+  fed_ = next;
+  last_logits_.assign(logits.begin() + a * V, logits.begin() + (a + 1) * V);
+  spec_stats_.verifications += 1;
+  spec_stats_.drafted += k;
+  spec_stats_.accepted += a;
+  return a;
 }
 
 Batch::Batch(const Model* model, int rows) : model_(model), rows_(rows), state_(model->impl().new_state(rows)) {}

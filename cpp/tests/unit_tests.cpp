@@ -237,4 +237,163 @@ TEST(OnnxRuntime, LibraryProvidesTheHeadersApi) {
   EXPECT_FALSE(mtx::Model::ort_version().empty());
 }
 
+// ---- KV layout arithmetic (docs/ops.md §1 rules 7, 10, 12) ---------------------------------------
+using mtx::kv::Layout;
+
+TEST(KvLayout, CanonicalChunksEndAtMultiplesOfTheBlock) {
+  using V = std::vector<int64_t>;
+  EXPECT_EQ(mtx::kv::canonical_chunks(0, 12, 5), (V{5, 5, 2}));
+  EXPECT_EQ(mtx::kv::canonical_chunks(7, 10, 5), (V{3, 5, 2}));  // 7..9, 10..14, 15..16
+  EXPECT_EQ(mtx::kv::canonical_chunks(5, 5, 5), (V{5}));
+  EXPECT_EQ(mtx::kv::canonical_chunks(3, 1, 5), (V{1}));
+  EXPECT_EQ(mtx::kv::canonical_chunks(9, 0, 5), (V{}));
+  EXPECT_EQ(mtx::kv::canonical_chunks(255, 300, 256), (V{1, 256, 43}));
+}
+
+TEST(KvLayout, SlotAtByHand) {
+  EXPECT_EQ(mtx::kv::slot_at(Layout::Ring, 9, 12, 8, 8), 1);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::Ring, 4, 12, 12, 8), 4);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 5, 10, 12, 8), 5);  // p <= C: row q
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 4, 12, 12, 8), 4);
+  // C = W: the last W positions in rows 0..W-1.
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 6, 14, 8, 8), 0);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 13, 14, 8, 8), 7);
+  // C = 12, W = 8 (measured with ONNX Runtime 1.32): at 13..17 row 0 holds 5, at 18..22 it holds 10.
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 5, 13, 12, 8), 0);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 6, 14, 12, 8), 1);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 16, 17, 12, 8), 11);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 17, 18, 12, 8), 7);
+  EXPECT_EQ(mtx::kv::slot_at(Layout::OrtWindow, 23, 24, 12, 8), 8);
+  EXPECT_THROW(mtx::kv::slot_at(Layout::OrtWindow, 4, 14, 12, 8), mtx::Error);  // not held at 14
+  EXPECT_THROW(mtx::kv::slot_at(Layout::OrtWindow, 5, 14, 8, 8), mtx::Error);
+  EXPECT_THROW(mtx::kv::slot_at(Layout::Ring, 14, 14, 12, 8), mtx::Error);
+}
+
+TEST(KvLayout, VerifySavedByHand) {
+  auto span = [](mtx::kv::Span s) { return std::make_pair(s.begin, s.empty() ? s.begin : s.end); };
+  using P = std::pair<int64_t, int64_t>;
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::Ring, 20, 3, 8, 8)), (P{13, 16}));
+  EXPECT_TRUE(mtx::kv::verify_saved(Layout::Ring, 20, 3, 12, 8).empty());  // C >= W + k
+  EXPECT_TRUE(mtx::kv::verify_saved(Layout::Ring, 20, 4, 12, 8).empty());
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::Ring, 20, 5, 12, 8)), (P{13, 14}));
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::Ring, 20, 3, 10, 8)), (P{13, 14}));
+  EXPECT_TRUE(mtx::kv::verify_saved(Layout::Ring, 2, 3, 8, 8).empty());  // nothing overwritten yet
+  EXPECT_TRUE(mtx::kv::verify_saved(Layout::OrtWindow, 10, 1, 12, 8).empty());  // ends at C: no shift
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::OrtWindow, 10, 3, 12, 8)), (P{3, 5}));  // row 0 holds 5 at 14
+  EXPECT_TRUE(mtx::kv::verify_saved(Layout::OrtWindow, 13, 3, 12, 8).empty());  // 13..17 share row 0 = 5
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::OrtWindow, 14, 3, 12, 8)), (P{7, 10}));  // 18: row 0 = 10
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::OrtWindow, 15, 3, 12, 8)), (P{8, 10}));  // 19: row 0 = 10
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::OrtWindow, 20, 3, 8, 8)), (P{13, 16}));
+  EXPECT_EQ(span(mtx::kv::verify_saved(Layout::OrtWindow, 20, 7, 8, 8)), (P{13, 20}));
+  EXPECT_THROW(mtx::kv::verify_saved(Layout::Ring, 20, 8, 8, 8), mtx::Error);  // k > W - 1
+}
+
+// An independent model of a row's buffer: each slot holds the label (position) written there, -1 if
+// none. A call feeding positions p..e-1 writes them as the layout does, written here from the spec
+// and the measurement, not from kv::slot_at: `Ring` slot q mod C (rule 6); `OrtWindow` as ONNX
+// Runtime 1.32 was measured to (tests/test_cpp.py checks it on real buffers): positions go to
+// consecutive rows, and a position that would go to row C first moves the last W - 1 positions to
+// rows 0..W-2 (the new one goes to row W - 1). The result depends on e only, not on how the
+// positions were split into calls.
+struct SimBuffer {
+  Layout layout;
+  int64_t C, W, next_row = 0;
+  std::vector<int64_t> slot;
+  SimBuffer(Layout l, int64_t c, int64_t w) : layout(l), C(c), W(w), slot(size_t(c), -1) {}
+  void call(int64_t p, int64_t e) {  // positions p..e-1 (their labels)
+    for (int64_t q = p; q < e; ++q) {
+      if (layout == Layout::Ring) {
+        slot[size_t(q % C)] = q;
+        continue;
+      }
+      if (next_row == C) {
+        std::vector<int64_t> last(slot.end() - (W - 1), slot.end());
+        std::copy(last.begin(), last.end(), slot.begin());
+        next_row = W - 1;
+      }
+      slot[size_t(next_row++)] = q;
+    }
+  }
+};
+
+// Where a row at position e holds each position, fed one token at a time from 0 (the plain decoding
+// layout every other state must match on live positions).
+std::vector<int64_t> plain_layout(Layout l, int64_t C, int64_t W, int64_t e) {
+  SimBuffer b(l, C, W);
+  for (int64_t q = 0; q < e; ++q) b.call(q, q + 1);
+  return b.slot;
+}
+
+TEST(KvLayout, VerifyRollbackRestoresThePlainState) {
+  int checked = 0, with_moves = 0;
+  for (Layout layout : {Layout::Ring, Layout::OrtWindow})
+    for (int64_t W : {4, 8})
+      for (int64_t C : {W, W + 1, W + 3, W + 4, W + 9})
+        for (int64_t p = 0; p < 3 * C + 4; ++p)
+          for (int64_t k = 1; k <= W - 1; ++k)
+            for (int64_t a = 0; a <= k; ++a) {
+              SimBuffer b(layout, C, W);
+              b.call(0, p);
+              const auto saved = mtx::kv::verify_saved(layout, p, k, C, W);
+              std::vector<int64_t> kept;
+              for (int64_t q = saved.begin; q < saved.end; ++q)
+                kept.push_back(b.slot[size_t(mtx::kv::slot_at(layout, q, p, C, W))]);
+              b.call(p, p + k + 1);
+              const auto moves = mtx::kv::verify_restore(layout, p, k, a, C, W);
+              for (const auto& m : moves) ASSERT_TRUE(m.from_saved || b.slot[size_t(m.source)] == m.position);
+              std::vector<int64_t> after = b.slot;
+              for (const auto& m : moves) after[size_t(m.dest)] = m.from_saved ? kept[size_t(m.source)] : b.slot[size_t(m.source)];
+              const int64_t next = p + a + 1;
+              const auto want = plain_layout(layout, C, W, next);
+              for (int64_t q = std::max<int64_t>(0, next - W); q < next; ++q) {
+                const auto at = std::find(want.begin(), want.end(), q) - want.begin();
+                ASSERT_LT(at, C);
+                ASSERT_EQ(after[size_t(at)], q) << "layout " << int(layout) << " C " << C << " W " << W << " p " << p
+                                                << " k " << k << " a " << a;
+              }
+              if (layout == Layout::Ring && C >= W + k) EXPECT_TRUE(moves.empty() && saved.empty());
+              if (a == k) EXPECT_TRUE(moves.empty());
+              ++checked;
+              with_moves += !moves.empty();
+            }
+  EXPECT_GT(checked, 1000);
+  EXPECT_GT(with_moves, 100);  // rollbacks that copy do occur
+}
+
+TEST(KvLayout, SlotAtMatchesThePlainLayout) {
+  for (Layout layout : {Layout::Ring, Layout::OrtWindow})
+    for (int64_t C : {8, 10, 12, 16})
+      for (int64_t p = 1; p < 60; ++p) {
+        const auto want = plain_layout(layout, C, 8, p);
+        for (int64_t q = std::max<int64_t>(0, p - 8); q < p; ++q)
+          EXPECT_EQ(want[size_t(mtx::kv::slot_at(layout, q, p, C, 8))], q) << p << " " << q;
+      }
+}
+
+TEST(NgramDraft, LatestMatchOfTheLongestSuffix) {
+  using V = std::vector<int32_t>;
+  EXPECT_EQ(mtx::kv::ngram_draft({1, 2, 3, 9, 1, 2, 3}, 3, 3, 1), (V{9, 1, 2}));
+  EXPECT_EQ(mtx::kv::ngram_draft({1, 2, 3, 9, 1, 2, 3}, 8, 3, 1), (V{9, 1, 2, 3}));  // shorter: the context ends
+  EXPECT_EQ(mtx::kv::ngram_draft({5, 6, 5, 7, 5}, 3, 3, 1), (V{7, 5}));  // n = 1, the latest earlier 5
+  EXPECT_EQ(mtx::kv::ngram_draft({5, 6, 5, 7, 5}, 3, 3, 2), (V{}));      // no 2-gram [7, 5] before
+  EXPECT_EQ(mtx::kv::ngram_draft({4, 1, 2, 8, 1, 2, 9, 2}, 2, 2, 1), (V{9, 2}));  // [2] latest at 5
+  EXPECT_EQ(mtx::kv::ngram_draft({4, 1, 2, 8, 3, 1, 2}, 2, 2, 1), (V{8, 3}));  // the 2-gram [1, 2] first
+  EXPECT_EQ(mtx::kv::ngram_draft({7, 7, 7}, 4, 3, 1), (V{7}));  // n = 2: [7, 7] at 0, draft context[2:]
+  EXPECT_EQ(mtx::kv::ngram_draft({1, 2, 1}, 0, 3, 1), (V{}));   // k' < 1
+  EXPECT_EQ(mtx::kv::ngram_draft({3}, 4, 3, 1), (V{}));
+}
+
+TEST(Speculative, OptionsAreChecked) {
+  mtx::SpeculativeOptions o;
+  EXPECT_NO_THROW(o.validate());
+  o.num_tokens = -1;
+  EXPECT_THROW(o.validate(), mtx::Error);
+  o = {};
+  o.prompt_lookup_min = 0;
+  EXPECT_THROW(o.validate(), mtx::Error);
+  o = {};
+  o.prompt_lookup_max = 0;
+  EXPECT_THROW(o.validate(), mtx::Error);
+}
+
 }  // namespace

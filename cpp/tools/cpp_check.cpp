@@ -1,6 +1,7 @@
 // Test driver of tests/test_cpp.py: mtx_cpp_check REQUEST.json prints one JSON result.
-// Ops: generate (session or batch), score (float32 logits to a file), threads, kv, tokenize, detok, load,
-// manifest (the manifest reader alone on each of "exports": {"results": [{"ok"} or {"error"}]}).
+// Ops: generate (session or batch; "speculative" options for sessions), prefix (a session seeded from a
+// prefix state file, fed more tokens, optionally saved, generating), score (float32 logits to a file),
+// threads, kv, tokenize, detok, load, manifest (the manifest reader alone on each of "exports": {"results": [{"ok"} or {"error"}]}).
 // An mtx::Error prints {"error": {"code", "message"}} and exits 2.
 #include <chrono>
 #include <fstream>
@@ -27,6 +28,20 @@ static mtx::SamplingOptions sampling(const json& r) {
 static std::optional<std::vector<int32_t>> stops(const json& r) {
   if (!r.contains("stop") || r["stop"].is_null()) return std::nullopt;
   return r["stop"].get<std::vector<int32_t>>();
+}
+
+static mtx::SpeculativeOptions speculative(const json& r) {
+  mtx::SpeculativeOptions o;
+  const json s = r.value("speculative", json::object());
+  o.num_tokens = s.value("num_tokens", 0);
+  o.prompt_lookup_max = s.value("prompt_lookup_max", 3);
+  o.prompt_lookup_min = s.value("prompt_lookup_min", 1);
+  return o;
+}
+
+static json stats_json(const mtx::Session& s) {
+  const auto& st = s.speculative_stats();
+  return {{"verifications", st.verifications}, {"drafted", st.drafted}, {"accepted", st.accepted}};
 }
 
 static mtx::ModelOptions model_options(const json& r) {
@@ -87,12 +102,31 @@ static json run(const json& r) {
       mtx::Batch b = model.batch(int(prompts.size()));
       return {{"tokens", b.generate(prompts, n, sampling(r), stops(r))}};
     }
+    json stats = json::array();
     for (const auto& p : prompts) {
       mtx::Session s = model.session();
       s.append(p);
-      out.push_back(s.generate(n, sampling(r), stops(r)));
+      out.push_back(s.generate(n, sampling(r), stops(r), nullptr, speculative(r)));
+      stats.push_back(stats_json(s));
     }
-    return {{"tokens", out}};
+    return {{"tokens", out}, {"stats", stats}};
+  }
+  // A session seeded from "state" (or fresh), fed each of "append" in turn, then generating (or scoring "score").
+  if (op == "prefix") {
+    mtx::Session s = r.contains("state") ? model.session_from_prefix(r.at("state").get<std::string>()) : model.session();
+    json result = {{"seeded_position", s.position()}, {"seeded_tokens", s.tokens()}};
+    for (const auto& more : r.value("append", json::array())) s.append(more.get<std::vector<int32_t>>());
+    if (r.contains("save")) s.save_prefix_state(r.at("save").get<std::string>());
+    if (r.contains("score")) {  // teacher-forced logits of "score" (float32) to the file "out"
+      auto logits = s.score(r.at("score").get<std::vector<int32_t>>());
+      std::ofstream f(r.at("out").get<std::string>(), std::ios::binary);
+      f.write(reinterpret_cast<const char*>(logits.data()), std::streamsize(logits.size() * sizeof(float)));
+      result["values"] = logits.size();
+      return result;
+    }
+    result["tokens"] = s.generate(r.value("max_new_tokens", 0), sampling(r), stops(r), nullptr, speculative(r));
+    result["stats"] = stats_json(s);
+    return result;
   }
   if (op == "turns") {  // one session, several turns: append, generate, append, generate ...
     mtx::Session s = model.session();

@@ -80,7 +80,10 @@ struct ModelOptions {
   int intra_op_threads = 0;   ///< 0 = ONNX Runtime's default
   bool verify_hashes = true;  ///< recompute each listed file's sha256 (docs/ops.md §5 rule 5)
   std::string device = "cpu"; ///< "cpu" or "cuda" (CUDA execution provider, where the library has it)
-  int prefill_chunk = 256;    ///< prompt tokens per call
+  /// The prefill block P: prompt tokens are fed in canonical chunks, each ending at a multiple of P
+  /// or at the end of the tokens (docs/ops.md §1 rule 7), so a token's bits do not depend on where
+  /// a feed started.
+  int prefill_chunk = 256;
   int max_batch = 0;          ///< 0 = the manifest's max_batch
 };
 
@@ -88,6 +91,86 @@ class Session;
 class Batch;
 class Model;
 struct KVState;
+
+/// The rolling KV buffer's arithmetic (docs/ops.md §1 rules 7, 10 and 12) as pure functions: no
+/// model, no buffers. `C` capacity, `W` effective window (the sliding window, or C under full
+/// attention; C >= W), `p` a row's position (its next token's), `k` draft tokens of a verification.
+namespace kv {
+
+enum class Layout { Ring, OrtWindow };  ///< mtx.json kv.layout: "ring", "ort_window"
+Layout parse_layout(const std::string& name);  ///< throws Error(InvalidExport) for another name
+
+/// A half-open range of positions [begin, end); empty when end <= begin.
+struct Span {
+  int64_t begin = 0, end = 0;
+  bool empty() const { return end <= begin; }
+  int64_t size() const { return empty() ? 0 : end - begin; }
+};
+
+/// Token counts of the calls feeding `n` tokens from position `start` in canonical chunks of block
+/// `P` (rule 7): a call from s feeds min(left, P - s mod P). Their sum is n.
+std::vector<int64_t> canonical_chunks(int64_t start, int64_t n, int64_t P);
+
+/// live(p) = [max(0, p - W), p): the positions a row at p can still read (rule 10).
+Span live(int64_t p, int64_t W);
+
+/// `OrtWindow`: the position ONNX Runtime holds in row 0 of a row at position p (rule 10): 0 while
+/// p <= C, else p - W - ((p - C - 1) mod (C - W + 1)) (measured on ORT 1.32: once full, it moves the
+/// last W - 1 positions to rows 0..W-2 and goes on writing after them; p - W when C = W).
+int64_t ort_window_base(int64_t p, int64_t C, int64_t W);
+
+/// The positions a row at p holds (a superset of live(p)): `Ring` [max(0, p - C), p); `OrtWindow`
+/// [ort_window_base(p), p).
+Span held(Layout layout, int64_t p, int64_t C, int64_t W);
+
+/// The buffer row (slot) holding position q for a row at position p (rule 10): `Ring` q mod C;
+/// `OrtWindow` q - ort_window_base(p). Throws Error(InvalidArgument) if q is not in held(p).
+int64_t slot_at(Layout layout, int64_t q, int64_t p, int64_t C, int64_t W);
+
+/// Positions to save (read at the layout of p) before a verification call feeding positions p..p+k,
+/// because the call loses them while a rejection may still need them (rule 12): `Ring` live(p+1)
+/// intersected with [p+1-C, p+k+1-C) (empty iff C >= W + k); `OrtWindow` [max(0, p+1-W),
+/// ort_window_base(p+k+1)) (ONNX Runtime's shift drops them). At most k. Needs 1 <= k <= W - 1.
+Span verify_saved(Layout layout, int64_t p, int64_t k, int64_t C, int64_t W);
+
+/// One copy of a rollback: position `position` goes to slot `dest` (the layout of p'), from the saved
+/// copy (`from_saved`: index `source` of verify_saved's span) or from slot `source` of the buffer as
+/// the verification call left it (the layout of p + k + 1).
+struct Move {
+  int64_t position, dest;
+  bool from_saved;
+  int64_t source;
+};
+
+/// The copies that make a row's buffer, as a verification at p with k drafts left it, the state at
+/// p' = p + a + 1 after `a` (0 <= a <= k) accepted drafts: every position of live(p') not already
+/// where the layout of p' puts it. Empty for a == k, and for `Ring` whenever C >= W + k. Sources are
+/// read before any destination is written (they may overlap).
+std::vector<Move> verify_restore(Layout layout, int64_t p, int64_t k, int64_t a, int64_t C, int64_t W);
+
+/// Prompt-lookup draft: for n from max_n down to min_n (n >= 1), if context.size() > n, find the
+/// latest i with i + n < context.size() and context[i, i+n) == the last n tokens; the draft is
+/// context[i+n, i+n+max_tokens) (possibly shorter). Empty when nothing matches or max_tokens < 1.
+std::vector<int32_t> ngram_draft(const std::vector<int32_t>& context, int64_t max_tokens, int max_n, int min_n);
+
+}  // namespace kv
+
+/// Prompt-lookup (n-gram) speculative decoding of Session::generate (docs/ops.md §1 rule 12). The
+/// tokens are exactly plain decoding's (greedy or seeded); only the number of calls changes.
+/// num_tokens = 0 disables it; else 1 <= prompt_lookup_min <= prompt_lookup_max.
+struct SpeculativeOptions {
+  int num_tokens = 0;         ///< k: drafts per verification (capped by the window and the tokens left)
+  int prompt_lookup_max = 3;  ///< longest n-gram searched
+  int prompt_lookup_min = 1;  ///< shortest n-gram searched
+  void validate() const;      ///< throws Error(InvalidArgument) naming the option
+};
+
+/// Counters of a session's speculative decoding, over its whole life.
+struct SpeculativeStats {
+  int64_t verifications = 0;  ///< verification calls
+  int64_t drafted = 0;        ///< draft tokens fed to them
+  int64_t accepted = 0;       ///< drafts accepted (equal to the token drawn, followed by another)
+};
 
 /// Why a row stopped: a stop id (included in its tokens), max_new_tokens reached, or the caller's
 /// callback returned false. None while the row still decodes.
@@ -151,6 +234,11 @@ class Model {
   const ModelInfo& info() const;
   const std::string& folder() const;
   Session session() const;  ///< a single-sequence session with its own KV buffers
+  /// A session seeded from a prefix state file (docs/ops.md §6, "Prefix state files"): its tokens
+  /// are the state's, its position the state's, and the KV of its live positions is written where
+  /// the export's layout puts them (§1 rule 10). A file written for another export, or inconsistent
+  /// in any field, is Error(InvalidArgument), one line naming the file and the field.
+  Session session_from_prefix(const std::string& path) const;
   Batch batch(int rows) const;  ///< `rows` sequences decoded together in one call per step
 
   /// Logits [T, V] (float32, row-major) of every token of `tokens`, from a fresh session.
@@ -181,22 +269,36 @@ class Session {
   std::vector<float> score(const std::vector<int32_t>& tokens);
   /// Continue the sequence. Stops at max_new_tokens, a stop id (included in the result; nullopt =
   /// the model's eos ids, {} = none), or when the callback returns false.
+  /// `speculative`: prompt-lookup drafts verified in one call each (SpeculativeOptions); the tokens
+  /// are those of plain decoding.
   std::vector<int32_t> generate(int max_new_tokens, const SamplingOptions& opts = {},
                                 const std::optional<std::vector<int32_t>>& stop_ids = std::nullopt,
-                                const std::function<bool(int32_t)>& on_token = nullptr);
+                                const std::function<bool(int32_t)>& on_token = nullptr,
+                                const SpeculativeOptions& speculative = {});
+  /// Write the state of the positions in the KV buffer (tokens()[0, position())) as a prefix state
+  /// file (docs/ops.md §6), through a temporary file renamed into place. Needs position() >= 1.
+  void save_prefix_state(const std::string& path) const;
   const std::vector<int32_t>& tokens() const { return tokens_; }
   int64_t position() const { return fed_; }  ///< tokens in the KV buffer
   int64_t kv_bytes() const;                  ///< bytes of the KV buffers (fixed for the session's life)
+  const SpeculativeStats& speculative_stats() const { return spec_stats_; }
 
  private:
   friend class Model;
   Session(const Model* model);
   std::vector<float> feed_pending(bool want_all);
+  /// k' for the next verification: num_tokens capped by the tokens left to draw minus one, the
+  /// positions the export can hold and W - 1 (< 1: no draft).
+  int64_t draft_limit(int num_tokens, int max_new_tokens, const RowDecoder& row) const;
+  /// One verification of `draft` after the pending token (docs/ops.md §1 rule 12): draws with `take`
+  /// while drafts match, rolls the buffers back to the new position; returns the drafts accepted.
+  int64_t verify(const std::vector<int32_t>& draft, RowDecoder& row, const std::function<int32_t(const float*)>& take);
   const Model* model_;
   std::unique_ptr<KVState> state_;
   std::vector<int32_t> tokens_;
   int64_t fed_ = 0;
   std::vector<float> last_logits_;
+  SpeculativeStats spec_stats_;
 };
 
 /// `rows` prompts generated together, as mtx.runtime.Generator.generate: each prompt is prefilled

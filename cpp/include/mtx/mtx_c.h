@@ -58,6 +58,18 @@ mtx_status mtx_session_generate(mtx_session* session, int32_t max_new_tokens, co
 /* Append tokens and write their logits [n, vocab] (float32) to out_logits. */
 mtx_status mtx_session_score(mtx_session* session, const int32_t* tokens, size_t n, float* out_logits);
 int64_t mtx_session_kv_bytes(const mtx_session* session);
+/* A session seeded from a prefix state file (docs/ops.md section 6) written for this model's export: its
+ * tokens and KV state are the file's; append at least one token before generating. */
+mtx_status mtx_session_from_prefix(const mtx_model* model, const char* path, mtx_session** out);
+/* Write the state of the session's fed positions to a prefix state file (temporary file, renamed). */
+mtx_status mtx_session_save_prefix(const mtx_session* session, const char* path);
+/* Prompt-lookup speculative decoding in this session's later mtx_session_generate calls (the same
+ * tokens): up to num_tokens drafts a call (0 = off), n-grams of lookup_max down to lookup_min tokens. */
+mtx_status mtx_session_set_speculative(mtx_session* session, int32_t num_tokens, int32_t lookup_max,
+                                       int32_t lookup_min);
+/* The session's speculative counters: verification calls, draft tokens fed, drafts accepted. */
+mtx_status mtx_session_speculative_stats(const mtx_session* session, int64_t* verifications, int64_t* drafted,
+                                         int64_t* accepted);
 
 mtx_status mtx_tokenizer_open(const char* path, mtx_tokenizer** out);
 void mtx_tokenizer_free(mtx_tokenizer* tokenizer);
