@@ -238,10 +238,16 @@ class _RichProgress:
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="onnxruntime target with --quantize: 4 lets ONNX Runtime quantise activations to int8 "
                    "(fastest on CPU); 0 keeps them float, so the graph equals the fake-quant reference.")
+@click.option("--tokenizer-mode", type=click.Choice(["auto", "hf", "mistral"]), default="auto", show_default=True,
+              help="The tokenizer the export carries. mistral: Mistral's own file (tekken.json or "
+                   "tokenizer.model.v<N>), read with mistral_common, which also encodes chat prompts. hf: "
+                   "tokenizer.json and its side files (chat template). auto: mistral for a mistral-format "
+                   "checkpoint (params.json) or one whose only tokenizer is Mistral's, else hf.")
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
+           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, tokenizer_mode: str,
+           as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -254,7 +260,8 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
                             lm_head_bits=int(lm_head_bits),
-                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
+                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level),
+                            tokenizer_mode=tokenizer_mode)
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
     from mtx.exporter.core import export as run_export
