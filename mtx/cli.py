@@ -130,7 +130,8 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
 
     Reads config.json (Hugging Face) or params.json (mistral-inference) and every safetensors header,
     checks that each tensor the model needs is present with the shape the config implies, and loads
-    the tokenizer files and generation_config.json as export does.
+    the tokenizer files (tokenizer_mode: which kind an export would carry), the chat template and
+    generation_config.json as export does.
     CKPT defaults to the built-in Mistral.
     """
     from mtx.assets import resolve_checkpoint
@@ -142,7 +143,8 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     if verify:
         ck.verify_data()
     cfg = ck.config
-    check_side_files(ck.root, cfg.eos_token_ids)  # the tokenizer and generation config, as export checks them
+    # the tokenizer, chat template and generation config, as export checks them
+    tokenizer = check_side_files(ck.root, cfg.eos_token_ids)
     params = sum(int(_numel(ck.shapes[n])) for n in ck.names())
     info = {
         "checkpoint": str(ck.root),
@@ -151,6 +153,7 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
         "parameters": params,
         "files": sorted({str(r.file.name) for s in ck.sources.values() for r in s.refs}),
         "verified_data": verify,
+        "tokenizer_mode": tokenizer,
         "config": cfg.to_dict(),
     }
     if as_json:
@@ -164,6 +167,7 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     t.add_row("dtype", info["dtype"])
     t.add_row("parameters", f"{params:,}")
     t.add_row("files", ", ".join(info["files"]))
+    t.add_row("tokenizer_mode", tokenizer)
     for k, v in cfg.to_dict().items():
         t.add_row(k, str(v))
     Console().print(t)
