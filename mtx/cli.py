@@ -307,7 +307,7 @@ def _parse_ids(text: str) -> list[int]:
 
 @main.command()
 @click.argument("out", required=False)
-@click.option("--prompt", help="Prompt text (tokenized with OUT/tokenizer.json).")
+@click.option("--prompt", help="Prompt text (tokenized with OUT's tokenizer: tokenizer.json, or Mistral's file).")
 @click.option("--ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
@@ -399,7 +399,7 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
               help="Comma-separated artifact backends: onnxruntime, tensorrt, torch (the PyTorch model in the "
                    "export's dtype). Default: onnxruntime, plus tensorrt when OUT has an engine (skipped, with the "
                    "reason, where TensorRT cannot run). Two or more are also compared with each other (Polygraphy).")
-@click.option("--prompt", default=None, help="Prefill text, tokenized with OUT/tokenizer.json.")
+@click.option("--prompt", default=None, help="Prefill text, tokenized with OUT's tokenizer.")
 @click.option("--prompt-len", type=int, default=None,
               help="Prefill this many random token ids (from --seed). Default: 2·C + 1 (past two buffer wraps), "
                    "or half the capacity for full attention.")

@@ -167,7 +167,12 @@ def tokenizer_files(folder: Path, mode: str) -> dict[str, Path]:
 def load_tokenizer(folder: Path, mode: str = "auto") -> Any | None:
     """The tokenizer of ``folder`` in ``mode`` (:func:`tokenizer_mode`): a ``tokenizers.Tokenizer``
     (``hf``), a :class:`MistralTextTokenizer` (``mistral``), or None where there is none."""
-    if tokenizer_mode(folder, mode) == "mistral":
+    return _load(folder, tokenizer_mode(folder, mode))
+
+
+def _load(folder: Path, mode: str) -> Any | None:
+    """:func:`load_tokenizer` of a resolved mode (``hf`` or ``mistral``)."""
+    if mode == "mistral":
         found = mistral_tokenizer_file(folder)
         assert found is not None
         return MistralTextTokenizer(found[0])
@@ -190,7 +195,7 @@ def check_side_files(folder: Path, default_eos: tuple[int, ...], mode: str = "au
     inspect``): the tokenizer loads, the JSON files parse, and an ``hf`` chat template compiles in the
     renderer that serves it. Returns the resolved mode."""
     mode = tokenizer_mode(folder, mode)
-    load_tokenizer(folder, mode)
+    _load(folder, mode)
     generation_eos_ids(folder, default_eos)
     if mode == "hf":
         for name in JSON_SIDE_FILES:

@@ -92,10 +92,13 @@ def tekken_mistral_format(mistral_layout_factory, tmp_path_factory) -> Path:
                        drop=("tokenizer.json", "tokenizer_config.json"), tekken__json=TEKKEN)
 
 
-def test_tekken_checkpoint_exports_its_tokenizer(tekken_mistral_format, tmp_path):
+def test_tekken_checkpoint_exports_its_tokenizer(run_mtx, tekken_mistral_format, tmp_path):
     """A mistral-format checkpoint with tekken.json: the export carries it (role tokenizer, hashed), and
     the runtime tokenizes with mistral_common."""
     import mtx.runtime
+
+    r = run_mtx("inspect", tekken_mistral_format, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["tokenizer_mode"] == "mistral", r.stderr
 
     out = tmp_path / "out"
     result = export(tekken_mistral_format, out, ExportOptions())

@@ -16,7 +16,10 @@ SentencePiece's leading ``▁`` are those of the unmarked prompt, whose ids (tra
 token's text. Where the marked render cannot be trusted (it differs from the unmarked one once the
 markers are removed, a marked span is not one client string, or a client string holds a
 noncharacter), the unmarked prompt is tokenized as it is, and a request with a control token's text
-in a client string is refused (400): never is such text turned into a control token.
+in a client string is refused (400): never is such text turned into a control token. (What such a
+template makes of a client's text, ``upper`` of ``[inst]`` say, is the template's own doing and is
+not tracked.) The render that counts, and the one whose errors the client sees, is the unmarked one;
+both share one deadline (the marked one giving up means the unmarked path).
 
 transformers renders with jinja2's ``ImmutableSandboxedEnvironment(trim_blocks=True,
 lstrip_blocks=True)`` and the loop-controls extension, a ``tojson`` filter that keeps non-ASCII
@@ -291,12 +294,10 @@ class TemplateChat:
         plain = self.template.render(messages, add_generation_prompt, deadline_s=RENDER_DEADLINE_S)
         parts = None
         if not self._unsafe_source and not any(_RESERVED.search(t) for t in strings):
-            try:
-                marked = self.template.render(_marked(messages), add_generation_prompt,
-                                              deadline_s=max(0.0, end - time.monotonic()))
-            except TemplateTimeout:
-                raise
-            except TemplateError:  # the template judges the marked text otherwise: unmarked path below
+            try:  # within what is left of the one deadline
+                marked: str | None = self.template.render(_marked(messages), add_generation_prompt,
+                                                          deadline_s=max(0.0, end - time.monotonic()))
+            except TemplateError:  # it judged the marked text otherwise, or took too long: the unmarked path
                 marked = None
             if marked is not None:
                 parts = _split_marked(marked, {t.strip() for t in strings})
