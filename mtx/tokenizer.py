@@ -255,7 +255,8 @@ class MistralTextTokenizer:
     """``mistral_common``'s tokenizer (Tekken or SentencePiece) with the interface mtx uses of a
     ``tokenizers.Tokenizer``: ``encode``/``encode_batch`` (``.ids``), ``decode``, ``id_to_token``.
 
-    ``mistral`` is the ``MistralTokenizer`` itself (chat prompts: ``encode_chat_completion``).
+    ``mistral`` is the ``MistralTokenizer`` itself (chat prompts: ``encode_chat_completion``), loaded in
+    ``ValidationMode.test``, the default of its ``from_file``.
     Invariants: ``encode(text)`` is mistral_common's ``encode(text, bos=add_special_tokens, eos=False)``
     (text is plain text: control tokens are never parsed from it); ``decode(ids, skip_special_tokens=True)``
     is mistral_common's decode with ``SpecialTokenPolicy.IGNORE``. With ``skip_special_tokens=False``
@@ -278,7 +279,7 @@ class MistralTextTokenizer:
         except BaseException as e:  # noqa: BLE001 - mistral_common and sentencepiece raise many kinds
             raise CheckpointError(f"{path}: not a tokenizer mistral_common can load ({_first_line(e)})") from None
         self._raw = self.mistral.instruct_tokenizer.tokenizer
-        self._ignore, self._keep = SpecialTokenPolicy.IGNORE, SpecialTokenPolicy.KEEP
+        self._ignore = SpecialTokenPolicy.IGNORE
         self._special = frozenset(int(i) for i in self._raw.special_ids)
         self.bos_id, self.eos_id = int(self._raw.bos_id), int(self._raw.eos_id)
 
