@@ -130,7 +130,8 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
 
     Reads config.json (Hugging Face) or params.json (mistral-inference) and every safetensors header,
     checks that each tensor the model needs is present with the shape the config implies, and loads
-    the tokenizer files and generation_config.json as export does.
+    the tokenizer files (tokenizer_mode: which kind an export would carry), the chat template and
+    generation_config.json as export does.
     CKPT defaults to the built-in Mistral.
     """
     from mtx.assets import resolve_checkpoint
@@ -142,7 +143,8 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     if verify:
         ck.verify_data()
     cfg = ck.config
-    check_side_files(ck.root, cfg.eos_token_ids)  # the tokenizer and generation config, as export checks them
+    # the tokenizer, chat template and generation config, as export checks them
+    tokenizer = check_side_files(ck.root, cfg.eos_token_ids)
     params = sum(int(_numel(ck.shapes[n])) for n in ck.names())
     info = {
         "checkpoint": str(ck.root),
@@ -151,6 +153,7 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
         "parameters": params,
         "files": sorted({str(r.file.name) for s in ck.sources.values() for r in s.refs}),
         "verified_data": verify,
+        "tokenizer_mode": tokenizer,
         "config": cfg.to_dict(),
     }
     if as_json:
@@ -164,6 +167,7 @@ def inspect(ckpt: str | None, verify: bool, as_json: bool) -> None:
     t.add_row("dtype", info["dtype"])
     t.add_row("parameters", f"{params:,}")
     t.add_row("files", ", ".join(info["files"]))
+    t.add_row("tokenizer_mode", tokenizer)
     for k, v in cfg.to_dict().items():
         t.add_row(k, str(v))
     Console().print(t)
@@ -238,10 +242,16 @@ class _RichProgress:
 @click.option("--accuracy-level", type=click.Choice(["0", "4"]), default="4", show_default=True,
               help="onnxruntime target with --quantize: 4 lets ONNX Runtime quantise activations to int8 "
                    "(fastest on CPU); 0 keeps them float, so the graph equals the fake-quant reference.")
+@click.option("--tokenizer-mode", type=click.Choice(["auto", "hf", "mistral"]), default="auto", show_default=True,
+              help="The tokenizer the export carries. mistral: Mistral's own file (tekken.json or "
+                   "tokenizer.model.v<N>), read with mistral_common, which also encodes chat prompts. hf: "
+                   "tokenizer.json and its side files (chat template). auto: mistral for a mistral-format "
+                   "checkpoint (params.json) or one whose only tokenizer is Mistral's, else hf.")
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
+           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, tokenizer_mode: str,
+           as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -254,7 +264,8 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
                             lm_head_bits=int(lm_head_bits),
-                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
+                            quant_scheme=quant_scheme, accuracy_level=int(accuracy_level),
+                            tokenizer_mode=tokenizer_mode)
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
     from mtx.exporter.core import export as run_export
@@ -296,7 +307,7 @@ def _parse_ids(text: str) -> list[int]:
 
 @main.command()
 @click.argument("out", required=False)
-@click.option("--prompt", help="Prompt text (tokenized with OUT/tokenizer.json).")
+@click.option("--prompt", help="Prompt text (tokenized with OUT's tokenizer: tokenizer.json, or Mistral's file).")
 @click.option("--ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", default=64, show_default=True, help="Tokens to generate at most.")
 @click.option("--temperature", default=0.0, show_default=True, help="0 = greedy; > 0 samples.")
@@ -388,7 +399,7 @@ def _parse_backends(text: str | None) -> tuple[str, ...] | None:
               help="Comma-separated artifact backends: onnxruntime, tensorrt, torch (the PyTorch model in the "
                    "export's dtype). Default: onnxruntime, plus tensorrt when OUT has an engine (skipped, with the "
                    "reason, where TensorRT cannot run). Two or more are also compared with each other (Polygraphy).")
-@click.option("--prompt", default=None, help="Prefill text, tokenized with OUT/tokenizer.json.")
+@click.option("--prompt", default=None, help="Prefill text, tokenized with OUT's tokenizer.")
 @click.option("--prompt-len", type=int, default=None,
               help="Prefill this many random token ids (from --seed). Default: 2·C + 1 (past two buffer wraps), "
                    "or half the capacity for full attention.")

@@ -926,3 +926,30 @@ def test_speculative_under_full_attention_up_to_the_capacity(cpp_build, parity_e
     for k in (2, 7):
         got = check(cpp_build, tmp_path, {**req, "speculative": {"num_tokens": k}})
         assert got["tokens"] == [want] and got["stats"][0]["verifications"] > 0, k
+
+
+def test_generate_example_runs_an_export_with_mistrals_tokenizer(cpp_build, parity_export, mistral_layout_factory,
+                                                                 tmp_path):
+    """An export carrying Mistral's tekken.json (--tokenizer-mode mistral) loads in C++ (tekken.json
+    hashed like every file) and runs on token ids, giving Python's tokens; text is refused in one line
+    saying the C++ tokenizer does not read it (yet), never a parse error of the wrong reader."""
+    mistral_common = pytest.importorskip("mistral_common")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mistral_layout_factory("mistral"), ckpt,
+                    ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer_config.json"))
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", ckpt / "tekken.json")
+    out = parity_export("mistral", "onnxruntime", checkpoint=ckpt)
+    assert (out / "tekken.json").is_file() and not (out / "tokenizer.json").exists()
+    exe = str(cpp_build / "mtx-generate-cpp")
+    r = _run([exe, str(out), "--ids", " ".join(map(str, PROMPT)), "--max-new-tokens", "8", "--ids-out"], timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(t) for t in py_load(out).generate([PROMPT], max_new_tokens=8)[0]]
+    for args in (["--prompt", "Hello"], ["--ids", "1 2 3", "--max-new-tokens", "2"]):  # text in or out
+        r = _run([exe, str(out), *args], timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"mtx-generate-cpp: error: {out / 'tekken.json'}: Mistral's own tokenizer") and \
+            "give token ids instead of text" in lines[0], r.stderr
+    err = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(out / "tekken.json"), "lines": "x"},
+                expect_error=True)
+    assert "Mistral's own tokenizer" in err["error"]["message"]

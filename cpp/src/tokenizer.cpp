@@ -1,13 +1,16 @@
 // Tokenizer: a byte-level BPE tokenizer.json (what the built-in models and HF Mistral/Mixtral use:
 // ByteLevel pre-tokenizer with the GPT-2 regex, BPE with merges, ByteLevel decoder, added tokens) and
 // SentencePiece tokenizer.model (libsentencepiece). Anything else in tokenizer.json is refused with
-// one line naming the field.
+// one line naming the field, and Mistral's own files (tekken.json, tokenizer.model.v<N>) with one line
+// saying so: an export carrying one loads and runs on token ids.
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <sentencepiece_processor.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <climits>
 #include <fstream>
 #include <map>
@@ -378,12 +381,41 @@ bool is_dir(const std::string& p) {
 }
 }  // namespace
 
+namespace {
+// Mistral's own tokenizer files (mtx/tokenizer.py: tekken.json, tokenizer.model.v<N>[m<M>]), which
+// mtx's Python runtime reads with mistral_common and this tokenizer does not read (yet).
+bool is_mistral_file(const std::string& name) {
+  const std::string spm = "tokenizer.model.v";
+  return name == "tekken.json" || (name.compare(0, spm.size(), spm) == 0 && name.size() > spm.size() &&
+                                   std::isdigit(static_cast<unsigned char>(name[spm.size()])));
+}
+std::string base_name(const std::string& path) {
+  const size_t slash = path.find_last_of('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+[[noreturn]] void mistral_fail(const std::string& file) {
+  tok_fail(file + ": Mistral's own tokenizer (read by mtx's Python runtime with mistral_common) is not read by "
+                  "the mtx C++ tokenizer yet; give token ids instead of text");
+}
+}  // namespace
+
 Tokenizer::Tokenizer(const std::string& path) {
   std::string file = path;
   if (is_dir(path)) {
     const std::string base = path.back() == '/' ? path : path + "/";
     file = is_file(base + "tokenizer.json") ? base + "tokenizer.json" : base + "tokenizer.model";
+    if (!is_file(file)) {  // an export made with Mistral's tokenizer holds tekken.json or tokenizer.model.v<N>
+      std::string mistral;
+      if (DIR* d = opendir(path.c_str())) {
+        while (dirent* e = readdir(d))
+          if (is_mistral_file(e->d_name) && is_file(base + e->d_name) && (mistral.empty() || e->d_name < mistral))
+            mistral = e->d_name;
+        closedir(d);
+      }
+      if (!mistral.empty()) mistral_fail(base + mistral);
+    }
   }
+  if (is_mistral_file(base_name(file)) && is_file(file)) mistral_fail(file);
   if (!is_file(file)) tok_fail(file + ": no such tokenizer file (tokenizer.json or tokenizer.model)");
   if (file.size() >= 6 && file.compare(file.size() - 6, 6, ".model") == 0)
     impl_ = std::make_unique<SentencePieceTokenizer>(file);

@@ -19,6 +19,7 @@ import torch
 import mtx
 from mtx import names, rolling_kv
 from mtx.assets import resolve_checkpoint
+from mtx.config import GENERATION_CONFIG
 from mtx.errors import MtxError, UsageError
 from mtx.exporter import ort_fusions, ort_lowering, ort_probes, output, quantized, trace, weights
 from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
@@ -28,7 +29,7 @@ from mtx.exporter.options import ExportOptions, check_out
 from mtx.exporter.progress import Progress
 from mtx.models.checkpoint import Checkpoint, check_finite
 from mtx.names import onnx_dtype_name, torch_dtype
-from mtx.tokenizer import TOKENIZER_FILES, check_side_files
+from mtx.tokenizer import check_side_files, tokenizer_files
 
 MODEL_FILE = "model.onnx"
 ENGINE_FILE = "model.engine"
@@ -196,7 +197,8 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
     if not window and max_position < capacity:
         raise UsageError(f"max_position: {max_position} is below the KV capacity {capacity} of this "
                          f"full-attention model", params=("max_position",))
-    check_side_files(ck.root, cfg.eos_token_ids)  # a malformed tokenizer or generation config fails now, not at load
+    # a malformed tokenizer, chat template or generation config fails now, not at load
+    tokenizer_mode = check_side_files(ck.root, cfg.eos_token_ids, options.tokenizer_mode)
 
     with output.staging(out) as tmp:
         progress.stage(f"tracing {cfg.num_layers} layers with torch.onnx (dynamo)")
@@ -207,7 +209,7 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         report = weights.attach_weights(model, ck, dtype, tmp, progress, options.allow_nonfinite)
         onnx_path = _save_model(model, tmp, f"mtx export of {ck.root.name} (target {options.target}); see mtx.json",
                                 progress)
-        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype, notes)
+        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype, notes, tokenizer_mode)
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
             progress.stage("building the TensorRT engine")
@@ -249,8 +251,9 @@ def _save_model(model: ir.Model, folder: Path, doc: str, progress: Progress) -> 
 
 
 def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weights.WeightReport, capacity: int,
-                     dtype: str, notes: list[str]) -> dict[str, str]:
-    """Copy the tokenizer files and write the Polygraphy data loader; the role of every file so far.
+                     dtype: str, notes: list[str], tokenizer_mode: str) -> dict[str, str]:
+    """Copy the tokenizer files of ``tokenizer_mode`` (mtx.tokenizer.tokenizer_files) and write the
+    Polygraphy data loader; the role of every file so far.
 
     A tokenizer file that is a symlink to a file outside the checkpoint folder (the Hugging Face cache
     is laid out so) is copied, and a note says what was followed.
@@ -260,14 +263,16 @@ def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weig
         roles[weights.DATA_FILE] = "weights"
     roles.update({name: "checkpoint-weights" for name in report.files})
     inside = ck.root.resolve()
-    for name in TOKENIZER_FILES:
-        src = ck.root / name
-        if src.is_file():
-            target = src.resolve()
-            if src.is_symlink() and inside not in target.parents:
-                notes.append(f"{name}: copied from {target}, the target of a symlink outside the checkpoint folder")
-            shutil.copyfile(target, folder / name)
-            roles[name] = "tokenizer"
+    for name, src in tokenizer_files(ck.root, tokenizer_mode).items():
+        target = src.resolve()
+        if src.is_symlink() and inside not in target.parents:
+            notes.append(f"{src.name}: copied from {target}, the target of a symlink outside the checkpoint folder")
+        shutil.copyfile(target, folder / name)
+        roles[name] = "tokenizer"
+    if tokenizer_mode == "mistral":
+        mistral = next(n for n in roles if roles[n] == "tokenizer" and n != GENERATION_CONFIG)
+        notes.append(f"tokenizer: {mistral}, Mistral's own, read with mistral_common (chat prompts: "
+                     f"encode_chat_completion)")
     cfg = ck.config
     kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]
     write_data_loader(folder, vocab_size=cfg.vocab_size, capacity=capacity, dtype=dtype,

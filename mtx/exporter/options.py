@@ -8,6 +8,7 @@ from pathlib import Path
 from mtx.errors import UsageError
 from mtx.manifest import DTYPES, MANIFEST, TARGETS
 from mtx.quantize import BLOCK_SIZES, QUANTIZE_BITS, SCHEMES, QuantSpec
+from mtx.tokenizer import TOKENIZER_MODES
 
 #: ``accuracy_level`` values of MatMulNBits / QMoE that mtx writes (docs/ops.md §7).
 ACCURACY_LEVELS = (0, 4)
@@ -30,6 +31,7 @@ class ExportOptions:
     lm_head_bits: int = 8  # 8 (default) or 4
     quant_scheme: str = "asymmetric"  # or "symmetric"
     accuracy_level: int = 4  # onnxruntime target: 4 = int8 activations (fast), 0 = float activations (exact)
+    tokenizer_mode: str = "auto"  # "hf", "mistral" or "auto" (mtx.tokenizer.tokenizer_mode)
 
     @property
     def quant_spec(self) -> QuantSpec | None:
@@ -63,6 +65,9 @@ class ExportOptions:
         if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
             raise UsageError(f"accuracy_level: expected one of {', '.join(map(str, ACCURACY_LEVELS))}, got "
                              f"{self.accuracy_level!r}", params=("accuracy_level",))
+        if self.tokenizer_mode not in TOKENIZER_MODES:
+            raise UsageError(f"tokenizer_mode: expected one of {', '.join(TOKENIZER_MODES)}, got "
+                             f"{self.tokenizer_mode!r}", params=("tokenizer_mode",))
         if self.quantize is not None and self.dtype == "bfloat16":
             raise UsageError("quantize: quantised exports take dtype float32 or float16 (ONNX Runtime's "
                              "MatMulNBits has no bfloat16 CPU kernel)", params=("quantize", "dtype"))

@@ -120,12 +120,13 @@ def _prompt_ids(out: Path, prompt: str, vocab: int) -> list[int]:
     if tokenizer is None:
         raise UsageError(f"prompt: {out} has no tokenizer.json; use prompt_len N for random token ids",
                          params=("prompt", "prompt_len"))
-    ids = encode_checked(tokenizer, prompt, str(out / "tokenizer.json"))
+    origin = getattr(tokenizer, "path", out / "tokenizer.json")  # Mistral's file, or tokenizer.json
+    ids = encode_checked(tokenizer, prompt, str(origin))
     if not ids:
         raise UsageError("prompt: the text encodes to no tokens", params=("prompt",))
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
-        raise UsageError(f"prompt: token id {bad[0]} from {out / 'tokenizer.json'} is outside the vocabulary "
+        raise UsageError(f"prompt: token id {bad[0]} from {origin} is outside the vocabulary "
                          f"of {vocab}", params=("prompt",))
     return ids
 

@@ -1,4 +1,25 @@
-"""Chat prompts: the export's ``chat_template`` (tokenizer_config.json) rendered as transformers does.
+"""Chat prompts: OpenAI messages -> prompt ids, the one path every chat request takes (:func:`chat_encoder`).
+
+* ``hf`` tokenizers (:class:`TemplateChat`): the export's chat template (where transformers finds it:
+  :func:`mtx.tokenizer.chat_template_source`) rendered as transformers does, then tokenized.
+* ``mistral`` tokenizers (:class:`MistralChat`): mistral_common's ``encode_chat_completion`` of the
+  request :func:`mistral_request` builds — Mistral's reference encoding.
+
+**Text a client sends is never a control token** (``[INST]``, ``</s>``, ... typed in a message are
+encoded as plain text, as mistral_common does). For a template this takes a second render: every
+client string is wrapped in two markers (Unicode noncharacters, outside its leading and trailing
+whitespace so that ``trim`` acts as before), and the rendered text is cut at them into the template's
+own text and the client's. The template's text is tokenized with its control tokens parsed; the
+client's with none parsed — in one encode call over the whole prompt, so merges, byte fallback and
+SentencePiece's leading ``▁`` are those of the unmarked prompt, whose ids (transformers'
+``apply_chat_template(..., tokenize=True)``) it equals wherever no client string holds a control
+token's text. Where the marked render cannot be trusted (it differs from the unmarked one once the
+markers are removed, a marked span is not one client string, or a client string holds a
+noncharacter), the unmarked prompt is tokenized as it is, and a request with a control token's text
+in a client string is refused (400): never is such text turned into a control token. (What such a
+template makes of a client's text, ``upper`` of ``[inst]`` say, is the template's own doing and is
+not tracked.) The render that counts, and the one whose errors the client sees, is the unmarked one;
+both share one deadline (the marked one giving up means the unmarked path).
 
 transformers renders with jinja2's ``ImmutableSandboxedEnvironment(trim_blocks=True,
 lstrip_blocks=True)`` and the loop-controls extension, a ``tojson`` filter that keeps non-ASCII
@@ -40,9 +61,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from mtx.config import read_json_object
 from mtx.errors import CheckpointError, UsageError
+from mtx.runtime.request import check_utf8
+from mtx.tokenizer import TOKENIZER_CONFIG, MistralTextTokenizer, chat_template_source, encode_checked
 
-TOKENIZER_CONFIG = "tokenizer_config.json"
 #: Seconds a chat template may take to render one request's messages (then HTTP 400).
 RENDER_DEADLINE_S = 2.0
 #: Characters (strings, lists) or bits (integers) a template's ``*`` / ``**`` may produce, and the
@@ -90,28 +113,17 @@ class ChatTemplate:
 
     @classmethod
     def for_folder(cls, folder: Path) -> ChatTemplate:
-        """The template of ``folder/tokenizer_config.json``, or the default one where it has none."""
+        """``folder``'s chat template (:func:`mtx.tokenizer.chat_template_source`), compiled, with the
+        special tokens of its tokenizer_config.json; the default template where it has none."""
         path = folder / TOKENIZER_CONFIG
-        cfg: dict[str, Any] = {}
-        if path.is_file():
-            try:
-                cfg = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-            if not isinstance(cfg, dict):
-                raise CheckpointError(f"{path}: expected a JSON object")
+        cfg = read_json_object(path, CheckpointError) if path.is_file() else {}
         # As transformers: only the special tokens the config sets are template variables.
         special = {name: text for name in SPECIAL_TOKENS if (text := _token_text(cfg.get(name)))}
-        template = cfg.get("chat_template")
-        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        if template is None:
+        found = chat_template_source(folder)
+        if found is None:
             return cls(DEFAULT_CHAT_TEMPLATE, {"bos_token": "<s>", "eos_token": "</s>", **special},
                        "the default chat template (mtx.serving.chat)")
-        if not isinstance(template, str):
-            raise CheckpointError(f"{path}: chat_template must be a string")
-        return cls(template, special, f"{path} chat_template")
+        return cls(found[0], special, found[1])
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                deadline_s: float | None = RENDER_DEADLINE_S) -> str:
@@ -182,6 +194,182 @@ def chat_tokenizer(tokenizer: Any, special_tokens: dict[str, str]) -> Any:
     copy = Tokenizer.from_str(tokenizer.to_str())
     copy.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     return copy
+
+
+#: Unicode noncharacters ("for a program's internal use"): the markers around client text in the
+#: marked render, and the brackets of the sentinels that stand for the template's control tokens.
+_OPEN, _CLOSE, _SENTINEL_OPEN, _SENTINEL_CLOSE = "\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3"
+_RESERVED = re.compile("[\ufdd0-\ufdef]")
+
+
+def _client_strings(value: Any, key: str | None = None) -> list[str]:
+    """Every string a client sent in ``value`` (messages), except roles (the server checks them)."""
+    if isinstance(value, str):
+        return [] if key == "role" else [value]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in _client_strings(v, k)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _client_strings(v)]
+    return []
+
+
+def _marked(value: Any, key: str | None = None) -> Any:
+    """``value`` with each client string wrapped as ``leading-space OPEN core CLOSE trailing-space``
+    (core = the string stripped as Python's ``strip`` and jinja2's ``trim`` strip it)."""
+    if isinstance(value, str):
+        if key == "role":
+            return value
+        core = value.strip()
+        lead = value[:len(value) - len(value.lstrip())] if core else value
+        return lead + _OPEN + core + _CLOSE + (value[len(lead) + len(core):] if core else "")
+    if isinstance(value, dict):
+        return {k: _marked(v, k) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_marked(v) for v in value]
+    return value
+
+
+def _split_marked(text: str, cores: set[str]) -> list[tuple[str, bool]] | None:
+    """``text`` (a marked render) as [(text, is client text)], or None where the markers are not
+    well formed (unbalanced, nested, a stray noncharacter) or a marked span is not one client string."""
+    parts: list[tuple[str, bool]] = []
+    pos = 0
+    while (m := _RESERVED.search(text, pos)) is not None:
+        close = text.find(_CLOSE, m.end())
+        if m.group() != _OPEN or close < 0:
+            return None
+        span = text[m.end():close]
+        if span not in cores or _RESERVED.search(span):
+            return None
+        parts += [(text[pos:m.start()], False), (span, True)]
+        pos = close + 1
+    return parts + [(text[pos:], False)]
+
+
+class _PlainTextTokenizer:
+    """A copy of a chat tokenizer whose control tokens (added tokens marked special) are plain text,
+    plus one sentinel per control token (a non-special added token with the same matching flags) that
+    stands for it in the template's text: ``encode`` of a sentinel-bearing text gives the ids of the
+    text with each sentinel read as its control token."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        from tokenizers import AddedToken, Tokenizer
+
+        controls = [t for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.sentinel = {t.content: f"{_SENTINEL_OPEN}{k}{_SENTINEL_CLOSE}" for k, t in enumerate(controls)}
+        self.tokenizer.add_tokens([AddedToken(self.sentinel[t.content], special=False, single_word=t.single_word,
+                                              lstrip=t.lstrip, rstrip=t.rstrip, normalized=t.normalized)
+                                   for t in controls])
+        self.tokenizer.encode_special_tokens = True
+        self.control_id = {self.tokenizer.token_to_id(self.sentinel[t.content]): tokenizer.token_to_id(t.content)
+                           for t in controls}
+        texts = sorted(self.sentinel, key=len, reverse=True)  # leftmost-longest, as tokenizers matches
+        self.controls = re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def encode(self, parts: list[tuple[str, bool]], origin: str) -> list[int]:
+        """Ids of the concatenated ``parts``, control tokens parsed in the template's parts only."""
+        text = "".join(t if client or self.controls is None else
+                       self.controls.sub(lambda m: self.sentinel[m.group()], t) for t, client in parts)
+        ids = encode_checked(self.tokenizer, text, origin, add_special_tokens=False, release_gil=True)
+        return [self.control_id.get(i, i) for i in ids]
+
+
+class TemplateChat:
+    """Chat prompts of an ``hf`` tokenizer: its :class:`ChatTemplate` rendered, then tokenized with the
+    client's text as plain text (module docstring)."""
+
+    def __init__(self, template: ChatTemplate, tokenizer: Any) -> None:
+        self.template = template
+        self.tokenizer = chat_tokenizer(tokenizer, template.special_tokens)
+        self._plain = _PlainTextTokenizer(self.tokenizer)
+        self._unsafe_source = bool(_RESERVED.search(template.source))
+
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of ``messages``; TemplateError (400) when the template refuses them."""
+        strings = _client_strings(messages)
+        for text in strings:
+            check_utf8(text, "messages", param="messages")
+        end = time.monotonic() + RENDER_DEADLINE_S
+        plain = self.template.render(messages, add_generation_prompt, deadline_s=RENDER_DEADLINE_S)
+        parts = None
+        if not self._unsafe_source and not any(_RESERVED.search(t) for t in strings):
+            try:  # within what is left of the one deadline
+                marked: str | None = self.template.render(_marked(messages), add_generation_prompt,
+                                                          deadline_s=max(0.0, end - time.monotonic()))
+            except TemplateError:  # it judged the marked text otherwise, or took too long: the unmarked path
+                marked = None
+            if marked is not None:
+                parts = _split_marked(marked, {t.strip() for t in strings})
+                if parts is not None and "".join(t for t, _ in parts) != plain:
+                    parts = None
+        if parts is not None:
+            return self._plain.encode(parts, "chat prompt")
+        controls = self._plain.controls
+        for text in strings:
+            found = controls.search(text) if controls is not None else None
+            if found is not None:
+                raise TemplateError(f"messages: {found.group()!r} in a message is text, never a control token, and "
+                                    f"{self.template.origin} uses message text in a way that cannot keep it apart "
+                                    f"from the template's own tokens; remove it from the message",
+                                    params=("messages",))
+        return encode_checked(self.tokenizer, plain, "chat prompt", add_special_tokens=False, release_gil=True)
+
+
+def mistral_request(messages: list[dict[str, Any]]) -> Any:
+    """The ``mistral_common`` ChatCompletionRequest of OpenAI ``messages``: the one place OpenAI's chat
+    format becomes Mistral's (``developer`` is OpenAI's newer name for ``system``). Built by
+    mistral_common's own ``from_openai``, which also reads tools, tool calls and tool results."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+    converted = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
+    return ChatCompletionRequest.from_openai(converted)
+
+
+def _mistral_error(e: BaseException) -> str:
+    """One line of a mistral_common or pydantic error."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(x) for x in first.get("loc", ()))
+            return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        except Exception:  # noqa: BLE001 - not pydantic's shape after all
+            pass
+    lines = str(e).strip().splitlines()
+    return lines[0][:300] if lines else type(e).__name__
+
+
+class MistralChat:
+    """Chat prompts of a ``mistral`` tokenizer: ``encode_chat_completion`` of :func:`mistral_request`."""
+
+    def __init__(self, tokenizer: MistralTextTokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids of ``messages`` (a prompt for the assistant's reply: Mistral's format always is
+        one); UsageError (400) naming mistral_common's objection."""
+        for text in _client_strings(messages):
+            check_utf8(text, "messages", param="messages")
+        try:
+            request = mistral_request(messages)
+            return list(self.tokenizer.mistral.encode_chat_completion(request).tokens)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - mistral_common's validation raises its own and pydantic's
+            raise UsageError(f"messages: {self.tokenizer.path.name} (mistral_common) refused these messages "
+                             f"({_mistral_error(e)})", params=("messages",)) from None
+
+
+def chat_encoder(folder: Path | None, tokenizer: Any | None) -> TemplateChat | MistralChat | None:
+    """The chat prompt path of a model folder and its loaded tokenizer (None without a tokenizer):
+    mistral_common's for a Mistral tokenizer, else the folder's template (the default one where it has
+    none, or where there is no folder)."""
+    if tokenizer is None:
+        return None
+    if isinstance(tokenizer, MistralTextTokenizer):
+        return MistralChat(tokenizer)
+    return TemplateChat(ChatTemplate.for_folder(folder) if folder is not None else ChatTemplate.default(), tokenizer)
 
 
 def _raise_exception(message: str) -> None:

@@ -40,7 +40,7 @@ from starlette.requests import ClientDisconnect
 from mtx.errors import MtxError
 from mtx.runtime.request import check_utf8
 from mtx.serving import protocol
-from mtx.serving.chat import ChatTemplate, chat_tokenizer
+from mtx.serving.chat import chat_encoder
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
 from mtx.serving.metrics import ServingMetrics
 from mtx.serving.protocol import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
@@ -84,7 +84,7 @@ def _cancel_submitted(future: Any) -> None:
 
 class OpenAIServer:
     """The state behind the routes: one engine, its generator, the served model name, the chat
-    template, the metrics, the request limits and the pool of worker threads that prepares requests."""
+    prompt path, the metrics, the request limits and the pool of worker threads that prepares requests."""
 
     def __init__(self, engine: Engine, model_name: str, folder: Path | None, metrics: ServingMetrics,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
@@ -96,9 +96,8 @@ class OpenAIServer:
         self.max_request_bytes = max_request_bytes
         self.body_timeout_s = body_timeout_s
         self.created = int(time.time())
-        self.chat_template = ChatTemplate.for_folder(folder) if folder is not None else ChatTemplate.default()
-        self._chat_tokenizer = None if self.generator.tokenizer is None else chat_tokenizer(
-            self.generator.tokenizer, self.chat_template.special_tokens)
+        #: The one chat prompt path (mtx.serving.chat): the folder's template, or mistral_common's encoding.
+        self.chat = chat_encoder(folder, self.generator.tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
         #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
         self.max_preparing = prepare_threads + engine.max_queue
@@ -138,10 +137,10 @@ class OpenAIServer:
 
     def prepare_chat(self, req: ChatRequest) -> Prepared:
         protocol.check_model(req, self.model_name)
-        messages = protocol.chat_messages(req, self.generator.tokenizer is not None)
+        messages = protocol.chat_messages(req, self.chat is not None)
         try:
-            text = self.chat_template.render(messages, add_generation_prompt=True)
-            ids = self._ids(text, "chat prompt", self._chat_tokenizer, add_special_tokens=False)
+            assert self.chat is not None  # chat_messages refuses a request without a tokenizer
+            ids = self.generator.to_ids(self.chat.encode(messages), "chat prompt")
         except MtxError as e:
             raise api_error(e, "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens

@@ -274,7 +274,7 @@ def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, str]]
     if not req.messages:
         raise ApiError(400, "messages: give at least one message", "messages")
     if not has_tokenizer:
-        raise ApiError(400, "messages: this export has no tokenizer.json; use /v1/completions with token ids",
+        raise ApiError(400, "messages: this export has no tokenizer; use /v1/completions with token ids",
                        "messages")
     messages = []
     for i, m in enumerate(req.messages):

@@ -326,6 +326,8 @@ class Batch {
 class Tokenizer {
  public:
   /// `path` names tokenizer.json or tokenizer.model; a folder picks tokenizer.json, else tokenizer.model.
+  /// Mistral's own files (tekken.json, tokenizer.model.v<N>: exports made with --tokenizer-mode mistral)
+  /// are not read: mtx::Error (ErrorCode::Tokenizer) saying so; such an export still runs on token ids.
   explicit Tokenizer(const std::string& path);
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
