@@ -503,6 +503,12 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
 @click.option("--decode-deferral", type=int, default=None, metavar="TOKENS",
               help="Prompt tokens that may be prefilled while running streams wait, so a burst of arrivals "
                    "stalls each stream once (default 4096; 0: decode every step).")
+@click.option("--prefill-chunk", type=int, default=None, metavar="TOKENS",
+              help="Prompts are fed in chunks ending at multiples of this (the prefix cache's block; at most "
+                   "the window for the cache to be used; default 128).")
+@click.option("--prefix-cache-bytes", type=int, default=None, metavar="BYTES",
+              help="Memory for cached prompt blocks, reused by later requests that start with the same tokens "
+                   "(LRU; 0: off; default 536870912, 512 MiB, where the prefill chunk fits the window).")
 @click.option("--model-name", default=None, help="Model id clients send (default: the folder name).")
 @click.option("--max-request-bytes", type=int, default=None,
               help="Largest request body; larger ones get HTTP 413 (default 2097152, 2 MiB).")
@@ -515,7 +521,8 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
                    '"max_replicas": 4}\'); replaces --replicas.')
 @engine_options
 def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
-          decode_deferral: int | None, model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
+          decode_deferral: int | None, prefill_chunk: int | None, prefix_cache_bytes: int | None,
+          model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
           replicas: int, autoscaling: str | None, backend: str | None, threads: int | None, device: str | None,
           verify: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
@@ -546,6 +553,8 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
                            decode_deferral_tokens=DEFAULT_DEFERRED_TOKENS if decode_deferral is None
                            else decode_deferral,
+                           prefill_chunk=DEFAULT_TOKEN_BUDGET if prefill_chunk is None else prefill_chunk,
+                           prefix_cache_bytes=prefix_cache_bytes,
                            backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
                            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
                            else max_request_bytes,

@@ -222,3 +222,36 @@ def test_speculative_options_are_checked(ckpt_factory, parity_export):
         with pytest.raises(UsageError, match=field):
             gen.request([5, 6, 7], 4, speculative=bad)
     gen.request([5, 6, 7], 4, speculative={"method": "ngram", "num_speculative_tokens": 7})  # vLLM's name; W - 1
+
+
+def test_server_prefix_cache_and_speculative_fields(parity_export):
+    """`mtx serve` with --prefill-chunk 4: a repeated prompt hits the cache, a copying answer accepts drafts
+    (the `speculative` field, vLLM's names), texts equal offline plain decoding, /metrics counts both, and
+    a bad `speculative` is a 400 naming the field."""
+    import openai
+
+    from tests.test_serving_http import Server
+
+    export = parity_export("mistral", "onnxruntime")
+    gen = mtx.runtime.load(export, prefill_chunk=4, prefix_cache_bytes=0)
+    rnd = random.Random(4)
+    prompt, _ = copy_workload(gen, [rnd.randrange(3, gen.config.vocab_size) for _ in range(16)], 24)
+    want = gen.decode(gen.generate([prompt], 24, stop_token_ids=[])[0])
+    s = Server(export, "--prefill-chunk", "4", "--prefix-cache-bytes", "10000000")
+    try:
+        client = s.client()
+        for spec in (None, {"method": "ngram", "num_speculative_tokens": 4}, {"num_tokens": 2, "prompt_lookup_max": 2}):
+            extra = {"ignore_eos": True} | ({"speculative": spec} if spec else {})
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, extra_body=extra)
+            assert r.choices[0].text == want, spec
+        m = s.metrics()
+        assert m["mtx_prefix_cache_hits_total"] >= 2 and m["mtx_prefix_cache_tokens_reused_total"] == 2 * 52  # blocks of 4 up to position 55
+        assert m["mtx_prefix_cache_bytes"] > 0
+        assert m["mtx_spec_decode_accepted_tokens_total"] > 10
+        assert 0 < m["mtx_spec_decode_acceptance_rate"] <= 1
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=4,
+                                      extra_body={"speculative": {"method": "medusa"}})
+        assert "speculative" in str(e.value)
+    finally:
+        s.stop()

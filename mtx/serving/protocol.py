@@ -90,6 +90,9 @@ class SamplingRequest(_Strict):
     repetition_penalty: float | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    # prompt-lookup speculative decoding: {"method": "ngram", "num_tokens": k} (vLLM's field names where
+    # it has them: num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)
+    speculative: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -329,6 +332,8 @@ def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, def
                    top_p=1.0 if req.top_p is None else req.top_p, top_k=req.top_k or 0,
                    repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
                    seed=req.seed, stop=stop or None, stop_token_ids=stop_ids)
+    if req.speculative is not None:
+        options["speculative"] = req.speculative
     return Prepared(ids, max_tokens, options, stop)
 
 

@@ -78,7 +78,8 @@ def build(args: dict[str, str]) -> Any:
     out = args.pop("out", None)
     replicas = int(args.pop("replicas", 1))
     autoscaling = json.loads(args.pop("autoscaling")) if "autoscaling" in args else None
-    ints = {"max_batch", "max_queue", "token_budget", "decode_deferral_tokens", "threads", "max_request_bytes"}
+    ints = {"max_batch", "max_queue", "token_budget", "decode_deferral_tokens", "threads", "max_request_bytes",
+            "prefill_chunk", "prefix_cache_bytes"}
     floats = {"body_timeout_s"}
     fields: dict[str, Any] = {k: (int(v) if k in ints else float(v) if k in floats else v) for k, v in args.items()}
     if "verify" in fields:

@@ -31,6 +31,8 @@ class ServeOptions:
     max_queue: int = 64
     token_budget: int = DEFAULT_TOKEN_BUDGET
     decode_deferral_tokens: int = DEFAULT_DEFERRED_TOKENS
+    prefill_chunk: int = DEFAULT_TOKEN_BUDGET  # the prefill block: canonical chunks, prefix-cache blocks
+    prefix_cache_bytes: int | None = None  # None: the default where the window allows it; 0: off
     backend: str | None = None
     threads: int | None = None
     device: str | None = None
@@ -44,13 +46,16 @@ class ServeOptions:
         import math
 
         for name, low in (("max_request_bytes", 1), ("max_queue", 1), ("token_budget", 1),
-                          ("decode_deferral_tokens", 0)):
+                          ("decode_deferral_tokens", 0), ("prefill_chunk", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{name} must be an integer >= {low}, got {value!r}", params=(name,))
         t = self.body_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
             raise UsageError(f"body_timeout_s must be a number of seconds > 0, got {t!r}", params=("body_timeout_s",))
+        b = self.prefix_cache_bytes
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
+            raise UsageError(f"prefix_cache_bytes must be an integer >= 0, got {b!r}", params=("prefix_cache_bytes",))
 
 
 def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
@@ -67,7 +72,8 @@ def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
     # (PyTorch reference) has no limit of its own: --max-batch sizes it.
     sized = None if (folder / MANIFEST).is_file() else options.max_batch
     gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
-                           max_batch=sized, verify=options.verify)
+                           max_batch=sized, verify=options.verify, prefill_chunk=options.prefill_chunk,
+                           prefix_cache_bytes=options.prefix_cache_bytes)
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
                     token_budget=options.token_budget, observer=metrics,
