@@ -317,11 +317,15 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output).")
 @click.option("--stop", multiple=True,
               help="Stop when this text appears; the text ends before it (repeatable).")
+@click.option("--speculative-ngram", type=int, default=None, metavar="K",
+              help="Prompt-lookup speculative decoding: verify up to K tokens drafted from the text's own "
+                   "n-grams in one call (the same tokens; faster where the output repeats the input).")
 @engine_options
-@json_option('Print {"ids": [...], "text": ...} instead of streaming.')
+@json_option('Print {"ids": [...], "text": ..., "speculative": {...}} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
-             backend: str | None, threads: int | None, device: str | None, verify: bool, as_json: bool) -> None:
+             speculative_ngram: int | None, backend: str | None, threads: int | None, device: str | None,
+             verify: bool, as_json: bool) -> None:
     """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
 
     Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
@@ -336,9 +340,12 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
     has_text = gen.tokenizer is not None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
               seed=seed, stop=list(stop) or None, want_text=has_text)
+    if speculative_ngram is not None:
+        kw["speculative"] = {"method": "ngram", "num_tokens": speculative_ngram}
     produced: list[int] = []
     parts: list[str] = []  # the core's text: complete characters, ending before the first stop string
-    for _, o in gen.stream_outputs([prompt_value], max_new_tokens, **kw):
+    stats = None
+    for _, o, stats in gen.stream_outputs_with_stats([prompt_value], max_new_tokens, **kw):
         if o.token is not None:
             produced.append(o.token)
         parts.append(o.text)
@@ -349,7 +356,9 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
         elif o.text:
             click.echo(o.text, nl=False)
     if as_json:
-        emit_json({"ids": produced, "text": "".join(parts) if has_text else None})
+        spec = None if speculative_ngram is None or stats is None else {
+            "verifications": stats.verifications, "drafted": stats.drafted, "accepted": stats.accepted}
+        emit_json({"ids": produced, "text": "".join(parts) if has_text else None, "speculative": spec})
     else:
         click.echo()
 

@@ -255,3 +255,18 @@ def test_server_prefix_cache_and_speculative_fields(parity_export):
         assert "speculative" in str(e.value)
     finally:
         s.stop()
+
+
+def test_cli_generate_speculative_equals_plain(run_mtx, parity_export):
+    """`mtx generate --speculative-ngram K --json`: the ids of plain decoding, with its counters; K beyond
+    the window minus one is one line, exit 2."""
+    import json
+
+    export = parity_export("mistral", "onnxruntime")
+    ids = ",".join(str(t) for t in [5, 6, 7, 8, 9, 10, 11, 12] * 3)
+    plain = json.loads(run_mtx("generate", export, "--ids", ids, "--max-new-tokens", "24", "--json").stdout)
+    spec = json.loads(run_mtx("generate", export, "--ids", ids, "--max-new-tokens", "24", "--json",
+                              "--speculative-ngram", "3").stdout)
+    assert spec["ids"] == plain["ids"] and spec["speculative"]["verifications"] >= 1
+    r = run_mtx("generate", export, "--ids", ids, "--speculative-ngram", "8")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "num_tokens 8 exceeds 7" in r.stderr

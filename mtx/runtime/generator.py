@@ -109,6 +109,12 @@ class Generator:
         ``speculative`` (prompt-lookup decoding: ``{"method": "ngram", "num_tokens": k}`` or
         :class:`~mtx.runtime.speculative.SpeculativeOptions`; the same tokens, fewer calls).
         """
+        for row, o, _ in self.stream_outputs_with_stats(prompts, max_new_tokens, **options):
+            yield row, o
+
+    def stream_outputs_with_stats(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
+                                  ) -> Iterator[tuple[int, RequestOutput, speculative.SpeculativeStats]]:
+        """:meth:`stream_outputs` with the batch's speculative-decoding counters (updated as it goes)."""
         _check_prompts(prompts)
         if not prompts:
             raise UsageError("no prompts given")
@@ -125,7 +131,7 @@ class Generator:
             for o in core.step():
                 if o.error is not None:
                     raise o.error
-                yield row_of[o.request_id], o
+                yield row_of[o.request_id], o, core.spec_stats
 
     def stream_batch(self, prompts: Sequence[Prompt], max_new_tokens: int = 64, **options: Any
                      ) -> Iterator[tuple[int, int]]:
