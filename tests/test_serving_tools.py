@@ -519,3 +519,18 @@ def test_tool_call_parser_streams_any_chunking(seed):
     broken = ToolCallParser()
     broken.push('[{"name": "f", "arguments": {"a": 1}')
     assert broken.calls() is None
+
+
+def test_control_ids_of_mistral_tokenizers():
+    """[TOOL_CALLS] where mistral_common's tokenizer has it; None for v1 (whose lookup answers <unk>)."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from mtx.serving.openai_api import _control_id
+    from mtx.tokenizer import MistralTextTokenizer
+
+    for name, has in (("tokenizer.model.v1", False), (V3.name, True), ("tekken_240718.json", True)):
+        ours = MistralTextTokenizer(MISTRAL_DATA / name)
+        raw = MistralTokenizer.from_file(str(MISTRAL_DATA / name)).instruct_tokenizer.tokenizer
+        want = next((i for i in range(raw.n_words) if raw.id_to_piece(i) == "[TOOL_CALLS]"), None)
+        assert _control_id(ours, "[TOOL_CALLS]") == (want if has else None)
+        assert _control_id(ours, "[ARGS]") is None

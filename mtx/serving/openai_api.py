@@ -105,6 +105,7 @@ class OpenAIServer:
         self.grammars = GrammarCompiler(self.generator.tokenizer, self.generator.config.vocab_size,
                                         self.generator.eos_token_ids)
         self.tool_calls_id = _control_id(self.generator.tokenizer, TOOL_CALLS_TOKEN)
+        self.v11_calls = _control_id(self.generator.tokenizer, "[ARGS]") is not None
         self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
         #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
         self.max_preparing = prepare_threads + engine.max_queue
@@ -159,7 +160,7 @@ class OpenAIServer:
         protocol.check_model(req, self.model_name)
         messages = protocol.chat_messages(req, self.chat is not None)
         try:
-            tools: ToolRequest | None = tool_request(req, self.tool_calls_id)
+            tools: ToolRequest | None = tool_request(req, self.tool_calls_id, self.v11_calls)
         except MtxError as e:
             raise api_error(e, "tools") from None
         try:
@@ -335,9 +336,10 @@ def _control_id(tokenizer: Any | None, text: str) -> int | None:
     if mistral is not None:
         raw = mistral.instruct_tokenizer.tokenizer
         try:
-            return int((getattr(raw, "get_special_token", None) or raw.get_control_token)(text))
+            token = int((getattr(raw, "get_special_token", None) or raw.get_control_token)(text))
         except Exception:  # noqa: BLE001 - mistral_common raises its own kinds for an unknown control token
             return None
+        return token if raw.id_to_piece(token) == text else None  # SentencePiece answers <unk> for unknown
     added = getattr(tokenizer, "get_added_tokens_decoder", None)
     if added is None:
         return None

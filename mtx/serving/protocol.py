@@ -17,8 +17,10 @@ options, response envelopes, and OpenAI's error JSON.
 
 Sampling fields: ``temperature`` (OpenAI's default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
 (completions default 16; chat default: up to 256 or the positions left), and the vLLM-style
-extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Unknown fields are
-ignored; known fields of the wrong type are refused.
+extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Structured output
+(``response_format``, vLLM's ``guided_*``) and tools (``tools``, ``tool_choice``,
+``parallel_tool_calls``; ``tool`` messages, an assistant's ``tool_calls``) are checked in
+mtx.serving.tools. Unknown fields are ignored; known fields of the wrong type are refused.
 """
 
 from __future__ import annotations

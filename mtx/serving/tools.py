@@ -162,9 +162,10 @@ def call_schema(tools: list[dict[str, Any]], parallel: bool) -> dict[str, Any]:
     return schema
 
 
-def tool_request(body: Any, tool_calls_id: int | None) -> ToolRequest | None:
+def tool_request(body: Any, tool_calls_id: int | None, args_format: bool = False) -> ToolRequest | None:
     """The checked tools of a chat ``body`` (None when it has none); ``tool_calls_id``: the tokenizer's
-    ``[TOOL_CALLS]`` id (None: the model cannot call tools). UsageError naming the field."""
+    ``[TOOL_CALLS]`` id (None: the model cannot call tools); ``args_format``: the tokenizer has
+    ``[ARGS]`` (Mistral's v11+ call format, not read here: refused). UsageError naming the field."""
     tools, choice = body.tools, body.tool_choice
     parallel = body.parallel_tool_calls is not False
     if not tools:
@@ -193,6 +194,9 @@ def tool_request(body: Any, tool_calls_id: int | None) -> ToolRequest | None:
         return ToolRequest(None, "none", None, parallel, None)
     if tool_calls_id is None:
         raise _bad("tools", f"this model's tokenizer has no {TOOL_CALLS_TOKEN} token, so it cannot call tools")
+    if args_format:
+        raise _bad("tools", "this model writes tool calls in Mistral's v11 format ([TOOL_CALLS]name[ARGS]{...}), "
+                            "which this server does not read yet")
     grammar = None
     if choice in ("required", "function"):
         forced = [t for t in checked if name is None or t["function"]["name"] == name]
