@@ -20,6 +20,7 @@ from mtx.runtime.speculative import SpeculativeOptions
 
 if TYPE_CHECKING:
     from mtx.runtime.generator import Generator
+    from mtx.runtime.grammar import Constraint
 
 Prompt = Union[str, Sequence[int]]
 
@@ -35,6 +36,7 @@ class Request:
     stream r). ``stop_token_ids``: ids that end it (default: the model's EOS ids); ``stop``: stop strings.
     ``want_text``: detokenize as it goes (text deltas in the core's outputs; implied by ``stop``).
     ``speculative``: prompt-lookup decoding options (:mod:`mtx.runtime.speculative`), or None.
+    ``constraint``: a compiled grammar (:mod:`mtx.runtime.grammar`) its tokens must follow, or None.
     """
 
     request_id: int
@@ -47,6 +49,7 @@ class Request:
     stop: tuple[str, ...]
     want_text: bool
     speculative: SpeculativeOptions | None = None
+    constraint: Constraint | None = None
 
     @property
     def needs_text(self) -> bool:
@@ -97,12 +100,14 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                     stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None,
                     rng_stream: int = 0, want_text: bool = False, what: str = "prompt", history: int = 0,
-                    speculative: object = None) -> Request:
+                    speculative: object = None, constraint: Constraint | None = None
+                    ) -> Request:
     """The :class:`Request` for ``prompt``; raises UsageError naming the first bad parameter.
 
     ``history``: tokens already in the row's KV before ``prompt`` (a session's earlier turns), counted
     against the model's position limit. ``speculative``: :class:`SpeculativeOptions`, a mapping of its
-    fields (vLLM's names), an int (``num_tokens``) or None.
+    fields (vLLM's names), an int (``num_tokens``) or None. ``constraint``: a compiled grammar
+    (:class:`mtx.runtime.grammar.Constraint`) or None.
     """
     check_max_new_tokens(max_new_tokens)
     params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
@@ -138,4 +143,4 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
         ids = prompt_ids(generator, prompt, what)
     generator.backend.check_positions(history + len(ids) + max_new_tokens)
     return Request(next(_request_ids), tuple(ids), max_new_tokens, params, seed, rng_stream, stop_ids, stop_strings,
-                   want_text, spec)
+                   want_text, spec, constraint)

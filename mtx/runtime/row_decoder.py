@@ -38,20 +38,30 @@ class RowDecoder:
         self.finish_reason: str | None = None
         self._seen_prefix = history + request.prompt_ids
         self.text = None
+        #: The grammar's state for a constrained request (None: no mask work at all).
+        self.constraint = request.constraint.start() if request.constraint is not None else None
         if request.needs_text:
             from mtx.runtime.detokenizer import TextStream
 
             self.text = TextStream(tokenizer, request.stop)
 
     def step(self, logits: np.ndarray) -> TokenOutput:
-        """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits."""
+        """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits.
+
+        With a constraint, the token is drawn among those its grammar allows, and the request stops once
+        the grammar is complete."""
         req = self.request
         seen = None
         if req.sampling.repetition_penalty != 1.0:
             seen = np.asarray(self._seen_prefix + tuple(self.generated), dtype=np.int64)
-        token = select_token(logits, req.sampling, self.rng, seen)
+        if self.constraint is None:
+            token = select_token(logits, req.sampling, self.rng, seen)
+        else:  # only a constrained row pays for its mask
+            token = self.constraint.select(logits, req.sampling, self.rng, seen)
         self.generated.append(token)
         stopped = token in req.stop_token_ids
+        if self.constraint is not None:
+            stopped = self.constraint.advance(token) or stopped
         text = ""
         if self.text is not None:
             text, stopped_by_text = self.text.push(token)

@@ -126,12 +126,15 @@ class ChatTemplate:
         return cls(found[0], special, found[1])
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-               deadline_s: float | None = RENDER_DEADLINE_S) -> str:
-        """The prompt text of ``messages``; TemplateError when the template refuses them, fails, or runs
-        past ``deadline_s`` seconds (None: no deadline)."""
+               deadline_s: float | None = RENDER_DEADLINE_S, tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text of ``messages`` (and ``tools``, the template variable transformers passes, only
+        when given); TemplateError when the template refuses them, fails, or runs past ``deadline_s``
+        seconds (None: no deadline)."""
         import jinja2
 
         variables = dict(messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        if tools is not None:
+            variables["tools"] = tools
         try:
             if deadline_s is None:
                 text = self._template.render(**variables)
@@ -213,6 +216,15 @@ def _client_strings(value: Any, key: str | None = None) -> list[str]:
     return []
 
 
+def _dict_keys(value: Any) -> list[str]:
+    """Every dict key in ``value`` (nested)."""
+    if isinstance(value, dict):
+        return [k for k, v in value.items() for k in [str(k), *_dict_keys(v)]]
+    if isinstance(value, (list, tuple)):
+        return [k for v in value for k in _dict_keys(v)]
+    return []
+
+
 def _marked(value: Any, key: str | None = None) -> Any:
     """``value`` with each client string wrapped as ``leading-space OPEN core CLOSE trailing-space``
     (core = the string stripped as Python's ``strip`` and jinja2's ``trim`` strip it)."""
@@ -285,18 +297,30 @@ class TemplateChat:
         self._plain = _PlainTextTokenizer(self.tokenizer)
         self._unsafe_source = bool(_RESERVED.search(template.source))
 
-    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of ``messages``; TemplateError (400) when the template refuses them."""
-        strings = _client_strings(messages)
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids of ``messages`` (and ``tools``: client text too, kept plain as the messages' is; a
+        tool's key holding a control token's text is refused); TemplateError (400) when the template
+        refuses them."""
+        from mtx.serving.tools import template_messages
+
+        messages = template_messages(messages)
+        strings = _client_strings(messages) + _client_strings(tools)
         for text in strings:
             check_utf8(text, "messages", param="messages")
+        if tools is not None and self._plain.controls is not None:
+            for key in _dict_keys(tools):
+                if (found := self._plain.controls.search(key)) is not None:
+                    raise TemplateError(f"tools: {found.group()!r} in a tool's key is text, never a control token; "
+                                        f"remove it", params=("tools",))
         end = time.monotonic() + RENDER_DEADLINE_S
-        plain = self.template.render(messages, add_generation_prompt, deadline_s=RENDER_DEADLINE_S)
+        plain = self.template.render(messages, add_generation_prompt, deadline_s=RENDER_DEADLINE_S, tools=tools)
         parts = None
         if not self._unsafe_source and not any(_RESERVED.search(t) for t in strings):
             try:  # within what is left of the one deadline
                 marked: str | None = self.template.render(_marked(messages), add_generation_prompt,
-                                                          deadline_s=max(0.0, end - time.monotonic()))
+                                                          deadline_s=max(0.0, end - time.monotonic()),
+                                                          tools=_marked(tools) if tools is not None else None)
             except TemplateError:  # it judged the marked text otherwise, or took too long: the unmarked path
                 marked = None
             if marked is not None:
@@ -316,14 +340,14 @@ class TemplateChat:
         return encode_checked(self.tokenizer, plain, "chat prompt", add_special_tokens=False, release_gil=True)
 
 
-def mistral_request(messages: list[dict[str, Any]]) -> Any:
-    """The ``mistral_common`` ChatCompletionRequest of OpenAI ``messages``: the one place OpenAI's chat
-    format becomes Mistral's (``developer`` is OpenAI's newer name for ``system``). Built by
-    mistral_common's own ``from_openai``, which also reads tools, tool calls and tool results."""
+def mistral_request(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> Any:
+    """The ``mistral_common`` ChatCompletionRequest of OpenAI ``messages`` and ``tools``: the one place
+    OpenAI's chat format becomes Mistral's (``developer`` is OpenAI's newer name for ``system``). Built
+    by mistral_common's own ``from_openai``, which also reads tools, tool calls and tool results."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     converted = [{**m, "role": "system"} if m.get("role") == "developer" else m for m in messages]
-    return ChatCompletionRequest.from_openai(converted)
+    return ChatCompletionRequest.from_openai(converted, tools=tools or None)
 
 
 def _mistral_error(e: BaseException) -> str:
@@ -346,13 +370,14 @@ class MistralChat:
     def __init__(self, tokenizer: MistralTextTokenizer) -> None:
         self.tokenizer = tokenizer
 
-    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids of ``messages`` (a prompt for the assistant's reply: Mistral's format always is
-        one); UsageError (400) naming mistral_common's objection."""
-        for text in _client_strings(messages):
+    def encode(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids of ``messages`` and ``tools`` (a prompt for the assistant's reply: Mistral's format
+        always is one); UsageError (400) naming mistral_common's objection."""
+        for text in _client_strings(messages) + _client_strings(tools):
             check_utf8(text, "messages", param="messages")
         try:
-            request = mistral_request(messages)
+            request = mistral_request(messages, tools)
             return list(self.tokenizer.mistral.encode_chat_completion(request).tokens)
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise

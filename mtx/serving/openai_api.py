@@ -24,6 +24,7 @@ Invariants (no request can stall the event loop, so /health always answers):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -40,12 +41,14 @@ from starlette.requests import ClientDisconnect
 from mtx.errors import MtxError
 from mtx.runtime.request import check_utf8
 from mtx.serving import protocol
+from mtx.runtime.grammar import GrammarCompiler, GrammarSpec
 from mtx.serving.chat import chat_encoder
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
 from mtx.serving.metrics import ServingMetrics
 from mtx.serving.protocol import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
                                   SSE_DONE, ApiError, ChatRequest, CompletionRequest, Envelope, Prepared,
                                   SamplingRequest, api_error, sse)
+from mtx.serving.tools import TOOL_CALLS_TOKEN, ToolOutput, ToolRequest, response_grammar, tool_request
 from mtx.tokenizer import encode_checked
 
 log = logging.getLogger("mtx.serving")
@@ -98,6 +101,11 @@ class OpenAIServer:
         self.created = int(time.time())
         #: The one chat prompt path (mtx.serving.chat): the folder's template, or mistral_common's encoding.
         self.chat = chat_encoder(folder, self.generator.tokenizer)
+        #: Grammars of structured output and forced tool calls, compiled on the worker threads.
+        self.grammars = GrammarCompiler(self.generator.tokenizer, self.generator.config.vocab_size,
+                                        self.generator.eos_token_ids)
+        self.tool_calls_id = _control_id(self.generator.tokenizer, TOOL_CALLS_TOKEN)
+        self.v11_calls = _control_id(self.generator.tokenizer, "[ARGS]") is not None
         self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
         #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
         self.max_preparing = prepare_threads + engine.max_queue
@@ -115,9 +123,22 @@ class OpenAIServer:
 
     # -- request body -> Prepared (on a worker thread: tokenising here, validating in protocol) --------
     def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, default_max: int | None,
-                 prompt_field: str) -> Prepared:
-        return protocol.prepare(req, ids, max_tokens=max_tokens, default_max=default_max, prompt_field=prompt_field,
+                 prompt_field: str, grammar: GrammarSpec | None = None) -> Prepared:
+        """Validate the sampling fields, then compile ``grammar`` (or that of ``response_format`` /
+        ``guided_*``) here, on the worker thread: 400 naming the field when it is invalid."""
+        prep = protocol.prepare(req, ids, max_tokens=max_tokens, default_max=default_max, prompt_field=prompt_field,
                                 position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids)
+        try:
+            spec = response_grammar(req)
+            if grammar is not None and spec is not None:
+                raise ApiError(400, f"tool_choice: a forced tool call cannot be combined with {spec.field}",
+                               "tool_choice")
+            spec = spec or grammar
+            if spec is not None:
+                prep.options["constraint"] = self.grammars.compile(spec)
+        except MtxError as e:
+            raise api_error(e) from None
+        return prep
 
     def _ids(self, prompt: str | list[int], what: str, tokenizer: Any, add_special_tokens: bool) -> list[int]:
         """Validated ids of ``prompt``; text is tokenized with the GIL released (long texts take seconds)."""
@@ -139,12 +160,21 @@ class OpenAIServer:
         protocol.check_model(req, self.model_name)
         messages = protocol.chat_messages(req, self.chat is not None)
         try:
+            tools: ToolRequest | None = tool_request(req, self.tool_calls_id, self.v11_calls)
+        except MtxError as e:
+            raise api_error(e, "tools") from None
+        try:
             assert self.chat is not None  # chat_messages refuses a request without a tokenizer
-            ids = self.generator.to_ids(self.chat.encode(messages), "chat prompt")
+            prompt = self.chat.encode(messages, tools=tools.tools if tools is not None else None)
+            ids = self.generator.to_ids(prompt, "chat prompt")
         except MtxError as e:
             raise api_error(e, "messages") from None
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._prepare(req, ids, max_tokens, None, "messages")
+        prep = self._prepare(req, ids, max_tokens, None, "messages", tools.grammar if tools is not None else None)
+        if tools is not None and tools.parses:
+            assert self.tool_calls_id is not None  # tool_request refuses tools the model cannot call
+            prep = dataclasses.replace(prep, tool_calls=(self.tool_calls_id, tools.parallel))
+        return prep
 
     def submit(self, prep: Prepared, sink: Sink) -> RequestHandle:
         """Submit ``prep`` to the engine (any thread); its events go to ``sink``."""
@@ -219,18 +249,25 @@ class OpenAIServer:
             return _StreamResponse(handle, self._stream(handle, events, env, prep),
                                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait(_GONE)))
+        tools = ToolOutput(*prep.tool_calls) if prep.tool_calls is not None else None
         try:
-            reason, text, n_tokens = await self._collect(events)
+            reason, text, n_tokens = await self._collect(events, tools)
         finally:
             watcher.cancel()
             handle.cancel()  # no-op once finished; frees the row if the client went away
         if reason == "error":
             raise ApiError(500, "the engine failed on this request", None, "server_error")
-        return JSONResponse(env.wrap([env.choice(text, reason)], protocol.usage(len(prep.ids), n_tokens)))
+        usage = protocol.usage(len(prep.ids), n_tokens)
+        if tools is not None:
+            content, calls = tools.message()
+            return JSONResponse(env.wrap([env.call_choice(content, calls, "tool_calls" if calls and reason == "stop"
+                                                          else reason)], usage))
+        return JSONResponse(env.wrap([env.choice(text, reason)], usage))
 
     @staticmethod
-    async def _collect(events: asyncio.Queue[Event]) -> tuple[str, str, int]:
-        """(finish reason, text, tokens) of a request ("cancelled" as soon as the client is gone)."""
+    async def _collect(events: asyncio.Queue[Event], tools: ToolOutput | None = None) -> tuple[str, str, int]:
+        """(finish reason, text, tokens) of a request ("cancelled" as soon as the client is gone); with
+        ``tools``, each event's token and text also go to it."""
         parts: list[str] = []
         n_tokens = 0
         while True:
@@ -238,6 +275,8 @@ class OpenAIServer:
             if ev is _GONE:
                 return "cancelled", "".join(parts), n_tokens
             parts.append(ev.text)
+            if tools is not None:
+                tools.push(ev.token, ev.text)
             if ev.kind == "token":
                 n_tokens += 1
             else:
@@ -247,6 +286,7 @@ class OpenAIServer:
                       prep: Prepared) -> AsyncIterator[str]:
         """The SSE events of one request; always ends with ``[DONE]`` and cancels ``handle``."""
         n_tokens = 0
+        tools = ToolOutput(*prep.tool_calls) if prep.tool_calls is not None else None
         try:
             if env.chat:
                 yield sse(env.wrap([env.choice(None, None, role=True)]))
@@ -254,7 +294,11 @@ class OpenAIServer:
                 ev = await events.get()
                 if ev.kind == "token":
                     n_tokens += 1
-                    if ev.text:
+                    if tools is not None:
+                        content, deltas = tools.push(ev.token, ev.text)
+                        if content or deltas:
+                            yield sse(env.wrap([env.call_choice(content, deltas, None)]))
+                    elif ev.text:
                         yield sse(env.wrap([env.choice(ev.text, None)]))
                     continue
                 reason = ev.finish_reason
@@ -262,7 +306,14 @@ class OpenAIServer:
                     yield sse(ApiError(500, f"the engine failed on this request: {ev.message}", None,
                                        "server_error").body())
                     break
-                if env.chat:
+                if tools is not None:
+                    content, deltas = tools.push(ev.token, ev.text)
+                    if content or deltas:
+                        yield sse(env.wrap([env.call_choice(content, deltas, None)]))
+                    if reason == "stop" and tools.calls():
+                        reason = "tool_calls"
+                    yield sse(env.wrap([env.choice(None, reason)]))
+                elif env.chat:
                     if ev.text:
                         yield sse(env.wrap([env.choice(ev.text, None)]))
                     yield sse(env.wrap([env.choice(None, reason)]))
@@ -274,6 +325,25 @@ class OpenAIServer:
             yield SSE_DONE
         finally:
             handle.cancel()  # the client went away (or we are done): free the row now
+
+
+def _control_id(tokenizer: Any | None, text: str) -> int | None:
+    """The id of control token ``text`` in ``tokenizer`` (an HF added special token, or one of Mistral's),
+    or None where it has none."""
+    if tokenizer is None:
+        return None
+    mistral = getattr(tokenizer, "mistral", None)
+    if mistral is not None:
+        raw = mistral.instruct_tokenizer.tokenizer
+        try:
+            token = int((getattr(raw, "get_special_token", None) or raw.get_control_token)(text))
+        except Exception:  # noqa: BLE001 - mistral_common raises its own kinds for an unknown control token
+            return None
+        return token if raw.id_to_piece(token) == text else None  # SentencePiece answers <unk> for unknown
+    added = getattr(tokenizer, "get_added_tokens_decoder", None)
+    if added is None:
+        return None
+    return next((int(i) for i, t in added().items() if t.content == text and t.special), None)
 
 
 #: Put on a request's event queue when its client disconnects.

@@ -17,8 +17,10 @@ options, response envelopes, and OpenAI's error JSON.
 
 Sampling fields: ``temperature`` (OpenAI's default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
 (completions default 16; chat default: up to 256 or the positions left), and the vLLM-style
-extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Unknown fields are
-ignored; known fields of the wrong type are refused.
+extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Structured output
+(``response_format``, vLLM's ``guided_*``) and tools (``tools``, ``tool_choice``,
+``parallel_tool_calls``; ``tool`` messages, an assistant's ``tool_calls``) are checked in
+mtx.serving.tools. Unknown fields are ignored; known fields of the wrong type are refused.
 """
 
 from __future__ import annotations
@@ -93,6 +95,12 @@ class SamplingRequest(_Strict):
     # prompt-lookup speculative decoding: {"method": "ngram", "num_tokens": k} (vLLM's field names where
     # it has them: num_speculative_tokens, prompt_lookup_max, prompt_lookup_min)
     speculative: dict[str, Any] | None = None
+    # structured output (mtx.serving.tools): OpenAI's response_format, and vLLM's guided decoding fields
+    response_format: dict[str, Any] | None = None
+    guided_json: Union[str, dict[str, Any], None] = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -116,11 +124,16 @@ class ChatMessage(_Strict):
     role: str
     content: Union[str, list[TextPart], None] = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool result's call
 
 
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Union[str, dict[str, Any], None] = None
+    parallel_tool_calls: bool | None = None
 
 
 _M = TypeVar("_M", bound=SamplingRequest)
@@ -248,6 +261,9 @@ class Prepared:
     max_tokens: int
     options: dict[str, Any]
     stop: list[str]
+    #: The ``[TOOL_CALLS]`` token id and whether parallel calls are kept, where the output is read for
+    #: tool calls (mtx.serving.tools.ToolOutput); None otherwise.
+    tool_calls: tuple[int, bool] | None = None
 
 
 def check_model(req: SamplingRequest, served: str) -> None:
@@ -269,8 +285,9 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     return prompt
 
 
-def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, str]]:
-    """The messages as the chat template takes them (``role``, text ``content``); at least one.
+def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, Any]]:
+    """The messages as the chat template takes them (``role``, text ``content``; an assistant's
+    ``tool_calls``, a tool result's ``tool_call_id``); at least one.
 
     Roles are those of CHAT_ROLES (a role is written into the prompt by the template, so a free string
     could forge template markers); ``content`` may be null only for an assistant (rendered as "")."""
@@ -289,7 +306,24 @@ def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, str]]
                            f"messages[{i}].content")
         content = m.content if isinstance(m.content, str) or m.content is None else \
             "".join(p.text for p in m.content)
-        messages.append({"role": m.role, "content": content or ""})
+        message: dict[str, Any] = {"role": m.role, "content": content or ""}
+        if m.tool_calls and m.role == "assistant":
+            for j, call in enumerate(m.tool_calls):
+                fn = call.get("function")
+                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                        not isinstance(fn.get("arguments", "{}"), (str, dict)):
+                    raise ApiError(400, f"messages[{i}].tool_calls[{j}]: expected {{\"id\": ..., \"type\": "
+                                   f"\"function\", \"function\": {{\"name\": ..., \"arguments\": ...}}}}",
+                                   f"messages[{i}].tool_calls")
+            message["tool_calls"] = m.tool_calls
+        if m.role == "tool":
+            if m.tool_call_id is None:
+                raise ApiError(400, f"messages[{i}].tool_call_id: a tool message needs the id of the call it "
+                               f"answers", f"messages[{i}].tool_call_id")
+            message["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                message["name"] = m.name
+        messages.append(message)
     return messages
 
 
@@ -375,6 +409,23 @@ class Envelope:
         if not self.stream or self.include_usage:
             obj["usage"] = usage
         return obj
+
+    def call_choice(self, content: str | None, tool_calls: list[dict[str, Any]] | None, finish_reason: str | None
+                    ) -> dict[str, Any]:
+        """Choice 0 of a chat response whose message may call tools, or of a chunk whose delta carries
+        ``tool_calls`` deltas (``content`` None there)."""
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if self.stream:
+            delta: dict[str, Any] = {"content": content} if content else {}
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
+            choice["delta"] = delta
+        else:
+            message: dict[str, Any] = {"role": "assistant", "content": content}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
+            choice["message"] = message
+        return choice
 
     def choice(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
         """Choice 0: the whole text (a response) or a text delta (a chunk; ``role`` opens a chat stream)."""
