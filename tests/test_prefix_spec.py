@@ -23,6 +23,8 @@ TARGETS = ("torch", "onnxruntime", "onnx")
 
 def _load(ckpt_factory, parity_export, variant: str, target: str, capacity: int | None, **kw):
     options = {} if capacity is None else {"cache_capacity": capacity}
+    if target == "torch" and variant.endswith("full"):
+        options["cache_capacity"] = 64  # as parity_export sizes full attention, not the 4096 positions
     if target == "torch":
         return mtx.runtime.load(ckpt_factory(variant), backend="torch", capacity=options.get("cache_capacity"), **kw)
     return mtx.runtime.load(parity_export(variant, target, **options), **kw)
@@ -63,7 +65,7 @@ def test_prefix_seeded_rows_equal_rows_prefilled_from_scratch_bit_for_bit(ckpt_f
     C, W = be.capacity, be.window or be.capacity
     rng = np.random.default_rng(7)
     V = gen.config.vocab_size
-    shared_lengths = sorted({2, 3, 4, 8, 9, 10, 12, 13, 20, 31} if be.window else {2, 4, 8, 12, 20})
+    shared_lengths = sorted({3, 8, 10, 13, 31} if be.window else {4, 8, 20})
     for L in shared_lengths:
         prompt = [int(t) for t in rng.integers(3, V, size=L + 5)]
         donor = prompt[:L] + [int(t) for t in rng.integers(3, V, size=6)]
@@ -85,7 +87,7 @@ def test_prefix_seeded_rows_equal_rows_prefilled_from_scratch_bit_for_bit(ckpt_f
         got = feed(be, seeded, 0, prompt[hit.position:], hit.position, block, True)
         np.testing.assert_array_equal(got, want[hit.position:], err_msg=f"L={L} p={hit.position} C={C} W={W}")
         pos = len(prompt)
-        for tok in rng.integers(3, V, size=C + 3):  # decode on past another wrap
+        for tok in rng.integers(3, V, size=C + 3 if L == shared_lengths[-1] else 3):  # the longest: past a wrap
             a = be.run(seeded, slice(0, 1), np.asarray([[tok]]), np.asarray([pos]), True)
             b = be.run(scratch, slice(0, 1), np.asarray([[tok]]), np.asarray([pos]), True)
             np.testing.assert_array_equal(a, b)
@@ -152,8 +154,8 @@ def _repetitive_prompts(V: int, seed: int) -> list[list[int]]:
     return [motif * 3 + motif[:2], noisy + motif + noisy[:4], [rnd.randrange(3, V) for _ in range(11)]]
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("capacity", [8, 12, 16])
+@pytest.mark.parametrize("target,capacity", [(t, c) for t in TARGETS for c in (8, 12, 16)
+                                             if t != "torch" or c == 12])  # the reference: one capacity (slow)
 def test_speculative_tokens_equal_plain_decoding(ckpt_factory, parity_export, monkeypatch, target, capacity):
     """Greedy and seeded prompt-lookup decoding give plain decoding's tokens over >= 3 buffer wraps,
     with accepted drafts and rejected ones, some of them across a wrap (capacity 8: restore on ring and
@@ -167,7 +169,7 @@ def test_speculative_tokens_equal_plain_decoding(ckpt_factory, parity_export, mo
     n = 3 * capacity + 6
     for opts in (dict(), dict(temperature=0.9, top_k=20, seed=5), dict(temperature=1.3, seed=9)):
         want = gen.generate(prompts, max_new_tokens=n, stop_token_ids=[], **opts)
-        for k in (1, 3, 5):
+        for k in (1, 4):
             got = gen.generate(prompts, max_new_tokens=n, stop_token_ids=[],
                                speculative={"method": "ngram", "num_tokens": k}, **opts)
             assert got == want, (opts, k)
