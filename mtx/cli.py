@@ -277,8 +277,11 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
         emit_json({"out": str(result.out), **m.to_dict()})
         return
     click.echo(f"exported {m.checkpoint['path']} -> {result.out}")
-    click.echo(f"  target {m.target}, dtype {m.dtype}, capacity {m.capacity}, window {m.window or 'none'}, "
-               f"kv layout {m.kv.layout}")
+    if m.window is not None and m.capacity is not None:
+        kv = f"capacity {m.capacity}, window {m.window or 'none'}"
+    else:
+        kv = "per-layer windows " + ", ".join(f"{x.window or 'none'}/C {x.capacity}" for x in m.layers)
+    click.echo(f"  target {m.target}, dtype {m.dtype}, {kv}, kv layout {m.kv.layout}")
     click.echo(f"  attention: {m.attention_op}" + (f" (local_window_size {m.local_window_size})"
                                                    if m.local_window_size is not None else ""))
     if m.moe_op:
