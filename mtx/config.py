@@ -237,6 +237,14 @@ def _check_keys(d: dict[str, Any], table: dict[str, Key], origin: Path, prefix: 
             raise ConfigError(f"{origin}: '{prefix}{key}' = {_short(value)} is not supported: {spec.note}"[:400])
 
 
+def _compact(value: Any) -> str:
+    """``value`` as compact JSON (the C++ manifest reader's words), or its repr if not JSON."""
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except TypeError:
+        return repr(value)
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -338,12 +346,12 @@ class ModelConfig:
             w = self.layer_windows
             if len(w) != self.num_layers or not all(type(x) is int and x >= 0 for x in w):
                 raise ConfigError(f"{origin}: 'layer_windows' must be {self.num_layers} integers >= 0 (one window "
-                                  f"per layer, 0 = full attention), got {list(w)!r}"[:300])
+                                  f"per layer, 0 = full attention), got {_compact(list(w))}"[:300])
             if len(set(w)) == 1:
                 raise ConfigError(f"{origin}: 'layer_windows' is uniform ({w[0]}); give sliding_window instead")
             if self.sliding_window != (max(w) or None):
                 raise ConfigError(f"{origin}: 'sliding_window' must be the largest layer window "
-                                  f"({max(w) or None}), got {self.sliding_window!r}")
+                                  f"({_compact(max(w) or None)}), got {_compact(self.sliding_window)}")
         for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
