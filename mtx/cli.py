@@ -215,7 +215,9 @@ class _RichProgress:
               help="Model dtype T. Tensors already stored in T are referenced, not converted.")
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
-                   "max_position_embeddings for full attention.")
+                   "max_position_embeddings for full attention. Per-layer windows (Ministral): the "
+                   "context C of the full-attention layers (default max_position_embeddings); sliding "
+                   "layers hold their window.")
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Largest batch the runtime will use: the TensorRT engine profile, and the limit mtx.runtime "
                    "enforces for every target (recorded in mtx.json).")

@@ -176,8 +176,8 @@ class Transformer(nn.Module):
 
     def kv_plan(self, capacity: int | rolling_kv.KVPlan | None = None) -> rolling_kv.KVPlan:
         """The per-layer windows and capacities for a requested ``capacity`` (:func:`rolling_kv.plan_kv`) or
-        an export's own plan, and each layer's op window set to the plan's (a window of at least the
-        context is full attention)."""
+        an export's own plan; a layer whose window the plan makes full attention (a window of at least the
+        context) gets op window 0 until a later plan gives it back."""
         if isinstance(capacity, rolling_kv.KVPlan):
             plan = capacity
             for l, (want, got, c) in enumerate(zip(self.cfg.windows, plan.windows, plan.capacities)):
@@ -185,8 +185,13 @@ class Transformer(nn.Module):
                     raise ValueError(f"KV plan: layer {l} has window {got}, the model {want}")
         else:
             plan = rolling_kv.plan_kv(self.cfg.windows, self.cfg.max_position_embeddings, capacity)
-        for layer, window in zip(self.layers, plan.windows):
-            layer.attn.window = window
+        for layer, want, window in zip(self.layers, self.cfg.windows, plan.windows):
+            # only the plan's own changes (a window of at least the context -> full attention) are set and
+            # undone here: a window set on the module by its user (tests) stays as it is
+            if window != want:
+                layer.attn.window, layer.attn.planned = window, True
+            elif getattr(layer.attn, "planned", False):
+                layer.attn.window, layer.attn.planned = want, False
         return plan
 
     def new_kv(self, batch: int, capacity: int | rolling_kv.KVPlan | None = None, dtype: torch.dtype | None = None,
