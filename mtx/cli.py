@@ -215,7 +215,9 @@ class _RichProgress:
               help="Model dtype T. Tensors already stored in T are referenced, not converted.")
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
-                   "max_position_embeddings for full attention.")
+                   "max_position_embeddings for full attention. Per-layer windows (Ministral): the "
+                   "context C of the full-attention layers (default max_position_embeddings); sliding "
+                   "layers hold their window.")
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="Largest batch the runtime will use: the TensorRT engine profile, and the limit mtx.runtime "
                    "enforces for every target (recorded in mtx.json).")
@@ -277,8 +279,11 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
         emit_json({"out": str(result.out), **m.to_dict()})
         return
     click.echo(f"exported {m.checkpoint['path']} -> {result.out}")
-    click.echo(f"  target {m.target}, dtype {m.dtype}, capacity {m.capacity}, window {m.window or 'none'}, "
-               f"kv layout {m.kv.layout}")
+    if m.window is not None and m.capacity is not None:
+        kv = f"capacity {m.capacity}, window {m.window or 'none'}"
+    else:
+        kv = "per-layer windows " + ", ".join(f"{x.window or 'none'}/C {x.capacity}" for x in m.layers)
+    click.echo(f"  target {m.target}, dtype {m.dtype}, {kv}, kv layout {m.kv.layout}")
     click.echo(f"  attention: {m.attention_op}" + (f" (local_window_size {m.local_window_size})"
                                                    if m.local_window_size is not None else ""))
     if m.moe_op:

@@ -22,8 +22,8 @@ MISTRAL_PARAMS = "params.json"
 #: The model families of mtx (ModelConfig.model_type).
 _HF_FAMILIES = ("mistral", "mixtral")
 #: transformers model_type -> (mtx family, architecture, default sliding_window, rope_theta, rms_norm_eps),
-#: the defaults being those of transformers' config class. A Ministral whose layers all share one
-#: attention window is a Mistral.
+#: the defaults being those of transformers' config class. A Ministral is a Mistral whose layers may
+#: differ in their attention window (``layer_types``): ModelConfig.layer_windows.
 _HF_TYPES: dict[str, tuple[str, str, int | None, float, float]] = {
     "mistral": ("mistral", "MistralForCausalLM", 4096, 10000.0, 1e-6),
     "mixtral": ("mixtral", "MixtralForCausalLM", None, 1000000.0, 1e-5),
@@ -84,21 +84,26 @@ _LAYER_TYPES = {"sliding_attention": "sliding_attention", "full_attention": "ful
                 "attention": "full_attention"}  # transformers' legacy "attention" is full attention
 
 
-def _uniform_layer_types(v: Any, d: dict[str, Any]) -> bool:
-    """One attention kind for every layer (per-layer windows are not supported yet)."""
+def _known_layer_types(v: Any, d: dict[str, Any]) -> bool:
+    """A list of 'sliding_attention' / 'full_attention' (one per layer); mixed kinds only for Ministral,
+    the one family whose transformers class reads them (Mistral and Mixtral ignore layer_types)."""
     if v is None:
         return True
-    return (isinstance(v, list) and bool(v) and all(isinstance(t, str) and t in _LAYER_TYPES for t in v)
-            and len({_LAYER_TYPES[t] for t in v}) == 1)
+    if not (isinstance(v, list) and bool(v) and all(isinstance(t, str) and t in _LAYER_TYPES for t in v)):
+        return False
+    ministral = d.get("model_type") == "ministral" or (
+        d.get("model_type") is None and "MinistralForCausalLM" in (d.get("architectures") or []))
+    return ministral or len({_LAYER_TYPES[t] for t in v}) == 1
 
 
-_PER_LAYER = "per-layer attention windows are not supported yet (one window for every layer only)"
+_PER_LAYER = "per-layer attention windows: Ministral's layer_types only (transformers' Qwen2 spelling is not read)"
 
 #: config.json (transformers) keys of MistralConfig, MixtralConfig, MinistralConfig and
 #: PreTrainedConfig, and the keys of other families that would change the model if mtx ignored them.
 HF_KEYS: dict[str, Key] = {
     # -- implemented
-    "model_type": Key(IMPLEMENTED, "model_type: mistral, mixtral; ministral (uniform layer_types) reads as mistral"),
+    "model_type": Key(IMPLEMENTED, "model_type: mistral, mixtral; ministral reads as mistral with per-layer "
+                                   "windows (layer_windows)"),
     "architectures": Key(IMPLEMENTED, "model_type where model_type is absent"),
     "vocab_size": Key(IMPLEMENTED, "vocab_size"),
     "hidden_size": Key(IMPLEMENTED, "hidden_size"),
@@ -116,8 +121,10 @@ HF_KEYS: dict[str, Key] = {
     "rope_theta": Key(IMPLEMENTED, "rope_theta where the RoPE object has none (default 1e4; Mixtral 1e6)"),
     "partial_rotary_factor": Key(REFUSED, "mtx rotates the whole head (partial_rotary_factor 1)", _unit_factor),
     "sliding_window": Key(IMPLEMENTED, "sliding_window (null: full attention)"),
-    "layer_types": Key(IMPLEMENTED, f"sliding_window when every layer has the same kind; {_PER_LAYER}",
-                       _uniform_layer_types),
+    "layer_types": Key(IMPLEMENTED, "the window of each layer (Ministral: sliding_attention -> sliding_window, "
+                                    "full_attention -> none; layer_windows when they differ); Mistral and Mixtral "
+                                    "ignore it in transformers, so there it must be uniform and agree with "
+                                    "sliding_window", _known_layer_types),
     "max_position_embeddings": Key(IMPLEMENTED, "max_position_embeddings"),
     "tie_word_embeddings": Key(IMPLEMENTED, "tie_word_embeddings"),
     "num_local_experts": Key(IMPLEMENTED, "num_experts (Mixtral)"),
@@ -189,8 +196,11 @@ PARAMS_KEYS: dict[str, Key] = {
     "norm_eps": Key(IMPLEMENTED, "rms_norm_eps (default 1e-5)"),
     "vocab_size": Key(IMPLEMENTED, "vocab_size"),
     "rope_theta": Key(IMPLEMENTED, "rope_theta (default 1e4, as transformers' conversion script)"),
-    "sliding_window": Key(IMPLEMENTED, f"sliding_window (a list: one window per layer; {_PER_LAYER})",
-                          lambda v, d: not isinstance(v, list) or (bool(v) and all(x == v[0] for x in v))),
+    "sliding_window": Key(IMPLEMENTED, "sliding_window; a list is mistral-inference's per-layer pattern, "
+                                       "repeated over the layers (its length divides n_layers; null entries: "
+                                       "full attention) -> layer_windows",
+                          lambda v, d: not isinstance(v, list) or (
+                              bool(v) and all(x is None or (type(x) is int and x > 0) for x in v))),
     "max_seq_len": Key(IMPLEMENTED, "max_position_embeddings (default 32768)"),
     "tied_embeddings": Key(IMPLEMENTED, "tie_word_embeddings"),
     "moe": Key(IMPLEMENTED, "num_experts, num_experts_per_tok (Mixtral-style MoE)"),
@@ -227,6 +237,14 @@ def _check_keys(d: dict[str, Any], table: dict[str, Key], origin: Path, prefix: 
             raise ConfigError(f"{origin}: '{prefix}{key}' = {_short(value)} is not supported: {spec.note}"[:400])
 
 
+def _compact(value: Any) -> str:
+    """``value`` as compact JSON (the C++ manifest reader's words), or its repr if not JSON."""
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except TypeError:
+        return repr(value)
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -261,11 +279,19 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = (2,)
     source_format: str = "hf"  # "hf" or "mistral": naming and q/k layout of the checkpoint
     rope_linear_factor: float = 1.0  # linear RoPE scaling: positions divided by it (inv_freq / factor)
+    #: Per-layer windows (0: full attention) where layers differ (Ministral), else () and every layer has
+    #: ``sliding_window``. Invariant: never uniform, and ``sliding_window`` is the largest entry (None if all 0).
+    layer_windows: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
+
+    @property
+    def windows(self) -> tuple[int, ...]:
+        """The attention window of each layer (0: full attention), one entry per layer."""
+        return self.layer_windows or (self.sliding_window or 0,) * self.num_layers
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -273,6 +299,10 @@ class ModelConfig:
         d["eos_token_ids"] = list(self.eos_token_ids)
         if self.rope_linear_factor == 1.0:
             d.pop("rope_linear_factor")
+        if self.layer_windows:
+            d["layer_windows"] = list(self.layer_windows)
+        else:
+            d.pop("layer_windows")
         return d
 
     @classmethod
@@ -287,6 +317,10 @@ class ModelConfig:
         if not isinstance(eos, (list, tuple)):
             raise ConfigError(f"{origin}: 'eos_token_ids' must be a list of token ids, got {eos!r}")
         kw["eos_token_ids"] = tuple(eos)
+        windows = kw.get("layer_windows", [])
+        if not isinstance(windows, (list, tuple)):
+            raise ConfigError(f"{origin}: 'layer_windows' must be a list of windows, got {windows!r}")
+        kw["layer_windows"] = tuple(windows)
         if not isinstance(kw.get("model_type"), str) or not isinstance(kw.get("source_format", "hf"), str):
             raise ConfigError(f"{origin}: 'model_type' and 'source_format' must be strings")
         cfg = cls(**kw)
@@ -308,6 +342,16 @@ class ModelConfig:
             raise ConfigError(f"{origin}: head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None:
             positive("sliding_window", self.sliding_window)
+        if self.layer_windows:
+            w = self.layer_windows
+            if len(w) != self.num_layers or not all(type(x) is int and x >= 0 for x in w):
+                raise ConfigError(f"{origin}: 'layer_windows' must be {self.num_layers} integers >= 0 (one window "
+                                  f"per layer, 0 = full attention), got {_compact(list(w))}"[:300])
+            if len(set(w)) == 1:
+                raise ConfigError(f"{origin}: 'layer_windows' is uniform ({w[0]}); give sliding_window instead")
+            if self.sliding_window != (max(w) or None):
+                raise ConfigError(f"{origin}: 'sliding_window' must be the largest layer window "
+                                  f"({_compact(max(w) or None)}), got {_compact(self.sliding_window)}")
         for name in ("rope_theta", "rms_norm_eps", "rope_linear_factor"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -455,27 +499,35 @@ def _rope(d: dict[str, Any], origin: Path, default_theta: float) -> tuple[float,
     return sub.float("rope_theta", top), factor
 
 
-def _hf_window(d: dict[str, Any], model_type: str, origin: Path, default: int | None) -> int | None:
-    """The one attention window of every layer: ``sliding_window``, with Ministral's ``layer_types``
-    (uniform only; checked by the key table). Mistral and Mixtral ignore layer_types in
-    transformers, so there it must agree with sliding_window."""
+def _hf_window(d: dict[str, Any], model_type: str, origin: Path, default: int | None
+               ) -> tuple[int | None, tuple[int, ...]]:
+    """(sliding_window, layer_windows): ``sliding_window``, with Ministral's ``layer_types`` (a layer
+    ``sliding_attention`` has the window, ``full_attention`` none), as transformers' Ministral reads
+    them. Mistral and Mixtral ignore layer_types in transformers, so there it must be uniform (the key
+    table) and agree with sliding_window."""
     if "sliding_window" in d and d["sliding_window"] is None:
         window = None  # present and null: full attention
     else:
         window = _Reader(d, origin).int("sliding_window", default)
     kinds = d.get("layer_types")
     if kinds is None:
-        return window
+        return window, ()
     kind = _LAYER_TYPES[kinds[0]]
     if model_type == "ministral":
         layers = _Reader(d, origin).int("num_hidden_layers")
         if layers is not None and len(kinds) != layers:
             raise ConfigError(f"{origin}: 'layer_types' has {len(kinds)} entries for {layers} layers")
-        return window if kind == "sliding_attention" else None
+        sliding = [_LAYER_TYPES[t] == "sliding_attention" for t in kinds]
+        if any(sliding) and window is None:
+            raise ConfigError(f"{origin}: 'layer_types' has sliding_attention layers but sliding_window is null")
+        windows = tuple(window if s else 0 for s in sliding)
+        if len(set(windows)) == 1:
+            return (window if sliding[0] else None), ()
+        return window, windows
     if (kind == "sliding_attention") != (window is not None):
         raise ConfigError(f"{origin}: 'layer_types' ({kind}) disagrees with sliding_window ({window}); "
                           f"transformers' {model_type} ignores layer_types")
-    return window
+    return window, ()
 
 
 def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConfig:
@@ -504,7 +556,7 @@ def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConf
     heads = r.int("num_attention_heads")
     hidden = r.int("hidden_size")
     assert heads is not None and hidden is not None  # required above
-    window = _hf_window(d, model_type, origin, default_window)
+    window, layer_windows = _hf_window(d, model_type, origin, default_window)
     is_moe = family == "mixtral"
     experts = (r.int("num_experts") or r.int("num_local_experts", 8)) if is_moe else 0
     cfg = ModelConfig(
@@ -530,6 +582,7 @@ def from_hf_dict(d: dict[str, Any], origin: Path = Path(HF_CONFIG)) -> ModelConf
         source_format="hf",
         extra={k: d[k] for k in ("dtype", "torch_dtype") if k in d},
         rope_linear_factor=linear_factor,
+        layer_windows=layer_windows,
     )
     cfg.validate(str(origin))
     return cfg
@@ -556,9 +609,16 @@ def from_mistral_params(d: dict[str, Any], origin: Path = Path(MISTRAL_PARAMS)) 
         _require(moe, ["num_experts", "num_experts_per_tok"], origin)
         _check_keys(moe, MOE_KEYS, origin, "moe.", strict=True)
     m = _Reader(moe or {}, origin, "moe.")
-    window = d.get("sliding_window")
-    if isinstance(window, list):  # one window per layer: uniform only (checked by the key table)
-        r = _Reader({**d, "sliding_window": window[0]}, origin)
+    window, layer_windows = d.get("sliding_window"), ()
+    if isinstance(window, list):  # mistral-inference's per-layer pattern (entries checked by the key table)
+        layers = r.int("n_layers")
+        assert layers is not None  # required above
+        if layers % len(window):
+            raise ConfigError(f"{origin}: 'sliding_window' has {len(window)} entries, which does not divide "
+                              f"n_layers {layers} (the pattern is repeated over the layers)")
+        windows = tuple(w or 0 for w in window) * (layers // len(window))
+        layer_windows = windows if len(set(windows)) > 1 else ()
+        r = _Reader({**d, "sliding_window": max(windows) or None}, origin)
     cfg = ModelConfig(
         model_type="mixtral" if moe else "mistral",
         vocab_size=r.int("vocab_size"),
@@ -578,6 +638,7 @@ def from_mistral_params(d: dict[str, Any], origin: Path = Path(MISTRAL_PARAMS)) 
         bos_token_id=1,
         eos_token_ids=(2,),
         source_format="mistral",
+        layer_windows=layer_windows,
     )
     cfg.validate(str(origin))
     return cfg

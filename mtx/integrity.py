@@ -261,11 +261,17 @@ def check_graph(root: Path, manifest: Manifest) -> None:
     past = [s for s in manifest.inputs if s.name.startswith("past_key.")]
     if len(past) != cfg.num_layers:
         raise ManifestError(f"{origin}: num_layers {cfg.num_layers} but the graph has {len(past)} past_key inputs")
-    want = [cfg.num_kv_heads, manifest.capacity, cfg.head_dim]
     for spec in manifest.inputs + manifest.outputs:
-        if spec.name.startswith(("past_", "present_")) and list(spec.shape[1:]) != want:
+        if not spec.name.startswith(("past_", "present_")):
+            continue
+        layer = spec.name.rpartition(".")[2]
+        if not layer.isdigit() or int(layer) >= cfg.num_layers:
+            raise ManifestError(f"{origin}: {spec.name} names no layer of {cfg.num_layers}")
+        capacity = manifest.layers[int(layer)].capacity
+        want = [cfg.num_kv_heads, capacity, cfg.head_dim]
+        if list(spec.shape[1:]) != want:
             raise ManifestError(f"{origin}: {spec.name} is {spec.shape[1:]} in the graph; the manifest's "
-                                f"capacity {manifest.capacity} and config give {want}")
+                                f"layers[{layer}].capacity {capacity} and config give {want}")
     logits = next((s for s in manifest.outputs if s.name == "logits"), None)
     if logits is None or logits.shape[-1] != cfg.vocab_size:
         raise ManifestError(f"{origin}: vocab_size {cfg.vocab_size} does not match the graph's logits")
@@ -286,12 +292,15 @@ def check_graph(root: Path, manifest: Manifest) -> None:
     if rows and manifest.max_position not in set(rows.values()):
         raise ManifestError(f"{origin}: max_position {manifest.max_position} but the graph's rotary tables have "
                             f"{sorted(set(rows.values()))} rows")
-    for node in graph.node:
-        if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft":
-            lws = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
-            if lws != (-1 if manifest.local_window_size is None else manifest.local_window_size):
-                raise ManifestError(f"{origin}: local_window_size {manifest.local_window_size} but the graph's "
-                                    f"node {node.name!r} has {lws}")
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == "com.microsoft"]
+    if gqa and len(gqa) != cfg.num_layers:
+        raise ManifestError(f"{origin}: {cfg.num_layers} layers but the graph has {len(gqa)} GroupQueryAttention nodes")
+    for layer, node in enumerate(gqa):  # one per layer, in graph (= layer) order
+        want_lws = manifest.layers[layer].local_window_size
+        lws = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
+        if lws != (-1 if want_lws is None else want_lws):
+            raise ManifestError(f"{origin}: layers[{layer}].local_window_size {want_lws} but the graph's "
+                                f"node {node.name!r} has {lws}")
     produced = {out for node in graph.node for out in node.output}
     for lo in manifest.layer_outputs:
         for name in (lo.after_attention, lo.after_block):

@@ -24,7 +24,7 @@ SCHEMA_FILE = Path(__file__).with_name("manifest_schema.json")
 #: The parsed schema file: {"format", "format_version", "root", "objects": {name: {key: type}}}.
 SCHEMA: dict[str, Any] = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 FORMAT: str = SCHEMA["format"]
-FORMAT_VERSION: int = SCHEMA["format_version"]  # 2: layer_outputs, role "tooling"; 3: quantization
+FORMAT_VERSION: int = SCHEMA["format_version"]  # 2: layer_outputs, role "tooling"; 3: quantization; 4: layers
 
 
 class ManifestError(MtxError):
@@ -44,9 +44,30 @@ class TensorSpec:
 class KVSpec:
     """How a runtime must hold and pass the per-layer KV buffers of this export."""
 
-    layout: str  # "ring": slot p mod C; "ort_window": ONNX Runtime's own windowed layout (opaque)
+    layout: str  # "ring": slot p mod C; "ort_window": ONNX Runtime's own windowed layout (opaque); "per_layer"
     past_present: str  # "separate": never alias past and present; "shared": bind both to one buffer
     multi_token_batch: str  # "any", or "first_call_only": seq > 1 with batch > 1 only if every start_pos is 0
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    """Layer ``l``'s KV buffers (docs/ops.md §1 "Per-layer windows"): invariant ``capacity >= window``."""
+
+    window: int  # the layer's attention attribute W_l, 0 = full attention
+    capacity: int  # C_l, dimension 2 of past_*.{l}
+    layout: str  # "ring" | "ort_window"
+    local_window_size: int | None  # the layer's GroupQueryAttention attribute, or None
+
+
+def summarize_layers(layers: list[KVLayer]) -> dict[str, Any]:
+    """The manifest's top-level ``window``, ``capacity``, ``local_window_size`` and ``kv.layout`` implied by
+    ``layers``: the value every layer has, else null (``per_layer`` for the layout)."""
+    def common(name: str, differ: Any) -> Any:
+        values = {getattr(x, name) for x in layers}
+        return values.pop() if len(values) == 1 else differ
+
+    return {"window": common("window", None), "capacity": common("capacity", None),
+            "local_window_size": common("local_window_size", None), "kv.layout": common("layout", "per_layer")}
 
 
 @dataclass(frozen=True)
@@ -119,8 +140,9 @@ class Manifest:
     model: str
     dtype: str
     config: dict[str, Any]
-    window: int  # the op attribute: sliding window W, 0 = full attention
-    capacity: int
+    window: int | None  # the op attribute of every layer: W, 0 = full attention; None where layers differ
+    capacity: int | None  # C of every layer; None where layers differ (``layers``)
+    layers: list[KVLayer]
     max_batch: int
     max_position: int | None
     kv: KVSpec
@@ -164,10 +186,23 @@ class Manifest:
         if len(d["layer_outputs"]) != cfg.num_layers:
             raise ManifestError(f"{origin}: layer_outputs has {len(d['layer_outputs'])} entries for "
                                 f"{cfg.num_layers} layers")
+        if len(d["layers"]) != cfg.num_layers:
+            raise ManifestError(f"{origin}: layers has {len(d['layers'])} entries for {cfg.num_layers} layers")
+        layers = [KVLayer(**x) for x in d["layers"]]
+        for i, x in enumerate(layers):
+            if x.window < 0 or x.capacity <= 0 or x.capacity < x.window:
+                raise ManifestError(f"{origin}: layers[{i}]: capacity {x.capacity} must be positive and >= the "
+                                    f"window {x.window}")
+        summary = summarize_layers(layers)
+        for key, want in summary.items():
+            got = d["kv"]["layout"] if key == "kv.layout" else d[key]
+            if got != want:
+                why = "the layers differ" if want in (None, "per_layer") else "every layer's value"
+                raise ManifestError(f"{origin}: key '{key}' must be {_json(want)} ({why}), got {_json(got)}")
         kv, quant = d["kv"], d["quantization"]
         if quant is not None:
             quant = Quantization(**{**quant, "tensors": [QuantizedTensor(**t) for t in quant["tensors"]]})
-        return cls(**{**d, "kv": KVSpec(**kv), "inputs": [TensorSpec(**s) for s in d["inputs"]],
+        return cls(**{**d, "kv": KVSpec(**kv), "layers": layers, "inputs": [TensorSpec(**s) for s in d["inputs"]],
                       "outputs": [TensorSpec(**s) for s in d["outputs"]],
                       "fallbacks": [Fallback(**f) for f in d["fallbacks"]],
                       "layer_outputs": [LayerOutput(**lo) for lo in d["layer_outputs"]], "quantization": quant,
@@ -182,6 +217,21 @@ class Manifest:
         chunk still reads.
         """
         return self.kv.past_present == "shared" and not self.attention_op.startswith("mtx::")
+
+    @property
+    def kv_plan(self):
+        """The per-layer windows, capacities and layouts (:class:`mtx.rolling_kv.KVPlan`)."""
+        from mtx.rolling_kv import KVPlan
+
+        return KVPlan(tuple(x.window for x in self.layers), tuple(x.capacity for x in self.layers),
+                      tuple(x.layout for x in self.layers))
+
+    @property
+    def reference_plan(self):
+        """:attr:`kv_plan` with every layout ``ring``: the PyTorch reference's buffers for this export."""
+        from mtx.rolling_kv import KVPlan
+
+        return KVPlan(tuple(x.window for x in self.layers), tuple(x.capacity for x in self.layers))
 
     @property
     def model_config(self) -> ModelConfig:

@@ -12,12 +12,17 @@ definitions; docs/ops.md states them normatively.
   ``start + S <= C``). A query at ``p`` sees keys at ``k`` with ``p - W < k <= p``.
 * The chunk is written *after* attention: its last ``min(S, C)`` tokens go to their slots.
 
+Per-layer windows (Ministral): each layer has its own window and capacity, :class:`KVPlan`
+(:func:`plan_kv` sizes them); every rule above holds per layer.
+
 Importing this module does not import torch (the ONNX Runtime path uses the integer rules only); the
 tensor helpers import it when called.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mtx.errors import UsageError
@@ -47,6 +52,95 @@ def capacity_for(window: int | None, max_positions: int, requested: int | None =
     capacity = requested if requested is not None else (window or max_positions)
     effective_window(window, capacity)
     return capacity
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """Window and capacity of each layer's buffers (docs/ops.md §1 "Per-layer windows").
+
+    ``windows[l]`` is layer ``l``'s op attribute (0: full attention), ``capacities[l]`` its ``C_l``;
+    invariant: ``C_l >= W_l`` for every layer. ``layouts`` are the manifest's per-layer ``kv`` layouts
+    where known (``ring`` by default).
+    """
+
+    windows: tuple[int, ...]
+    capacities: tuple[int, ...]
+    layouts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.windows) != len(self.capacities) or not self.windows:
+            raise ValueError("KVPlan: one window and one capacity per layer")
+        for w, c in zip(self.windows, self.capacities):
+            effective_window(w, c)
+        if not self.layouts:
+            object.__setattr__(self, "layouts", ("ring",) * len(self.windows))
+
+    @property
+    def uniform(self) -> bool:
+        """Every layer has the same window, capacity and layout."""
+        return len(set(zip(self.windows, self.capacities, self.layouts))) == 1
+
+    @property
+    def window(self) -> int | None:
+        """The window of every layer (None: full attention); raises for a per-layer plan (rules 10-12 and
+        prefix state files are defined for one window)."""
+        return self._one().windows[0] or None
+
+    @property
+    def capacity(self) -> int:
+        """The capacity of every layer; raises for a per-layer plan."""
+        return self._one().capacities[0]
+
+    @property
+    def layout(self) -> str:
+        return self._one().layouts[0]
+
+    def _one(self) -> KVPlan:
+        if not self.uniform:
+            raise UsageError(f"this model's layers differ in KV window or capacity (windows {list(self.windows)}); "
+                             f"prefix caching, prefix state files and speculative decoding need one window for "
+                             f"every layer", params=("window",))
+        return self
+
+    def effective(self, layer: int) -> int:
+        """W of ``layer`` (its capacity under full attention)."""
+        return effective_window(self.windows[layer], self.capacities[layer])
+
+    def context_limit(self, max_position: int | None) -> int | None:
+        """Positions a row may reach: the smallest capacity of a full-attention layer (rule 8) and
+        ``max_position``; None where unbounded."""
+        limits = [c for w, c in zip(self.windows, self.capacities) if not w]
+        limits += [max_position] if max_position else []
+        return min(limits) if limits else None
+
+    def check_context(self, end_pos: int) -> None:
+        """UsageError if ``end_pos`` positions exceed a full-attention layer's capacity (rule 8)."""
+        for w, c in zip(self.windows, self.capacities):
+            check_full_attention_context(end_pos, w, c)
+
+    def row_elements(self, kv_heads: int, head_dim: int) -> int:
+        """Elements of one batch row's keys and values over all layers."""
+        return 2 * kv_heads * head_dim * sum(self.capacities)
+
+
+def plan_kv(windows: Sequence[int], max_positions: int, requested: int | None = None) -> KVPlan:
+    """The KV plan of a model whose layers have ``windows`` (0: full attention), docs/ops.md §1.
+
+    One window for every layer: every layer gets :func:`capacity_for` (the requested capacity, or the
+    window, or ``max_positions`` under full attention). Per-layer windows: ``C = requested`` (default
+    ``max_positions``) bounds the context; a layer with ``0 < W_l < C`` keeps its window with ``C_l = W_l``,
+    every other layer is full attention (window 0) with ``C_l = C`` — the same attention while positions
+    stay below ``C``, which the full layers enforce (rule 8).
+    """
+    windows = tuple(int(w or 0) for w in windows)
+    if len(set(windows)) == 1:
+        cap = capacity_for(windows[0] or None, max_positions, requested)
+        return KVPlan(windows, (cap,) * len(windows))
+    cap = requested if requested is not None else max_positions
+    effective_window(None, cap)
+    sliding = [0 < w < cap for w in windows]
+    return KVPlan(tuple(w if s else 0 for w, s in zip(windows, sliding)),
+                  tuple(w if s else cap for w, s in zip(windows, sliding)))
 
 
 def slot_of(pos: torch.Tensor, capacity: int) -> torch.Tensor:

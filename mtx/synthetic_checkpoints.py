@@ -43,9 +43,14 @@ def make_hf(
     init_std: float = 0.15,
     max_shard_size: str | None = None,
     tokenizer: bool = True,
+    layer_types: list[str] | None = None,
 ) -> Path:
-    """Save a random transformers model to ``out`` and return the folder."""
-    from transformers import MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM
+    """Save a random transformers model to ``out`` and return the folder.
+
+    ``arch="ministral"``: transformers' Ministral, whose ``layer_types`` ("sliding_attention" /
+    "full_attention" per layer) give each layer its window."""
+    from transformers import (MinistralConfig, MinistralForCausalLM, MistralConfig, MistralForCausalLM,
+                              MixtralConfig, MixtralForCausalLM)
 
     out = Path(out)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -56,6 +61,10 @@ def make_hf(
     torch.manual_seed(seed)
     if arch == "mistral":
         model = MistralForCausalLM(MistralConfig(**common))
+    elif arch == "ministral":
+        # MinistralConfig leaves head_dim None where Mistral's defaults it (its attention then fails)
+        common["head_dim"] = head_dim or hidden // heads
+        model = MinistralForCausalLM(MinistralConfig(**common, layer_types=layer_types))
     elif arch == "mixtral":
         model = MixtralForCausalLM(MixtralConfig(**common, num_local_experts=experts, num_experts_per_tok=top_k))
     else:
@@ -139,7 +148,10 @@ def to_mistral_layout(hf_dir: str | Path, out: str | Path) -> Path:
         "norm_eps": cfg["rms_norm_eps"], "vocab_size": cfg["vocab_size"],
         "rope_theta": cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
     }
-    if cfg.get("sliding_window") is not None:
+    if cfg.get("layer_types") and len(set(cfg["layer_types"])) > 1:  # mistral-inference's per-layer list
+        params["sliding_window"] = [cfg["sliding_window"] if t == "sliding_attention" else None
+                                    for t in cfg["layer_types"]]
+    elif cfg.get("sliding_window") is not None:
         params["sliding_window"] = cfg["sliding_window"]
     if cfg.get("tie_word_embeddings"):
         params["tied_embeddings"] = True

@@ -40,6 +40,9 @@ VARIANTS: dict[str, dict] = {
     "tied": dict(arch="mistral", window=8, tie=True),
     "theta_top_level": dict(arch="mistral", window=8, rope_theta_top_level=True, theta=50000.0),
     "sharded": dict(arch="mixtral", window=8, max_shard_size="40KB"),
+    # Ministral-8B's pattern (one full-attention layer, then three sliding ones), per-layer windows
+    "ministral": dict(arch="ministral", window=8, layers=4,
+                      layer_types=["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]),
 }
 
 

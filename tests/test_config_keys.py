@@ -152,6 +152,11 @@ IMPLEMENTED_CASES = {
     "ministral_sliding": ("mistral", (), {**MINISTRAL, "layer_types": ["sliding_attention"] * 2}, False),
     "ministral_full": ("mistral", (), {**MINISTRAL, "layer_types": ["full_attention"] * 2}, True),
     "ministral_legacy_attention": ("mistral", (), {**MINISTRAL, "layer_types": ["attention"] * 2}, True),
+    # per-layer windows: each layer's own mask (a reader that gave every layer one window fails here)
+    "ministral_full_then_sliding": ("mistral", (), {**MINISTRAL, "layer_types": ["full_attention",
+                                                                                 "sliding_attention"]}, True),
+    "ministral_sliding_then_full": ("mistral", (), {**MINISTRAL, "layer_types": ["sliding_attention",
+                                                                                 "full_attention"]}, True),
 }
 
 
@@ -193,8 +198,11 @@ HF_REFUSED = [
     ({"quantization_config": {"quant_method": "fp8"}}, "'quantization_config'"),
     ({"is_encoder_decoder": True}, "'is_encoder_decoder' = true"),
     ({"per_layer_config": {"0": {"sliding_window": 4}}}, "'per_layer_config'"),
-    ({"model_type": "ministral", "layer_types": ["sliding_attention", "full_attention"]},
-     "per-layer attention windows are not supported yet"),
+    ({"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 16},
+     "'layer_types' = [\"sliding_attention\", \"full_attention\"] is not supported"),  # Mistral ignores it
+    ({"model_type": "ministral", "layer_types": ["sliding_attention", "full_attention"], "sliding_window": None},
+     "'layer_types' has sliding_attention layers but sliding_window is null"),
+    ({"model_type": "ministral", "layer_types": ["sliding_attention", "global"]}, "'layer_types' = "),
     ({"model_type": "ministral", "layer_types": ["sliding_attention"]}, "'layer_types' has 1 entries for 2 layers"),
     ({"layer_types": ["full_attention", "full_attention"], "sliding_window": 16},
      "'layer_types' (full_attention) disagrees with sliding_window (16)"),
@@ -210,7 +218,8 @@ PARAMS_REFUSED = [
     ({"vision_encoder": {"hidden_size": 1024}}, "'vision_encoder'"),
     ({"yarn": {"factor": 4.0}}, "'yarn'"),
     ({"llama_4_scaling": {"beta": 0.1}}, "'llama_4_scaling'"),
-    ({"sliding_window": [16, 16, 4096]}, "'sliding_window' = [16, 16, 4096]"),
+    ({"sliding_window": [16, 16, 4096]}, "'sliding_window' has 3 entries, which does not divide n_layers 2"),
+    ({"sliding_window": [16, 0]}, "'sliding_window' = [16, 0] is not supported"),
     ({"moe": {"num_experts": 8, "num_experts_per_tok": 2, "num_shared_experts": 1}}, "'moe.num_shared_experts'"),
 ]
 REFUSED_CASES = ([("config.json", {**BASE, **c}, n) for c, n in HF_REFUSED]
@@ -242,7 +251,32 @@ def test_neutral_values_are_accepted(tmp_path, data):
 def test_params_uniform_window_list(tmp_path):
     (tmp_path / "params.json").write_text(json.dumps({**PARAMS, "sliding_window": [16, 16], "lora": None,
                                                       "max_batch_size": 4}))
-    assert load_config(tmp_path).sliding_window == 16
+    cfg = load_config(tmp_path)
+    assert cfg.sliding_window == 16 and cfg.layer_windows == () and cfg.windows == (16, 16)
+
+
+@pytest.mark.parametrize("window,layers,want", [([None, 16], 2, (0, 16)), ([32, 8], 4, (32, 8, 32, 8)),
+                                                ([None], 2, (0, 0))])
+def test_params_window_list_per_layer(tmp_path, window, layers, want):
+    """mistral-inference's list is one window per layer, repeated over the layers; null is full attention."""
+    (tmp_path / "params.json").write_text(json.dumps({**PARAMS, "n_layers": layers, "sliding_window": window}))
+    cfg = load_config(tmp_path)
+    assert cfg.windows == want and cfg.sliding_window == (max(want) or None)
+    assert cfg.layer_windows == (want if len(set(want)) > 1 else ())
+
+
+def test_ministral_layer_types_give_each_layer_its_window(tmp_path):
+    """As transformers' MinistralAttention: sliding_attention layers have sliding_window, full_attention none."""
+    from transformers import MinistralConfig
+
+    kinds = ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"]
+    data = {**BASE, "model_type": "ministral", "num_hidden_layers": 4, "sliding_window": 16, "layer_types": kinds}
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    cfg = load_config(tmp_path)
+    hf = MinistralConfig(**{k: v for k, v in data.items() if k != "model_type"})
+    assert cfg.windows == tuple(hf.sliding_window if t == "sliding_attention" else 0 for t in hf.layer_types)
+    assert cfg.windows == (0, 16, 16, 16) and cfg.model_type == "mistral"
+    assert mtx_config.ModelConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["layer_windows"] == [0, 16, 16, 16]
 
 
 def one_line(res, *needles: str) -> str:

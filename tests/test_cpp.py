@@ -320,8 +320,10 @@ def test_c_abi_greedy_and_bad_input(cpp_build, parity_export, tmp_path):
                if f["role"] in ("weights", "checkpoint-weights")][0]
     # A manifest the reader accepts but the graph contradicts; what the reader refuses is the shared
     # table of tests/test_manifest.py (run against the Python and the C++ reader).
-    cap = json.loads((export / "mtx.json").read_text())["capacity"]
-    refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2)), PROMPT, 2, "capacity")
+    m = json.loads((export / "mtx.json").read_text())
+    cap, layers = m["capacity"], [{**x, "capacity": 2 * m["capacity"]} for x in m["layers"]]
+    refused(tampered("capacity", lambda f: edit_manifest(f, capacity=cap * 2, layers=layers)), PROMPT, 2,
+            "layers[0].capacity 16")
 
     # Weights are hashed once per file state, in the record mtx.integrity keeps (shared with Python);
     # a file changed in place afterwards (same size) is hashed again and refused.

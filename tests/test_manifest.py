@@ -129,11 +129,11 @@ TAMPER: list[tuple[str, Edit, str | None]] = [
      "not valid JSON (nested more than 64 levels)"),
     ("format version only", raw('{"format": "mtx-export"}'), "missing key 'format_version'"),
     ("format version 1", set_key("format_version", 1),
-     'not an mtx-export v3 manifest (format "mtx-export", version 1); export the checkpoint again'),
-    ("format version 2", manifest(lambda d: (d.pop("quantization"), d.update(format_version=2))),
-     'not an mtx-export v3 manifest (format "mtx-export", version 2); export the checkpoint again'),
-    ("format name", set_key("format", "onnx-export"), 'not an mtx-export v3 manifest (format "onnx-export"'),
-    ("format version string", set_key("format_version", "3"), "version \"3\")"),
+     'not an mtx-export v4 manifest (format "mtx-export", version 1); export the checkpoint again'),
+    ("format version 3", manifest(lambda d: (d.pop("layers"), d.update(format_version=3))),
+     'not an mtx-export v4 manifest (format "mtx-export", version 3); export the checkpoint again'),
+    ("format name", set_key("format", "onnx-export"), 'not an mtx-export v4 manifest (format "onnx-export"'),
+    ("format version string", set_key("format_version", "4"), "version \"4\")"),
     # Keys present, no others (rule 2).
     ("missing capacity", drop_key("capacity"), "missing key 'capacity'"),
     ("unknown top-level key", set_key("extra_key", 1), "unknown key 'extra_key'"),
@@ -152,8 +152,8 @@ TAMPER: list[tuple[str, Edit, str | None]] = [
      "unknown key 'quantization.tensors[0].extra'"),
     # Exact types (rule 3): int is never a boolean or a float.
     ("max_batch as string", set_key("max_batch", "1"), "key 'max_batch' must be an integer, got \"1\""),
-    ("capacity as float", set_key("capacity", 8.0), "key 'capacity' must be an integer, got 8.0"),
-    ("window as boolean", set_key("window", True), "key 'window' must be an integer, got true"),
+    ("capacity as float", set_key("capacity", 8.0), "key 'capacity' must be an integer or null, got 8.0"),
+    ("window as boolean", set_key("window", True), "key 'window' must be an integer or null, got true"),
     ("max_position as string", set_key("max_position", "x"), "key 'max_position' must be an integer or null"),
     ("model null", set_key("model", None), "key 'model' must be a string, got null"),
     ("kv not an object", set_key("kv", [1]), "key 'kv' must be an object, got [1]"),
@@ -186,7 +186,7 @@ TAMPER: list[tuple[str, Edit, str | None]] = [
     # Allowed values.
     ("target", set_key("target", "tflite"), "key 'target' must be one of onnxruntime, onnx, tensorrt, got \"tflite\""),
     ("dtype", set_key("dtype", "int8"), "key 'dtype' must be one of float32, float16, bfloat16"),
-    ("kv layout", set_key("kv.layout", "paged"), "key 'kv.layout' must be one of ring, ort_window, got \"paged\""),
+    ("kv layout", set_key("kv.layout", "paged"), "key 'kv.layout' must be one of ring, ort_window, per_layer, got \"paged\""),
     ("kv past_present", set_key("kv.past_present", "aliased"), "key 'kv.past_present' must be one of separate, shared"),
     ("kv multi_token_batch", set_key("kv.multi_token_batch", 1), "key 'kv.multi_token_batch' must be one of any"),
     ("file role", set_key("files.0.role", "junk"), "key 'files[0].role' must be one of model, weights"),
@@ -217,6 +217,34 @@ TAMPER: list[tuple[str, Edit, str | None]] = [
     ("layer_outputs out of order", set_key("layer_outputs.1.layer", 0), "layer_outputs[1] is for layer 0; expected layer 1"),
     ("config num_layers 3", set_key("config.num_layers", 3), "layer_outputs has 2 entries for 3 layers"),
     ("layer_outputs short", manifest(lambda d: d["layer_outputs"].pop()), "layer_outputs has 1 entries for 2 layers"),
+    # Per-layer KV (rule 4): one entry per layer, C_l >= W_l, summaries that agree with the layers.
+    ("missing layers", drop_key("layers"), "missing key 'layers'"),
+    ("layer window string", set_key("layers.0.window", "8"), "key 'layers[0].window' must be an integer"),
+    ("layer layout", set_key("layers.1.layout", "paged"), "key 'layers[1].layout' must be one of ring, ort_window"),
+    ("layers short", manifest(lambda d: d["layers"].pop()), "layers has 1 entries for 2 layers"),
+    ("layer capacity below window", manifest(lambda d: d["layers"][1].update(capacity=4)),
+     "layers[1]: capacity 4 must be positive and >= the window 8"),
+    ("window disagrees with layers", set_key("window", 4), "key 'window' must be 8 (every layer's value), got 4"),
+    ("capacity null with uniform layers", set_key("capacity", None),
+     "key 'capacity' must be 8 (every layer's value), got null"),
+    ("per-layer windows, window not null", manifest(lambda d: d["layers"][0].update(window=0, capacity=64)),
+     "key 'window' must be null (the layers differ), got 8"),
+    ("per-layer windows", manifest(lambda d: (d["layers"][0].update(window=0, capacity=64, layout="ring",
+                                                                    local_window_size=None),
+                                              d.update(window=None, capacity=None, local_window_size=None),
+                                              d["kv"].update(layout="per_layer"))), None),
+    ("kv layout per_layer for uniform layers", set_key("kv.layout", "per_layer"),
+     "key 'kv.layout' must be \"ort_window\" (every layer's value), got \"per_layer\""),
+    ("local_window_size disagrees", set_key("layers.0.local_window_size", 7),
+     "key 'local_window_size' must be null (the layers differ), got 8"),
+    ("config layer_windows uniform", set_key("config.layer_windows", [8, 8]),
+     "config: 'layer_windows' is uniform (8); give sliding_window instead"),
+    ("config layer_windows count", set_key("config.layer_windows", [0, 8, 8]),
+     "config: 'layer_windows' must be 2 integers >= 0 (one window per layer, 0 = full attention), got [0,8,8]"),
+    ("config layer_windows max", set_key("config.layer_windows", [0, 4]),
+     "config: 'sliding_window' must be the largest layer window (4), got 8"),
+    ("config layer_windows float", set_key("config.layer_windows", [0, 8.0]),
+     "key 'config.layer_windows[1]' must be an integer"),
     # Files (rules 5 and 6).
     ("file outside", extra_file(path="../x"), "file path '../x' must stay inside the export folder"),
     ("file absolute", extra_file(path="/etc/passwd"), "file path '/etc/passwd' must stay inside the export folder"),
@@ -298,7 +326,7 @@ def test_both_readers_say_the_same(python_said, cpp_said, case):
 def test_schema_matches_the_python_types():
     """The dataclasses of mtx/manifest.py and ModelConfig have the schema's keys; its lists are mtx.names'."""
     objects = mm.SCHEMA["objects"]
-    for name, cls in {"manifest": mm.Manifest, "kv": mm.KVSpec, "tensor": mm.TensorSpec, "fallback": mm.Fallback,
+    for name, cls in {"manifest": mm.Manifest, "kv": mm.KVSpec, "kv_layer": mm.KVLayer, "tensor": mm.TensorSpec, "fallback": mm.Fallback,
                       "layer_output": mm.LayerOutput, "quantization": mm.Quantization,
                       "quantized_tensor": mm.QuantizedTensor, "file": mm.FileEntry}.items():
         assert list(objects[name]) == [f.name for f in dataclasses.fields(cls)], name
@@ -307,7 +335,7 @@ def test_schema_matches_the_python_types():
                                        for f in cfg_fields]
     assert objects["manifest"]["target"] == list(TARGETS) and objects["manifest"]["dtype"] == list(DTYPES)
     assert objects["config"]["model_type"] == sorted(mtx_config._HF_FAMILIES)
-    assert (mm.FORMAT, mm.FORMAT_VERSION) == ("mtx-export", 3)
+    assert (mm.FORMAT, mm.FORMAT_VERSION) == ("mtx-export", 4)
 
 
 def test_schema_types_are_known():

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -319,16 +320,21 @@ def tamper(folder: Path, edit) -> None:
 #: Manifests whose values contradict the graph, refused by the runtime's checks at load. What the
 #: readers themselves refuse (keys, types, values, config, files) is tests/test_manifest.py's table,
 #: run against the Python and the C++ reader.
+def every_layer(**values) -> Callable[[dict], None]:
+    """Set ``values`` at the top level and in every ``layers`` entry (a manifest consistent in itself)."""
+    return lambda d: (d.update(values), [x.update(values) for x in d["layers"]])
+
+
 TAMPER_CASES = {
-    "capacity 0": (lambda d: d.update(capacity=0), "capacity 0"),
-    "capacity -1": (lambda d: d.update(capacity=-1), "capacity -1"),
-    "capacity 16": (lambda d: d.update(capacity=16), "capacity 16"),
-    "capacity 64": (lambda d: d.update(capacity=64), "capacity 64"),
+    "capacity 0": (every_layer(capacity=0), "capacity 0"),
+    "capacity -1": (every_layer(capacity=-1), "capacity -1"),
+    "capacity 16": (every_layer(capacity=16), "capacity 16"),
+    "capacity 64": (every_layer(capacity=64), "capacity 64"),
     "vocab 4096": (lambda d: d["config"].update(vocab_size=4096), "vocab_size 4096"),
     "max_position 100000": (lambda d: d.update(max_position=100000), "max_position 100000"),
     "ops": (lambda d: d["ops"].update({"ai.onnx::Add": 1}), "ops do not match"),
     "dtype": (lambda d: d.update(dtype="float16"), "dtype float16 but the graph's past_key.0 is float32"),
-    "local_window_size": (lambda d: d.update(local_window_size=4), "local_window_size 4 but the graph's node"),
+    "local_window_size": (every_layer(local_window_size=4), "local_window_size 4 but the graph's node"),
     "layer_outputs": (lambda d: d["layer_outputs"][1].update(after_attention="x"), "layer_outputs names 'x'"),
 }
 
@@ -342,7 +348,7 @@ def test_tampered_manifest_is_one_line(copy_of, case):
 
 
 def test_tampered_manifest_from_the_cli(run_mtx, copy_of):
-    tamper(copy_of, lambda d: d.update(capacity=64))
+    tamper(copy_of, every_layer(capacity=64))
     one_line(run_mtx("generate", copy_of, "--ids", "1,2", "--max-new-tokens", "1"), 2, "capacity 64")
 
 

@@ -373,13 +373,23 @@ GraphSource check_graph_file(const Manifest& m, const std::string& folder) {
     fail(origin + ": max_position " + (m.info.max_position ? std::to_string(*m.info.max_position) : "None") +
          " but the graph's rotary tables have [" + got + "] rows");
   }
-  const int64_t lws_want = d["local_window_size"].is_null() ? -1 : d["local_window_size"].get<int64_t>();
-  for (const auto& n : graph.nodes) {
-    if (n.op_type != "GroupQueryAttention" || n.domain != "com.microsoft") continue;
+  // One GroupQueryAttention per layer, in graph (= layer) order: each with its layer's local_window_size.
+  std::vector<const decltype(graph.nodes)::value_type*> gqa;
+  for (const auto& n : graph.nodes)
+    if (n.op_type == "GroupQueryAttention" && n.domain == "com.microsoft") gqa.push_back(&n);
+  const int64_t layers = d["config"]["num_layers"];
+  if (!gqa.empty() && int64_t(gqa.size()) != layers)
+    fail(origin + ": " + std::to_string(layers) + " layers but the graph has " + std::to_string(gqa.size()) +
+         " GroupQueryAttention nodes");
+  for (size_t l = 0; l < gqa.size(); ++l) {
+    const auto& want = d["layers"][l]["local_window_size"];
+    const int64_t lws_want = want.is_null() ? -1 : want.get<int64_t>();
+    const auto& n = *gqa[l];
     const int64_t lws = n.ints.count("local_window_size") ? n.ints.at("local_window_size") : -1;
     if (lws != lws_want)
-      fail(origin + ": local_window_size " + (lws_want < 0 ? "None" : std::to_string(lws_want)) +
-           " but the graph's node '" + n.name + "' has " + std::to_string(lws));
+      fail(origin + ": layers[" + std::to_string(l) + "].local_window_size " +
+           (lws_want < 0 ? "None" : std::to_string(lws_want)) + " but the graph's node '" + n.name + "' has " +
+           std::to_string(lws));
   }
   std::set<std::string> produced;
   for (const auto& n : graph.nodes) produced.insert(n.outputs.begin(), n.outputs.end());

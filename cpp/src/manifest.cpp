@@ -168,6 +168,26 @@ void check_config(const json& c, const std::string& origin) {
     fail(origin + ": head_dim must be even for rotary embeddings, got " + c.at("head_dim").dump());
   if (!c.at("sliding_window").is_null() && c.at("sliding_window").get<int64_t>() <= 0)
     fail(origin + ": 'sliding_window' must be a positive integer, got " + c.at("sliding_window").dump());
+  if (c.contains("layer_windows") && !c["layer_windows"].empty()) {  // as ModelConfig.validate
+    const json& w = c["layer_windows"];
+    bool ok = int64_t(w.size()) == c.at("num_layers").get<int64_t>();
+    int64_t most = 0;
+    std::set<int64_t> distinct;
+    for (const auto& x : w) {
+      ok &= x.get<int64_t>() >= 0;
+      most = std::max(most, x.get<int64_t>());
+      distinct.insert(x.get<int64_t>());
+    }
+    if (!ok)
+      fail((origin + ": 'layer_windows' must be " + c.at("num_layers").dump() +
+            " integers >= 0 (one window per layer, 0 = full attention), got " + w.dump()).substr(0, 300));
+    if (distinct.size() == 1)
+      fail(origin + ": 'layer_windows' is uniform (" + w[0].dump() + "); give sliding_window instead");
+    const json want = most ? json(most) : json(nullptr);
+    if (c.at("sliding_window") != want)
+      fail(origin + ": 'sliding_window' must be the largest layer window (" + want.dump() + "), got " +
+           c.at("sliding_window").dump());
+  }
   for (const char* name : {"rope_theta", "rms_norm_eps"})
     if (!(c.at(name).get<double>() > 0)) fail(origin + ": " + name + " must be > 0, got " + c.at(name).dump());
   const int64_t experts = c.value("num_experts", int64_t(0)), per_tok = c.value("num_experts_per_tok", int64_t(0));
@@ -292,6 +312,27 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
   if (int64_t(d["layer_outputs"].size()) != layers)
     fail(origin + ": layer_outputs has " + std::to_string(d["layer_outputs"].size()) + " entries for " +
          std::to_string(layers) + " layers");
+  // Per-layer KV (docs/ops.md §5 rule 4): one entry per layer, C_l >= W_l, and the top-level summaries.
+  if (int64_t(d["layers"].size()) != layers)
+    fail(origin + ": layers has " + std::to_string(d["layers"].size()) + " entries for " + std::to_string(layers) +
+         " layers");
+  for (size_t i = 0; i < d["layers"].size(); ++i) {
+    const int64_t w = d["layers"][i]["window"], c = d["layers"][i]["capacity"];
+    if (w < 0 || c <= 0 || c < w)
+      fail(origin + ": layers[" + std::to_string(i) + "]: capacity " + std::to_string(c) +
+           " must be positive and >= the window " + std::to_string(w));
+  }
+  for (const char* key : {"window", "capacity", "local_window_size", "kv.layout"}) {
+    const std::string k = key, field = k == "kv.layout" ? "layout" : k;
+    std::set<std::string> values;
+    for (const auto& x : d["layers"]) values.insert(x[field].dump());
+    const json want = values.size() == 1 ? d["layers"][0][field] : k == "kv.layout" ? json("per_layer") : json(nullptr);
+    const json& got = k == "kv.layout" ? d["kv"]["layout"] : d[k];
+    if (got != want)
+      fail(origin + ": key '" + k + "' must be " + shown(want) + " (" +
+           (want.is_null() || want == json("per_layer") ? "the layers differ" : "every layer's value") + "), got " +
+           shown(got));
+  }
   Manifest m;
   for (const char* key : {"inputs", "outputs"})
     for (const auto& spec : d[key]) {
@@ -353,8 +394,14 @@ Manifest read_manifest(const std::string& folder, bool verify_hashes) {
   info.num_layers = layers;
   info.num_kv_heads = cfg["num_kv_heads"];
   info.head_dim = cfg["head_dim"];
-  info.window = d["window"];
-  info.capacity = d["capacity"];
+  info.window = d["window"].is_null() ? -1 : d["window"].get<int64_t>();
+  info.capacity = d["capacity"].is_null() ? -1 : d["capacity"].get<int64_t>();
+  for (const auto& x : d["layers"]) {
+    info.layer_windows.push_back(x["window"]);
+    info.layer_capacities.push_back(x["capacity"]);
+    info.layer_layouts.push_back(x["layout"]);
+  }
+  info.per_layer = kv["layout"] == "per_layer" || info.window < 0 || info.capacity < 0;
   info.max_batch = d["max_batch"];
   if (!d["max_position"].is_null()) info.max_position = d["max_position"].get<int64_t>();
   info.kv_layout = kv["layout"];

@@ -102,10 +102,18 @@ void check_graph(const Manifest& m, Ort::Session& session, const std::string& or
   for (const auto* specs : {&m.inputs, &m.outputs})
     for (const auto& s : *specs)
       if (s.name.rfind("past_", 0) == 0 || s.name.rfind("present_", 0) == 0) {
-        std::vector<nlohmann::json> want = {info.num_kv_heads, info.capacity, info.head_dim};
+        const std::string layer = s.name.substr(s.name.rfind('.') + 1);
+        const bool digits = !layer.empty() && layer.size() < 10 &&
+                            std::all_of(layer.begin(), layer.end(), [](char c) { return c >= '0' && c <= '9'; });
+        if (!digits || std::stoll(layer) >= info.num_layers)
+          throw Error(ErrorCode::InvalidExport, origin + ": " + s.name + " names no layer of " +
+                                                    std::to_string(info.num_layers));
+        const int64_t capacity = info.layer_capacities[size_t(std::stoll(layer))];
+        std::vector<nlohmann::json> want = {info.num_kv_heads, capacity, info.head_dim};
         if (std::vector<nlohmann::json>(s.shape.begin() + 1, s.shape.end()) != want)
-          throw Error(ErrorCode::InvalidExport, origin + ": " + s.name + " does not have the manifest's capacity " +
-                                                    std::to_string(info.capacity) + " and config's [Hkv, C, D]");
+          throw Error(ErrorCode::InvalidExport, origin + ": " + s.name + " does not have the manifest's layers[" +
+                                                    layer + "].capacity " + std::to_string(capacity) +
+                                                    " and config's [Hkv, C, D]");
       }
   bool vocab_ok = false;
   for (const auto& s : m.outputs)
@@ -177,12 +185,18 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
     throw Error(ErrorCode::InvalidExport, folder + ": the mtx C++ runtime runs float32 and float16 exports in ONNX "
                                                    "Runtime, this one is " + info.dtype);
   if (options.max_batch > 0) info.max_batch = options.max_batch;
-  m.layout = kv::parse_layout(info.kv_layout);
-  m.window = info.window > 0 ? info.window : info.capacity;
+  if (!info.per_layer) {
+    m.layout = kv::parse_layout(info.kv_layout);
+    m.window = info.window > 0 ? info.window : info.capacity;
+  }
   info.eos_token_ids = detail::generation_eos(folder, info.eos_token_ids);
   m.elem = info.dtype == "float32" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
   m.elem_bytes = info.dtype == "float32" ? 4 : 2;
-  m.row_bytes = size_t(info.num_kv_heads * info.capacity * info.head_dim) * m.elem_bytes;
+  for (int64_t c : info.layer_capacities)
+    for (int kind = 0; kind < 2; ++kind) {
+      m.capacities.push_back(c);
+      m.row_bytes.push_back(size_t(info.num_kv_heads * c * info.head_dim) * m.elem_bytes);
+    }
   const std::string model_path = Impl::join_model_path(folder, m.manifest.model);
   const detail::GraphSource source = detail::check_graph_file(m.manifest, folder);
   Ort::Env& env = detail::ort_env();
@@ -251,17 +265,19 @@ std::unique_ptr<KVState> Model::Impl::new_state(int batch) const {
   st->sets.resize(sets);
   for (auto& s : st->sets)
     for (int64_t k = 0; k < 2 * info.num_layers; ++k)
-      s.emplace_back(static_cast<char*>(detail::aligned_bytes(batch * row_bytes)));
+      s.emplace_back(static_cast<char*>(detail::aligned_bytes(batch * row_bytes[size_t(k)])));
   st->current.assign(batch, 0);
   return st;
 }
 
 void Model::Impl::check_positions(int64_t end_pos) const {
   const ModelInfo& info = manifest.info;
-  if (info.window == 0 && end_pos > info.capacity)
-    throw Error(ErrorCode::InvalidArgument, "context of " + std::to_string(end_pos) +
-                                                " tokens exceeds the KV capacity " + std::to_string(info.capacity) +
-                                                " of this full-attention model; export it with a larger cache_capacity");
+  for (size_t l = 0; l < info.layer_windows.size(); ++l)  // every full-attention layer (rule 8)
+    if (info.layer_windows[l] == 0 && end_pos > info.layer_capacities[l])
+      throw Error(ErrorCode::InvalidArgument, "context of " + std::to_string(end_pos) +
+                                                  " tokens exceeds the KV capacity " +
+                                                  std::to_string(info.layer_capacities[l]) +
+                                                  " of this full-attention model; export it with a larger cache_capacity");
   if (info.max_position && end_pos > *info.max_position)
     throw Error(ErrorCode::InvalidArgument, "position " + std::to_string(end_pos) + " exceeds max_position " +
                                                 std::to_string(*info.max_position) +
@@ -270,15 +286,27 @@ void Model::Impl::check_positions(int64_t end_pos) const {
 
 int64_t Model::Impl::position_limit() const {
   const ModelInfo& info = manifest.info;
-  int64_t limit = info.window == 0 ? info.capacity : std::numeric_limits<int64_t>::max();
+  int64_t limit = std::numeric_limits<int64_t>::max();
+  for (size_t l = 0; l < info.layer_windows.size(); ++l)
+    if (info.layer_windows[l] == 0) limit = std::min(limit, info.layer_capacities[l]);
   if (info.max_position) limit = std::min(limit, *info.max_position);
   return limit;
 }
 
 char* Model::Impl::slot_ptr(KVState& st, int row, size_t tensor, int64_t head, int64_t slot) const {
   const ModelInfo& info = manifest.info;
-  return st.sets[st.current[row]][tensor].get() + size_t(row) * st.row_bytes +
-         size_t((head * info.capacity + slot) * info.head_dim) * elem_bytes;
+  return st.sets[st.current[row]][tensor].get() + size_t(row) * st.row_bytes[tensor] +
+         size_t((head * capacities[tensor] + slot) * info.head_dim) * elem_bytes;
+}
+
+void Model::Impl::require_uniform(const std::string& origin) const {
+  const ModelInfo& info = manifest.info;
+  if (!info.per_layer) return;
+  std::string windows;
+  for (int64_t w : info.layer_windows) windows += (windows.empty() ? "" : ", ") + std::to_string(w);
+  throw Error(ErrorCode::InvalidArgument,
+              (origin.empty() ? "" : origin + ": ") + "this model's layers differ in KV window or capacity (windows [" + windows +
+                  "]); prefix caching, prefix state files and speculative decoding need one window for every layer");
 }
 
 void Model::Impl::check_tokens(const std::vector<int32_t>& ids, const char* what) const {
@@ -298,8 +326,8 @@ int Model::Impl::align_rows(KVState& st, int r0, int r1) const {
   for (int r = r0; r < r1; ++r) {
     if (st.current[r] == target) continue;
     for (size_t k = 0; k < st.sets[0].size(); ++k)
-      std::memcpy(st.sets[target][k].get() + r * st.row_bytes, st.sets[1 - target][k].get() + r * st.row_bytes,
-                  st.row_bytes);
+      std::memcpy(st.sets[target][k].get() + r * st.row_bytes[k], st.sets[1 - target][k].get() + r * st.row_bytes[k],
+                  st.row_bytes[k]);
     st.current[r] = target;
   }
   return target;
@@ -312,14 +340,14 @@ KVState::Binding& Model::Impl::binding(KVState& st, int r0, int r1, int src) con
   auto b = std::make_unique<KVState::Binding>(*session);
   const int dst = manifest.info.shared_kv ? src : 1 - src;
   const ModelInfo& info = manifest.info;
-  std::vector<int64_t> shape = {r1 - r0, info.num_kv_heads, info.capacity, info.head_dim};
-  const size_t bytes = size_t(r1 - r0) * st.row_bytes;
   b->io.BindOutput("logits", *cpu);
   for (size_t k = 0; k < past_names.size(); ++k) {
-    b->values.push_back(Ort::Value::CreateTensor(*cpu, st.sets[src][k].get() + r0 * st.row_bytes, bytes,
+    std::vector<int64_t> shape = {r1 - r0, info.num_kv_heads, capacities[k], info.head_dim};
+    const size_t bytes = size_t(r1 - r0) * st.row_bytes[k];
+    b->values.push_back(Ort::Value::CreateTensor(*cpu, st.sets[src][k].get() + r0 * st.row_bytes[k], bytes,
                                                  shape.data(), shape.size(), elem));
     b->io.BindInput(past_names[k].c_str(), b->values.back());
-    b->values.push_back(Ort::Value::CreateTensor(*cpu, st.sets[dst][k].get() + r0 * st.row_bytes, bytes,
+    b->values.push_back(Ort::Value::CreateTensor(*cpu, st.sets[dst][k].get() + r0 * st.row_bytes[k], bytes,
                                                  shape.data(), shape.size(), elem));
     b->io.BindOutput(present_names[k].c_str(), b->values.back());
   }

@@ -21,7 +21,7 @@ struct FreeDeleter {
 }  // namespace detail
 
 /// KV buffers of `batch` rows: sets[s][2*l] keys, sets[s][2*l+1] values of layer l, each
-/// [batch, Hkv, C, D] allocated once. One set when past/present are shared, else two used in turn
+/// [batch, Hkv, C_l, D] allocated once. One set when past/present are shared, else two used in turn
 /// (current[r] = the set holding row r's state).
 struct KVState {
   struct Binding {
@@ -31,28 +31,37 @@ struct KVState {
     size_t logits_index = 0;
   };
   int batch = 0;
-  size_t row_bytes = 0;
+  std::vector<size_t> row_bytes;  // per KV tensor (2*l key, 2*l+1 value): one row, Hkv * C_l * D elements
   std::vector<std::vector<std::unique_ptr<char, detail::FreeDeleter>>> sets;
   std::vector<int> current;
   std::map<std::tuple<int, int, int>, std::unique_ptr<Binding>> bindings;  // (row0, row1, src set)
-  int64_t nbytes() const { return int64_t(sets.size() * (sets.empty() ? 0 : sets[0].size()) * batch * row_bytes); }
+  int64_t nbytes() const {
+    size_t row = 0;
+    for (size_t b : row_bytes) row += b;
+    return int64_t(sets.size() * batch * row);
+  }
 };
 
 struct Model::Impl {
   std::string folder;
   ModelOptions options;
   detail::Manifest manifest;
-  kv::Layout layout = kv::Layout::Ring;  // manifest kv.layout
-  int64_t window = 0;                    // W: the sliding window, or C under full attention
+  kv::Layout layout = kv::Layout::Ring;  // manifest kv.layout (every layer's; per_layer: see require_uniform)
+  int64_t window = 0;                    // W: the sliding window, or C under full attention (uniform layers)
+  std::vector<int64_t> capacities;       // per KV tensor (2*l, 2*l+1): C_l
   std::unique_ptr<Ort::Session> session;
   std::unique_ptr<Ort::MemoryInfo> cpu;
   std::vector<std::string> past_names, present_names;  // 2*l key, 2*l+1 value
   ONNXTensorElementDataType elem;
-  size_t elem_bytes = 4, row_bytes = 0;
+  size_t elem_bytes = 4;
+  std::vector<size_t> row_bytes;  // per KV tensor (2*l, 2*l+1)
 
   static std::string join_model_path(const std::string& folder, const std::string& model);
   std::unique_ptr<KVState> new_state(int batch) const;
   void check_positions(int64_t end_pos) const;
+  /// Error(InvalidArgument), prefixed by `origin` (a file, or empty), where the layers differ in KV
+  /// window, capacity or layout (docs/ops.md §1: rules 10-12 and prefix state files need one window).
+  void require_uniform(const std::string& origin = "") const;
   /// Positions a row may reach: C under full attention (rule 8), max_position; else INT64_MAX.
   int64_t position_limit() const;
   /// Slot `slot` of head `head` of KV tensor `tensor` (2*l key, 2*l+1 value of layer l) of `row`,

@@ -38,6 +38,7 @@ std::vector<char> read_positions(const Model::Impl& m, KVState& st, kv::Span spa
 Session Model::session_from_prefix(const std::string& path) const {
   const Impl& m = *impl_;
   const ModelInfo& info = m.manifest.info;
+  m.require_uniform(path);
   detail::PrefixData d = detail::read_prefix_state(path, m);
   Session s(this);
   const int64_t p = int64_t(d.tokens.size()), n = p - d.first;
@@ -55,6 +56,7 @@ Session Model::session_from_prefix(const std::string& path) const {
 void Session::save_prefix_state(const std::string& path) const {
   const auto& m = model_->impl();
   const ModelInfo& info = m.manifest.info;
+  m.require_uniform(path);
   if (fed_ < 1) throw Error(ErrorCode::InvalidArgument, path + ": the session is empty: nothing to save");
   detail::PrefixData d;
   d.tokens.assign(tokens_.begin(), tokens_.begin() + fed_);
@@ -104,6 +106,7 @@ std::vector<int32_t> Session::generate(int max_new_tokens, const SamplingOptions
                                        const SpeculativeOptions& speculative) {
   if (tokens_.empty()) throw Error(ErrorCode::InvalidArgument, "session is empty: append a prompt before generating");
   speculative.validate();
+  if (speculative.num_tokens > 0) model_->impl().require_uniform();
   // The session's row: its whole sequence is the prompt (positions and the repetition penalty see it all).
   const GenerationRequest req = make_request(*model_, {tokens_}, max_new_tokens, opts, stop_ids, "session");
   RowDecoder row(req, 0);

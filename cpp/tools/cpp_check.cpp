@@ -169,7 +169,11 @@ static json run(const json& r) {
   if (op == "kv") {  // kv_bytes after every window of decoding
     mtx::Session s = model.session();
     s.append(r.at("prompt").get<std::vector<int32_t>>());
-    const int window = int(model.info().window), windows = r.at("windows");
+    // a window: the model's, or its smallest layer window where the layers differ
+    int window = int(model.info().window);
+    for (size_t l = 0; window < 0 && l < model.info().layer_windows.size(); ++l)
+      if (model.info().layer_windows[l] > 0) window = int(model.info().layer_windows[l]);
+    const int windows = r.at("windows");
     json bytes = json::array({s.kv_bytes()});
     for (int w = 0; w < windows; ++w) {
       s.generate(window, mtx::SamplingOptions{}, std::vector<int32_t>{});

@@ -22,8 +22,8 @@ from mtx.assets import resolve_checkpoint
 from mtx.config import GENERATION_CONFIG
 from mtx.errors import MtxError, UsageError
 from mtx.exporter import ort_fusions, ort_lowering, ort_probes, output, quantized, trace, weights
-from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVSpec, LayerOutput, Manifest,
-                                   Quantization, TensorSpec, sha256_file, write_manifest)
+from mtx.manifest import (FORMAT, FORMAT_VERSION, Fallback, FileEntry, KVLayer, KVSpec, LayerOutput, Manifest,
+                          Quantization, TensorSpec, sha256_file, summarize_layers, write_manifest)
 from mtx.exporter.polygraphy_loader import DATA_LOADER_FILE, write_data_loader
 from mtx.exporter.options import ExportOptions, check_out
 from mtx.exporter.progress import Progress
@@ -109,23 +109,24 @@ class _GraphPlan:
     moe_op: str | None
     kv: KVSpec
     max_position: int | None = None
-    local_window_size: int | None = None
+    local_window_sizes: list[int | None] = field(default_factory=list)  # per layer, empty: none
     fallbacks: list[Fallback] = field(default_factory=list)
     quantization: Quantization | None = None
 
 
 def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: ExportOptions,
-                 max_position: int, progress: Progress) -> _GraphPlan:
-    """Lower to ONNX Runtime contrib ops (onnxruntime target) and attach the function bodies still needed."""
+                 max_position: int, kv_plan: rolling_kv.KVPlan, progress: Progress) -> _GraphPlan:
+    """Lower to ONNX Runtime contrib ops (onnxruntime target) and attach the function bodies still needed.
+    Each layer's attention follows its own window (``kv_plan.windows``)."""
     cfg = ck.config
-    window = cfg.sliding_window or 0
+    windowed = tuple(bool(w) for w in kv_plan.windows)
     mtx_attention, mtx_moe = f"{names.DOMAIN}::{names.ATTENTION_OP}", f"{names.DOMAIN}::{names.MOE_OP}"
     plan = _GraphPlan(mtx_attention, mtx_moe if cfg.is_moe else None,
                       KVSpec("ring", "shared" if options.target == "tensorrt" else "separate", "any"))
     if options.target == "onnxruntime":
         progress.stage("checking ONNX Runtime's contrib ops against the reference")
-        ort = ort_probes.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, bool(window),
-                                cfg.num_experts, cfg.num_experts_per_tok)
+        ort = ort_probes.plan(dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, windowed,
+                              cfg.num_experts, cfg.num_experts_per_tok)
         for op, cap in ((names.ATTENTION_OP, ort.attention), (names.MOE_OP, ort.moe)):
             if cap is not None and not cap.ok:
                 plan.fallbacks.append(Fallback(f"{names.DOMAIN}::{op}", _layers_of(model, op), cap.reason))
@@ -135,9 +136,10 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
         ort_fusions.fuse(model, dtype, lambda name: ck.load(name, dtype))
         if ort.attention.ok:
             plan.attention_op = f"{ort_lowering.MS_DOMAIN}::GroupQueryAttention"
-            plan.local_window_size = ort.local_window_size(window)
+            plan.local_window_sizes = [ort.local_window_size(w) for w in kv_plan.windows]
             plan.max_position = max_position
-            plan.kv = KVSpec("ort_window" if window else "ring", "shared", "first_call_only")
+            plan.kv = KVSpec("ort_window" if all(windowed) else "ring" if not any(windowed) else "per_layer",
+                             "shared", "first_call_only")
         if lower_moe:
             plan.moe_op = f"{ort_lowering.MS_DOMAIN}::MoE"
     uses_dq = False
@@ -191,25 +193,25 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
                          params=("out",))
     cfg = ck.config
     dtype = torch_dtype(options.dtype)
-    capacity = rolling_kv.capacity_for(cfg.sliding_window, cfg.max_position_embeddings, options.cache_capacity)
-    window = cfg.sliding_window or 0
-    max_position = options.max_position or (cfg.max_position_embeddings if window else capacity)
-    if not window and max_position < capacity:
-        raise UsageError(f"max_position: {max_position} is below the KV capacity {capacity} of this "
-                         f"full-attention model", params=("max_position",))
+    kv_plan = rolling_kv.plan_kv(cfg.windows, cfg.max_position_embeddings, options.cache_capacity)
+    context = kv_plan.context_limit(None)  # the full-attention layers' capacity (rule 8), None if unbounded
+    max_position = options.max_position or context or cfg.max_position_embeddings
+    if context is not None and max_position < context:
+        raise UsageError(f"max_position: {max_position} is below the KV capacity {context} of this "
+                         f"model's full-attention layers", params=("max_position",))
     # a malformed tokenizer, chat template or generation config fails now, not at load
     tokenizer_mode = check_side_files(ck.root, cfg.eos_token_ids, options.tokenizer_mode)
 
     with output.staging(out) as tmp:
         progress.stage(f"tracing {cfg.num_layers} layers with torch.onnx (dynamo)")
-        model = trace.trace(cfg, dtype, capacity)
-        plan = _shape_graph(model, ck, dtype, options, max_position, progress)
+        model = trace.trace(cfg, dtype, kv_plan)
+        plan = _shape_graph(model, ck, dtype, options, max_position, kv_plan, progress)
         notes = [f"fallback: {fb.op} kept with its ONNX function body in layers {_ranges(fb.layers)}: {fb.reason}"
                  for fb in plan.fallbacks]
         report = weights.attach_weights(model, ck, dtype, tmp, progress, options.allow_nonfinite)
         onnx_path = _save_model(model, tmp, f"mtx export of {ck.root.name} (target {options.target}); see mtx.json",
                                 progress)
-        roles = _copy_side_files(model, ck, tmp, report, capacity, options.dtype, notes, tokenizer_mode)
+        roles = _copy_side_files(model, ck, tmp, report, kv_plan, options.dtype, notes, tokenizer_mode)
         engine, engine_status = None, "not applicable (target is not tensorrt)"
         if options.target == "tensorrt":
             progress.stage("building the TensorRT engine")
@@ -221,14 +223,20 @@ def export(checkpoint: str | Path | None, out: str | Path, options: ExportOption
         hashed = progress.task("sha256", sum((tmp / n).stat().st_size for n in roles if n not in report.sha256))
         files = [FileEntry(n, role, (tmp / n).stat().st_size, report.sha256.get(n) or sha256_file(tmp / n, hashed))
                  for n, role in roles.items()]
+        lws = plan.local_window_sizes or [None] * cfg.num_layers
+        layouts = [("ort_window" if w else "ring") if plan.kv.layout == "per_layer" else plan.kv.layout
+                   for w in kv_plan.windows]
+        layers = [KVLayer(w, c, lay, s) for w, c, lay, s in zip(kv_plan.windows, kv_plan.capacities, layouts, lws)]
+        summary = summarize_layers(layers)
         manifest = Manifest(
             format=FORMAT, format_version=FORMAT_VERSION, target=options.target, model=MODEL_FILE,
-            dtype=options.dtype, config=cfg.to_dict(), window=window, capacity=capacity, max_batch=options.max_batch,
+            dtype=options.dtype, config=cfg.to_dict(), window=summary["window"], capacity=summary["capacity"],
+            layers=layers, max_batch=options.max_batch,
             max_position=plan.max_position, kv=plan.kv,
             inputs=[TensorSpec(v.name, onnx_dtype_name(v.dtype), _dims(v)) for v in model.graph.inputs],
             outputs=[TensorSpec(v.name, onnx_dtype_name(v.dtype), _dims(v)) for v in model.graph.outputs],
             ops=trace.count_ops(model), attention_op=plan.attention_op, moe_op=plan.moe_op,
-            local_window_size=plan.local_window_size, fallbacks=plan.fallbacks,
+            local_window_size=summary["local_window_size"], fallbacks=plan.fallbacks,
             layer_outputs=_layer_outputs(model, cfg.num_layers), quantization=plan.quantization, engine=engine,
             engine_status=engine_status,
             checkpoint={"path": str(ck.root.resolve()), "format": cfg.source_format,
@@ -250,7 +258,8 @@ def _save_model(model: ir.Model, folder: Path, doc: str, progress: Progress) -> 
     return onnx_path
 
 
-def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weights.WeightReport, capacity: int,
+def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weights.WeightReport,
+                     kv_plan: rolling_kv.KVPlan,
                      dtype: str, notes: list[str], tokenizer_mode: str) -> dict[str, str]:
     """Copy the tokenizer files of ``tokenizer_mode`` (mtx.tokenizer.tokenizer_files) and write the
     Polygraphy data loader; the role of every file so far.
@@ -274,9 +283,9 @@ def _copy_side_files(model: ir.Model, ck: Checkpoint, folder: Path, report: weig
         notes.append(f"tokenizer: {mistral}, Mistral's own, read with mistral_common (chat prompts: "
                      f"encode_chat_completion)")
     cfg = ck.config
-    kv_inputs = [v.name for v in model.graph.inputs if v.name.startswith("past_")]
-    write_data_loader(folder, vocab_size=cfg.vocab_size, capacity=capacity, dtype=dtype,
-                      kv_shape=(1, cfg.num_kv_heads, capacity, cfg.head_dim), kv_inputs=kv_inputs)
+    kv_shapes = {v.name: (1, *[int(d) for d in v.shape[1:]]) for v in model.graph.inputs if v.name.startswith("past_")}
+    write_data_loader(folder, vocab_size=cfg.vocab_size, capacity=min(kv_plan.capacities), dtype=dtype,
+                      kv_shapes=kv_shapes)
     roles[DATA_LOADER_FILE] = "tooling"
     return roles
 

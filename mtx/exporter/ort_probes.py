@@ -210,11 +210,16 @@ def _first_line(e: BaseException) -> str:
     return line.split("Status Message: ")[-1].strip()
 
 
-def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, windowed: bool,
+def plan(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, windowed: bool | tuple[bool, ...],
          experts: int = 0, top_k: int = 0) -> OrtPlan:
-    """Decide which blocks to lower for this model and dtype on the installed ONNX Runtime."""
+    """Decide which blocks to lower for this model and dtype on the installed ONNX Runtime.
+
+    ``windowed``: whether the layers are windowed, or one flag per layer (per-layer windows): attention is
+    lowered only if every kind of layer present passes its check (the first failure is the reason)."""
+    kinds = sorted(set(windowed), reverse=True) if isinstance(windowed, tuple) else [windowed]
+    caps = [attention_capability(dtype, heads, kv_heads, head_dim, kind) for kind in kinds]
     return OrtPlan(
         window_offset=window_offset(),
-        attention=attention_capability(dtype, heads, kv_heads, head_dim, windowed),
+        attention=next((c for c in caps if not c.ok), caps[0]),
         moe=moe_capability(dtype, experts, top_k) if experts else None,
     )

@@ -21,7 +21,7 @@ _TEMPLATE = '''"""Polygraphy data loader for the mtx export in this folder (writ
     polygraphy run model.onnx --onnxrt --data-loader-script polygraphy_data_loader.py
 
 load_data() yields {iterations} feed dict(s) of a first call: input_ids int64 [1, S] (token ids < {vocab}),
-start_pos int64 [0], and every past_* zeros {kv_shape} ({dtype}). S is 1 unless the environment variable
+start_pos int64 [0], and every past_* zeros of its shape [1, Hkv, C_l, D] ({dtype}). S is 1 unless the environment variable
 MTX_POLYGRAPHY_SEQ says otherwise (1 <= S <= {capacity}); TensorRT then needs a matching profile:
 --trt-min-shapes/--trt-opt-shapes/--trt-max-shapes input_ids:[1,S] (see the mtx README).
 """
@@ -32,9 +32,8 @@ import numpy as np
 
 VOCAB_SIZE = {vocab}
 CAPACITY = {capacity}
-KV_SHAPE = {kv_shape}
 KV_DTYPE = "{dtype}"
-KV_INPUTS = {kv_inputs}
+KV_SHAPES = {kv_shapes}
 ITERATIONS = {iterations}
 SEED = 0
 
@@ -56,17 +55,19 @@ def load_data():
     for _ in range(ITERATIONS):
         feed = {{"input_ids": rng.integers(0, VOCAB_SIZE, size=(1, seq), dtype=np.int64),
                  "start_pos": np.zeros((1,), dtype=np.int64)}}
-        for name in KV_INPUTS:
-            feed[name] = np.zeros(KV_SHAPE, dtype=_kv_dtype())
+        for name, shape in KV_SHAPES.items():
+            feed[name] = np.zeros(shape, dtype=_kv_dtype())
         yield feed
 '''
 
 
-def data_loader_source(*, vocab_size: int, capacity: int, kv_shape: tuple[int, int, int, int], dtype: str,
-                       kv_inputs: list[str], iterations: int = 2) -> str:
-    """Source text of the data loader for one export; ``kv_shape`` is [1, Hkv, C, D]."""
-    return _TEMPLATE.format(vocab=vocab_size, capacity=capacity, kv_shape=tuple(kv_shape), dtype=dtype,
-                            kv_inputs=repr(list(kv_inputs)), iterations=iterations)
+def data_loader_source(*, vocab_size: int, capacity: int, kv_shapes: dict[str, tuple[int, ...]], dtype: str,
+                       iterations: int = 2) -> str:
+    """Source text of the data loader for one export; ``kv_shapes`` maps each past_* input to [1, Hkv, C_l, D],
+    ``capacity`` is the smallest C_l (a first call must fit every layer's buffer)."""
+    shapes = {name: tuple(shape) for name, shape in kv_shapes.items()}
+    return _TEMPLATE.format(vocab=vocab_size, capacity=capacity, kv_shapes=repr(shapes), dtype=dtype,
+                            iterations=iterations)
 
 
 def write_data_loader(folder: Path, **kw) -> Path:

@@ -32,6 +32,7 @@ from mtx.config import ModelConfig
 from mtx.exporter import functions
 from mtx.models.ops import rope_inv_freq
 from mtx.models.transformer import Transformer
+from mtx.rolling_kv import KVPlan
 
 BATCH, SEQ = "batch", "seq"
 INV_FREQ = "inv_freq"
@@ -80,30 +81,33 @@ def _quiet():
             lg.setLevel(level)
 
 
-def trace(cfg: ModelConfig, dtype: torch.dtype, capacity: int) -> ir.Model:
-    """Export ``cfg``'s model in ``dtype`` with KV capacity ``capacity`` to an ONNX IR model.
+def trace(cfg: ModelConfig, dtype: torch.dtype, plan: KVPlan) -> ir.Model:
+    """Export ``cfg``'s model in ``dtype`` with the KV windows and capacities of ``plan`` (layer l's
+    attention node gets ``window = plan.windows[l]``, its buffers ``plan.capacities[l]`` slots) to an ONNX IR model.
 
     Initializers other than ``inv_freq`` hold meta tensors (no data); ``inv_freq`` is the exact
     float32 RoPE table. The mtx nodes carry no function definitions yet (see
     :func:`attach_functions`). The traced graph depends only on the arguments, not on the target,
     so the last few are kept (they hold no weights) and a fresh clone is returned each time.
     """
-    return _trace_cached(cfg, dtype, capacity).clone()
+    return _trace_cached(cfg, dtype, plan).clone()
 
 
 @functools.lru_cache(maxsize=4)
-def _trace_cached(cfg: ModelConfig, dtype: torch.dtype, capacity: int) -> ir.Model:
+def _trace_cached(cfg: ModelConfig, dtype: torch.dtype, plan: KVPlan) -> ir.Model:
     with torch.device("meta"):
         model = _Traceable(cfg)
     model = model.to(dtype).eval().requires_grad_(False)
+    for layer, window in zip(model.layers, plan.windows):
+        layer.attn.window = window
     model.inv_freq = torch.empty(cfg.head_dim // 2, dtype=torch.float32, device="meta")
 
     layers = cfg.num_layers
     example_batch, example_seq = 2, 3  # not 0/1, which torch.export would specialise
     ids = torch.zeros(example_batch, example_seq, dtype=torch.long, device="meta")
     start = torch.zeros(example_batch, dtype=torch.long, device="meta")
-    kv_shape = (example_batch, cfg.num_kv_heads, capacity, cfg.head_dim)
-    past = [torch.zeros(kv_shape, dtype=dtype, device="meta") for _ in range(2 * layers)]
+    past = [torch.zeros((example_batch, cfg.num_kv_heads, c, cfg.head_dim), dtype=dtype, device="meta")
+            for c in plan.capacities for _ in range(2)]
     batch, seq = torch.export.Dim(BATCH), torch.export.Dim(SEQ)
     dynamic = ({0: batch, 1: seq}, {0: batch}, [{0: batch}] * (2 * layers))
     probes = [name for pair in layer_output_names(layers) for name in pair]

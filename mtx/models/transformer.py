@@ -52,12 +52,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections around one ``mtx::swa_gqa``; RoPE and the rolling buffer live inside the op."""
+    """Projections around one ``mtx::swa_gqa``; RoPE and the rolling buffer live inside the op.
+    ``window`` is the op attribute of this layer (0: full attention; set by :meth:`Transformer.kv_plan`)."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.window = cfg.sliding_window or 0
+        self.window = window
         self.scale = cfg.head_dim ** -0.5
         self.wq = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
@@ -111,10 +112,10 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.moe = MoE(cfg) if cfg.is_moe else None
         self.ffn = None if cfg.is_moe else FeedForward(cfg)
@@ -138,14 +139,14 @@ class Block(nn.Module):
 
 @dataclass
 class KVBuffers:
-    """Rolling KV buffers of one sequence batch: per layer keys and values [B, Hkv, C, D]."""
+    """Rolling KV buffers of one sequence batch: per layer keys and values [B, Hkv, C_l, D]."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
     @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
+    def capacities(self) -> tuple[int, ...]:
+        return tuple(k.shape[2] for k in self.keys)
 
     @property
     def batch(self) -> int:
@@ -166,28 +167,42 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         with torch.device("cpu"):
             inv_freq = ops.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    @property
-    def window(self) -> int:
-        """The op attribute: sliding window W, or 0 for full attention."""
-        return self.cfg.sliding_window or 0
+    def kv_plan(self, capacity: int | rolling_kv.KVPlan | None = None) -> rolling_kv.KVPlan:
+        """The per-layer windows and capacities for a requested ``capacity`` (:func:`rolling_kv.plan_kv`) or
+        an export's own plan; a layer whose window the plan makes full attention (a window of at least the
+        context) gets op window 0 until a later plan gives it back."""
+        if isinstance(capacity, rolling_kv.KVPlan):
+            plan = capacity
+            for l, (want, got, c) in enumerate(zip(self.cfg.windows, plan.windows, plan.capacities)):
+                if got != want and not (got == 0 and want >= c):
+                    raise ValueError(f"KV plan: layer {l} has window {got}, the model {want}")
+        else:
+            plan = rolling_kv.plan_kv(self.cfg.windows, self.cfg.max_position_embeddings, capacity)
+        for layer, want, window in zip(self.layers, self.cfg.windows, plan.windows):
+            # only the plan's own changes (a window of at least the context -> full attention) are set and
+            # undone here: a window set on the module by its user (tests) stays as it is
+            if window != want:
+                layer.attn.window, layer.attn.planned = window, True
+            elif getattr(layer.attn, "planned", False):
+                layer.attn.window, layer.attn.planned = want, False
+        return plan
 
-    def new_kv(self, batch: int, capacity: int | None = None, dtype: torch.dtype | None = None,
+    def new_kv(self, batch: int, capacity: int | rolling_kv.KVPlan | None = None, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None) -> KVBuffers:
-        """Zeroed rolling buffers of ``capacity`` slots (default: the window, or max context)."""
-        cap = rolling_kv.capacity_for(self.cfg.sliding_window, self.cfg.max_position_embeddings, capacity)
+        """Zeroed rolling buffers, layer l of C_l slots (:meth:`kv_plan`; default: the window, or max context)."""
+        plan = self.kv_plan(capacity)
         dtype = dtype or self.embed.weight.dtype
         device = device or self.embed.weight.device
-        shape = (batch, self.cfg.num_kv_heads, cap, self.cfg.head_dim)
-        n = self.cfg.num_layers
-        return KVBuffers([torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)],
-                         [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n)])
+        shapes = [(batch, self.cfg.num_kv_heads, c, self.cfg.head_dim) for c in plan.capacities]
+        return KVBuffers([torch.zeros(s, dtype=dtype, device=device) for s in shapes],
+                         [torch.zeros(s, dtype=dtype, device=device) for s in shapes])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight if self.output is None else self.output.weight

@@ -166,7 +166,7 @@ def _open_backend(name: str, out: Path, manifest: Manifest, ck: Checkpoint, per_
         from mtx.models import build_model
 
         return TorchRunner(name, build_model(ck, manifest.dtype, quantization=manifest.quantization),
-                           manifest.capacity)
+                           manifest.reference_plan)
     from mtx.runtime.trt_backend import TrtBackend  # only reached when tensorrt_unavailable() is None
 
     return BackendRunner(name, TrtBackend(out, manifest, max_batch=1))
@@ -198,10 +198,19 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
     tolerance = tolerance_for(manifest.dtype, options.atol, options.rtol, int8_activations=int8_activations)
 
     prompt_ids = _prompt_ids(out, options.prompt, cfg.vocab_size) if options.prompt is not None else None
-    sched = plan_schedule(window=manifest.window, capacity=manifest.capacity, max_position=manifest.max_position,
+    kv = manifest.kv_plan
+    window, capacity, max_position = manifest.window, manifest.capacity, manifest.max_position
+    per_layer_note = None
+    if window is None or capacity is None:  # per-layer windows: follow the smallest window, stay in the context
+        layer = min((l for l, w in enumerate(kv.windows) if w), key=lambda l: kv.windows[l], default=0)
+        window, capacity = kv.windows[layer], kv.capacities[layer]
+        max_position = kv.context_limit(max_position)
+        per_layer_note = (f"per-layer windows {list(kv.windows)} (capacities {list(kv.capacities)}): the schedule "
+                          f"follows the smallest window, every position below the full layers' capacity")
+    sched = plan_schedule(window=window, capacity=capacity, max_position=max_position,
                           vocab_size=cfg.vocab_size, prompt_ids=prompt_ids, prompt_len=options.prompt_len,
                           steps=options.steps, chunk=options.chunk, seed=options.seed)
-    notes = list(sched.notes)
+    notes = list(sched.notes) + ([per_layer_note] if per_layer_note else [])
     if quant is not None:
         notes.append(f"quantised export ({quant.bits}-bit, blocks of {quant.block_size}, {quant.scheme}): the reference "
                      f"has the same dequantised weights (fake quant); --quality compares with the float model")
@@ -215,7 +224,10 @@ def run_parity(checkpoint: str | Path | None, out: str | Path, options: ParityOp
 
     from mtx.models import build_model
 
-    ref_capacity = rolling_kv.capacity_for(sched.window, sched.positions)  # the reference's own minimal buffer
+    # the reference's own minimal buffers: the run's positions (full layers), or each window
+    ref_capacity = rolling_kv.plan_kv(cfg.windows, cfg.max_position_embeddings,
+                                      rolling_kv.capacity_for(sched.window, sched.positions)
+                                      if kv.uniform else sched.positions)
     # a quantised export's reference has the same dequantised weights (fake quant, docs/ops.md §7)
     reference = TorchRunner(REFERENCE, build_model(ck, "float32", quantization=manifest.quantization,
                                                    export_dtype=manifest.dtype),

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from mtx import rolling_kv
 from mtx.errors import UsageError
 from mtx.tokenizer import encode_checked
 
@@ -89,12 +88,11 @@ def run_quality(checkpoint: str | Path | None, out: str | Path, text_file: str |
     gen = load_artifact(out, None, threads=threads)
     if gen.tokenizer is None:
         raise UsageError(f"{out}: no tokenizer.json to encode the text with", params=("text",))
-    limit = min(max_tokens, rolling_kv.context_limit(manifest.window, manifest.capacity, manifest.max_position)
-                or max_tokens)
+    limit = min(max_tokens, manifest.kv_plan.context_limit(manifest.max_position) or max_tokens)
     ids = np.asarray(encode_checked(gen.tokenizer, text, "text")[:limit], np.int64)
     if len(ids) < 2:
         raise UsageError("text: encodes to fewer than 2 tokens", params=("text",))
-    reference = TorchBackend.from_checkpoint(resolve_checkpoint(checkpoint), "float32", capacity=manifest.capacity,
+    reference = TorchBackend.from_checkpoint(resolve_checkpoint(checkpoint), "float32", capacity=manifest.reference_plan,
                                              max_batch=1, threads=threads)
     nll_ref, nll_exp, agree = [], [], 0
     for (n_r, t_r), (n_e, t_e) in zip(_nll_and_top1(reference, ids, CHUNK), _nll_and_top1(gen.backend, ids, CHUNK)):

@@ -23,6 +23,7 @@ import torch
 
 from mtx.models import ops
 from mtx.models.transformer import Transformer
+from mtx.rolling_kv import KVPlan
 
 
 @dataclass
@@ -43,11 +44,11 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """An eager Transformer over its own rolling buffer of ``capacity`` slots (batch 1)."""
+    """An eager Transformer over its own rolling buffers (batch 1): ``capacity`` slots, or a KV plan's."""
 
     has_layers = True
 
-    def __init__(self, name: str, model: Transformer, capacity: int, router_margins: bool = False) -> None:
+    def __init__(self, name: str, model: Transformer, capacity: int | KVPlan, router_margins: bool = False) -> None:
         self.name = name
         self.model = model
         self.kv = model.new_kv(1, capacity)

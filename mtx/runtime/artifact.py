@@ -75,6 +75,6 @@ def _torch_backend(root: Path, manifest: Manifest, *, threads: int | None, devic
     if not ckpt.is_dir():
         raise UsageError(f"{root}/mtx.json: the torch backend needs the source checkpoint {ckpt}, which is gone; "
                          f"pass the checkpoint folder itself to mtx.load")
-    return TorchBackend.from_checkpoint(ckpt, manifest.dtype, capacity=manifest.capacity,
+    return TorchBackend.from_checkpoint(ckpt, manifest.dtype, capacity=manifest.reference_plan,
                                         max_batch=max_batch or manifest.max_batch, threads=threads,
                                         device=device, quantization=manifest.quantization)

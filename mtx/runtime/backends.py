@@ -1,7 +1,8 @@
 """Engines behind a :class:`mtx.runtime.Generator`: each runs one call of the exported graph contract.
 
 A backend owns the model (a torch module, an ONNX Runtime session or a TensorRT engine) and makes
-KV states: the rolling buffers of up to ``max_batch`` rows, allocated once at capacity ``C``. A call
+KV states: the rolling buffers of up to ``max_batch`` rows, allocated once, layer ``l`` at capacity ``C_l``
+(:attr:`Backend.kv_plan`). A call
 ``run(state, rows, input_ids, start_pos)`` feeds a chunk for a contiguous range of rows, reading and
 updating their buffers in place (docs/ops.md §1 and §4). Backends are thread-safe: many states may be
 used from many threads at once; one state is used by one thread at a time.
@@ -24,11 +25,12 @@ from mtx.errors import UsageError
 
 
 class Backend(ABC):
-    """One engine: ``capacity`` C slots per KV row, at most ``max_batch`` rows per state."""
+    """One engine: layer l's KV rows hold ``kv_plan.capacities[l]`` slots, at most ``max_batch`` rows per state."""
 
     name: str
     config: ModelConfig
-    capacity: int
+    #: Each layer's window, capacity and layout (docs/ops.md §1 "Per-layer windows").
+    kv_plan: rolling_kv.KVPlan
     max_batch: int
     max_position: int | None = None
     #: ``"first_call_only"``: a call with several rows and several tokens per row is allowed only when
@@ -39,12 +41,27 @@ class Backend(ABC):
     #: separate past/present), false for ONNX Runtime's ``ort_window`` cache, which a repeated call
     #: shifts a second time.
     rerun_safe: bool = True
-    #: Where a position's key sits in a row (docs/ops.md §5 ``kv.layout``; §1 rule 10).
-    kv_layout: str = "ring"
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether the layers differ in window, capacity or layout (rules 10-12 then do not apply)."""
+        return not self.kv_plan.uniform
 
     @property
     def window(self) -> int | None:
-        return self.config.sliding_window
+        """The window of every layer (None: full attention); UsageError where layers differ."""
+        return self.kv_plan.window
+
+    @property
+    def capacity(self) -> int:
+        """C of every layer; UsageError where layers differ."""
+        return self.kv_plan.capacity
+
+    @property
+    def kv_layout(self) -> str:
+        """Where a position's key sits in a row (docs/ops.md §5 ``kv.layout``; §1 rule 10); UsageError
+        where layers differ."""
+        return self.kv_plan.layout
 
     @abstractmethod
     def new_state(self, batch: int) -> Any:
@@ -93,11 +110,11 @@ class Backend(ABC):
 
     def position_limit(self) -> int | None:
         """Positions a row may reach (prompt + generated tokens), or None where unbounded."""
-        return rolling_kv.context_limit(self.window, self.capacity, self.max_position)
+        return self.kv_plan.context_limit(self.max_position)
 
     def check_positions(self, end_pos: int) -> None:
         """Raise a clear error if a row would run past what this engine can hold."""
-        rolling_kv.check_full_attention_context(end_pos, self.window, self.capacity)
+        self.kv_plan.check_context(end_pos)
         if self.max_position is not None and end_pos > self.max_position:
             raise UsageError(f"position {end_pos} exceeds max_position {self.max_position} of this export "
                              f"(its RoPE tables); export it again with a larger max_position", params=("max_position",))

@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 import psutil
 
-from mtx import rolling_kv
 from mtx.errors import UsageError
 from mtx.runtime.generator import Generator
 
@@ -72,7 +71,8 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     t_end = time.perf_counter()
     rss_end = _rss_mb()
     decode_s = t_end - t_first
-    window = rolling_kv.effective_window(be.window, be.capacity)
+    plan = be.kv_plan
+    window = min(plan.effective(l) for l in range(len(plan.windows)))  # the smallest window
     by_pos = {}
     for start in sorted({window, 2 * window, 5 * window, 10 * window, 20 * window, prompt_len + new_tokens - window}):
         lo = start - prompt_len - 1
@@ -85,7 +85,7 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "window": gen.config.sliding_window,
-        "kv_capacity": be.capacity,
+        "kv_capacity": plan.capacities[0] if plan.uniform else list(plan.capacities),
         "time_to_first_token_s": round(t_first - t0, 4),
         "prefill_tokens_per_s": round(batch * prompt_len / (t_first - t0), 1),
         "decode_tokens_per_s": round(batch * (new_tokens - 1) / decode_s, 1) if new_tokens > 1 else None,

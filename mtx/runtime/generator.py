@@ -58,8 +58,10 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.eos_token_ids = tuple(eos_token_ids if eos_token_ids is not None else self.config.eos_token_ids)
         self.prefix_cache: PrefixCache | None = None
-        window = rolling_kv.effective_window(backend.window, backend.capacity)
-        if prefix_cache_bytes is None and prefill_chunk > window:
+        if prefix_cache_bytes is None and backend.per_layer:
+            self.prefix_cache_status = "off: the layers differ in KV window (docs/ops.md §1)"
+        elif prefix_cache_bytes is None and prefill_chunk > (window := rolling_kv.effective_window(
+                backend.window, backend.capacity)):
             self.prefix_cache_status = f"off: prefill_chunk {prefill_chunk} exceeds the window {window}"
         elif prefix_cache_bytes == 0:
             self.prefix_cache_status = "off"

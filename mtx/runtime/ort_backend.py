@@ -48,7 +48,7 @@ class OrtKV:
 
     sets: list[list[Any]]
     current: np.ndarray  # [batch] index of the set holding each row's state (always 0 when shared)
-    row_bytes: int
+    row_bytes: list[int]  # bytes of one row of layer l's key (or value) buffer
     batch: int
     device: str
     bindings: dict[tuple[int, int, int], Any] = field(default_factory=dict)  # (row0, row1, src set) -> IOBinding
@@ -132,13 +132,12 @@ class OrtBackend(Backend):
         self.root = root
         self.manifest = manifest
         self.config = manifest.model_config
-        self.capacity = manifest.capacity
+        self.kv_plan = manifest.kv_plan
         self.max_batch = max_batch or manifest.max_batch
         self.max_position = manifest.max_position
         self.shared = manifest.ort_aliases_past_present
         self.multi_token_batch = manifest.kv.multi_token_batch
-        self.rerun_safe = manifest.kv.layout == "ring"
-        self.kv_layout = manifest.kv.layout
+        self.rerun_safe = "ort_window" not in self.kv_plan.layouts
         dtype = manifest.dtype
         if dtype not in ORT_DTYPES:
             raise UsageError(f"{root}: the onnxruntime backend runs {' and '.join(ORT_DTYPES)} exports, "
@@ -177,35 +176,36 @@ class OrtBackend(Backend):
                   [n for n in ("input_ids", "start_pos") if n not in names]
         if missing:
             raise UsageError(f"{root / manifest.model}: graph input {missing[0]!r} missing (docs/ops.md §4)")
-        self.kv_shape = (self.config.num_kv_heads, self.capacity, self.config.head_dim)
+        self.kv_shapes = [(self.config.num_kv_heads, c, self.config.head_dim) for c in self.kv_plan.capacities]
         self._ort = ort
 
     def new_state(self, batch: int) -> OrtKV:
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} exceeds the maximum batch {self.max_batch}")
-        shape = (batch, *self.kv_shape)
+        shapes = [(batch, *s) for s in self.kv_shapes for _ in range(2)]  # 2*l key, 2*l+1 value
         n_sets = 1 if self.shared else 2
         try:
-            sets = self._allocate(shape, n_sets)
+            sets = self._allocate(shapes, n_sets)
         except MemoryError:
             raise ResourceError(f"out of memory for the KV buffers of {batch} rows "
-                                f"({n_sets * 2 * self.layers} x {list(shape)} {self.manifest.dtype})") from None
-        row_bytes = int(np.prod(self.kv_shape)) * np.dtype(self.np_dtype).itemsize
+                                f"({n_sets} x {self.layers} layers x 2 x {list(shapes[0])}, capacities "
+                                f"{sorted(set(self.kv_plan.capacities))} {self.manifest.dtype})") from None
+        row_bytes = [int(np.prod(s)) * np.dtype(self.np_dtype).itemsize for s in self.kv_shapes]
         return OrtKV(sets, np.zeros(batch, dtype=np.int64), row_bytes, batch, self.device)
 
-    def _allocate(self, shape: tuple[int, ...], n_sets: int) -> list[list[Any]]:
-        """``n_sets`` sets of 2 * layers zeroed buffers of ``shape`` (host or device)."""
+    def _allocate(self, shapes: list[tuple[int, ...]], n_sets: int) -> list[list[Any]]:
+        """``n_sets`` sets of zeroed buffers of ``shapes`` (2 * layers of them; host or device)."""
         sets: list[list[Any]] = []
         for _ in range(n_sets):
             if self.device == "cpu":
-                sets.append([np.zeros(shape, dtype=self.np_dtype) for _ in range(2 * self.layers)])
+                sets.append([np.zeros(s, dtype=self.np_dtype) for s in shapes])
             else:
-                sets.append([self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=self.np_dtype), "cuda", 0)
-                             for _ in range(2 * self.layers)])
+                sets.append([self._ort.OrtValue.ortvalue_from_numpy(np.zeros(s, dtype=self.np_dtype), "cuda", 0)
+                             for s in shapes])
         return sets
 
     def state_nbytes(self, state: OrtKV) -> int:
-        return len(state.sets) * 2 * self.layers * state.batch * state.row_bytes
+        return len(state.sets) * 2 * state.batch * sum(state.row_bytes)
 
     def row_buffers(self, state: OrtKV, row: int) -> list[Any]:
         """Views of ``row`` in the set holding its state; device buffers through a host copy."""
@@ -247,14 +247,14 @@ class OrtBackend(Backend):
         io = self.session.io_binding()
         io.bind_output("logits", "cpu")
         dst = src if self.shared else 1 - src
-        shape = [rows.stop - rows.start, *self.kv_shape]
         dev = "cpu" if state.device == "cpu" else "cuda"
         for l in range(self.layers):
+            shape = [rows.stop - rows.start, *self.kv_shapes[l]]
             for j in range(2):
                 io.bind_input(self.past[l][j], dev, 0, self.np_dtype, shape,
-                              self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes))
+                              self._ptr(state.sets[src][2 * l + j], rows.start, state.row_bytes[l]))
                 io.bind_output(self.present[l][j], dev, 0, self.np_dtype, shape,
-                               self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes))
+                               self._ptr(state.sets[dst][2 * l + j], rows.start, state.row_bytes[l]))
         for name in self.extra_outputs:
             io.bind_output(name, "cpu")
         return io

@@ -69,7 +69,12 @@ def export_digest(manifest: Manifest) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _window(manifest: Manifest) -> int:
+def _window(manifest: Manifest, path: Path) -> int:
+    """W of the export; PrefixStateError for an export with per-layer windows (no prefix state files, §6)."""
+    if not manifest.kv_plan.uniform:
+        raise PrefixStateError(f"{path}: this export's layers differ in KV window or capacity (windows "
+                               f"{[x.window for x in manifest.layers]}); prefix state files need one window for "
+                               f"every layer (docs/ops.md §6)")
     return effective_window(manifest.window or None, manifest.capacity)
 
 
@@ -80,11 +85,12 @@ def save_prefix_state(path: str | os.PathLike, state: PrefixState, manifest: Man
     from safetensors.numpy import save_file
 
     path = Path(path)
+    window = _window(manifest, path)
     cfg = manifest.model_config
     position, first = state.position, state.first
     shape = (cfg.num_layers, cfg.num_kv_heads, position - first, cfg.head_dim)
     dtype = numpy_dtype(manifest.dtype)
-    if position < 1 or first != max(0, position - _window(manifest)):
+    if position < 1 or first != max(0, position - window):
         raise PrefixStateError(f"{path}: position {position} and first {first} are not a state of this export "
                                f"(first = max(0, position - W), position >= 1)")
     for name, a in (("keys", state.keys), ("values", state.values)):
@@ -125,6 +131,7 @@ def load_prefix_state(path: str | os.PathLike, manifest: Manifest) -> PrefixStat
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    _window(manifest, path)
 
     def fail(key: str, what: str) -> PrefixStateError:
         return PrefixStateError(f"{path}: {key}: {what}"[:600])
@@ -163,7 +170,7 @@ def load_prefix_state(path: str | os.PathLike, manifest: Manifest) -> PrefixStat
             limit = context_limit(manifest.window or None, manifest.capacity, manifest.max_position)
             if limit is not None and position > limit:
                 raise fail("position", f"{position} exceeds the {limit} positions this export can hold")
-            window = _window(manifest)
+            window = _window(manifest, path)
             first = _count(field("first"))
             if first != max(0, position - window):
                 raise fail("first", f"expected max(0, position - W) = {max(0, position - window)} (W = {window}), "

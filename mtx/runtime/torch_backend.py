@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtx import rolling_kv
+from mtx.rolling_kv import KVPlan
 from mtx.runtime.backends import Backend
 
 
@@ -17,13 +17,13 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, capacity: int | None = None, max_batch: int = 8,
+    def __init__(self, model: torch.nn.Module, capacity: int | KVPlan | None = None, max_batch: int = 8,
                  device: str | torch.device = "cpu") -> None:
         self.model = model
         self.config = model.cfg
         self.device = torch.device(device)
-        self.capacity = rolling_kv.capacity_for(self.config.sliding_window, self.config.max_position_embeddings,
-                                                capacity)
+        self.kv_plan = model.kv_plan(capacity)
+        self._requested = capacity
         self.max_batch = max_batch
         self.dtype = model.embed.weight.dtype
         # One call at a time: torch's intra-op pool already uses every thread it was given, and calls
@@ -31,7 +31,7 @@ class TorchBackend(Backend):
         self._run_lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Any, dtype: str, *, capacity: int | None = None, max_batch: int = 8,
+    def from_checkpoint(cls, ckpt: Any, dtype: str, *, capacity: int | KVPlan | None = None, max_batch: int = 8,
                         threads: int | None = None, device: str | None = None,
                         quantization: Any = None) -> TorchBackend:
         """The reference model of checkpoint folder ``ckpt`` in ``dtype`` on ``device`` (default cpu);
@@ -45,7 +45,7 @@ class TorchBackend(Backend):
         return cls(model, capacity=capacity, max_batch=max_batch, device=device)
 
     def new_state(self, batch: int) -> Any:
-        return self.model.new_kv(batch, self.capacity, self.dtype, self.device)
+        return self.model.new_kv(batch, self._requested, self.dtype, self.device)
 
     def state_nbytes(self, state: Any) -> int:
         return state.nbytes()

@@ -138,7 +138,7 @@ class TrtBackend(Backend):
         if not torch.cuda.is_available():
             raise UsageError(f"{root}: the TensorRT backend needs a CUDA GPU")
         self.config = manifest.model_config
-        self.capacity = manifest.capacity
+        self.kv_plan = manifest.kv_plan
         self.max_batch = min(max_batch or manifest.max_batch, manifest.max_batch)
         self.dtype = getattr(torch, manifest.dtype)
         self.device = torch.device(device)
@@ -151,10 +151,9 @@ class TrtBackend(Backend):
 
         if batch > self.max_batch:
             raise UsageError(f"batch {batch} exceeds the engine's maximum batch {self.max_batch}")
-        shape = (batch, self.config.num_kv_heads, self.capacity, self.config.head_dim)
-        n = self.config.num_layers
-        return TrtKV([torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
-                     [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)],
+        shapes = [(batch, self.config.num_kv_heads, c, self.config.head_dim) for c in self.kv_plan.capacities]
+        return TrtKV([torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes],
+                     [torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes],
                      self.runner.new_context())
 
     def state_nbytes(self, state: TrtKV) -> int:

@@ -67,8 +67,13 @@ int32_t select_token(const float* logits, int64_t vocab, const SamplingOptions& 
 struct ModelInfo {
   std::string target, dtype, model_type;
   int64_t vocab_size = 0, num_layers = 0, num_kv_heads = 0, head_dim = 0;
-  int64_t window = 0;    ///< sliding window W, 0 = full attention
-  int64_t capacity = 0;  ///< C, KV slots per layer and row
+  int64_t window = 0;    ///< sliding window W of every layer, 0 = full attention; -1 where layers differ
+  int64_t capacity = 0;  ///< C, KV slots per layer and row; -1 where layers differ
+  /// Per layer l (docs/ops.md §1 "Per-layer windows", mtx.json `layers`): its window W_l (0 = full
+  /// attention), capacity C_l and KV layout ("ring" or "ort_window").
+  std::vector<int64_t> layer_windows, layer_capacities;
+  std::vector<std::string> layer_layouts;
+  bool per_layer = false;  ///< the layers differ in window, capacity or layout (kv_layout "per_layer")
   int64_t max_batch = 0;
   std::optional<int64_t> max_position;
   std::string kv_layout, past_present, multi_token_batch;
