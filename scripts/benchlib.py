@@ -7,7 +7,7 @@
 - timed greedy runs: ``mtx_decode_runner``, ``genai_decode_runner``, ``summarize``;
 - onnxruntime-genai builds: ``genai_source``, ``genai_build``;
 - the OpenAI load generator (scripts/load_openai.py is its command line): ``make_prompts``, ``run_load``,
-  ``summarize_load``, ``offline_texts``, ``offline_outputs``;
+  ``summarize_load``, ``offline_texts``, ``offline_outputs``; multi-turn clients: ``run_conversations``;
 - ``loadavg``: the machine's load average, recorded with a figure;
 - shared argparse options: ``add_common_args`` (``--work --threads --prompt-len --new-tokens``).
 
@@ -288,6 +288,27 @@ async def run_load(url: str, model: str, prompts: list[list[int]], clients: int,
     await asyncio.gather(*(worker() for _ in range(clients)))
     await client.close()
     return results, t0, time.perf_counter()
+
+
+async def run_conversations(url: str, model: str, conversations: list[list[list[int]]], max_tokens: int
+                            ) -> tuple[list[list[Result]], float, float]:
+    """All ``conversations`` at once, each a client sending its turns (whole prompts, token ids) one after
+    another, each turn once the previous answer has streamed in. ``Result.prompt`` is ``c * turns + t``."""
+    import httpx
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=1200,
+                                http_client=openai.DefaultAsyncHttpxClient(
+                                    limits=httpx.Limits(max_connections=len(conversations) + 4)))
+
+    async def conversation(c: int, turns: list[list[int]]) -> list[Result]:
+        return [await _one(client, model, prompt, c * len(turns) + t, max_tokens) for t, prompt in enumerate(turns)]
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(conversation(c, turns) for c, turns in enumerate(conversations)))
+    t1 = time.perf_counter()
+    await client.close()
+    return list(results), t0, t1
 
 
 def _pct(values: list[float], q: float) -> float | None:
