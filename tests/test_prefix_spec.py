@@ -120,7 +120,9 @@ def test_generate_with_the_cache_equals_generate_without_it(ckpt_factory, parity
         convo += want[0]
     stats = cached.prefix_cache.stats
     assert stats.hits >= 6 and stats.tokens_reused >= 6 * 20
-    assert tiny.prefix_cache.stats.blocks_evicted > 0 and tiny.prefix_cache.stats.bytes <= 2 * block_bytes
+    small = tiny.prefix_cache.stats
+    assert small.blocks_evicted > 0 and small.bytes <= 2 * block_bytes
+    assert small.hits > 0  # a chain loses its tail first: its head still gives hits under eviction
 
 
 def test_session_starts_from_a_cached_prefix_and_from_a_saved_state(ckpt_factory, parity_export):
@@ -159,7 +161,7 @@ def _repetitive_prompts(V: int, seed: int) -> list[list[int]]:
 def test_speculative_tokens_equal_plain_decoding(ckpt_factory, parity_export, monkeypatch, target, capacity):
     """Greedy and seeded prompt-lookup decoding give plain decoding's tokens over >= 3 buffer wraps,
     with accepted drafts and rejected ones, some of them across a wrap (capacity 8: restore on ring and
-    ort_window; 12: partial; 16 = W + k... for k <= 8: rollback without restore on ring)."""
+    ort_window; 12: partial; 16 >= W + k for k <= 7: rollback without restore on ring)."""
     gen = _load(ckpt_factory, parity_export, "mistral", target, capacity, prefill_chunk=4, prefix_cache_bytes=0)
     calls = []
     real = speculative.rollback
@@ -206,6 +208,15 @@ def test_speculative_decoding_accepts_copied_spans_and_backs_off(ckpt_factory, p
     assert tokens == gen.generate([prompt], 30, stop_token_ids=[])[0]
     assert st.accepted >= 15 and st.accepted / st.drafted > 0.6, st
     assert core.steps <= -(-len(prompt) // 4) + 30 - st.accepted  # prefill steps, then each accepted draft saved one
+    # a stop token inside an accepted span: the request ends within its drafts, as plain decoding ends
+    stop = [out[12]]
+    want = gen.generate([prompt], 30, stop_token_ids=stop)[0]
+    assert want[-1] == out[12] and len(want) < 30
+    assert gen.generate([prompt], 30, stop_token_ids=stop, speculative=5)[0] == want
+    s = gen.session()
+    s.append(prompt)
+    assert s.generate(30, stop_token_ids=stop, speculative=5) == want and s.spec_stats.accepted > 0
+    assert s.generate(6, stop_token_ids=[]) == gen.generate([prompt + want], 6, stop_token_ids=[])[0]
     core = gen.core(1)
     core.add(gen.request([rnd.randrange(3, gen.config.vocab_size) for _ in range(10)], 60, stop_token_ids=[],
                          speculative=4, temperature=1.0, seed=3))
@@ -272,3 +283,58 @@ def test_cli_generate_speculative_equals_plain(run_mtx, parity_export):
     assert spec["ids"] == plain["ids"] and spec["speculative"]["verifications"] >= 1
     r = run_mtx("generate", export, "--ids", ids, "--speculative-ngram", "8")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "num_tokens 8 exceeds 7" in r.stderr
+
+
+def _write_tokens(buf: list, used: int, layout: str, C: int, W: int, positions: range, label) -> int:
+    """An independent model of both layouts, token by token: ``ring`` writes position q to slot q mod C;
+    ``ort_window`` (ONNX Runtime's windowed cache as measured, tests/test_cpp.py) appends to the next row
+    and, when the buffer is full, first moves its last W - 1 rows to the front. Returns the rows in use."""
+    for q in positions:
+        if layout == "ring":
+            buf[q % C] = label(q)
+            continue
+        if used == C:
+            buf[0:W - 1] = buf[C - W + 1:C]
+            used = W - 1
+        buf[used] = label(q)
+        used += 1
+    return used
+
+
+def test_rollback_arithmetic_against_a_model_of_both_layouts():
+    """For every capacity up to 11, window, draft count, start and acceptance: the positions saved before a
+    verification and the restores and moves after it (mtx.rolling_kv) leave every live position of the
+    new position where slot_at says, with its own key; nothing is saved on ring when C >= W + k."""
+    from mtx import rolling_kv as rk
+
+    for layout in ("ring", "ort_window"):
+        for C in range(1, 12):
+            for W in range(1, C + 1):
+                for window in ({W, None} if W == C else {W}):
+                    Weff = rk.effective_window(window, C)
+                    for k in range(1, Weff):
+                        for start in range(0, 3 * C + 5):
+                            if window is None and start + k + 1 > C:
+                                continue
+                            for a in range(0, k + 1):
+                                buf: list = [None] * C
+                                used = _write_tokens(buf, 0, layout, C, Weff, range(start), lambda q: q)
+                                for q in rk.live_positions(start, window, C):
+                                    assert buf[rk.slot_at(layout, q, start, window, C)] == q
+                                saves = rk.verify_saves(layout, start, k, window, C)
+                                assert len(saves) <= k
+                                if layout == "ring" and window is not None and C >= Weff + k:
+                                    assert not len(saves)
+                                saved = {q: buf[rk.slot_at(layout, q, start, window, C)] for q in saves}
+                                new, end = start + a + 1, start + k + 1
+                                _write_tokens(buf, used, layout, C, Weff, range(start, end),
+                                              lambda q: q if q < new else -1000 - q)  # rejected drafts
+                                restore, moved = rk.rollback_moves(layout, start, k, a, window, C)
+                                vals = [buf[rk.slot_at(layout, q, end, window, C)] for q in moved]
+                                for q, v in zip(moved, vals):
+                                    buf[rk.slot_at(layout, q, new, window, C)] = v
+                                for q in restore:
+                                    buf[rk.slot_at(layout, q, new, window, C)] = saved[q]
+                                for q in rk.live_positions(new, window, C):
+                                    slot = rk.slot_at(layout, q, new, window, C)
+                                    assert 0 <= slot < C and buf[slot] == q, (layout, C, W, window, k, start, a, q)

@@ -157,5 +157,7 @@ def _assign(buf: Any, slots: np.ndarray, src: np.ndarray) -> None:
         return
     import torch
 
+    if src.dtype.kind != "f" or src.dtype.itemsize not in (2, 4, 8):  # e.g. ml_dtypes.bfloat16 from a file
+        src = src.astype(np.float32)  # exact: bfloat16 values are float32 values
     buf[:, torch.from_numpy(slots).to(buf.device)] = torch.from_numpy(np.ascontiguousarray(src)).to(buf.device,
                                                                                                     buf.dtype)

@@ -105,11 +105,14 @@ def store_prompt_block(cache: PrefixCache, backend: Backend, state: Any, row: in
     """After a canonical chunk of a prompt fed from position 0 ended at ``fed``: store the block that
     ended there, if it is a full block not cached yet (docs/ops.md §1 rule 11)."""
     P = cache.block
-    if fed % P or fed == 0 or fed // P > len(digests) or digests[fed // P - 1] in cache:
+    if fed % P or fed == 0 or fed // P > len(digests):
         return
     j = fed // P - 1
+    if digests[j] in cache:
+        cache.touch(digests[:j + 1])
+        return
     keys, values = backend.read_positions(state, row, fed, range(fed - P, fed))
-    cache.store(digests[j], j, prompt[fed - P:fed], keys, values)
+    cache.store(digests[j], j, prompt[fed - P:fed], keys, values, digests[:j])
 
 
 class BatchCore:
@@ -206,8 +209,12 @@ class BatchCore:
             if a is None or a.proposer is None or views[r].phase is not Phase.DECODE:
                 continue
             prop = a.proposer
-            prop.extend(a.decoder.generated[len(prop.context) - len(a.request.prompt_ids):])
-            d = prop.propose(a.request.max_new_tokens - len(a.decoder.generated) - 1)
+            try:
+                prop.extend(a.decoder.generated[len(prop.context) - len(a.request.prompt_ids):])
+                d = prop.propose(a.request.max_new_tokens - len(a.decoder.generated) - 1)
+            except Exception:  # noqa: BLE001 - drafting is an optimisation: this row decodes plainly
+                a.proposer = None
+                continue
             if d:
                 drafts[r] = d
         return drafts
@@ -286,10 +293,8 @@ class BatchCore:
                 try:
                     store_prompt_block(self.prefix_cache, self.backend, self.state, a.row, a.request.prompt_ids,
                                        a.digests, a.fed)
-                except Exception as e:  # noqa: BLE001 - one request's failure is its own
-                    self._release(a)
-                    out.append(_error(a.request.request_id, e))
-                    continue
+                except Exception:  # noqa: BLE001 - caching is an optimisation: this prompt is simply not stored
+                    a.digests = None
             if a.fed == len(a.request.prompt_ids):
                 self._sample(a, logits[i, -1], out)
 

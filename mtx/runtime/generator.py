@@ -167,7 +167,8 @@ class Session:
     ``tokens`` is the whole conversation; all but possibly the last generated token are in the buffer.
     A call that is refused (bad option, too long) leaves the session as it was.
     Thread-safe: each call holds the session's lock, and a stream holds it only while it computes a
-    token, never across ``yield``. A paused stream whose session was changed meanwhile (an append, or
+    step's tokens (one, or with ``speculative`` up to k + 1, all added to ``tokens`` before the first is
+    yielded), never across ``yield``. A paused stream whose session was changed meanwhile (an append, or
     another stream) raises UsageError when resumed; an abandoned stream blocks nothing.
     The first turn of a fresh session uses the generator's prefix cache (docs/ops.md §1 rule 11).
     """
@@ -312,7 +313,19 @@ class Session:
             finished = res.finish_reason is not None
             return res.token, finished
 
-        accepted = speculative.accept(v, drafts, sample)
+        try:
+            accepted = speculative.accept(v, drafts, sample)
+        except Exception:
+            # The sampling step failed on position start + i after i tokens, each equal to its draft: keep
+            # them and make the state the one at start + i + 1, whose logits the call computed.
+            i = len(produced)
+            if i < len(drafts):
+                speculative.rollback(be, self._state, 0, v, i)
+            self._fed = v.start + i + 1
+            self.tokens.extend(produced)
+            self._logits = v.logits[i]
+            self._version += 1
+            raise
         self.spec_stats.verifications += 1
         self.spec_stats.drafted += len(drafts)
         self.spec_stats.accepted += accepted

@@ -105,7 +105,7 @@ class PrefixCache:
                 blocks = [self._blocks.get(digests[j]) for j in needed]
                 if any(blk is None for blk in blocks):
                     continue
-                for j in needed:
+                for j in reversed(needed):  # the chain's head most recent: tails are evicted first
                     self._blocks.move_to_end(digests[j])
                 lo = live.start - needed.start * P
                 keys = np.concatenate([blk.keys for blk in blocks], axis=2)[:, :, lo:]
@@ -116,24 +116,39 @@ class PrefixCache:
             self.stats.misses += 1
             return None
 
-    def store(self, digest: bytes, index: int, tokens: Sequence[int], keys: np.ndarray, values: np.ndarray) -> None:
+    def store(self, digest: bytes, index: int, tokens: Sequence[int], keys: np.ndarray, values: np.ndarray,
+              earlier: Sequence[bytes] = ()) -> None:
         """Keep block ``index`` (keys/values [L, Hkv, P, D], copied) under ``digest``, evicting the least
-        recently used blocks beyond ``capacity_bytes``. A block larger than the whole cache is not kept."""
+        recently used blocks beyond ``capacity_bytes``. ``earlier``: the digests of the blocks before it in
+        its chain, touched after it so a chain loses its tail before its head (a hit at p <= W needs every
+        block from 0). A block larger than the whole cache is not kept."""
         blk = Block(index, tuple(int(t) for t in tokens), np.array(keys), np.array(values))
         with self._lock:
+            if digest not in self._blocks and blk.nbytes <= self.capacity_bytes:
+                self._blocks[digest] = blk
+                self.stats.bytes += blk.nbytes
+                self.stats.blocks_stored += 1
             if digest in self._blocks:
                 self._blocks.move_to_end(digest)
-                return
-            if blk.nbytes > self.capacity_bytes:
-                return
-            self._blocks[digest] = blk
-            self.stats.bytes += blk.nbytes
-            self.stats.blocks_stored += 1
-            while self.stats.bytes > self.capacity_bytes:
-                _, old = self._blocks.popitem(last=False)
-                self.stats.bytes -= old.nbytes
-                self.stats.blocks_evicted += 1
-            self.stats.blocks = len(self._blocks)
+            for d in reversed(earlier):
+                if d in self._blocks:
+                    self._blocks.move_to_end(d)
+            self._evict()
+
+    def touch(self, chain: Sequence[bytes]) -> None:
+        """Mark the cached blocks of ``chain`` (digests in chain order) as just used, the head last."""
+        with self._lock:
+            for d in reversed(chain):
+                if d in self._blocks:
+                    self._blocks.move_to_end(d)
+
+    def _evict(self) -> None:
+        """Drop least recently used blocks until the bound holds (lock held)."""
+        while self.stats.bytes > self.capacity_bytes:
+            _, old = self._blocks.popitem(last=False)
+            self.stats.bytes -= old.nbytes
+            self.stats.blocks_evicted += 1
+        self.stats.blocks = len(self._blocks)
 
     def clear(self) -> None:
         with self._lock:
