@@ -79,7 +79,8 @@ def serve(out: str | Path | None, options: ServeOptions) -> int:
     port = sock.getsockname()[1]
     url_host = f"[{options.host}]" if ":" in options.host else options.host  # an IPv6 address in a URL
     print(f"mtx serve: model {server.model_name!r} ({engine.backend.name}, max_batch {engine.max_batch}, "
-          f"KV {engine.kv_bytes:,} bytes) on http://{url_host}:{port}", file=sys.stderr, flush=True)
+          f"KV {engine.kv_bytes:,} bytes, prefix cache {engine.generator.prefix_cache_status}) "
+          f"on http://{url_host}:{port}", file=sys.stderr, flush=True)
     try:
         http.run(sockets=[sock])
     finally:
