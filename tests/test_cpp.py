@@ -276,6 +276,119 @@ def test_detokenizer_streams_sentencepiece_decode(cpp_build, lines_file, tmp_pat
     _check_streamed(cpp_build, tmp_path, model, seqs, sp.decode)
 
 
+def _mistral_data(pattern: str) -> list[Path]:
+    """Tokenizer files mistral_common ships (its package's data folder) matching ``pattern``."""
+    mistral_common = pytest.importorskip("mistral_common")
+    files = sorted((Path(mistral_common.__file__).parent / "data").glob(pattern))
+    assert files, pattern
+    return files
+
+
+def _small_tekken(folder: Path, source: Path) -> Path:
+    """A Tekken file in the later layout (version v11, a special_tokens list, fillers after it) cut to a
+    vocabulary of 3000 ids with 40 special ids, from a shipped file."""
+    d = json.loads(source.read_text())
+    d["config"].update(version="v11", default_vocab_size=3000, default_num_special_tokens=40)
+    d["vocab"] = d["vocab"][:4000]
+    d["special_tokens"] = [{"rank": i, "token_str": s, "is_control": True}
+                           for i, s in enumerate(["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]"])]
+    # (mistral_common's MistralTokenizer wants a full chat set of special tokens: read with Tekkenizer)
+    path = folder / "tekken_small.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+def _mistral_raw(path: Path):
+    """mistral_common's text tokenizer of ``path``: MistralTokenizer's, or for _small_tekken's file a Tekkenizer."""
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    if path.name == "tekken_small.json":
+        return Tekkenizer.from_file(path)
+    return MistralTokenizer.from_file(str(path)).instruct_tokenizer.tokenizer
+
+
+#: Long lines, each one piece of the Tekken pattern or many: tiktoken's own merge is quadratic in a
+#: piece's length, so these stay short where mistral_common gives the ids.
+AWKWARD_LINES = ["a" * 2000, "!" * 1500 + "?", "é" * 900, "7" * 999, " " * 700 + "x", "日本" * 500,
+                 "x\n" * 400 + "\r\n\r\n  ", "Abc" * 600, "ab\u0301" * 300, "\t \u00a0 \u2003x\u3000y", ""]
+
+
+def test_tekken_matches_mistral_common(cpp_build, lines_file, tmp_path):
+    """Every tekken.json mistral_common ships, and a small one in the later layout: the ids of each
+    corpus line (no BOS/EOS, control tokens never parsed from text) are mistral_common's, and so is
+    the decode of those ids."""
+    path, lines = lines_file
+    lines = lines + AWKWARD_LINES
+    path = tmp_path / "lines.json"
+    path.write_text(json.dumps(lines))
+    files = _mistral_data("tekken*.json")
+    for tekken in files + [_small_tekken(tmp_path, files[0])]:
+        tok = _mistral_raw(tekken)
+        got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(tekken), "lines": str(path)})
+        want = [tok.encode(line, bos=False, eos=False) for line in lines]
+        bad = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+        assert not bad, f"{tekken.name}: {len(bad)} of {len(lines)} lines differ, first {lines[bad[0]]!r}: " \
+                        f"{got['ids'][bad[0]]} != {want[bad[0]]}"
+        assert got["decoded"] == [tok.decode(w) for w in want], tekken.name
+        assert all(t >= tok.num_special_tokens for w in want for t in w)
+
+
+def test_tekken_encode_is_linear_in_line_length(cpp_build, tmp_path):
+    """Lines 8x longer take about 8x the time (a quadratic merge or UTF-8 check would take 64x): text,
+    and single pieces (one word, one run of punctuation) of 25,000 and 200,000 characters."""
+    tekken = _mistral_data("tekken*.json")[0]
+    text = " ".join(corpus_lines())
+    kinds = [lambda n: text[:n], lambda n: "a" * n, lambda n: "!" * n, lambda n: "日本" * (n // 2),
+             lambda n: " " * n + "x", lambda n: "x\n" * (n // 2)]
+    lines = [k(n) for n in (25_000, 200_000) for k in kinds] * 3
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(lines))
+    got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(tekken), "lines": str(path)})
+    secs = np.array(got["seconds"]).reshape(3, 2, len(kinds)).min(axis=0)  # best of 3 per line
+    short, long = secs.sum(axis=1)
+    assert long < 30 * short + 0.05, secs
+    assert long < 5, secs
+
+
+def test_detokenizer_streams_tekken_decode(cpp_build, lines_file, tmp_path):
+    """tekken.json: streamed text equals mistral_common's decode (special ids read as nothing, each run
+    of ordinary ids lossy UTF-8 on its own)."""
+    tekken = _mistral_data("tekken*.json")[0]
+    tok = _mistral_raw(tekken)
+    s = tok.num_special_tokens
+    awkward = list(range(20)) + [s + b for b in range(0x80, 0x100)]  # control ids; bytes of multi-byte characters
+    seqs = _random_sequences(tok.n_words, awkward, lines_file[1], lambda t: tok.encode(t, bos=False, eos=False))
+    assert any("\ufffd" in tok.decode(q) for q in seqs)
+    _check_streamed(cpp_build, tmp_path, tekken, seqs, tok.decode)
+
+
+def test_mistral_sentencepiece_files_match_mistral_common(cpp_build, lines_file, tmp_path):
+    """Mistral's SentencePiece files (tokenizer.model.v<N>[m<M>], read by libsentencepiece): the ids
+    and decode of mistral_common on the corpus; a folder holding several reads the highest version, as
+    mtx's Python runtime picks it."""
+    from mtx.tokenizer import mistral_tokenizer_file
+
+    path, lines = lines_file
+    files = _mistral_data("*.model.v*")
+    assert len(files) >= 4
+    for model in files:
+        tok = _mistral_raw(model)
+        got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(model), "lines": str(path)})
+        want = [tok.encode(line, bos=False, eos=False) for line in lines]
+        bad = [i for i, (g, w) in enumerate(zip(got["ids"], want)) if g != w]
+        assert not bad, f"{model.name}: {len(bad)} lines differ, first {lines[bad[0]]!r}"
+        assert got["decoded"] == [tok.decode(w) for w in want], model.name
+    folder = tmp_path / "several"
+    folder.mkdir()
+    for model in files:
+        shutil.copy(model, folder / ("tokenizer.model." + model.name.rsplit(".", 1)[1]))
+    pick, _ = mistral_tokenizer_file(folder)
+    tok = _mistral_raw(pick)
+    got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(folder), "lines": str(path)})
+    assert got["ids"] == [tok.encode(line, bos=False, eos=False) for line in lines]
+
+
 def c_check(build: Path, export: Path | str, tokens: list[int], n: int = 4, env: dict | None = None) -> tuple[int, str]:
     """mtx_c_check through the C ABI: (exit status, its one output line)."""
     r = _run([str(build / "mtx_c_check"), str(export), str(n), *map(str, tokens)], timeout=300,
@@ -933,9 +1046,13 @@ def test_speculative_under_full_attention_up_to_the_capacity(cpp_build, parity_e
 def test_generate_example_runs_an_export_with_mistrals_tokenizer(cpp_build, parity_export, mistral_layout_factory,
                                                                  tmp_path):
     """An export carrying Mistral's tekken.json (--tokenizer-mode mistral) loads in C++ (tekken.json
-    hashed like every file) and runs on token ids, giving Python's tokens; text is refused in one line
-    saying the C++ tokenizer does not read it (yet), never a parse error of the wrong reader."""
+    hashed like every file), runs on token ids giving Python's tokens, and reads text with tekken.json:
+    the prompt's ids are mistral_common's (the tiny model's 128 ids are all Tekken special ids, so
+    "Hello" is refused by the model's vocabulary, naming mistral_common's first id), and generated ids
+    print as mistral_common's decode (special ids read as nothing)."""
     mistral_common = pytest.importorskip("mistral_common")
+    from mtx.tokenizer import MistralTextTokenizer
+
     ckpt = tmp_path / "ckpt"
     shutil.copytree(mistral_layout_factory("mistral"), ckpt,
                     ignore=shutil.ignore_patterns("tokenizer.json", "tokenizer_config.json"))
@@ -945,13 +1062,17 @@ def test_generate_example_runs_an_export_with_mistrals_tokenizer(cpp_build, pari
     exe = str(cpp_build / "mtx-generate-cpp")
     r = _run([exe, str(out), "--ids", " ".join(map(str, PROMPT)), "--max-new-tokens", "8", "--ids-out"], timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(t) for t in py_load(out).generate([PROMPT], max_new_tokens=8)[0]]
-    for args in (["--prompt", "Hello"], ["--ids", "1 2 3", "--max-new-tokens", "2"]):  # text in or out
-        r = _run([exe, str(out), *args], timeout=300)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
-        assert lines[0].startswith(f"mtx-generate-cpp: error: {out / 'tekken.json'}: Mistral's own tokenizer") and \
-            "give token ids instead of text" in lines[0], r.stderr
-    err = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(out / "tekken.json"), "lines": "x"},
-                expect_error=True)
-    assert "Mistral's own tokenizer" in err["error"]["message"]
+    want = py_load(out).generate([PROMPT], max_new_tokens=8)[0]
+    assert r.stdout.split() == [str(t) for t in want]
+    mt = MistralTextTokenizer(out / "tekken.json")
+    r = _run([exe, str(out), "--ids", " ".join(map(str, PROMPT)), "--max-new-tokens", "8"], timeout=300)
+    assert r.returncode == 0 and r.stdout == mt.decode(want) + "\n", r.stderr  # the text, then a newline
+    hello = mt.encode("Hello", add_special_tokens=False).ids
+    r = _run([exe, str(out), "--prompt", "Hello"], timeout=300)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
+    assert f"token id {hello[0]}" in lines[0] and "out of range" in lines[0], r.stderr
+    path = tmp_path / "hello.json"
+    path.write_text(json.dumps(["Hello", "naïve [INST] </s> <s>"]))
+    got = check(cpp_build, tmp_path, {"op": "tokenize", "tokenizer": str(out), "lines": str(path)})
+    assert got["ids"] == [mt.encode(t, add_special_tokens=False).ids for t in json.loads(path.read_text())]

@@ -1,8 +1,9 @@
 // Tokenizer: a byte-level BPE tokenizer.json (what the built-in models and HF Mistral/Mixtral use:
-// ByteLevel pre-tokenizer with the GPT-2 regex, BPE with merges, ByteLevel decoder, added tokens) and
-// SentencePiece tokenizer.model (libsentencepiece). Anything else in tokenizer.json is refused with
-// one line naming the field, and Mistral's own files (tekken.json, tokenizer.model.v<N>) with one line
-// saying so: an export carrying one loads and runs on token ids.
+// ByteLevel pre-tokenizer with the GPT-2 regex, BPE with merges, ByteLevel decoder, added tokens),
+// SentencePiece tokenizer.model (libsentencepiece), and Mistral's own files: tekken.json (Tekken, a
+// tiktoken-style byte-level BPE with ranks, read here) and tokenizer.model.v<N>[m<M>] (SentencePiece
+// models, read by libsentencepiece). Anything else in tokenizer.json is refused with one line naming
+// the field.
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <sentencepiece_processor.h>
@@ -13,9 +14,12 @@
 #include <cctype>
 #include <climits>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
+#include <string_view>
 #include <unordered_map>
 
 #include "mtx/mtx.hpp"
@@ -150,15 +154,7 @@ class SentencePieceTokenizer : public Tokenizer::Impl {
 
 class ByteLevelBPE : public Tokenizer::Impl {
  public:
-  explicit ByteLevelBPE(const std::string& path) : path_(path) {
-    std::ifstream in(path);
-    json d;
-    try {
-      d = json::parse(in);
-    } catch (const std::exception& e) {
-      tok_fail(path + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")");
-    }
-    if (!d.is_object()) tok_fail(path + ": expected a JSON object");
+  ByteLevelBPE(const std::string& path, const json& d) : path_(path) {
     auto unsupported = [&](const std::string& key, const json& v) {
       tok_fail(path + ": " + key + " " + v.dump().substr(0, 120) +
                " is not supported by the mtx C++ tokenizer (byte-level BPE: ByteLevel pre-tokenizer and "
@@ -371,6 +367,218 @@ class ByteLevelBPE : public Tokenizer::Impl {
   pcre2_code* re_ = nullptr;
 };
 
+// Base64 (RFC 4648, with padding) of tekken.json's token_bytes; false on anything else.
+bool base64_decode(const std::string& in, std::string& out) {
+  auto value = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    return c == '+' ? 62 : c == '/' ? 63 : -1;
+  };
+  out.clear();
+  if (in.size() % 4 != 0) return false;
+  for (size_t i = 0; i < in.size(); i += 4) {
+    const size_t pad = i + 4 == in.size() ? (in[i + 3] == '=') + (in[i + 2] == '=' && in[i + 3] == '=') : 0;
+    uint32_t v = 0;
+    for (size_t k = 0; k < 4; ++k) {
+      const int x = k >= 4 - pad ? 0 : value(in[i + k]);
+      if (x < 0) return false;
+      v = (v << 6) | uint32_t(x);
+    }
+    out += char(v >> 16);
+    if (pad < 2) out += char((v >> 8) & 0xFF);
+    if (pad < 1) out += char(v & 0xFF);
+  }
+  return true;
+}
+
+// Mistral's Tekken (tekken.json, mistral_common's Tekkenizer): a tiktoken-style byte-level BPE.
+// The file: "config" {pattern, default_vocab_size, default_num_special_tokens, version "v<N>"};
+// "vocab" [{rank, token_bytes (base64), token_str}], rank = index, ranks 0-255 the single bytes;
+// "special_tokens" [{rank, token_str, is_control}] (required after v7; before, mistral_common's 20
+// defaults). Ids: 0 .. S-1 the special tokens (S = default_num_special_tokens; those listed, then
+// fillers), S + rank for the first default_vocab_size - S vocabulary entries (the rest unused).
+// Encode (tiktoken's, special tokens never parsed from text): each match of the pattern is one token
+// if its bytes are in the vocabulary, else its bytes merged pairwise, at each step the adjacent pair
+// whose concatenation has the lowest rank (leftmost on ties); text between matches (never, with
+// Mistral's patterns) is skipped as tiktoken skips it. Decode (mistral_common's
+// SpecialTokenPolicy.IGNORE): special ids read as nothing, each run of other ids is its bytes as
+// lossy UTF-8 (a character split by a special id reads as U+FFFD on both sides).
+class Tekken : public Tokenizer::Impl {
+ public:
+  Tekken(const std::string& path, const json& d) : path_(path) {
+    auto bad = [&](const std::string& what) { tok_fail(path + ": " + what + " (Mistral's tekken.json)"); };
+    try {
+      if (!d.is_object() || !d.contains("config") || !d["config"].is_object()) bad("no \"config\" object");
+      const json& cfg = d["config"];
+      auto count = [&](const char* key) -> int64_t {
+        if (!cfg.contains(key) || !cfg[key].is_number_integer() || cfg[key].get<int64_t>() < 0 ||
+            cfg[key].get<int64_t>() > INT32_MAX)
+          bad(std::string("config.") + key + " must be a non-negative integer");
+        return cfg[key].get<int64_t>();
+      };
+      const int64_t vocab_size = count("default_vocab_size"), nspecial = count("default_num_special_tokens");
+      const std::string version = cfg.value("version", json()).is_string() ? cfg["version"].get<std::string>() : "";
+      if (version.size() < 2 || version[0] != 'v' ||
+          !std::all_of(version.begin() + 1, version.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }))
+        bad("config.version " + cfg.value("version", json()).dump() + " is not v<N>");
+      const json specials = d.value("special_tokens", json());
+      size_t listed = 20;  // mistral_common's defaults (<unk>, <s>, </s>, [INST], ...) before v8
+      if (specials.is_null()) {
+        if (std::stoi(version.substr(1)) > 7) bad("special_tokens is required for version " + version);
+      } else if (!specials.is_array()) {
+        bad("special_tokens must be a list");
+      } else {
+        listed = specials.size();
+      }
+      if (int64_t(listed) > nspecial)
+        bad(std::to_string(listed) + " special tokens but config.default_num_special_tokens is " + std::to_string(nspecial));
+      if (!d.contains("vocab") || !d["vocab"].is_array()) bad("no \"vocab\" list");
+      const json& vocab = d["vocab"];
+      const int64_t inner = vocab_size - nspecial;
+      if (inner < 256 || inner > int64_t(vocab.size()))
+        bad("config.default_vocab_size " + std::to_string(vocab_size) + " minus " + std::to_string(nspecial) +
+            " special tokens must be between 256 and the vocab's " + std::to_string(vocab.size()) + " entries");
+      vocab_size_ = int32_t(vocab_size);
+      nspecial_ = int32_t(nspecial);
+      tokens_.resize(size_t(inner));
+      for (int64_t i = 0; i < inner; ++i) {
+        const json& t = vocab[size_t(i)];
+        if (!t.is_object() || t.value("rank", json()) != json(i) || !t.value("token_bytes", json()).is_string())
+          bad("vocab[" + std::to_string(i) + "] is not {\"rank\": " + std::to_string(i) + ", \"token_bytes\": base64, ...}");
+        if (!base64_decode(t["token_bytes"].get<std::string>(), tokens_[size_t(i)]) || tokens_[size_t(i)].empty())
+          bad("vocab[" + std::to_string(i) + "].token_bytes is not base64 of at least one byte");
+        if (i < 256 && tokens_[size_t(i)] != std::string(1, char(i)))
+          bad("vocab[" + std::to_string(i) + "] must be the single byte " + std::to_string(i));
+      }
+      rank_.reserve(tokens_.size());
+      for (size_t i = 0; i < tokens_.size(); ++i)
+        if (!rank_.emplace(std::string_view(tokens_[i]), int32_t(i)).second)
+          bad("vocab[" + std::to_string(i) + "] repeats the bytes of an earlier entry");
+      if (!cfg.contains("pattern") || !cfg["pattern"].is_string()) bad("config.pattern must be a string");
+      const std::string pattern = cfg["pattern"];
+      int err;
+      PCRE2_SIZE off;
+      re_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF | PCRE2_UCP, &err,
+                          &off, nullptr);
+      if (!re_) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(err, msg, sizeof msg);
+        bad("config.pattern does not compile at offset " + std::to_string(off) + " (" +
+            reinterpret_cast<const char*>(msg) + ")");
+      }
+      pcre2_jit_compile(re_, PCRE2_JIT_COMPLETE);
+    } catch (const json::exception& e) {
+      bad(std::string("unexpected layout (") + e.what() + ")");
+    }
+  }
+  ~Tekken() override { pcre2_code_free(re_); }
+
+  std::vector<int32_t> encode(const std::string& text) const override {
+    std::vector<int32_t> out;
+    std::unique_ptr<pcre2_match_data, void (*)(pcre2_match_data*)> md(
+        pcre2_match_data_create_from_pattern(re_, nullptr), pcre2_match_data_free);
+    const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
+    uint32_t options = 0;  // the first match checks that all the text is UTF-8; later ones need not
+    for (size_t start = 0; start < text.size();) {
+      const int rc = pcre2_match(re_, subject, text.size(), start, options, md.get(), nullptr);
+      if (rc == PCRE2_ERROR_NOMATCH) break;
+      if (rc < 0) {
+        if (rc <= PCRE2_ERROR_UTF8_ERR1 && rc >= PCRE2_ERROR_UTF8_ERR21)
+          throw Error(ErrorCode::InvalidArgument,
+                      "text is not valid UTF-8 (byte " + std::to_string(pcre2_get_startchar(md.get())) + ")");
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(rc, msg, sizeof msg);
+        throw Error(ErrorCode::InvalidArgument, path_ + ": the pattern failed on this text (" +
+                                                    reinterpret_cast<const char*>(msg) + ")");
+      }
+      options = PCRE2_NO_UTF_CHECK;
+      const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(md.get());
+      if (ov[1] == ov[0]) {  // an empty match is no token; step over one character
+        start = ov[0] + utf8_len(static_cast<unsigned char>(text[ov[0]]));
+        continue;
+      }
+      encode_piece(std::string_view(text).substr(ov[0], ov[1] - ov[0]), out);
+      start = ov[1];
+    }
+    return out;
+  }
+
+  std::string decode(const std::vector<int32_t>& ids) const override {
+    std::string out, run;
+    for (int32_t id : ids) {
+      if (id < 0 || id >= vocab_size_)
+        throw Error(ErrorCode::InvalidArgument, "token id " + std::to_string(id) +
+                                                    " is out of range for a vocabulary of " + std::to_string(vocab_size_));
+      if (id < nspecial_) {
+        out += utf8_lossy(run);
+        run.clear();
+      } else {
+        run += tokens_[size_t(id - nspecial_)];
+      }
+    }
+    return out + utf8_lossy(run);
+  }
+
+ private:
+  int32_t rank_of(std::string_view bytes) const {
+    auto it = rank_.find(bytes);
+    return it == rank_.end() ? INT32_MAX : it->second;
+  }
+
+  // One pre-token: its own token if it is one, else byte-pair merging by rank. Symbols are spans
+  // [s, next[s]) of `piece` in a linked list; candidate merges wait in a min-heap on (rank of the
+  // merged bytes, start), so each step takes tiktoken's choice (lowest rank, then leftmost) in
+  // O(log n): a candidate is stale once its left symbol has gone or its right neighbour changed.
+  void encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
+    if (int32_t r = rank_of(piece); r != INT32_MAX) {
+      out.push_back(r + nspecial_);
+      return;
+    }
+    const uint32_t n = uint32_t(piece.size());
+    std::vector<uint32_t> next(n), prev(n);
+    std::vector<char> alive(n, 1);
+    struct Cand {
+      int32_t rank;
+      uint32_t start, end;
+      bool operator>(const Cand& o) const { return rank != o.rank ? rank > o.rank : start > o.start; }
+    };
+    std::vector<Cand> heap;
+    heap.reserve(n);
+    auto consider = [&](uint32_t s, uint32_t e) {
+      const int32_t r = rank_of(piece.substr(s, e - s));
+      if (r != INT32_MAX) {
+        heap.push_back({r, s, e});
+        std::push_heap(heap.begin(), heap.end(), std::greater<Cand>());
+      }
+    };
+    for (uint32_t i = 0; i < n; ++i) {
+      next[i] = i + 1;
+      prev[i] = i == 0 ? 0 : i - 1;
+    }
+    for (uint32_t i = 0; i + 1 < n; ++i) consider(i, i + 2);
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), std::greater<Cand>());
+      const Cand c = heap.back();
+      heap.pop_back();
+      if (!alive[c.start] || next[c.start] >= n || next[next[c.start]] != c.end) continue;  // stale
+      const uint32_t right = next[c.start];
+      alive[right] = 0;
+      next[c.start] = c.end;
+      if (c.end < n) prev[c.end] = c.start;
+      if (c.start > 0) consider(prev[c.start], c.end);
+      if (c.end < n) consider(c.start, next[c.end]);
+    }
+    for (uint32_t s = 0; s < n; s = next[s]) out.push_back(rank_of(piece.substr(s, next[s] - s)) + nspecial_);
+  }
+
+  std::string path_;
+  int32_t vocab_size_ = 0, nspecial_ = 0;
+  std::vector<std::string> tokens_;                      // rank -> bytes (never resized after loading)
+  std::unordered_map<std::string_view, int32_t> rank_;  // bytes (views into tokens_) -> rank
+  pcre2_code* re_ = nullptr;
+};
+
 bool is_file(const std::string& p) {
   struct stat st{};
   return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
@@ -382,45 +590,75 @@ bool is_dir(const std::string& p) {
 }  // namespace
 
 namespace {
-// Mistral's own tokenizer files (mtx/tokenizer.py: tekken.json, tokenizer.model.v<N>[m<M>]), which
-// mtx's Python runtime reads with mistral_common and this tokenizer does not read (yet).
-bool is_mistral_file(const std::string& name) {
-  const std::string spm = "tokenizer.model.v";
-  return name == "tekken.json" || (name.compare(0, spm.size(), spm) == 0 && name.size() > spm.size() &&
-                                   std::isdigit(static_cast<unsigned char>(name[spm.size()])));
+// The version (N, "m<M>" or "") of a SentencePiece file name ending in .model.v<N>[m<M>] (mistral_common's
+// is_sentencepiece; e.g. tokenizer.model.v3, mistral_instruct_tokenizer_241114.model.v7m1), or false.
+bool spm_version(const std::string& name, std::pair<long, std::string>* version = nullptr) {
+  const std::string mark = ".model.v";
+  const size_t at = name.rfind(mark);
+  if (at == std::string::npos) return false;
+  const size_t i = at + mark.size();
+  size_t j = i;
+  while (j < name.size() && std::isdigit(static_cast<unsigned char>(name[j]))) ++j;
+  if (j == i || j - i > 9) return false;
+  const std::string minor = name.substr(j);
+  if (!minor.empty() && (minor.size() < 2 || minor.size() > 10 || minor[0] != 'm' ||
+                         !std::all_of(minor.begin() + 1, minor.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); })))
+    return false;
+  if (version) *version = {std::stol(name.substr(i, j - i)), minor};
+  return true;
+}
+bool ends_with(const std::string& s, const std::string& tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
 }
 std::string base_name(const std::string& path) {
   const size_t slash = path.find_last_of('/');
   return slash == std::string::npos ? path : path.substr(slash + 1);
 }
-[[noreturn]] void mistral_fail(const std::string& file) {
-  tok_fail(file + ": Mistral's own tokenizer (read by mtx's Python runtime with mistral_common) is not read by "
-                  "the mtx C++ tokenizer yet; give token ids instead of text");
+// The tokenizer of an export folder: tokenizer.json, else tokenizer.model, else Mistral's tekken.json,
+// else the tokenizer.model.v<N>[m<M>] of the highest version (as mtx/tokenizer.py picks it).
+std::string folder_tokenizer(const std::string& path) {
+  const std::string base = path.back() == '/' ? path : path + "/";
+  for (const char* name : {"tokenizer.json", "tokenizer.model", "tekken.json"})
+    if (is_file(base + name)) return base + name;
+  std::pair<std::pair<long, std::string>, std::string> best{{-1, ""}, ""};
+  if (DIR* d = opendir(path.c_str())) {
+    while (dirent* e = readdir(d)) {
+      std::pair<long, std::string> v;
+      if (std::string(e->d_name).rfind("tokenizer.model.v", 0) == 0 && spm_version(e->d_name, &v) && is_file(base + e->d_name) && std::make_pair(v, std::string(e->d_name)) > best)
+        best = {v, e->d_name};
+    }
+    closedir(d);
+  }
+  if (best.second.empty())
+    tok_fail(path + ": no tokenizer file (tokenizer.json, tokenizer.model, tekken.json or tokenizer.model.v<N>)");
+  return base + best.second;
 }
 }  // namespace
 
 Tokenizer::Tokenizer(const std::string& path) {
-  std::string file = path;
-  if (is_dir(path)) {
-    const std::string base = path.back() == '/' ? path : path + "/";
-    file = is_file(base + "tokenizer.json") ? base + "tokenizer.json" : base + "tokenizer.model";
-    if (!is_file(file)) {  // an export made with Mistral's tokenizer holds tekken.json or tokenizer.model.v<N>
-      std::string mistral;
-      if (DIR* d = opendir(path.c_str())) {
-        while (dirent* e = readdir(d))
-          if (is_mistral_file(e->d_name) && is_file(base + e->d_name) && (mistral.empty() || e->d_name < mistral))
-            mistral = e->d_name;
-        closedir(d);
-      }
-      if (!mistral.empty()) mistral_fail(base + mistral);
-    }
-  }
-  if (is_mistral_file(base_name(file)) && is_file(file)) mistral_fail(file);
-  if (!is_file(file)) tok_fail(file + ": no such tokenizer file (tokenizer.json or tokenizer.model)");
-  if (file.size() >= 6 && file.compare(file.size() - 6, 6, ".model") == 0)
+  const std::string file = is_dir(path) ? folder_tokenizer(path) : path;
+  if (!is_file(file)) tok_fail(file + ": no such tokenizer file (tokenizer.json, tokenizer.model, tekken.json or tokenizer.model.v<N>)");
+  const std::string name = base_name(file);
+  if (ends_with(name, ".model") || spm_version(name)) {
     impl_ = std::make_unique<SentencePieceTokenizer>(file);
+    return;
+  }
+  std::ifstream in(file);
+  json d;
+  try {
+    d = json::parse(in);
+  } catch (const std::exception& e) {
+    tok_fail(file + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")");
+  }
+  if (!d.is_object()) tok_fail(file + ": expected a JSON object");
+  // tekken.json by name (mistral_common: a .json file with "tekken" in its name) or by its layout.
+  const bool tekken = (name.find("tekken") != std::string::npos && ends_with(name, ".json")) ||
+                      (!d.contains("model") && d.contains("config") && d["config"].is_object() && d.contains("vocab") &&
+                       d["vocab"].is_array());
+  if (tekken)
+    impl_ = std::make_unique<Tekken>(file, d);
   else
-    impl_ = std::make_unique<ByteLevelBPE>(file);
+    impl_ = std::make_unique<ByteLevelBPE>(file, d);
 }
 Tokenizer::~Tokenizer() = default;
 Tokenizer::Tokenizer(Tokenizer&&) noexcept = default;

@@ -232,6 +232,111 @@ TEST(Tokenizer, UnsupportedFeatureIsNamed) {
   }
 }
 
+// A Tekken file: the 256 bytes, then "aa", "bc", "ab" (ranks 256-258); 3 special ids (2 listed, 1 filler).
+nlohmann::json tiny_tekken() {
+  auto b64 = [](const std::string& s) {
+    static const char* abc = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    std::string out;
+    for (size_t i = 0; i < s.size(); i += 3) {
+      uint32_t v = uint32_t(uint8_t(s[i])) << 16;
+      if (i + 1 < s.size()) v |= uint32_t(uint8_t(s[i + 1])) << 8;
+      if (i + 2 < s.size()) v |= uint8_t(s[i + 2]);
+      for (size_t k = 0; k < 4; ++k) out += i + k <= s.size() ? abc[(v >> (18 - 6 * k)) & 63] : '=';
+    }
+    return out;
+  };
+  nlohmann::json vocab = nlohmann::json::array();
+  for (int i = 0; i < 256; ++i) vocab.push_back({{"rank", i}, {"token_bytes", b64(std::string(1, char(i)))}, {"token_str", nullptr}});
+  for (const char* t : {"aa", "bc", "ab"})
+    vocab.push_back({{"rank", vocab.size()}, {"token_bytes", b64(t)}, {"token_str", t}});
+  return {{"config", {{"pattern", R"(\S+|\s+)"}, {"default_vocab_size", 262}, {"default_num_special_tokens", 3},
+                      {"version", "v13"}, {"num_vocab_tokens", 259}}},
+          {"vocab", vocab},
+          {"special_tokens", {{{"rank", 0}, {"token_str", "<unk>"}, {"is_control", true}},
+                              {{"rank", 1}, {"token_str", "<s>"}, {"is_control", true}}}}};
+}
+std::string write_tekken(const nlohmann::json& d) {
+  const std::string dir = temp_dir();
+  std::ofstream(dir + "/tekken.json") << d.dump();
+  return dir;
+}
+
+TEST(Tokenizer, TekkenMergesByRankLeftmostFirst) {
+  mtx::Tokenizer tok(write_tekken(tiny_tekken()));  // the folder: tekken.json
+  const int32_t s = 3, aa = s + 256, bc = s + 257, ab = s + 258;
+  EXPECT_EQ(tok.encode("aaa abc bca ab"),
+            (std::vector<int32_t>{aa, s + 'a', s + ' ', s + 'a', bc, s + ' ', bc, s + 'a', s + ' ', ab}));
+  EXPECT_EQ(tok.encode("<s>"), (std::vector<int32_t>{s + '<', s + 's', s + '>'}));  // never a control id
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(tok.decode({s + 0xE6, s + 0x97, s + 0xA5, 0, 1, 2}), "\xE6\x97\xA5");
+  EXPECT_EQ(tok.decode({s + 0xE6, 1, s + 0x97, s + 0xA5, aa}), r + r + r + "aa");  // each run decoded alone
+  EXPECT_THROW(tok.decode({262}), mtx::Error);
+  EXPECT_THROW(tok.decode({-1}), mtx::Error);
+  try {
+    tok.encode("ok \xFF");
+    FAIL();
+  } catch (const mtx::Error& e) {
+    EXPECT_EQ(e.code(), mtx::ErrorCode::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("UTF-8 (byte 3)"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Tokenizer, BadTekkenIsNamed) {
+  auto refused = [](const nlohmann::json& d, const std::string& words) {
+    const std::string dir = write_tekken(d);
+    try {
+      mtx::Tokenizer t(dir + "/tekken.json");
+      ADD_FAILURE() << words;
+    } catch (const mtx::Error& e) {
+      EXPECT_EQ(e.code(), mtx::ErrorCode::Tokenizer);
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(dir + "/tekken.json"), std::string::npos) << e.what();
+    }
+  };
+  auto d = tiny_tekken();
+  d.erase("special_tokens");
+  refused(d, "special_tokens is required for version v13");
+  d = tiny_tekken();
+  d["config"]["version"] = 3;
+  refused(d, "config.version 3 is not v<N>");
+  d = tiny_tekken();
+  d["vocab"][257]["rank"] = 7;
+  refused(d, "vocab[257] is not");
+  d = tiny_tekken();
+  d["vocab"][258]["token_bytes"] = "YW=";
+  refused(d, "vocab[258].token_bytes");
+  d = tiny_tekken();
+  d["vocab"][257]["token_bytes"] = d["vocab"][256]["token_bytes"];
+  refused(d, "vocab[257] repeats");
+  d = tiny_tekken();
+  d["config"]["default_vocab_size"] = 300;
+  refused(d, "config.default_vocab_size 300");
+  d = tiny_tekken();
+  d["config"]["pattern"] = "(";
+  refused(d, "config.pattern does not compile");
+  refused(nlohmann::json::object(), "no \"config\" object");
+}
+
+TEST(Tokenizer, FolderPicksMistralsSentencePieceFile) {
+  const std::string dir = temp_dir();
+  std::ofstream(dir + "/tokenizer.model.v3") << "not a model";
+  std::ofstream(dir + "/tokenizer.model.v7m1") << "not a model";
+  std::ofstream(dir + "/tokenizer.model.v10x") << "not a model";  // not a version: ignored
+  try {
+    mtx::Tokenizer t(dir);
+    FAIL();
+  } catch (const mtx::Error& e) {
+    EXPECT_NE(std::string(e.what()).find(dir + "/tokenizer.model.v7m1: not a SentencePiece model"), std::string::npos)
+        << e.what();
+  }
+  try {
+    mtx::Tokenizer t(temp_dir());
+    FAIL();
+  } catch (const mtx::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no tokenizer file"), std::string::npos) << e.what();
+  }
+}
+
 TEST(OnnxRuntime, LibraryProvidesTheHeadersApi) {
   EXPECT_EQ(mtx::Model::ort_api_version(), 21);  // Debian trixie's libonnxruntime-dev 1.21 headers
   EXPECT_FALSE(mtx::Model::ort_version().empty());

@@ -59,13 +59,16 @@ static json run(const json& r) {
     mtx::Tokenizer tok(r.at("tokenizer").get<std::string>());
     std::ifstream in(r.at("lines").get<std::string>());
     json lines = json::parse(in);
-    json ids = json::array(), texts = json::array();
+    json ids = json::array(), texts = json::array(), seconds = json::array();  // seconds: each line's encode
     for (const auto& line : lines) {
-      auto v = tok.encode(line.get<std::string>());
+      const std::string text = line.get<std::string>();
+      const auto t0 = std::chrono::steady_clock::now();
+      auto v = tok.encode(text);
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       ids.push_back(v);
       texts.push_back(tok.decode(v));
     }
-    return {{"ids", ids}, {"decoded", texts}};
+    return {{"ids", ids}, {"decoded", texts}, {"seconds", seconds}};
   }
   if (op == "manifest") {  // tests/test_manifest.py: one tamper table against both readers
     json results = json::array();

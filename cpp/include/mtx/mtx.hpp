@@ -326,13 +326,15 @@ class Batch {
   std::unique_ptr<KVState> state_;
 };
 
-/// Text <-> ids: a byte-level BPE tokenizer.json (the built-in models' kind) or a SentencePiece
-/// tokenizer.model. Thread-safe (const).
+/// Text <-> ids: a byte-level BPE tokenizer.json (the built-in models' kind), a SentencePiece
+/// tokenizer.model, or Mistral's own files (exports made with --tokenizer-mode mistral): tekken.json
+/// (ids and decode of mistral_common's Tekkenizer: no BOS/EOS, control tokens never parsed from text,
+/// control ids decoded as nothing) and tokenizer.model.v<N>[m<M>] (SentencePiece). Thread-safe (const).
 class Tokenizer {
  public:
-  /// `path` names tokenizer.json or tokenizer.model; a folder picks tokenizer.json, else tokenizer.model.
-  /// Mistral's own files (tekken.json, tokenizer.model.v<N>: exports made with --tokenizer-mode mistral)
-  /// are not read: mtx::Error (ErrorCode::Tokenizer) saying so; such an export still runs on token ids.
+  /// `path` names a tokenizer file (a .json with "tekken" in its name or Tekken's layout is read as
+  /// Tekken; a name ending .model or .model.v<N>[m<M>] as SentencePiece); a folder picks tokenizer.json,
+  /// else tokenizer.model, else tekken.json, else the highest tokenizer.model.v<N>[m<M>].
   explicit Tokenizer(const std::string& path);
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;
