@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mtx.runtime.request import Request
-from mtx.runtime.sampling import TokenRng, select_token
+from mtx.runtime.sampling import TokenLogprobs, TokenRng, select_token, token_logprobs
 from mtx.runtime.scheduler import finish_reason
 
 
@@ -17,11 +17,12 @@ from mtx.runtime.scheduler import finish_reason
 class TokenOutput:
     """The result of one step of one request: the sampled ``token``, the visible ``text`` it adds (``""``
     without a tokenizer or while text is held back; at the end, everything left), and ``finish_reason``
-    (``"stop"``, ``"length"``) or None."""
+    (``"stop"``, ``"length"``) or None; ``logprobs`` when the request asks for them (else None)."""
 
     token: int
     text: str
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 class RowDecoder:
@@ -44,12 +45,19 @@ class RowDecoder:
             self.text = TextStream(tokenizer, request.stop)
 
     def step(self, logits: np.ndarray) -> TokenOutput:
-        """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits."""
+        """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits.
+
+        With ``request.logprobs`` set, the chosen token's log-probability and the top alternatives are
+        those of ``logits`` as given (before penalties, temperature and filters); otherwise none are
+        computed."""
         req = self.request
-        seen = None
+        seen = generated = None
         if req.sampling.repetition_penalty != 1.0:
             seen = np.asarray(self._seen_prefix + tuple(self.generated), dtype=np.int64)
-        token = select_token(logits, req.sampling, self.rng, seen)
+        if req.sampling.counts_generated:
+            generated = np.asarray(self.generated, dtype=np.int64)
+        token = select_token(logits, req.sampling, self.rng, seen, generated)
+        lp = None if req.logprobs is None else token_logprobs(logits, token, req.logprobs)
         self.generated.append(token)
         stopped = token in req.stop_token_ids
         text = ""
@@ -59,4 +67,4 @@ class RowDecoder:
         self.finish_reason = finish_reason(len(self.generated), req.max_new_tokens, stopped)
         if self.finish_reason is not None and self.text is not None:
             text += self.text.finish()
-        return TokenOutput(token, text, self.finish_reason)
+        return TokenOutput(token, text, self.finish_reason, lp)
