@@ -134,3 +134,37 @@ def test_logprobs_option_is_checked(gen, value):
     with pytest.raises(UsageError, match="logprobs") as e:
         gen.generate([PROMPT], max_new_tokens=2, logprobs=value)
     assert e.value.params == ("logprobs",)
+
+
+TEXT = "Hello wörld, 你好 🙂 ꙮ𓀀 [INST] x\n  y"
+
+
+def test_token_bytes_of_mistral_and_byte_level_vocabularies(tmp_path):
+    """TokenTexts' bytes of each token of an encoding join to the encoded text: Mistral's SentencePiece
+    (byte fallback, ``▁``) and Tekken vocabularies as mistral_common encodes them, and a byte-level BPE
+    trained here with the tokenizers library; token text is those bytes as UTF-8 (U+FFFD where partial)."""
+    from pathlib import Path
+
+    import mistral_common
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from mtx.serving.logprobs import TokenTexts
+    from mtx.tokenizer import MistralTextTokenizer
+
+    data = Path(mistral_common.__file__).parent / "data"
+    for name, prefix in (("tokenizer.model.v1", b" "), ("tekken_240911.json", b"")):
+        tok = MistralTextTokenizer(data / name)
+        ids = tok.encode(TEXT, add_special_tokens=False).ids
+        texts = TokenTexts(tok)
+        assert b"".join(texts.bytes_of(i) for i in ids) == prefix + TEXT.encode(), name
+        assert texts.text_of(tok.eos_id) == tok.decode([tok.eos_id], skip_special_tokens=False), name
+        assert "\ufffd" in "".join(texts.text_of(i) for i in ids), name  # some token holds part of a character
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([TEXT, "Hello world"] * 5, trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["</s>"]))
+    ids = bpe.encode(TEXT).ids
+    texts = TokenTexts(bpe)
+    assert b"".join(texts.bytes_of(i) for i in ids) == TEXT.encode() == bpe.decode(ids).encode()
+    assert texts.text_of(bpe.token_to_id("</s>")) == "</s>"

@@ -6,7 +6,11 @@ deployment (mtx.serving.ray_app) mount the same FastAPI routes.
 
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` — ``stream: true`` sends server-sent events
   ``data: {json}\\n\\n`` and a final ``data: [DONE]\\n\\n``, as OpenAI does; usage in the response,
-  and in a last chunk with ``stream_options.include_usage``.
+  and in a last chunk with ``stream_options.include_usage``. ``n`` choices are ``n`` engine requests
+  (:class:`Choices`); their stream chunks carry the choice's ``index``.
+* ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes): the prompt ids a completion or chat
+  completion would get (the same preparation: :meth:`OpenAIServer.completion_ids`,
+  :meth:`OpenAIServer.chat_ids`), and the text of ids; prepared on the worker pool like the others.
 * ``GET /v1/models``, ``GET /health`` (liveness), ``GET /ready`` and ``GET /health/ready``,
   ``GET /metrics`` (Prometheus).
 
@@ -24,10 +28,12 @@ Invariants (no request can stall the event loop, so /health always answers):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +48,18 @@ from mtx.runtime.request import check_utf8
 from mtx.serving import protocol
 from mtx.serving.chat import chat_encoder
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
+from mtx.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from mtx.serving.metrics import ServingMetrics
 from mtx.serving.protocol import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
-                                  SSE_DONE, ApiError, ChatRequest, CompletionRequest, Envelope, Prepared,
-                                  SamplingRequest, api_error, sse)
+                                  SSE_DONE, ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Envelope,
+                                  Prepared, SamplingRequest, TokenizeChatRequest, api_error, sse)
 from mtx.tokenizer import encode_checked
 
 log = logging.getLogger("mtx.serving")
 #: Worker threads that parse, tokenize and render requests (off the event loop).
 PREPARE_THREADS = 4
-Sink = Callable[[Event], None]
+#: A request's event sink: (choice index, event).
+Sink = Callable[[int, Event], None]
 
 
 # -- the routes' state ---------------------------------------------------------------------------------
@@ -62,10 +70,35 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
         pass
 
 
+class Choices:
+    """The engine requests of one API request, one per choice (``handles[i]`` is choice i)."""
+
+    def __init__(self, handles: list[RequestHandle]) -> None:
+        self.handles = handles
+
+    def cancel(self) -> None:
+        """Cancel every choice (idempotent; a finished one is not affected)."""
+        for h in self.handles:
+            h.cancel()
+
+
+@dataclass
+class _Choice:
+    """What a response has of one choice so far: text ``parts``, ``tokens`` generated, the finish
+    ``reason``, the (token, logprobs) ``steps`` (when asked) and, streaming completions, the next
+    ``text_offset``."""
+
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    reason: str | None = None
+    steps: list[tuple[int, Any]] = field(default_factory=list)
+    offset: int = 0
+
+
 class _StreamResponse(StreamingResponse):
     """An SSE response that cancels its request however it ends, even if its body never started."""
 
-    def __init__(self, handle: RequestHandle, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, handle: Choices, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handle = handle
 
@@ -98,6 +131,7 @@ class OpenAIServer:
         self.created = int(time.time())
         #: The one chat prompt path (mtx.serving.chat): the folder's template, or mistral_common's encoding.
         self.chat = chat_encoder(folder, self.generator.tokenizer)
+        self.token_texts = TokenTexts(self.generator.tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
         #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
         self.max_preparing = prepare_threads + engine.max_queue
@@ -117,7 +151,8 @@ class OpenAIServer:
     def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, default_max: int | None,
                  prompt_field: str) -> Prepared:
         return protocol.prepare(req, ids, max_tokens=max_tokens, default_max=default_max, prompt_field=prompt_field,
-                                position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids)
+                                position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids,
+                                max_n=self.engine.max_queue)
 
     def _ids(self, prompt: str | list[int], what: str, tokenizer: Any, add_special_tokens: bool) -> list[int]:
         """Validated ids of ``prompt``; text is tokenized with the GIL released (long texts take seconds)."""
@@ -126,35 +161,77 @@ class OpenAIServer:
             prompt = encode_checked(tokenizer, prompt, what, add_special_tokens, release_gil=True)
         return self.generator.to_ids(prompt, what)
 
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        protocol.check_model(req, self.model_name)
-        prompt = protocol.completion_prompt(req)
+    def completion_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """The prompt ids of a completion (and of ``/tokenize``'s text): the one path (400 naming ``prompt``)."""
         try:
-            ids = self._ids(prompt, "prompt", self.generator.tokenizer, add_special_tokens=True)
+            return self._ids(prompt, "prompt", self.generator.tokenizer, add_special_tokens=add_special_tokens)
         except MtxError as e:
             raise api_error(e, "prompt") from None
-        return self._prepare(req, ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
 
-    def prepare_chat(self, req: ChatRequest) -> Prepared:
+    def chat_ids(self, req: ChatRequest, add_generation_prompt: bool = True) -> list[int]:
+        """The prompt ids of a chat request (and of ``/tokenize``'s messages): the one path (400 naming
+        the field)."""
         protocol.check_model(req, self.model_name)
         messages = protocol.chat_messages(req, self.chat is not None)
         try:
             assert self.chat is not None  # chat_messages refuses a request without a tokenizer
-            ids = self.generator.to_ids(self.chat.encode(messages), "chat prompt")
+            return self.generator.to_ids(self.chat.encode(messages, add_generation_prompt), "chat prompt")
         except MtxError as e:
             raise api_error(e, "messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return self._prepare(req, ids, max_tokens, None, "messages")
 
-    def submit(self, prep: Prepared, sink: Sink) -> RequestHandle:
-        """Submit ``prep`` to the engine (any thread); its events go to ``sink``."""
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        protocol.check_model(req, self.model_name)
+        ids = self.completion_ids(protocol.completion_prompt(req))
+        return self._prepare(req, ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+
+    def prepare_chat(self, req: ChatRequest) -> Prepared:
+        ids = self.chat_ids(req)
+        return self._prepare(req, ids, protocol.chat_max_tokens(req), None, "messages")
+
+    def submit(self, prep: Prepared, sink: Sink) -> Choices:
+        """Submit ``prep``'s ``n`` choices to the engine (any thread); choice i's events go to
+        ``sink(i, event)``. All or none: if one is refused, those already submitted are cancelled."""
+        handles: list[RequestHandle] = []
         try:
-            return self.engine.submit(prep.ids, prep.max_tokens, sink=sink, want_text=self.generator.tokenizer
-                                      is not None, **prep.options)
+            for i in range(prep.n):
+                handles.append(self.engine.submit(prep.ids, prep.max_tokens, sink=functools.partial(sink, i),
+                                                  want_text=self.generator.tokenizer is not None,
+                                                  **prep.choice_options(i)))
         except (EngineBusy, EngineDraining, MtxError) as e:
+            Choices(handles).cancel()
             raise api_error(e, "max_tokens") from None
+        return Choices(handles)
 
-    def _admit(self, raw: bytes, chat: bool, sink: Sink) -> tuple[SamplingRequest, Prepared, RequestHandle]:
+    # -- /tokenize, /detokenize (on a worker thread) ---------------------------------------------------
+    def tokenize(self, raw: bytes) -> dict[str, Any]:
+        """``POST /tokenize``: ``{count, max_model_len, tokens}`` of a text prompt or chat messages."""
+        body = protocol.parse_tokenize(raw)
+        if isinstance(body, TokenizeChatRequest):
+            if body.add_special_tokens:
+                raise ApiError(400, "add_special_tokens: must be false for messages (the chat template writes "
+                               "the special tokens)", "add_special_tokens")
+            ids = self.chat_ids(body, body.add_generation_prompt)
+        else:
+            protocol.check_model(body, self.model_name)
+            if self.generator.tokenizer is None:
+                raise ApiError(400, "prompt: this export has no tokenizer", "prompt")
+            ids = self.completion_ids(body.prompt, body.add_special_tokens)
+        return protocol.tokenize_response(ids, self.position_limit())
+
+    def detokenize(self, raw: bytes) -> dict[str, Any]:
+        """``POST /detokenize``: ``{prompt}``, the text of ``tokens`` as generated text reads (special
+        tokens skipped)."""
+        body = protocol.parse_body(raw, DetokenizeRequest)
+        protocol.check_model(body, self.model_name)
+        if self.generator.tokenizer is None:
+            raise ApiError(400, "tokens: this export has no tokenizer", "tokens")
+        vocab = self.generator.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: token id {bad[0]} is out of range for a vocabulary of {vocab}", "tokens")
+        return {"prompt": self.generator.decode(body.tokens)}
+
+    def _admit(self, raw: bytes, chat: bool, sink: Sink) -> tuple[SamplingRequest, Prepared, Choices]:
         """On a worker thread: parse and validate ``raw``, tokenize, submit (ApiError when refused)."""
         body: SamplingRequest
         if chat:
@@ -176,18 +253,31 @@ class OpenAIServer:
         except ClientDisconnect:
             raise ApiError(400, "the client disconnected while sending the request body") from None
 
-    async def handle(self, request: Request, chat: bool) -> Response:
-        """One POST of a completion (``chat``: a chat completion): read, prepare off the loop, run."""
-        raw = await self.read_body(request)
+    def _check_preparing(self) -> None:
         if self._preparing >= self.max_preparing:
             raise ApiError(429, f"{self._preparing} requests are being prepared; retry later", None,
                            "rate_limit_error", "queue_full")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def sink(ev: Event) -> None:
+    async def handle_json(self, request: Request, work: Callable[[bytes], dict[str, Any]]) -> Response:
+        """A POST answered by ``work(body)`` (run on the worker pool, counted as a request being prepared)."""
+        raw = await self.read_body(request)
+        self._check_preparing()
+        loop = asyncio.get_running_loop()
+        self._preparing += 1
+        future = self._pool.submit(work, raw)
+        future.add_done_callback(lambda _: _call_soon(loop, self._prepared))
+        return JSONResponse(await asyncio.wrap_future(future))
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        """One POST of a completion (``chat``: a chat completion): read, prepare off the loop, run."""
+        raw = await self.read_body(request)
+        self._check_preparing()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def sink(index: int, ev: Event) -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
+                loop.call_soon_threadsafe(events.put_nowait, (index, ev))
             except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
                 pass
 
@@ -208,9 +298,9 @@ class OpenAIServer:
     def _prepared(self) -> None:
         self._preparing -= 1
 
-    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: RequestHandle,
-                  events: asyncio.Queue[Event], chat: bool) -> Response:
-        """Answer a submitted request: an SSE stream, or one JSON object when it finishes.
+    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: Choices,
+                  events: asyncio.Queue[tuple[int, Event]], chat: bool) -> Response:
+        """Answer a submitted request: an SSE stream, or one JSON object when every choice finished.
 
         The text is the engine's (the core's one detokenizer: complete characters only, ending before
         the first stop string); this layer only wraps it."""
@@ -218,45 +308,70 @@ class OpenAIServer:
         if body.stream:
             return _StreamResponse(handle, self._stream(handle, events, env, prep),
                                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait(_GONE)))
+        watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait((-1, _GONE))))
         try:
-            reason, text, n_tokens = await self._collect(events)
+            choices = await self._collect(events, prep)
         finally:
             watcher.cancel()
-            handle.cancel()  # no-op once finished; frees the row if the client went away
-        if reason == "error":
+            handle.cancel()  # no-op once finished; frees the rows if the client went away
+        if any(c.reason == "error" for c in choices):
             raise ApiError(500, "the engine failed on this request", None, "server_error")
-        return JSONResponse(env.wrap([env.choice(text, reason)], protocol.usage(len(prep.ids), n_tokens)))
+        out = [env.choice("".join(c.parts), c.reason, index=i, logprobs=self._logprobs(env, c, c.steps))
+               for i, c in enumerate(choices)]
+        return JSONResponse(env.wrap(out, protocol.usage(len(prep.ids), sum(c.tokens for c in choices))))
+
+    def _logprobs(self, env: Envelope, choice: _Choice, steps: list[tuple[int, Any]]) -> dict[str, Any] | None:
+        """The ``logprobs`` object of ``steps`` of ``choice`` (None when not asked; completions: its
+        ``text_offset`` continues from the choice's last one)."""
+        if not steps:
+            return None
+        if env.chat:
+            return chat_logprobs(self.token_texts, steps)
+        obj, choice.offset = completion_logprobs(self.token_texts, steps, choice.offset)
+        return obj
 
     @staticmethod
-    async def _collect(events: asyncio.Queue[Event]) -> tuple[str, str, int]:
-        """(finish reason, text, tokens) of a request ("cancelled" as soon as the client is gone)."""
-        parts: list[str] = []
-        n_tokens = 0
-        while True:
-            ev = await events.get()
+    async def _collect(events: asyncio.Queue[tuple[int, Event]], prep: Prepared) -> list[_Choice]:
+        """Every choice to its end ("cancelled" for those unfinished as soon as the client is gone)."""
+        choices = [_Choice() for _ in range(prep.n)]
+        left = prep.n
+        while left:
+            index, ev = await events.get()
             if ev is _GONE:
-                return "cancelled", "".join(parts), n_tokens
-            parts.append(ev.text)
+                for c in choices:
+                    c.reason = c.reason or "cancelled"
+                return choices
+            c = choices[index]
+            c.parts.append(ev.text)
             if ev.kind == "token":
-                n_tokens += 1
+                c.tokens += 1
+                if ev.logprobs is not None:
+                    c.steps.append((int(ev.token), ev.logprobs))  # type: ignore[arg-type]
             else:
-                return ev.finish_reason or "error", "".join(parts), n_tokens
+                c.reason = ev.finish_reason or "error"
+                left -= 1
+        return choices
 
-    async def _stream(self, handle: RequestHandle, events: asyncio.Queue[Event], env: Envelope,
+    async def _stream(self, handle: Choices, events: asyncio.Queue[tuple[int, Event]], env: Envelope,
                       prep: Prepared) -> AsyncIterator[str]:
-        """The SSE events of one request; always ends with ``[DONE]`` and cancels ``handle``."""
-        n_tokens = 0
+        """The SSE events of one request (its choices' chunks as they come, each with its ``index``);
+        always ends with ``[DONE]`` and cancels ``handle``."""
+        choices = [_Choice() for _ in range(prep.n)]
+        left = prep.n
         try:
             if env.chat:
-                yield sse(env.wrap([env.choice(None, None, role=True)]))
-            while True:
-                ev = await events.get()
+                for i in range(prep.n):
+                    yield sse(env.wrap([env.choice(None, None, role=True, index=i)]))
+            while left:
+                i, ev = await events.get()
+                c = choices[i]
                 if ev.kind == "token":
-                    n_tokens += 1
-                    if ev.text:
-                        yield sse(env.wrap([env.choice(ev.text, None)]))
+                    c.tokens += 1
+                    lp = None if ev.logprobs is None else self._logprobs(env, c, [(int(ev.token), ev.logprobs)])
+                    if ev.text or lp is not None:
+                        yield sse(env.wrap([env.choice(ev.text, None, index=i, logprobs=lp)]))
                     continue
+                left -= 1
                 reason = ev.finish_reason
                 if reason == "error":
                     yield sse(ApiError(500, f"the engine failed on this request: {ev.message}", None,
@@ -264,16 +379,15 @@ class OpenAIServer:
                     break
                 if env.chat:
                     if ev.text:
-                        yield sse(env.wrap([env.choice(ev.text, None)]))
-                    yield sse(env.wrap([env.choice(None, reason)]))
+                        yield sse(env.wrap([env.choice(ev.text, None, index=i)]))
+                    yield sse(env.wrap([env.choice(None, reason, index=i)]))
                 else:
-                    yield sse(env.wrap([env.choice(ev.text, reason)]))
-                if env.include_usage:
-                    yield sse(env.wrap([], protocol.usage(len(prep.ids), n_tokens)))
-                break
+                    yield sse(env.wrap([env.choice(ev.text, reason, index=i)]))
+            if not left and env.include_usage:
+                yield sse(env.wrap([], protocol.usage(len(prep.ids), sum(c.tokens for c in choices))))
             yield SSE_DONE
         finally:
-            handle.cancel()  # the client went away (or we are done): free the row now
+            handle.cancel()  # the client went away (or we are done): free the rows now
 
 
 #: Put on a request's event queue when its client disconnects.
@@ -388,6 +502,16 @@ def add_routes(app: FastAPI, get_server: Callable[[], OpenAIServer]) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await get_server().handle(request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        server = get_server()
+        return await server.handle_json(request, server.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        server = get_server()
+        return await server.handle_json(request, server.detokenize)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
