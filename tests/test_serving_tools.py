@@ -1,7 +1,8 @@
 """Structured output and tool calling (issue 22 item 4), driven by the official openai client against
 `mtx serve` subprocesses, with independent oracles: ``jsonschema`` validates every output against its
 schema, ``transformers`` renders the HF template with tools, and ``mistral_common`` encodes Mistral
-chat prompts with tools and decodes tool calls.
+chat prompts with tools and decodes tool calls. With the fields of tests/test_serving_fields.py (``n``,
+logprobs, /tokenize): transformers' log-softmax is the logprobs oracle.
 
 The models are tiny and random, so what they write is noise — but noise under a mask: a byte-level
 tokenizer (every byte one token) can spell any JSON, so every output must still match its grammar.
@@ -79,13 +80,19 @@ def byte_tokenizer(folder: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def byte_export(parity_export, tmp_path_factory) -> Path:
-    """A tiny random Mistral whose vocabulary is the byte tokenizer's (266 ids)."""
+def byte_ckpt(tmp_path_factory) -> Path:
+    """A tiny random Mistral checkpoint (transformers') whose vocabulary is the byte tokenizer's (266 ids)."""
     ckpt = tmp_path_factory.mktemp("bytes") / "ckpt"
     ckpt.mkdir()
     make_hf(ckpt, "mistral", vocab=len(CONTROL) + 256, tokenizer=False)
     byte_tokenizer(ckpt)
-    return parity_export("mistral", "onnxruntime", checkpoint=ckpt)
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def byte_export(parity_export, byte_ckpt) -> Path:
+    """:func:`byte_ckpt` exported."""
+    return parity_export("mistral", "onnxruntime", checkpoint=byte_ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -534,3 +541,132 @@ def test_control_ids_of_mistral_tokenizers():
         want = next((i for i in range(raw.n_words) if raw.id_to_piece(i) == "[TOOL_CALLS]"), None)
         assert _control_id(ours, "[TOOL_CALLS]") == (want if has else None)
         assert _control_id(ours, "[ARGS]") is None
+
+
+# -- with n, logprobs and /tokenize (tests/test_serving_fields.py's fields) ---------------------------------
+def test_n_json_schema_choices_validate_with_raw_logprobs(server, client, byte_ckpt):
+    """n = 2 under a json_schema: both choices validate (each runs its own matcher copy), choice 0 is
+    the n = 1 answer of the seed, and each choice's logprobs are transformers' log-softmax of the raw
+    logits (not the masked ones), one entry per token, spelling the content; streamed equals not."""
+    import httpx
+    import torch
+    from transformers import AutoTokenizer
+
+    from conftest import hf_logits
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    kw = dict(response_format=fmt, temperature=1.0, seed=11, logprobs=True, top_logprobs=2)
+    r = chat(client, "two people", n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].message.content != r.choices[1].message.content
+    assert chat(client, "two people", **kw).choices[0].message.content == r.choices[0].message.content
+    hf = AutoTokenizer.from_pretrained(byte_ckpt)
+    messages = [{"role": "user", "content": "two people"}]
+    prompt = httpx.post(server.url + "/tokenize", json={"model": MODEL, "messages": messages}).json()["tokens"]
+    assert prompt == list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False))
+    n_tokens = 0
+    for c in r.choices:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.message.content), PERSON)
+        entries = c.logprobs.content
+        n_tokens += len(entries)
+        assert b"".join(bytes(e.bytes) for e in entries).decode() == c.message.content
+        tokens = hf.encode(c.message.content, add_special_tokens=False)  # one token a byte
+        assert len(tokens) == len(entries)
+        ref = hf_logits(byte_ckpt, torch.tensor([prompt + tokens[:-1]]))[0].double()
+        ref = ref.log_softmax(-1).numpy()[len(prompt) - 1:]
+        np.testing.assert_allclose([e.logprob for e in entries], [ref[j, t] for j, t in enumerate(tokens)],
+                                   atol=1e-4)
+        for j, e in enumerate(entries):
+            np.testing.assert_allclose([x.logprob for x in e.top_logprobs], np.sort(ref[j])[::-1][:2], atol=1e-4)
+    assert r.usage.completion_tokens == n_tokens
+    text, lps = {0: "", 1: ""}, {0: [], 1: []}
+    for chunk in chat(client, "two people", n=2, stream=True, **kw):
+        for ch in chunk.choices:
+            text[ch.index] += ch.delta.content or ""
+            lps[ch.index] += [e.logprob for e in (ch.logprobs.content if ch.logprobs else [])]
+    for c in r.choices:
+        assert text[c.index] == c.message.content and lps[c.index] == [e.logprob for e in c.logprobs.content]
+
+
+def test_n_forced_tool_calls_with_logprobs(client):
+    """n = 2 with a forced call and logprobs: each choice's calls parse and validate, with its own call
+    ids; the call tokens have no logprobs (OpenAI reports them for content only), streamed or not."""
+    kw = dict(tools=TOOLS, tool_choice="required", temperature=1.0, seed=3, max_tokens=300, logprobs=True)
+    r = chat(client, "call", n=2, **kw)
+    assert [c.index for c in r.choices] == [0, 1]
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls and c.logprobs is None, c
+        check_calls(c.message.tool_calls, set(SCHEMA_OF))
+    ids = [call.id for c in r.choices for call in c.message.tool_calls]
+    assert len(set(ids)) == len(ids)
+    chunks = list(chat(client, "call", n=2, stream=True, **kw))
+    assert all(ch.logprobs is None for chunk in chunks for ch in chunk.choices)
+    for c in r.choices:
+        mine = [chunk.model_copy(update={"choices": [ch for ch in chunk.choices if ch.index == c.index]})
+                for chunk in chunks]
+        got, reason, content = streamed_calls(mine)
+        assert reason == "tool_calls" and content == ""
+        assert [(g["name"], g["arguments"]) for g in got] == [(t.function.name, t.function.arguments)
+                                                              for t in c.message.tool_calls]
+
+
+def test_logprobs_cover_the_content_before_a_tool_call(byte_export):
+    """A choice that writes content, then [TOOL_CALLS] and a call: its logprobs are those of the content
+    tokens; where the call text does not parse (it is returned as content), of every token."""
+    from mtx.runtime.sampling import TokenLogprobs
+    from mtx.serving.engine import Event
+    from mtx.serving.openai_api import _Choice
+    from mtx.serving.protocol import Envelope, Prepared
+    from mtx.serving.tools import TOOL_CALLS_TOKEN
+
+    server = openai_server(byte_export)
+    try:
+        tok = server.generator.tokenizer
+        tc = server.tool_calls_id
+        assert tc == CONTROL.index(TOOL_CALLS_TOKEN)
+        env = Envelope("m", chat=True, stream=False)
+        for call, parses in (('[{"name": "add", "arguments": {"x": 1, "y": 2}}]', True), ('[{"name": ', False)):
+            choice = _Choice.all_of(Prepared([1], 10, {}, [], tool_calls=(tc, True)))[0]
+            content = tok.encode("ok ", add_special_tokens=False).ids
+            for t in content + [tc] + tok.encode(call, add_special_tokens=False).ids:
+                ev = Event("token", token=t, text="" if t == tc else tok.decode([t]),
+                           logprobs=TokenLogprobs(-float(t), ()))
+                choice.push_tools(ev)
+                choice.steps.append((t, ev.logprobs))
+                choice.tokens += 1
+            choice.push_tools(Event("finish", finish_reason="stop"))
+            choice.reason = "stop"
+            out = server._whole_choice(env, 1, choice)
+            assert out["index"] == 1
+            if parses:
+                assert out["finish_reason"] == "tool_calls" and out["message"]["content"] == "ok "
+                assert [e["logprob"] for e in out["logprobs"]["content"]] == [-float(t) for t in content]
+            else:
+                assert out["finish_reason"] == "stop" and out["message"]["content"] == "ok " + call
+                assert len(out["logprobs"]["content"]) == choice.tokens
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_tokenize_messages_with_tools_equals_encode_chat_completion(v3_export, tools):
+    """POST /tokenize of messages with tools gives mistral_common's encode_chat_completion (the prompt a
+    chat completion gets: the one prompt path)."""
+    from mtx.serving.protocol import ChatRequest
+
+    messages = [{"role": "user", "content": "weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "abcDEF123", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+                {"role": "tool", "tool_call_id": "abcDEF123", "content": "22 degrees"},
+                {"role": "user", "content": "and Rome?"}]
+    server = openai_server(v3_export)
+    try:
+        body = {"model": "m", "messages": messages} | ({"tools": tools} if tools else {})
+        got = server.tokenize(json.dumps(body).encode())
+        want = reference_ids(messages, tools)
+        assert got["tokens"] == want and got["count"] == len(want)
+        assert server.prepare_chat(ChatRequest(model="m", messages=messages, tools=tools)).ids == want
+    finally:
+        server.close()

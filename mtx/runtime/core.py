@@ -49,7 +49,8 @@ FINISH_REASONS = ("stop", "length", "cancelled", "error")
 class RequestOutput:
     """What one step produced for one request: a ``token`` (None for a finish without a token) with its
     visible ``text`` delta, and ``finish_reason`` (one of FINISH_REASONS) when the request ended in this
-    step (``message`` and the exception ``error`` set for ``"error"``)."""
+    step (``message`` and the exception ``error`` set for ``"error"``); ``logprobs`` of the token when
+    its request asks for them (:class:`~mtx.runtime.sampling.TokenLogprobs`)."""
 
     request_id: int
     token: int | None
@@ -57,6 +58,7 @@ class RequestOutput:
     finish_reason: str | None = None
     message: str | None = None
     error: BaseException | None = None
+    logprobs: Any = None
 
 
 @dataclass(eq=False)
@@ -361,7 +363,8 @@ class BatchCore:
             self._release(a)
             out.append(_error(a.request.request_id, e))
             return None
-        out.append(RequestOutput(a.request.request_id, res.token, res.text, res.finish_reason))
+        out.append(RequestOutput(a.request.request_id, res.token, res.text, res.finish_reason,
+                                 logprobs=res.logprobs))
         if res.finish_reason is not None:
             self._release(a)
         else:

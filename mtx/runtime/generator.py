@@ -106,10 +106,12 @@ class Generator:
         """Yield (row, :class:`~mtx.runtime.core.RequestOutput`) as the core produces them for a batch of
         prompts: tokens and, with ``want_text=True``, their visible text deltas (stop strings cut).
 
-        Options: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
-        ``stop_token_ids`` (default: the model's EOS ids), ``stop`` (strings), ``want_text``,
-        ``speculative`` (prompt-lookup decoding: ``{"method": "ngram", "num_tokens": k}`` or
-        :class:`~mtx.runtime.speculative.SpeculativeOptions`; the same tokens, fewer calls).
+        Options: ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``, ``presence_penalty`` and
+        ``frequency_penalty`` (OpenAI's, over the generated tokens), ``seed``, ``stop_token_ids`` (default:
+        the model's EOS ids), ``stop`` (strings), ``want_text``, ``speculative`` (prompt-lookup decoding:
+        ``{"method": "ngram", "num_tokens": k}`` or :class:`~mtx.runtime.speculative.SpeculativeOptions`;
+        the same tokens, fewer calls), ``logprobs`` (N: each output's ``logprobs`` holds the token's
+        log-probability and the top N, of the raw logits).
         """
         for row, o, _ in self.stream_outputs_with_stats(prompts, max_new_tokens, **options):
             yield row, o

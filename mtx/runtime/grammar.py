@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mtx.errors import UsageError
-from mtx.runtime.sampling import SamplingParams, TokenRng, apply_repetition_penalty, select_token
+from mtx.runtime.sampling import SamplingParams, TokenRng, penalised_logits, select_token
 
 #: Characters a grammar or schema may have (it is compiled per request).
 MAX_GRAMMAR_CHARS = 256 * 1024
@@ -179,17 +179,13 @@ class ConstraintState:
             raise ValueError(f"the grammar allows no token here ({why})")
         return ids
 
-    def select(self, logits: np.ndarray, params: SamplingParams, rng: TokenRng, seen: np.ndarray | None) -> int:
+    def select(self, logits: np.ndarray, params: SamplingParams, rng: TokenRng, seen: np.ndarray | None,
+               generated: np.ndarray | None = None) -> int:
         """:func:`select_token` over the allowed tokens only: the draw of the full row with every other
-        logit -inf (greedy: the first maximum; sampling: the same filters and inverse CDF, in id order)."""
+        logit -inf (greedy: the first maximum; sampling: the same filters and inverse CDF, in id order).
+        Penalties apply to the full row first (:func:`penalised_logits`)."""
         ids = self.allowed(logits.shape[-1])
-        logits = logits.astype(np.float32, copy=False)
-        if seen is not None and params.repetition_penalty != 1.0:
-            big = np.finfo(np.float32).max
-            if np.isnan(logits).any():
-                raise ValueError("the model produced NaN logits for this row")
-            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-                logits = apply_repetition_penalty(np.clip(logits, -big, big), seen, params.repetition_penalty)
+        logits = penalised_logits(logits, params, seen, generated)
         return int(ids[select_token(logits[ids], params, rng)])
 
     def advance(self, token: int) -> bool:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 
 from mtx.errors import UsageError
-from mtx.runtime.sampling import SamplingParams, check_seed
+from mtx.runtime.sampling import MAX_LOGPROBS, SamplingParams, check_seed
 from mtx.runtime.speculative import SpeculativeOptions
 
 if TYPE_CHECKING:
@@ -37,6 +37,8 @@ class Request:
     ``want_text``: detokenize as it goes (text deltas in the core's outputs; implied by ``stop``).
     ``speculative``: prompt-lookup decoding options (:mod:`mtx.runtime.speculative`), or None.
     ``constraint``: a compiled grammar (:mod:`mtx.runtime.grammar`) its tokens must follow, or None.
+    ``logprobs``: None (none computed), or how many top alternatives each step reports with the chosen
+    token's log-probability (0..MAX_LOGPROBS; :class:`~mtx.runtime.sampling.TokenLogprobs`).
     """
 
     request_id: int
@@ -50,6 +52,7 @@ class Request:
     want_text: bool
     speculative: SpeculativeOptions | None = None
     constraint: Constraint | None = None
+    logprobs: int | None = None
 
     @property
     def needs_text(self) -> bool:
@@ -64,6 +67,14 @@ def with_new_id(request: Request) -> Request:
 def check_max_new_tokens(value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise UsageError(f"max_new_tokens must be an integer >= 0, got {value!r}", params=("max_new_tokens",))
+
+
+def check_logprobs(value: object) -> None:
+    """``logprobs`` is None or an integer in [0, MAX_LOGPROBS]."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or
+                              not 0 <= value <= MAX_LOGPROBS):
+        raise UsageError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}",
+                         params=("logprobs",))
 
 
 def check_utf8(text: str, what: str, param: str | None = "prompt") -> None:
@@ -100,18 +111,22 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                     stop_token_ids: Sequence[int] | None = None, stop: Sequence[str] | str | None = None,
                     rng_stream: int = 0, want_text: bool = False, what: str = "prompt", history: int = 0,
-                    speculative: object = None, constraint: Constraint | None = None
+                    speculative: object = None, constraint: Constraint | None = None,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0, logprobs: int | None = None
                     ) -> Request:
     """The :class:`Request` for ``prompt``; raises UsageError naming the first bad parameter.
 
     ``history``: tokens already in the row's KV before ``prompt`` (a session's earlier turns), counted
     against the model's position limit. ``speculative``: :class:`SpeculativeOptions`, a mapping of its
     fields (vLLM's names), an int (``num_tokens``) or None. ``constraint``: a compiled grammar
-    (:class:`mtx.runtime.grammar.Constraint`) or None.
+    (:class:`mtx.runtime.grammar.Constraint`) or None. ``presence_penalty``/``frequency_penalty``:
+    OpenAI's, in [-2, 2] (:class:`SamplingParams`). ``logprobs``: top alternatives to report per token
+    (None: no log-probabilities computed).
     """
     check_max_new_tokens(max_new_tokens)
-    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty, presence_penalty, frequency_penalty)
     params.validate()
+    check_logprobs(logprobs)
     check_seed(seed)
     spec = SpeculativeOptions.parse(speculative)
     if spec is not None:
@@ -143,4 +158,4 @@ def prepare_request(generator: Generator, prompt: Prompt, max_new_tokens: int = 
         ids = prompt_ids(generator, prompt, what)
     generator.backend.check_positions(history + len(ids) + max_new_tokens)
     return Request(next(_request_ids), tuple(ids), max_new_tokens, params, seed, rng_stream, stop_ids, stop_strings,
-                   want_text, spec, constraint)
+                   want_text, spec, constraint, logprobs)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mtx.runtime.request import Request
-from mtx.runtime.sampling import TokenRng, select_token
+from mtx.runtime.sampling import TokenLogprobs, TokenRng, select_token, token_logprobs
 from mtx.runtime.scheduler import finish_reason
 
 
@@ -17,11 +17,12 @@ from mtx.runtime.scheduler import finish_reason
 class TokenOutput:
     """The result of one step of one request: the sampled ``token``, the visible ``text`` it adds (``""``
     without a tokenizer or while text is held back; at the end, everything left), and ``finish_reason``
-    (``"stop"``, ``"length"``) or None."""
+    (``"stop"``, ``"length"``) or None; ``logprobs`` when the request asks for them (else None)."""
 
     token: int
     text: str
     finish_reason: str | None
+    logprobs: TokenLogprobs | None = None
 
 
 class RowDecoder:
@@ -49,15 +50,20 @@ class RowDecoder:
         """Sample the next token from logits [V] (float32) and record it. Raises ValueError on NaN logits.
 
         With a constraint, the token is drawn among those its grammar allows, and the request stops once
-        the grammar is complete."""
+        the grammar is complete. With ``request.logprobs`` set, the chosen token's log-probability and the
+        top alternatives are those of ``logits`` as given (before penalties, temperature, filters and the
+        grammar's mask); otherwise none are computed."""
         req = self.request
-        seen = None
+        seen = generated = None
         if req.sampling.repetition_penalty != 1.0:
             seen = np.asarray(self._seen_prefix + tuple(self.generated), dtype=np.int64)
+        if req.sampling.counts_generated:
+            generated = np.asarray(self.generated, dtype=np.int64)
         if self.constraint is None:
-            token = select_token(logits, req.sampling, self.rng, seen)
+            token = select_token(logits, req.sampling, self.rng, seen, generated)
         else:  # only a constrained row pays for its mask
-            token = self.constraint.select(logits, req.sampling, self.rng, seen)
+            token = self.constraint.select(logits, req.sampling, self.rng, seen, generated)
+        lp = None if req.logprobs is None else token_logprobs(logits, token, req.logprobs)
         self.generated.append(token)
         stopped = token in req.stop_token_ids
         if self.constraint is not None:
@@ -69,4 +75,4 @@ class RowDecoder:
         self.finish_reason = finish_reason(len(self.generated), req.max_new_tokens, stopped)
         if self.finish_reason is not None and self.text is not None:
             text += self.text.finish()
-        return TokenOutput(token, text, self.finish_reason)
+        return TokenOutput(token, text, self.finish_reason, lp)

@@ -1,4 +1,5 @@
-"""Token selection from logits: greedy, temperature, top-k, top-p, repetition penalty (HF semantics).
+"""Token selection from logits: greedy, temperature, top-k, top-p, repetition penalty (HF semantics),
+presence and frequency penalties (OpenAI's definitions), and the log-probabilities a request asks for.
 
 Seeded sampling is portable: :class:`TokenRng` is SplitMix64, and a token is drawn by inverse CDF over
 the filtered float64 probabilities in token-id order, so the C++ runtime draws the same tokens.
@@ -17,15 +18,26 @@ from mtx.errors import UsageError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+    """``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
+
+    ``presence_penalty`` / ``frequency_penalty`` in [-2, 2] (OpenAI's range; 0 disables them): token j's
+    logit loses ``frequency_penalty * count[j] + presence_penalty * (count[j] > 0)``, ``count`` over the
+    generated tokens only (not the prompt). Applied after the repetition penalty, before temperature."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def counts_generated(self) -> bool:
+        """Whether selection needs the generated ids (a presence or frequency penalty is set)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def validate(self) -> None:
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise UsageError(f"{name} must be a finite number, got {value!r}", params=(name,))
@@ -40,7 +52,16 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise UsageError(f"repetition_penalty must be > 0, got {self.repetition_penalty}",
                              params=("repetition_penalty",))
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise UsageError(f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {getattr(self, name)}",
+                                 params=(name,))
 
+
+#: OpenAI's bound on |presence_penalty| and |frequency_penalty|.
+MAX_PENALTY = 2.0
+#: The most alternatives a request may ask log-probabilities of (OpenAI's ``top_logprobs`` limit).
+MAX_LOGPROBS = 20
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -92,15 +113,48 @@ def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: floa
     return out
 
 
-def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | None,
-                 seen: np.ndarray | None = None) -> int:
-    """One token id in ``[0, V)`` from a logits row [V]; greedy takes no draw, sampling takes one.
+def apply_presence_frequency(logits: np.ndarray, generated: np.ndarray, presence: float,
+                             frequency: float) -> np.ndarray:
+    """``logits[j] - frequency * count[j] - presence * (count[j] > 0)``, ``count`` of j in ``generated``
+    (OpenAI's formula), computed in float64 and returned as float32; ``logits`` itself is not changed."""
+    if generated.size == 0 or (presence == 0 and frequency == 0):
+        return logits
+    ids, counts = np.unique(generated, return_counts=True)
+    out = logits.copy()
+    out[ids] = (out[ids].astype(np.float64) - (frequency * counts + presence)).astype(np.float32)
+    return out
 
-    No option value can produce NaN probabilities: infinite logits and penalised values that overflow
-    are clamped to the largest float32, and where ``x / T`` overflows the maximum is subtracted before
-    dividing by the temperature (otherwise the arithmetic is the C++ runtime's, draw for draw). NaN
-    logits (a broken row) raise ValueError, which fails that request alone.
-    """
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one step, of the model's raw logits (log-softmax before any penalty,
+    temperature or filter, as OpenAI documents): ``logprob`` of the chosen token and ``top``, the
+    ``(id, logprob)`` of the most likely tokens, most likely first (ties: lower id first)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> TokenLogprobs:
+    """The :class:`TokenLogprobs` of ``token`` and the ``top_n`` most likely ids of a logits row [V]
+    (float64 log-softmax; infinite logits clamped to the largest float32 as :func:`select_token` does)."""
+    big = np.finfo(np.float32).max
+    x = np.clip(logits.astype(np.float64), -big, big)
+    m = x.max()
+    lp = x - (m + np.log(np.exp(x - m).sum()))
+    top: tuple[tuple[int, float], ...] = ()
+    if top_n > 0:
+        n = min(top_n, lp.size)
+        cand = np.argpartition(-lp, n - 1)[:n] if n < lp.size else np.arange(lp.size)
+        cand = cand[np.lexsort((cand, -lp[cand]))]
+        top = tuple((int(i), float(lp[i])) for i in cand)
+    return TokenLogprobs(float(lp[token]), top)
+
+
+def penalised_logits(logits: np.ndarray, params: SamplingParams, seen: np.ndarray | None = None,
+                     generated: np.ndarray | None = None) -> np.ndarray:
+    """Logits [V] (float32, finite: infinities clamped to the largest float32) after the repetition
+    penalty (over ``seen``) and the presence/frequency penalties (over ``generated``); ValueError on NaN."""
     logits = logits.astype(np.float32, copy=False)
     big = np.finfo(np.float32).max
     if not np.isfinite(logits).all():  # one pass over the row in the common, finite case
@@ -111,6 +165,25 @@ def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | Non
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         logits = np.clip(logits, -big, big)
+    if generated is not None and params.counts_generated:
+        with np.errstate(over="ignore", invalid="ignore"):
+            logits = apply_presence_frequency(logits, generated, params.presence_penalty, params.frequency_penalty)
+        logits = np.clip(logits, -big, big)
+    return logits
+
+
+def select_token(logits: np.ndarray, params: SamplingParams, rng: TokenRng | None,
+                 seen: np.ndarray | None = None, generated: np.ndarray | None = None) -> int:
+    """One token id in ``[0, V)`` from a logits row [V]; greedy takes no draw, sampling takes one.
+
+    No option value can produce NaN probabilities: infinite logits and penalised values that overflow
+    are clamped to the largest float32, and where ``x / T`` overflows the maximum is subtracted before
+    dividing by the temperature (otherwise the arithmetic is the C++ runtime's, draw for draw). NaN
+    logits (a broken row) raise ValueError, which fails that request alone. ``seen``: the ids the
+    repetition penalty counts (prompt and generated); ``generated``: the generated ids, which the
+    presence and frequency penalties count (the C++ runtime has neither penalty).
+    """
+    logits = penalised_logits(logits, params, seen, generated)
     if params.temperature == 0:
         return int(np.argmax(logits))
     with np.errstate(over="ignore", invalid="ignore"):

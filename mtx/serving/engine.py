@@ -57,13 +57,15 @@ class EngineDraining(Exception):
 @dataclass(frozen=True)
 class Event:
     """``kind`` "token" (``token`` set, ``text`` its visible text delta) or "finish" (``finish_reason`` one
-    of FINISH_REASONS, ``text`` any visible text released at the end; ``message`` set for "error")."""
+    of FINISH_REASONS, ``text`` any visible text released at the end; ``message`` set for "error").
+    A token's ``logprobs`` (:class:`~mtx.runtime.sampling.TokenLogprobs`) when its request asks for them."""
 
     kind: str
     token: int | None = None
     finish_reason: str | None = None
     message: str | None = None
     text: str = ""
+    logprobs: Any = None
 
 
 @dataclass
@@ -306,7 +308,8 @@ class Engine:
             if h.t_first is None:
                 h.t_first = time.perf_counter()
             h.n_tokens += 1
-            if not self._send(h, Event("token", token=o.token, text=o.text if o.finish_reason is None else "")):
+            if not self._send(h, Event("token", token=o.token, text=o.text if o.finish_reason is None else "",
+                                       logprobs=o.logprobs)):
                 return
         if o.finish_reason is not None:
             if o.finish_reason == "error":

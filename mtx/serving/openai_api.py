@@ -6,7 +6,15 @@ deployment (mtx.serving.ray_app) mount the same FastAPI routes.
 
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` — ``stream: true`` sends server-sent events
   ``data: {json}\\n\\n`` and a final ``data: [DONE]\\n\\n``, as OpenAI does; usage in the response,
-  and in a last chunk with ``stream_options.include_usage``.
+  and in a last chunk with ``stream_options.include_usage``. ``n`` choices are ``n`` engine requests
+  (:class:`Choices`); their stream chunks carry the choice's ``index``. Structured output and tools
+  (mtx.serving.tools): the grammar is compiled once per request and each choice matches with its
+  own copy; each choice reads its own output for tool calls; logprobs cover the content tokens
+  (none for the tool-call tokens, from ``[TOOL_CALLS]`` on).
+* ``POST /tokenize``, ``POST /detokenize`` (vLLM's shapes): the prompt ids a completion or chat
+  completion would get (the same preparation: :meth:`OpenAIServer.completion_ids`,
+  :meth:`OpenAIServer.chat_prompt`, tools included), and the text of ids; prepared on the worker pool
+  like the others.
 * ``GET /v1/models``, ``GET /health`` (liveness), ``GET /ready`` and ``GET /health/ready``,
   ``GET /metrics`` (Prometheus).
 
@@ -25,10 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +54,19 @@ from mtx.serving import protocol
 from mtx.runtime.grammar import GrammarCompiler, GrammarSpec
 from mtx.serving.chat import chat_encoder
 from mtx.serving.engine import Engine, EngineBusy, EngineDraining, Event, RequestHandle
+from mtx.serving.logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from mtx.serving.metrics import ServingMetrics
 from mtx.serving.protocol import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_COMPLETION_MAX_TOKENS, DEFAULT_MAX_REQUEST_BYTES,
-                                  SSE_DONE, ApiError, ChatRequest, CompletionRequest, Envelope, Prepared,
-                                  SamplingRequest, api_error, sse)
+                                  SSE_DONE, ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Envelope,
+                                  Prepared, SamplingRequest, TokenizeChatRequest, api_error, sse)
 from mtx.serving.tools import TOOL_CALLS_TOKEN, ToolOutput, ToolRequest, response_grammar, tool_request
 from mtx.tokenizer import encode_checked
 
 log = logging.getLogger("mtx.serving")
 #: Worker threads that parse, tokenize and render requests (off the event loop).
 PREPARE_THREADS = 4
-Sink = Callable[[Event], None]
+#: A request's event sink: (choice index, event).
+Sink = Callable[[int, Event], None]
 
 
 # -- the routes' state ---------------------------------------------------------------------------------
@@ -65,10 +77,54 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
         pass
 
 
+class Choices:
+    """The engine requests of one API request, one per choice (``handles[i]`` is choice i)."""
+
+    def __init__(self, handles: list[RequestHandle]) -> None:
+        self.handles = handles
+
+    def cancel(self) -> None:
+        """Cancel every choice (idempotent; a finished one is not affected)."""
+        for h in self.handles:
+            h.cancel()
+
+
+@dataclass
+class _Choice:
+    """What a response has of one choice so far: text ``parts``, ``tokens`` generated, the finish
+    ``reason``, the (token, logprobs) ``steps`` (when asked) and, streaming completions, the next
+    ``text_offset``. With tools: its own :class:`ToolOutput` and ``content_steps``, the steps before
+    the ``[TOOL_CALLS]`` token (None until it comes)."""
+
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    reason: str | None = None
+    steps: list[tuple[int, Any]] = field(default_factory=list)
+    offset: int = 0
+    tools: ToolOutput | None = None
+    content_steps: int | None = None
+
+    @staticmethod
+    def all_of(prep: Prepared) -> list[_Choice]:
+        """The ``n`` choices of ``prep``, each reading its own output for tool calls where ``prep`` asks."""
+        return [_Choice(tools=ToolOutput(*prep.tool_calls) if prep.tool_calls is not None else None)
+                for _ in range(prep.n)]
+
+    def push_tools(self, ev: Event) -> tuple[str, list[dict[str, Any]]]:
+        """Pass ``ev`` to the choice's :class:`ToolOutput`: its (content delta, tool call deltas); ("", [])
+        without tools."""
+        if self.tools is None:
+            return "", []
+        out = self.tools.push(ev.token, ev.text)
+        if self.tools.parser is not None and self.content_steps is None:
+            self.content_steps = len(self.steps)
+        return out
+
+
 class _StreamResponse(StreamingResponse):
     """An SSE response that cancels its request however it ends, even if its body never started."""
 
-    def __init__(self, handle: RequestHandle, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, handle: Choices, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._handle = handle
 
@@ -106,6 +162,7 @@ class OpenAIServer:
                                         self.generator.eos_token_ids)
         self.tool_calls_id = _control_id(self.generator.tokenizer, TOOL_CALLS_TOKEN)
         self.v11_calls = _control_id(self.generator.tokenizer, "[ARGS]") is not None
+        self.token_texts = TokenTexts(self.generator.tokenizer)
         self._pool = ThreadPoolExecutor(max_workers=prepare_threads, thread_name_prefix="mtx-prepare")
         #: Requests being parsed / prepared at once (running or waiting for a worker); beyond it, 429.
         self.max_preparing = prepare_threads + engine.max_queue
@@ -125,9 +182,12 @@ class OpenAIServer:
     def _prepare(self, req: SamplingRequest, ids: list[int], max_tokens: int | None, default_max: int | None,
                  prompt_field: str, grammar: GrammarSpec | None = None) -> Prepared:
         """Validate the sampling fields, then compile ``grammar`` (or that of ``response_format`` /
-        ``guided_*``) here, on the worker thread: 400 naming the field when it is invalid."""
+        ``guided_*``) here, on the worker thread: 400 naming the field when it is invalid. The compiled
+        :class:`~mtx.runtime.grammar.Constraint` is shared by the ``n`` choices, each of which matches
+        with its own copy (``Constraint.start``)."""
         prep = protocol.prepare(req, ids, max_tokens=max_tokens, default_max=default_max, prompt_field=prompt_field,
-                                position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids)
+                                position_limit=self.position_limit(), eos_token_ids=self.generator.eos_token_ids,
+                                max_n=self.engine.max_queue)
         try:
             spec = response_grammar(req)
             if grammar is not None and spec is not None:
@@ -147,16 +207,18 @@ class OpenAIServer:
             prompt = encode_checked(tokenizer, prompt, what, add_special_tokens, release_gil=True)
         return self.generator.to_ids(prompt, what)
 
-    def prepare_completion(self, req: CompletionRequest) -> Prepared:
-        protocol.check_model(req, self.model_name)
-        prompt = protocol.completion_prompt(req)
+    def completion_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        """The prompt ids of a completion (and of ``/tokenize``'s text): the one path (400 naming ``prompt``)."""
         try:
-            ids = self._ids(prompt, "prompt", self.generator.tokenizer, add_special_tokens=True)
+            return self._ids(prompt, "prompt", self.generator.tokenizer, add_special_tokens=add_special_tokens)
         except MtxError as e:
             raise api_error(e, "prompt") from None
-        return self._prepare(req, ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
 
-    def prepare_chat(self, req: ChatRequest) -> Prepared:
+    def chat_prompt(self, req: ChatRequest, add_generation_prompt: bool = True
+                    ) -> tuple[list[int], ToolRequest | None]:
+        """The prompt ids of a chat request and its checked tools (None: none): the one chat prompt path,
+        of chat completions and of ``/tokenize``'s messages alike (the tools are in the prompt; 400
+        naming the field)."""
         protocol.check_model(req, self.model_name)
         messages = protocol.chat_messages(req, self.chat is not None)
         try:
@@ -165,26 +227,69 @@ class OpenAIServer:
             raise api_error(e, "tools") from None
         try:
             assert self.chat is not None  # chat_messages refuses a request without a tokenizer
-            prompt = self.chat.encode(messages, tools=tools.tools if tools is not None else None)
-            ids = self.generator.to_ids(prompt, "chat prompt")
+            prompt = self.chat.encode(messages, add_generation_prompt, tools=tools.tools if tools is not None else None)
+            return self.generator.to_ids(prompt, "chat prompt"), tools
         except MtxError as e:
             raise api_error(e, "messages") from None
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        prep = self._prepare(req, ids, max_tokens, None, "messages", tools.grammar if tools is not None else None)
+
+    def prepare_completion(self, req: CompletionRequest) -> Prepared:
+        protocol.check_model(req, self.model_name)
+        ids = self.completion_ids(protocol.completion_prompt(req))
+        return self._prepare(req, ids, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
+
+    def prepare_chat(self, req: ChatRequest) -> Prepared:
+        ids, tools = self.chat_prompt(req)
+        prep = self._prepare(req, ids, protocol.chat_max_tokens(req), None, "messages",
+                             tools.grammar if tools is not None else None)
         if tools is not None and tools.parses:
             assert self.tool_calls_id is not None  # tool_request refuses tools the model cannot call
             prep = dataclasses.replace(prep, tool_calls=(self.tool_calls_id, tools.parallel))
         return prep
 
-    def submit(self, prep: Prepared, sink: Sink) -> RequestHandle:
-        """Submit ``prep`` to the engine (any thread); its events go to ``sink``."""
+    def submit(self, prep: Prepared, sink: Sink) -> Choices:
+        """Submit ``prep``'s ``n`` choices to the engine (any thread); choice i's events go to
+        ``sink(i, event)``. All or none: if one is refused, those already submitted are cancelled."""
+        handles: list[RequestHandle] = []
         try:
-            return self.engine.submit(prep.ids, prep.max_tokens, sink=sink, want_text=self.generator.tokenizer
-                                      is not None, **prep.options)
+            for i in range(prep.n):
+                handles.append(self.engine.submit(prep.ids, prep.max_tokens, sink=functools.partial(sink, i),
+                                                  want_text=self.generator.tokenizer is not None,
+                                                  **prep.choice_options(i)))
         except (EngineBusy, EngineDraining, MtxError) as e:
+            Choices(handles).cancel()
             raise api_error(e, "max_tokens") from None
+        return Choices(handles)
 
-    def _admit(self, raw: bytes, chat: bool, sink: Sink) -> tuple[SamplingRequest, Prepared, RequestHandle]:
+    # -- /tokenize, /detokenize (on a worker thread) ---------------------------------------------------
+    def tokenize(self, raw: bytes) -> dict[str, Any]:
+        """``POST /tokenize``: ``{count, max_model_len, tokens}`` of a text prompt or chat messages."""
+        body = protocol.parse_tokenize(raw)
+        if isinstance(body, TokenizeChatRequest):
+            if body.add_special_tokens:
+                raise ApiError(400, "add_special_tokens: must be false for messages (the chat template writes "
+                               "the special tokens)", "add_special_tokens")
+            ids, _ = self.chat_prompt(body, body.add_generation_prompt)
+        else:
+            protocol.check_model(body, self.model_name)
+            if self.generator.tokenizer is None:
+                raise ApiError(400, "prompt: this export has no tokenizer", "prompt")
+            ids = self.completion_ids(body.prompt, body.add_special_tokens)
+        return protocol.tokenize_response(ids, self.position_limit())
+
+    def detokenize(self, raw: bytes) -> dict[str, Any]:
+        """``POST /detokenize``: ``{prompt}``, the text of ``tokens`` as generated text reads (special
+        tokens skipped)."""
+        body = protocol.parse_body(raw, DetokenizeRequest)
+        protocol.check_model(body, self.model_name)
+        if self.generator.tokenizer is None:
+            raise ApiError(400, "tokens: this export has no tokenizer", "tokens")
+        vocab = self.generator.config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens: token id {bad[0]} is out of range for a vocabulary of {vocab}", "tokens")
+        return {"prompt": self.generator.decode(body.tokens)}
+
+    def _admit(self, raw: bytes, chat: bool, sink: Sink) -> tuple[SamplingRequest, Prepared, Choices]:
         """On a worker thread: parse and validate ``raw``, tokenize, submit (ApiError when refused)."""
         body: SamplingRequest
         if chat:
@@ -206,18 +311,31 @@ class OpenAIServer:
         except ClientDisconnect:
             raise ApiError(400, "the client disconnected while sending the request body") from None
 
-    async def handle(self, request: Request, chat: bool) -> Response:
-        """One POST of a completion (``chat``: a chat completion): read, prepare off the loop, run."""
-        raw = await self.read_body(request)
+    def _check_preparing(self) -> None:
         if self._preparing >= self.max_preparing:
             raise ApiError(429, f"{self._preparing} requests are being prepared; retry later", None,
                            "rate_limit_error", "queue_full")
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
 
-        def sink(ev: Event) -> None:
+    async def handle_json(self, request: Request, work: Callable[[bytes], dict[str, Any]]) -> Response:
+        """A POST answered by ``work(body)`` (run on the worker pool, counted as a request being prepared)."""
+        raw = await self.read_body(request)
+        self._check_preparing()
+        loop = asyncio.get_running_loop()
+        self._preparing += 1
+        future = self._pool.submit(work, raw)
+        future.add_done_callback(lambda _: _call_soon(loop, self._prepared))
+        return JSONResponse(await asyncio.wrap_future(future))
+
+    async def handle(self, request: Request, chat: bool) -> Response:
+        """One POST of a completion (``chat``: a chat completion): read, prepare off the loop, run."""
+        raw = await self.read_body(request)
+        self._check_preparing()
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+        def sink(index: int, ev: Event) -> None:
             try:
-                loop.call_soon_threadsafe(events.put_nowait, ev)
+                loop.call_soon_threadsafe(events.put_nowait, (index, ev))
             except RuntimeError:  # the event loop is gone (server stopped): nobody is listening
                 pass
 
@@ -238,9 +356,9 @@ class OpenAIServer:
     def _prepared(self) -> None:
         self._preparing -= 1
 
-    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: RequestHandle,
-                  events: asyncio.Queue[Event], chat: bool) -> Response:
-        """Answer a submitted request: an SSE stream, or one JSON object when it finishes.
+    async def run(self, request: Request, body: SamplingRequest, prep: Prepared, handle: Choices,
+                  events: asyncio.Queue[tuple[int, Event]], chat: bool) -> Response:
+        """Answer a submitted request: an SSE stream, or one JSON object when every choice finished.
 
         The text is the engine's (the core's one detokenizer: complete characters only, ending before
         the first stop string); this layer only wraps it."""
@@ -248,84 +366,112 @@ class OpenAIServer:
         if body.stream:
             return _StreamResponse(handle, self._stream(handle, events, env, prep),
                                    media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait(_GONE)))
-        tools = ToolOutput(*prep.tool_calls) if prep.tool_calls is not None else None
+        watcher = asyncio.create_task(_on_disconnect(request, lambda: events.put_nowait((-1, _GONE))))
         try:
-            reason, text, n_tokens = await self._collect(events, tools)
+            choices = await self._collect(events, prep)
         finally:
             watcher.cancel()
-            handle.cancel()  # no-op once finished; frees the row if the client went away
-        if reason == "error":
+            handle.cancel()  # no-op once finished; frees the rows if the client went away
+        if any(c.reason == "error" for c in choices):
             raise ApiError(500, "the engine failed on this request", None, "server_error")
-        usage = protocol.usage(len(prep.ids), n_tokens)
-        if tools is not None:
-            content, calls = tools.message()
-            return JSONResponse(env.wrap([env.call_choice(content, calls, "tool_calls" if calls and reason == "stop"
-                                                          else reason)], usage))
-        return JSONResponse(env.wrap([env.choice(text, reason)], usage))
+        out = [self._whole_choice(env, i, c) for i, c in enumerate(choices)]
+        return JSONResponse(env.wrap(out, protocol.usage(len(prep.ids), sum(c.tokens for c in choices))))
+
+    def _whole_choice(self, env: Envelope, index: int, c: _Choice) -> dict[str, Any]:
+        """Choice ``index`` of a whole response. With tools: content and parsed ``tool_calls``
+        (finish reason "tool_calls" where calls parsed and it stopped), and the logprobs of the content
+        tokens only (those before ``[TOOL_CALLS]``; all tokens where the call text did not parse and is
+        returned as content)."""
+        if c.tools is None:
+            return env.choice("".join(c.parts), c.reason, index=index, logprobs=self._logprobs(env, c, c.steps))
+        content, calls = c.tools.message()
+        steps = c.steps[:c.content_steps] if calls and c.content_steps is not None else c.steps
+        reason = "tool_calls" if calls and c.reason == "stop" else c.reason
+        return env.call_choice(content, calls, reason, index=index, logprobs=self._logprobs(env, c, steps))
+
+    def _logprobs(self, env: Envelope, choice: _Choice, steps: list[tuple[int, Any]]) -> dict[str, Any] | None:
+        """The ``logprobs`` object of ``steps`` of ``choice`` (None when not asked; completions: its
+        ``text_offset`` continues from the choice's last one)."""
+        if not steps:
+            return None
+        if env.chat:
+            return chat_logprobs(self.token_texts, steps)
+        obj, choice.offset = completion_logprobs(self.token_texts, steps, choice.offset)
+        return obj
 
     @staticmethod
-    async def _collect(events: asyncio.Queue[Event], tools: ToolOutput | None = None) -> tuple[str, str, int]:
-        """(finish reason, text, tokens) of a request ("cancelled" as soon as the client is gone); with
-        ``tools``, each event's token and text also go to it."""
-        parts: list[str] = []
-        n_tokens = 0
-        while True:
-            ev = await events.get()
+    async def _collect(events: asyncio.Queue[tuple[int, Event]], prep: Prepared) -> list[_Choice]:
+        """Every choice to its end ("cancelled" for those unfinished as soon as the client is gone)."""
+        choices = _Choice.all_of(prep)
+        left = prep.n
+        while left:
+            index, ev = await events.get()
             if ev is _GONE:
-                return "cancelled", "".join(parts), n_tokens
-            parts.append(ev.text)
-            if tools is not None:
-                tools.push(ev.token, ev.text)
+                for c in choices:
+                    c.reason = c.reason or "cancelled"
+                return choices
+            c = choices[index]
+            c.parts.append(ev.text)
+            c.push_tools(ev)
             if ev.kind == "token":
-                n_tokens += 1
+                c.tokens += 1
+                if ev.logprobs is not None:
+                    c.steps.append((int(ev.token), ev.logprobs))  # type: ignore[arg-type]
             else:
-                return ev.finish_reason or "error", "".join(parts), n_tokens
+                c.reason = ev.finish_reason or "error"
+                left -= 1
+        return choices
 
-    async def _stream(self, handle: RequestHandle, events: asyncio.Queue[Event], env: Envelope,
+    async def _stream(self, handle: Choices, events: asyncio.Queue[tuple[int, Event]], env: Envelope,
                       prep: Prepared) -> AsyncIterator[str]:
-        """The SSE events of one request; always ends with ``[DONE]`` and cancels ``handle``."""
-        n_tokens = 0
-        tools = ToolOutput(*prep.tool_calls) if prep.tool_calls is not None else None
+        """The SSE events of one request (its choices' chunks as they come, each with its ``index``);
+        always ends with ``[DONE]`` and cancels ``handle``. With tools, a choice's chunks carry content
+        or ``tool_calls`` deltas, and logprobs with its content tokens only (none from ``[TOOL_CALLS]`` on)."""
+        choices = _Choice.all_of(prep)
+        left = prep.n
         try:
             if env.chat:
-                yield sse(env.wrap([env.choice(None, None, role=True)]))
-            while True:
-                ev = await events.get()
+                for i in range(prep.n):
+                    yield sse(env.wrap([env.choice(None, None, role=True, index=i)]))
+            while left:
+                i, ev = await events.get()
+                c = choices[i]
                 if ev.kind == "token":
-                    n_tokens += 1
-                    if tools is not None:
-                        content, deltas = tools.push(ev.token, ev.text)
-                        if content or deltas:
-                            yield sse(env.wrap([env.call_choice(content, deltas, None)]))
-                    elif ev.text:
-                        yield sse(env.wrap([env.choice(ev.text, None)]))
+                    c.tokens += 1
+                    content, deltas = c.push_tools(ev)
+                    lp = None
+                    if ev.logprobs is not None and (c.tools is None or c.tools.parser is None):
+                        lp = self._logprobs(env, c, [(int(ev.token), ev.logprobs)])  # type: ignore[arg-type]
+                    if c.tools is not None:
+                        if content or deltas or lp is not None:
+                            yield sse(env.wrap([env.call_choice(content, deltas, None, index=i, logprobs=lp)]))
+                    elif ev.text or lp is not None:
+                        yield sse(env.wrap([env.choice(ev.text, None, index=i, logprobs=lp)]))
                     continue
+                left -= 1
                 reason = ev.finish_reason
                 if reason == "error":
                     yield sse(ApiError(500, f"the engine failed on this request: {ev.message}", None,
                                        "server_error").body())
                     break
-                if tools is not None:
-                    content, deltas = tools.push(ev.token, ev.text)
+                if c.tools is not None:
+                    content, deltas = c.push_tools(ev)
                     if content or deltas:
-                        yield sse(env.wrap([env.call_choice(content, deltas, None)]))
-                    if reason == "stop" and tools.calls():
+                        yield sse(env.wrap([env.call_choice(content, deltas, None, index=i)]))
+                    if reason == "stop" and c.tools.calls():
                         reason = "tool_calls"
-                    yield sse(env.wrap([env.choice(None, reason)]))
+                    yield sse(env.wrap([env.choice(None, reason, index=i)]))
                 elif env.chat:
                     if ev.text:
-                        yield sse(env.wrap([env.choice(ev.text, None)]))
-                    yield sse(env.wrap([env.choice(None, reason)]))
+                        yield sse(env.wrap([env.choice(ev.text, None, index=i)]))
+                    yield sse(env.wrap([env.choice(None, reason, index=i)]))
                 else:
-                    yield sse(env.wrap([env.choice(ev.text, reason)]))
-                if env.include_usage:
-                    yield sse(env.wrap([], protocol.usage(len(prep.ids), n_tokens)))
-                break
+                    yield sse(env.wrap([env.choice(ev.text, reason, index=i)]))
+            if not left and env.include_usage:
+                yield sse(env.wrap([], protocol.usage(len(prep.ids), sum(c.tokens for c in choices))))
             yield SSE_DONE
         finally:
-            handle.cancel()  # the client went away (or we are done): free the row now
-
+            handle.cancel()  # the client went away (or we are done): free the rows now
 
 def _control_id(tokenizer: Any | None, text: str) -> int | None:
     """The id of control token ``text`` in ``tokenizer`` (an HF added special token, or one of Mistral's),
@@ -458,6 +604,16 @@ def add_routes(app: FastAPI, get_server: Callable[[], OpenAIServer]) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await get_server().handle(request, chat=True)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        server = get_server()
+        return await server.handle_json(request, server.tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        server = get_server()
+        return await server.handle_json(request, server.detokenize)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

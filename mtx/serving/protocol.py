@@ -15,12 +15,40 @@ options, response envelopes, and OpenAI's error JSON.
   at most :data:`MAX_STOP_CHARS` characters, and the chat roles of :data:`CHAT_ROLES`.
   :func:`parse_body` applies them before pydantic sees the body.
 
-Sampling fields: ``temperature`` (OpenAI's default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
-(completions default 16; chat default: up to 256 or the positions left), and the vLLM-style
-extensions ``top_k``, ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``. Structured output
-(``response_format``, vLLM's ``guided_*``) and tools (``tools``, ``tool_choice``,
-``parallel_tool_calls``; ``tool`` messages, an assistant's ``tool_calls``) are checked in
-mtx.serving.tools. Unknown fields are ignored; known fields of the wrong type are refused.
+Fields (OpenAI's meanings unless said):
+
+* Supported: ``model``, ``temperature`` (default 1), ``top_p``, ``seed``, ``stop``, ``max_tokens``
+  (completions default 16; chat default: up to 256 or the positions left), ``max_completion_tokens``
+  (chat; an alias of ``max_tokens``: both given and different is a 400), ``presence_penalty`` and
+  ``frequency_penalty`` (in [-2, 2]; ``logit[j] -= frequency_penalty * count[j] + presence_penalty *
+  (count[j] > 0)`` over the generated tokens), ``n`` (1 to the server's ``--max-queue``), ``stream``,
+  ``stream_options.include_usage``, ``logprobs`` (chat: true/false with ``top_logprobs`` 0..20;
+  completions: 0..20), ``user`` (accepted, unused), and the vLLM-style extensions ``top_k``,
+  ``repetition_penalty``, ``stop_token_ids``, ``ignore_eos``, ``speculative``.
+* Structured output and tools, checked in :mod:`mtx.serving.tools`: ``response_format``
+  (``json_object``, ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` / ``guided_choice`` /
+  ``guided_grammar`` (at most one of these), ``tools``, ``tool_choice``, ``parallel_tool_calls``
+  (chat), and in messages a ``tool`` message's ``tool_call_id`` and an assistant's ``tool_calls``.
+* ``n``: the choices are separate requests in the engine (the prefix cache shares their prompt).
+  Choice i samples with ``TokenRng(seed, stream=i)`` — with a ``seed`` exactly row i of
+  ``generate([prompt] * n, seed=seed)`` offline; without one each choice draws its own random seed.
+  Each choice runs its own copy of the grammar's matcher. Stream chunks carry their choice's
+  ``index``; usage counts the prompt once and every choice's tokens.
+* ``logprobs``: log-softmax of the raw logits before penalties, temperature, filters and any grammar
+  mask (OpenAI's definition), in OpenAI's shapes (:mod:`mtx.serving.logprobs`); computed only when
+  asked. With tools, they cover the content tokens only (OpenAI's ``logprobs.content``): the tokens
+  from ``[TOOL_CALLS]`` on, which become ``tool_calls``, have none (a call-only choice: null; call
+  text that does not parse is content, with its tokens' entries).
+* Refused with 400: ``echo``, ``suffix``, ``best_of`` other than 1, several completion prompts,
+  ``logprobs``/``top_logprobs`` above 20, ``top_logprobs`` without ``logprobs: true``; an invalid or
+  too large grammar or schema, more than one of ``response_format`` / ``guided_*``, a forced tool call
+  with one of them, and ``tools`` for a tokenizer without ``[TOOL_CALLS]`` (or with Mistral's v11
+  call format), each naming its field.
+* Ignored: unknown fields (``logit_bias``, ...). Known fields of the wrong type are refused.
+
+Also ``POST /tokenize`` and ``POST /detokenize`` (vLLM's shapes): :class:`TokenizeCompletionRequest`,
+:class:`TokenizeChatRequest` (its ``tools`` are in the prompt as a chat completion's are),
+:class:`DetokenizeRequest`.
 """
 
 from __future__ import annotations
@@ -44,6 +72,8 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 #: Python parameter names of mtx errors -> the request field they concern.
 FIELD_OF_PARAM = {"max_new_tokens": "max_tokens", "prompt": "prompt", "max_position": "max_tokens",
                   "cache_capacity": "max_tokens"}
+#: The most alternatives ``logprobs`` (completions) and ``top_logprobs`` (chat) may ask for.
+MAX_TOP_LOGPROBS = 20
 #: The last event of every stream.
 SSE_DONE = "data: [DONE]\n\n"
 #: Bytes a request body may have (``mtx serve --max-request-bytes``): 2 MiB holds a 128K-token prompt
@@ -134,9 +164,33 @@ class ChatRequest(SamplingRequest):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
     parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
 
 
-_M = TypeVar("_M", bound=SamplingRequest)
+class TokenizeCompletionRequest(_Strict):
+    """``POST /tokenize`` of a text (vLLM's shape)."""
+
+    model: str
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(ChatRequest):
+    """``POST /tokenize`` of chat messages (vLLM's shape): the chat prompt a chat completion would get.
+    ``add_special_tokens`` must be false (the template writes the special tokens)."""
+
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize`` (vLLM's shape)."""
+
+    model: str
+    tokens: list[int]
+
+
+_T = TypeVar("_T", bound=BaseModel)
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -195,7 +249,8 @@ def http_error(status: int, detail: Any, method: str, path: str) -> ApiError:
     """The :class:`ApiError` of a Starlette HTTPException (unknown route, method not allowed, ...)."""
     if status == 404:
         return ApiError(404, f"no route {method} {path}; routes: POST /v1/completions, POST /v1/chat/completions, "
-                        "GET /v1/models, /health, /ready, /metrics", None, "invalid_request_error", "not_found")
+                        "POST /tokenize, POST /detokenize, GET /v1/models, /health, /ready, /metrics", None,
+                        "invalid_request_error", "not_found")
     if status == 405:
         return ApiError(405, f"method {method} is not allowed on {path}", None, "invalid_request_error",
                         "method_not_allowed")
@@ -208,11 +263,22 @@ def too_large(limit: int) -> ApiError:
                     None, "invalid_request_error", "request_too_large")
 
 
-def parse_body(raw: bytes, model: type[_M]) -> _M:
+def parse_body(raw: bytes, model: type[_T]) -> _T:
     """The request ``model`` of body ``raw``; ApiError 400 naming what is wrong.
 
     Invariant: the count limits (:func:`check_limits`) hold before pydantic validates, so validation
     (which holds the GIL) is linear in a bounded body with no large lists of objects."""
+    return _validate(load_body(raw), model)
+
+
+def parse_tokenize(raw: bytes) -> TokenizeChatRequest | TokenizeCompletionRequest:
+    """The body of ``POST /tokenize``: chat messages (``messages`` present) or a text prompt."""
+    obj = load_body(raw)
+    return _validate(obj, TokenizeChatRequest if "messages" in obj else TokenizeCompletionRequest)
+
+
+def load_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of body ``raw``, within the count limits (:func:`check_limits`); ApiError 400."""
     try:
         obj = json.loads(raw)
     except RecursionError:
@@ -224,6 +290,10 @@ def parse_body(raw: bytes, model: type[_M]) -> _M:
     if not isinstance(obj, dict):
         raise ApiError(400, "request body must be a JSON object")
     check_limits(obj)
+    return obj
+
+
+def _validate(obj: dict[str, Any], model: type[_T]) -> _T:
     try:
         return model.model_validate(obj)
     except ValidationError as e:
@@ -255,7 +325,9 @@ def check_limits(obj: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class Prepared:
     """A validated request: prompt ``ids``, ``max_tokens`` new tokens at most, ``options`` (the keyword
-    arguments of ``Engine.submit``) and the ``stop`` strings the text is cut at."""
+    arguments of ``Engine.submit``; a ``constraint`` there is compiled once and each choice runs its own
+    matcher copy), the ``stop`` strings the text is cut at, and ``n`` choices (:meth:`choice_options`).
+    ``logprobs``: alternatives per token (None: no logprobs)."""
 
     ids: list[int]
     max_tokens: int
@@ -264,9 +336,18 @@ class Prepared:
     #: The ``[TOOL_CALLS]`` token id and whether parallel calls are kept, where the output is read for
     #: tool calls (mtx.serving.tools.ToolOutput); None otherwise.
     tool_calls: tuple[int, bool] | None = None
+    n: int = 1
+
+    @property
+    def logprobs(self) -> int | None:
+        return self.options.get("logprobs")
+
+    def choice_options(self, index: int) -> dict[str, Any]:
+        """The engine options of choice ``index``: its ``TokenRng`` is stream ``index`` of the seed."""
+        return {**self.options, "rng_stream": index}
 
 
-def check_model(req: SamplingRequest, served: str) -> None:
+def check_model(req: SamplingRequest | TokenizeCompletionRequest | DetokenizeRequest, served: str) -> None:
     """Refuse a request for a model other than ``served``."""
     if req.model != served:
         raise ApiError(400, f"model: unknown model {req.model!r}; this server serves {served!r}",
@@ -283,6 +364,41 @@ def completion_prompt(req: CompletionRequest) -> str | list[int]:
     if req.echo or req.suffix or (req.best_of not in (None, 1)):
         raise ApiError(400, "echo, suffix and best_of are not supported", "echo")
     return prompt
+
+
+def chat_max_tokens(req: ChatRequest) -> int | None:
+    """``max_completion_tokens`` or its alias ``max_tokens``; a 400 when both are given and differ."""
+    if req.max_completion_tokens is not None and req.max_tokens is not None and \
+            req.max_completion_tokens != req.max_tokens:
+        raise ApiError(400, f"max_completion_tokens ({req.max_completion_tokens}) and max_tokens ({req.max_tokens}) "
+                       "differ; give one of them", "max_completion_tokens")
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def logprobs_count(req: SamplingRequest) -> int | None:
+    """Alternatives per token the request asks log-probabilities of (None: no logprobs).
+
+    Chat: ``logprobs`` true/false and ``top_logprobs`` 0..20 (only with ``logprobs: true``);
+    completions: ``logprobs`` an integer 0..20."""
+    if isinstance(req, ChatRequest):
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise ApiError(400, "logprobs: true or false for chat completions (top_logprobs says how many "
+                           "alternatives)", "logprobs")
+        top = req.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        if not req.logprobs:
+            if top:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+            return None
+        return top or 0
+    value = req.logprobs
+    if value is None or value is False:
+        return None
+    if value is True or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}] for completions, got "
+                       f"{json.dumps(value)}", "logprobs")
+    return value
 
 
 def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, Any]]:
@@ -328,23 +444,23 @@ def chat_messages(req: ChatRequest, has_tokenizer: bool) -> list[dict[str, Any]]
 
 
 def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, default_max: int | None,
-            prompt_field: str, position_limit: int | None, eos_token_ids: Sequence[int]) -> Prepared:
+            prompt_field: str, position_limit: int | None, eos_token_ids: Sequence[int],
+            max_n: int | None = None) -> Prepared:
     """Validate the sampling fields of ``req`` for prompt ``ids``.
 
     ``max_tokens`` is the request's own (None: ``default_max``; None too: up to DEFAULT_CHAT_MAX_TOKENS
     within the positions left); ``position_limit`` bounds prompt + new tokens (None: unbounded);
-    ``prompt_field`` is the field blamed for a prompt too long."""
+    ``prompt_field`` is the field blamed for a prompt too long; ``max_n`` bounds ``n`` (None: 1).
+    Penalties and the other sampling values are checked where the engine prepares the request
+    (:func:`mtx.runtime.request.prepare_request`, the one home; 400 naming the field)."""
     left = position_limit
     if left is not None and len(ids) > left:
         raise ApiError(400, f"{prompt_field}: the prompt of {len(ids)} tokens exceeds the {left} positions "
                        f"of this model", prompt_field, code="context_length_exceeded")
-    if req.n != 1:
-        raise ApiError(400, f"n: only n = 1 is supported, got {req.n}", "n")
-    if req.logprobs not in (None, False, 0):
-        raise ApiError(400, "logprobs: not supported by this server", "logprobs")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0:
-            raise ApiError(400, f"{name}: not supported (use repetition_penalty)", name)
+    limit_n = 1 if max_n is None else max_n
+    if not 1 <= req.n <= limit_n:
+        raise ApiError(400, f"n must be in [1, {limit_n}] on this server (its --max-queue), got {req.n}", "n")
+    logprobs = logprobs_count(req)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
         raise ApiError(400, f"stop: up to {MAX_STOP_STRINGS} non-empty strings", "stop")
@@ -368,7 +484,11 @@ def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, def
                    seed=req.seed, stop=stop or None, stop_token_ids=stop_ids)
     if req.speculative is not None:
         options["speculative"] = req.speculative
-    return Prepared(ids, max_tokens, options, stop)
+    if req.presence_penalty or req.frequency_penalty:
+        options.update(presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty)
+    if logprobs is not None:
+        options["logprobs"] = logprobs
+    return Prepared(ids, max_tokens, options, stop, n=req.n)
 
 
 # -- responses ----------------------------------------------------------------------------------------
@@ -410,11 +530,12 @@ class Envelope:
             obj["usage"] = usage
         return obj
 
-    def call_choice(self, content: str | None, tool_calls: list[dict[str, Any]] | None, finish_reason: str | None
-                    ) -> dict[str, Any]:
-        """Choice 0 of a chat response whose message may call tools, or of a chunk whose delta carries
-        ``tool_calls`` deltas (``content`` None there)."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def call_choice(self, content: str | None, tool_calls: list[dict[str, Any]] | None, finish_reason: str | None,
+                    *, index: int, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Choice ``index`` of a chat response whose message may call tools, or of a chunk whose delta
+        carries ``tool_calls`` deltas (``content`` None there), with the ``logprobs`` of its content
+        tokens (:mod:`mtx.serving.logprobs`) or null."""
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if self.stream:
             delta: dict[str, Any] = {"content": content} if content else {}
             if tool_calls:
@@ -427,9 +548,11 @@ class Envelope:
             choice["message"] = message
         return choice
 
-    def choice(self, text: str | None, finish_reason: str | None, role: bool = False) -> dict[str, Any]:
-        """Choice 0: the whole text (a response) or a text delta (a chunk; ``role`` opens a chat stream)."""
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def choice(self, text: str | None, finish_reason: str | None, role: bool = False, *, index: int,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Choice ``index``: the whole text (a response) or a text delta (a chunk; ``role`` opens a chat
+        stream), with its ``logprobs`` object (:mod:`mtx.serving.logprobs`) or null."""
+        choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if not self.chat:
             choice["text"] = text or ""
         elif not self.stream:
@@ -445,6 +568,11 @@ class Envelope:
 def sse(obj: dict[str, Any]) -> str:
     """One server-sent event of ``obj``."""
     return f"data: {json.dumps(obj)}\n\n"
+
+
+def tokenize_response(ids: list[int], max_model_len: int | None) -> dict[str, Any]:
+    """``POST /tokenize``'s answer (vLLM's shape)."""
+    return {"count": len(ids), "max_model_len": max_model_len, "tokens": ids}
 
 
 def models_response(model: str, created: int, max_model_len: int | None) -> dict[str, Any]:
