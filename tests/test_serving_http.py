@@ -203,6 +203,9 @@ def test_sixteen_concurrent_requests_equal_offline(server, gen):
     ({"model": MODEL, "messages": "hi"}, "messages", "valid list"),
     ({"model": MODEL, "prompt": "w5", "stream": True, "top_p": 0}, "top_p", "top_p must be in (0, 1]"),
     ({"prompt": "w5"}, "model", "Field required"),
+    ({"model": MODEL, "prompt": "w5", "logit_bias": {"5": 100}}, "logit_bias", "logit_bias: not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "w5"}], "functions": [{"name": "f"}]},
+     "functions", "use tools"),
 ])
 def test_bad_requests_get_400(server, body, param, needle):
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"

@@ -44,7 +44,10 @@ Fields (OpenAI's meanings unless said):
   too large grammar or schema, more than one of ``response_format`` / ``guided_*``, a forced tool call
   with one of them, and ``tools`` for a tokenizer without ``[TOOL_CALLS]`` (or with Mistral's v11
   call format), each naming its field.
-* Ignored: unknown fields (``logit_bias``, ...). Known fields of the wrong type are refused.
+* Refused too: a non-empty ``logit_bias`` (not implemented; it would change the output) and the
+  deprecated ``functions`` / ``function_call`` (use ``tools``).
+* Ignored: unknown fields (OpenAI platform fields such as ``metadata``, ``store``, ``service_tier``).
+  Known fields of the wrong type are refused.
 
 Also ``POST /tokenize`` and ``POST /detokenize`` (vLLM's shapes): :class:`TokenizeCompletionRequest`,
 :class:`TokenizeChatRequest` (its ``tools`` are in the prompt as a chat completion's are),
@@ -117,6 +120,10 @@ class SamplingRequest(_Strict):
     frequency_penalty: float = 0.0
     logprobs: Union[bool, int, None] = None
     user: str | None = None
+    # known, not implemented, and each would change the output: refused rather than ignored
+    logit_bias: dict[str, float] | None = None
+    functions: list[Any] | None = None
+    function_call: Union[str, dict[str, Any], None] = None
     # extensions (vLLM's names)
     top_k: int | None = None
     repetition_penalty: float | None = None
@@ -453,6 +460,11 @@ def prepare(req: SamplingRequest, ids: list[int], *, max_tokens: int | None, def
     ``prompt_field`` is the field blamed for a prompt too long; ``max_n`` bounds ``n`` (None: 1).
     Penalties and the other sampling values are checked where the engine prepares the request
     (:func:`mtx.runtime.request.prepare_request`, the one home; 400 naming the field)."""
+    if req.logit_bias:
+        raise ApiError(400, "logit_bias: not supported by this server", "logit_bias")
+    for name in ("functions", "function_call"):
+        if getattr(req, name) is not None:
+            raise ApiError(400, f"{name}: deprecated by OpenAI and not supported; use tools and tool_choice", name)
     left = position_limit
     if left is not None and len(ids) > left:
         raise ApiError(400, f"{prompt_field}: the prompt of {len(ids)} tokens exceeds the {left} positions "
