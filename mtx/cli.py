@@ -222,14 +222,18 @@ class _RichProgress:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="Weight-only quantisation of the projections and experts, round to nearest per block "
-                   "(docs/ops.md §7): onnxruntime target MatMulNBits / QMoE, onnx and tensorrt blocked "
-                   "DequantizeLinear. Default: float weights.")
+              help="Weight-only quantisation of the projections, experts and embedding table, round to nearest "
+                   "per block (docs/ops.md §7): onnxruntime target MatMulNBits / QMoE / GatherBlockQuantized, "
+                   "onnx and tensorrt blocked DequantizeLinear. Default: float weights.")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
               help="Weights per quantisation block along the input dimension (one scale and zero point each). "
                    "Smaller blocks are more accurate and read more bytes per token.")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
-              help="With --quantize: quantise the output projection too (tied embeddings always stay float).")
+              help="With --quantize: quantise the output projection too (a tied embedding table is quantised "
+                   "once, in --lm-head-bits, only when the embedding is quantised too).")
+@click.option("--quantize-embedding/--no-quantize-embedding", default=True, show_default=True,
+              help="With --quantize: quantise the embedding table too (the projections' code width), gathered "
+                   "from its codes.")
 @click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="With --quantize: code width of the output projection (4 reads fewer bytes per token, "
                    "costs more quality).")
@@ -241,7 +245,8 @@ class _RichProgress:
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, as_json: bool) -> None:
+           quantize_lm_head: bool, quantize_embedding: bool, lm_head_bits: str, quant_scheme: str,
+           accuracy_level: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -253,7 +258,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
-                            lm_head_bits=int(lm_head_bits),
+                            quantize_embedding=quantize_embedding, lm_head_bits=int(lm_head_bits),
                             quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)
@@ -276,7 +281,9 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
         qz = m.quantization
         click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
                    f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
-                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight"))
+                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight")
+                   + "".join(f", embedding {t.bits} bits{' (tied lm_head)' if qz.lm_head and m.config.get('tie_word_embeddings') else ''}"
+                             for t in qz.tensors if t.weight == "embed.weight"))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
                f"{w['written_bytes']:,} bytes written")

@@ -27,6 +27,7 @@ class ExportOptions:
     quantize: str | None = None  # "int8" | "int4": weight-only quantisation (docs/ops.md §7)
     block_size: int = 128  # elements per quantisation block along the input dimension
     quantize_lm_head: bool = True  # the output projection in lm_head_bits
+    quantize_embedding: bool = True  # the embedding table (projections' width; tied: lm_head_bits), docs/ops.md §7
     lm_head_bits: int = 8  # 8 (default) or 4
     quant_scheme: str = "asymmetric"  # or "symmetric"
     accuracy_level: int = 4  # onnxruntime target: 4 = int8 activations (fast), 0 = float activations (exact)
