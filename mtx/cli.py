@@ -208,7 +208,8 @@ class _RichProgress:
                    "tensorrt: the mtx ops for the TensorRT plugins; builds the engine when TensorRT and the "
                    "plugins are installed.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Model dtype T. Tensors already stored in T are referenced, not converted.")
+              help="Model dtype T. A checkpoint file the graph reads whole, as stored in T, is referenced, "
+                   "not converted.")
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
                    "max_position_embeddings for full attention.")
