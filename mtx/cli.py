@@ -105,7 +105,7 @@ def json_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--backend --threads --device --verify``: which engine runs an export, and where."""
+    """``--backend --threads --device --verify --spin``: which engine runs an export, and where."""
     for option in reversed([
         click.option("--backend", type=click.Choice(BACKENDS), default=None,
                      help="Engine (default: the export's target; torch: the PyTorch reference of its checkpoint)."),
@@ -116,6 +116,9 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Check the export's files against the sha256 in mtx.json before loading (weights once "
                           "per file state, remembered in ~/.cache/mtx); the graph is always checked against "
                           "mtx.json."),
+        click.option("--spin/--no-spin", default=False, show_default=True,
+                     help="ONNX Runtime: let intra-op threads spin-wait for work (session.intra_op.allow_spinning). "
+                          "Off, they sleep and give a shared core back (measured: README, Spinning)."),
     ]):
         command = option(command)
     return command
@@ -318,7 +321,8 @@ def _parse_ids(text: str) -> list[int]:
 @json_option('Print {"ids": [...], "text": ...} instead of streaming.')
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
-             backend: str | None, threads: int | None, device: str | None, verify: bool, as_json: bool) -> None:
+             backend: str | None, threads: int | None, device: str | None, verify: bool, spin: bool,
+             as_json: bool) -> None:
     """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
 
     Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
@@ -328,7 +332,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify, spin=spin)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     has_text = gen.tokenizer is not None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -360,7 +364,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
 @json_option("Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
-          threads: int | None, device: str | None, verify: bool, seed: int, as_json: bool) -> None:
+          threads: int | None, device: str | None, verify: bool, spin: bool, seed: int, as_json: bool) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
 
     Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
@@ -369,7 +373,7 @@ def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend
     import mtx.runtime
     from mtx.runtime.bench import run_bench
 
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify, spin=spin)
     res = run_bench(gen, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
     if as_json:
         emit_json(res)
@@ -514,7 +518,7 @@ def parity(ckpt: str, out: Path, backends: str | None, prompt: str | None, promp
 def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queue: int, token_budget: int | None,
           decode_deferral: int | None, model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
           replicas: int, autoscaling: str | None, backend: str | None, threads: int | None, device: str | None,
-          verify: bool) -> None:
+          verify: bool, spin: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
 
     \b
@@ -543,7 +547,8 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
                            token_budget=DEFAULT_TOKEN_BUDGET if token_budget is None else token_budget,
                            decode_deferral_tokens=DEFAULT_DEFERRED_TOKENS if decode_deferral is None
                            else decode_deferral,
-                           backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
+                           backend=backend, threads=threads, device=device, verify=verify, spin=spin,
+                           model_name=model_name,
                            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
                            else max_request_bytes,
                            body_timeout_s=DEFAULT_BODY_TIMEOUT_S if body_timeout is None else body_timeout)

@@ -18,11 +18,12 @@
 static const char* kUsage =
     "usage: mtx-generate-cpp OUT (--prompt TEXT | --ids \"1 2 3\") [--max-new-tokens N] [--temperature T]\n"
     "       [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop TEXT]... [--threads N]\n"
-    "       [--no-verify] [--ids-out]\n"
+    "       [--spin | --no-spin] [--no-verify] [--ids-out]\n"
     "Generate from the mtx export folder OUT (mtx.json, model.onnx, tokenizer.json or tokenizer.model) with the\n"
     "mtx C++ runtime. The text streams to stdout as it is generated; --ids-out prints the token ids instead.\n"
     "--stop TEXT (repeatable): the text ends before the first stop string, and generation stops at the token\n"
-    "completing it.\n";
+    "completing it. --spin lets ONNX Runtime's intra-op threads spin-wait for work (default --no-spin: they\n"
+    "sleep, which keeps a shared machine's cores for others).\n";
 
 [[noreturn]] static void usage_error(const std::string& msg) {
   std::cerr << "mtx-generate-cpp: error: " << msg << "\n";
@@ -102,6 +103,8 @@ int main(int argc, char** argv) {
       if (stops.back().empty()) usage_error("--stop: expected a non-empty text");
     } else if (a == "--threads") {
       mo.intra_op_threads = int(parse_int(a, value(), 0, 4096, "an integer in [0, 4096]"));
+    } else if (a == "--spin" || a == "--no-spin") {
+      mo.spin = a == "--spin";
     } else if (a == "--no-verify") {
       mo.verify_hashes = false;
     } else if (a == "--ids-out") {

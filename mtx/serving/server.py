@@ -35,6 +35,7 @@ class ServeOptions:
     threads: int | None = None
     device: str | None = None
     verify: bool = True
+    spin: bool = False  # ONNX Runtime's intra-op spin-wait (mtx.load's ``spin``, default off)
     model_name: str | None = None  # default: the export folder's name
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
@@ -51,6 +52,8 @@ class ServeOptions:
         t = self.body_timeout_s
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not (t > 0 and math.isfinite(t)):
             raise UsageError(f"body_timeout_s must be a number of seconds > 0, got {t!r}", params=("body_timeout_s",))
+        if not isinstance(self.spin, bool):
+            raise UsageError(f"spin must be true or false, got {self.spin!r}", params=("spin",))
 
 
 def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
@@ -67,7 +70,7 @@ def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
     # (PyTorch reference) has no limit of its own: --max-batch sizes it.
     sized = None if (folder / MANIFEST).is_file() else options.max_batch
     gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
-                           max_batch=sized, verify=options.verify)
+                           max_batch=sized, verify=options.verify, spin=options.spin)
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
                     token_budget=options.token_budget, observer=metrics,
