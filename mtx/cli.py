@@ -282,11 +282,11 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     if m.moe_op:
         click.echo(f"  moe: {m.moe_op}")
     if m.quantization is not None:
-        qz = m.quantization
+        qz, tied = m.quantization, m.config.get("tie_word_embeddings", False)
         click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
                    f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
                    + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight")
-                   + "".join(f", embedding {t.bits} bits{' (tied lm_head)' if qz.lm_head and m.config.get('tie_word_embeddings') else ''}"
+                   + "".join(f", embedding {t.bits} bits" + (" (also the tied lm_head)" if qz.lm_head and tied else "")
                              for t in qz.tensors if t.weight == "embed.weight"))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "

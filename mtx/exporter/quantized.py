@@ -135,7 +135,7 @@ class _Rewriter:
             zeros = _lazy_numpy(f"{base}.qzeros", (*lead, n, kb), code_type, lambda: q.dq_zero_points(get()))
         else:
             blob = spec.block_size * spec.bits // 8
-            cshape = (n, kb, blob) if form == "nbits" else (n, kb * blob) if form == "gather" else (*lead, n, kb * blob)
+            cshape = {"nbits": (n, kb, blob), "gather": (n, kb * blob)}.get(form, (*lead, n, kb * blob))
             codes = lazy(f"{base}.qcodes", cshape, torch.uint8,
                          lambda: q.matmul_nbits_weight(get()).reshape(cshape))
             zshape = (*lead, n, -(-kb * spec.bits // 8))

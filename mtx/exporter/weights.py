@@ -120,7 +120,8 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     whose tensors are initializers stored as they are is cloned (reflink) or copied into ``out_dir``
     and referenced; from any other file, the tensors the graph reads are written to
     :data:`DATA_FILE` like the converted ones (each weight once, docs/ops.md §6). Afterwards every
-    initializer is an :class:`onnx_ir.ExternalTensor` relative to ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
+    initializer is an :class:`onnx_ir.ExternalTensor` relative to ``out_dir``. ``progress`` has
+    ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
     Every checkpoint tensor is checked for NaN and Inf as it is streamed (CheckpointError naming it),
     unless ``allow_nonfinite``.
     """
