@@ -236,8 +236,10 @@ class _RichProgress:
               help="With --quantize: quantise the output projection too (a tied embedding table is quantised "
                    "once, in --lm-head-bits, only when the embedding is quantised too).")
 @click.option("--quantize-embedding/--no-quantize-embedding", default=True, show_default=True,
-              help="With --quantize: quantise the embedding table too (the projections' code width), gathered "
-                   "from its codes.")
+              help="With --quantize: quantise the embedding table too (--embedding-bits), gathered from its codes.")
+@click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="With --quantize: code width of the embedding table (a tied table takes --lm-head-bits). "
+                   "4 halves its bytes and costs top-1 agreement (README).")
 @click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="With --quantize: code width of the output projection (4 reads fewer bytes per token, "
                    "costs more quality).")
@@ -249,7 +251,7 @@ class _RichProgress:
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, quantize_embedding: bool, lm_head_bits: str, quant_scheme: str,
+           quantize_lm_head: bool, quantize_embedding: bool, embedding_bits: str, lm_head_bits: str, quant_scheme: str,
            accuracy_level: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
@@ -262,7 +264,8 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
-                            quantize_embedding=quantize_embedding, lm_head_bits=int(lm_head_bits),
+                            quantize_embedding=quantize_embedding, embedding_bits=int(embedding_bits),
+                            lm_head_bits=int(lm_head_bits),
                             quant_scheme=quant_scheme, accuracy_level=int(accuracy_level))
     options.validate()  # cheap checks first: bad options fail before torch is imported
     check_out(out, force)

@@ -5,8 +5,9 @@ onnxruntime-genai. Prints JSON.
     python scripts/bench_quant.py [--work /tmp/mtx-bench] [--threads 2] [--repeats 3] [--skip quality|speed|genai]
                                   [--only NAME]...
 
-Settings (``QUANTS``): float32, int8, and int4 with blocks of 32, 64 and 128, each with an 8-bit
-(default) and a 4-bit lm_head, and int4 block 128 with a float embedding table.
+Settings (``QUANTS``): float32, int8, and int4 with blocks of 32, 64 and 128, each with the defaults
+(8-bit embedding table and lm_head), a 4-bit embedding table, and a 4-bit lm_head; and int4 block 128
+with a float embedding table.
 
 Bytes per token: the weight bytes one batch-1 decode step reads, from the export's graph
 (:func:`bytes_per_token`): every initializer whole, except the gathered tables (the embedding table
@@ -40,8 +41,9 @@ import benchlib
 from benchlib import genai_build, genai_source
 
 QUANTS = {"fp32": [], "int8": ["--quantize", "int8"],
-          **{f"int4 block {b}{lm}": ["--quantize", "int4", "--block-size", str(b), *extra]
-             for b in (32, 64, 128) for lm, extra in (("", []), (" lm_head 4", ["--lm-head-bits", "4"]))},
+          **{f"int4 block {b}{name}": ["--quantize", "int4", "--block-size", str(b), *extra]
+             for b in (32, 64, 128) for name, extra in (("", []), (" embedding 4", ["--embedding-bits", "4"]),
+                                                        (" lm_head 4", ["--lm-head-bits", "4"]))},
           "int4 block 128 float embedding": ["--quantize", "int4", "--block-size", "128", "--no-quantize-embedding"]}
 
 

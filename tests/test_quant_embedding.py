@@ -137,12 +137,15 @@ def _embedding_output(out: Path, ids: np.ndarray) -> np.ndarray:
 
 
 EXPORTS = [("mistral", "onnxruntime", dict(quantize="int4")),  # block 128 > H = 64: a short (sliced) block
+           ("mistral", "onnxruntime", dict(quantize="int4", embedding_bits=4)),
            ("mistral", "onnxruntime", dict(quantize="int8", block_size=32)),
            ("mistral", "onnxruntime", dict(quantize="int4", block_size=32, quant_scheme="symmetric",
+                                           dtype="float16", embedding_bits=4)),
+           ("mistral", "onnxruntime", dict(quantize="int4", block_size=64, quant_scheme="symmetric",
                                            dtype="float16")),
-           ("mistral", "onnx", dict(quantize="int4", block_size=64)),
+           ("mistral", "onnx", dict(quantize="int4", block_size=64, embedding_bits=4)),
            ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
-           ("mistral", "tensorrt", dict(quantize="int4", block_size=32)),
+           ("mistral", "tensorrt", dict(quantize="int4", block_size=32, embedding_bits=4)),
            ("mistral", "tensorrt", dict(quantize="int8", block_size=64)),
            ("mixtral4", "onnxruntime", dict(quantize="int4", block_size=32)),
            ("tied", "onnxruntime", dict(quantize="int4", block_size=32)),
@@ -159,7 +162,7 @@ def test_exported_embedding_equals_numpy_dequantised_rows(parity_export, ckpt_fa
     q = m.quantization
     tied = m.config.get("tie_word_embeddings", False)
     entry = next(t for t in q.tensors if t.weight == "embed.weight")
-    bits = (options.get("lm_head_bits", 8) if tied else {"int4": 4, "int8": 8}[options["quantize"]])
+    bits = options.get("lm_head_bits", 8) if tied else options.get("embedding_bits", 8)
     op = {"onnxruntime": f"{MS}::GatherBlockQuantized"}.get(target, "ai.onnx::DequantizeLinear")
     assert (entry.bits, entry.op, entry.sources) == (bits, op, ["embed.weight"])
     assert entry.shape == [m.config["vocab_size"], m.config["hidden_size"]]
@@ -203,6 +206,7 @@ def test_tied_table_is_held_once(parity_export, target):
 
 @pytest.mark.parametrize("variant,options,float_table", [
     ("mistral", dict(quantize_embedding=False), True),
+    ("tied", dict(embedding_bits=4), False),  # a tied table takes the lm_head's width
     ("tied", dict(quantize_lm_head=False), True),
     ("tied", dict(quantize_embedding=False), True),
     ("mistral", dict(quantize_lm_head=False), False),
@@ -215,6 +219,9 @@ def test_embedding_options(parity_export, variant, options, float_table):
     inits = {t.name for t in proto.graph.initializer}
     names = [t.weight for t in m.quantization.tensors]
     assert ("embed.weight" in inits) == float_table and ("embed.weight" in names) == (not float_table)
+    for t in m.quantization.tensors:
+        if t.weight == "embed.weight":
+            assert t.bits == (8 if variant == "tied" else options.get("embedding_bits", 8))
     assert m.quantization.lm_head == ("output.weight" in names or (variant == "tied" and not float_table))
 
 

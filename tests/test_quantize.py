@@ -123,10 +123,11 @@ def qexport(ckpt_factory, tmp_path_factory):
 
 CASES = [
     ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
+    ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0, embedding_bits=4, block_size=32)),
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
     ("mistral", "tensorrt", dict(quantize="int4", block_size=64)),
     ("mistral_full", "onnxruntime", dict(quantize="int8", accuracy_level=0, quant_scheme="symmetric")),
-    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
+    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4, embedding_bits=4)),
     ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnxruntime", dict(quantize="int8", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
@@ -163,7 +164,9 @@ def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, option
     lm_bits = options.get("lm_head_bits", 8)
     tied = m.config.get("tie_word_embeddings", False)
     head = "embed.weight" if tied else "output.weight"
-    assert all(t.bits == (lm_bits if t.weight == head else q.bits) for t in q.tensors)
+    embedding_bits = options.get("embedding_bits", 8)
+    assert all(t.bits == (lm_bits if t.weight == head else embedding_bits if t.weight == "embed.weight" else q.bits)
+               for t in q.tensors)
     assert q.lm_head == any(t.weight == head for t in q.tensors)
     if target == "onnxruntime":
         assert q.accuracy_level == 0 and m.ops["com.microsoft::MatMulNBits"] == sum(
@@ -304,6 +307,7 @@ def test_short_last_block_is_padded(tmp_path):
     (["--quantize", "int4", "--block-size", "7"], "--block-size"),
     (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "--quantize"),
+    (["--quantize", "int4", "--embedding-bits", "2"], "--embedding-bits"),
 ])
 def test_bad_options(run_mtx, ckpt_factory, tmp_path, args, needle):
     res = run_mtx("export", str(ckpt_factory("mistral")), "-o", str(tmp_path / "out"), *args)

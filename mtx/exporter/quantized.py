@@ -99,8 +99,8 @@ def _constant(tape: ir.tape.Tape, a: np.ndarray) -> ir.Value:
 class _Rewriter:
     def __init__(self, model: ir.Model, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
                  lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
-                 lm_head_bits: int = q.LM_HEAD_BITS, embedding: bool = True) -> None:
-        self.checkpoint_names, self.lm_head_bits, self.embedding_on = checkpoint_names, lm_head_bits, embedding
+                 lm_head_bits: int = q.LM_HEAD_BITS, embedding_bits: int | None = q.EMBEDDING_BITS) -> None:
+        self.checkpoint_names, self.lm_head_bits, self.embedding_bits = checkpoint_names, lm_head_bits, embedding_bits
         self.model, self.graph, self.target, self.dtype = model, model.graph, target, dtype
         self.spec, self.accuracy_level, self.lm_head, self.load = spec, accuracy_level, lm_head, load
         self.memo = _Memo()
@@ -209,8 +209,8 @@ class _Rewriter:
     def embedding(self) -> None:
         """The embedding table's gather (and a tied lm_head, which reads the same table) from codes.
 
-        Untied: the projections' width, unless ``embedding`` is off. Tied: the lm_head's width, when both
-        the embedding and the lm_head are quantised; else the table stays in T (docs/ops.md §7).
+        Untied: ``embedding_bits`` (None: the table stays in T). Tied: the lm_head's width, when both the
+        embedding and the lm_head are quantised; else the table stays in T (docs/ops.md §7).
         """
         table = self.graph.initializers.get(EMBED)
         if table is None:
@@ -226,12 +226,12 @@ class _Rewriter:
             else:
                 raise AssertionError(f"{EMBED} is read by a {node.op_type} node; expected Gather or the tied lm_head")
         if heads:
-            if not (self.embedding_on and self.lm_head):
+            if self.embedding_bits is None or not self.lm_head:
                 return
             spec = q.QuantSpec(self.lm_head_bits, self.spec.block_size, self.spec.scheme)
             self.plan.lm_head = True
-        elif self.embedding_on:
-            spec = self.spec
+        elif self.embedding_bits is not None:
+            spec = q.QuantSpec(self.embedding_bits, self.spec.block_size, self.spec.scheme)
         else:
             return
         if self.target != "onnxruntime":
@@ -310,14 +310,15 @@ class _Rewriter:
 
 def quantize_graph(model: ir.Model, *, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
                    lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
-                   lm_head_bits: int = q.LM_HEAD_BITS, embedding: bool = True) -> QuantPlan:
+                   lm_head_bits: int = q.LM_HEAD_BITS, embedding_bits: int | None = q.EMBEDDING_BITS) -> QuantPlan:
     """Rewrite ``model`` in place per docs/ops.md §7; returns the manifest's tensor list and fallbacks.
 
     ``load(name)`` gives a canonical checkpoint tensor in ``dtype`` (``checkpoint_names``); other
     initializers (packed QKV, interleaved experts) are evaluated from their lazy values.
+    ``embedding_bits``: the embedding table's code width, None to keep it in T.
     """
     rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names, lm_head_bits,
-                   embedding)
+                   embedding_bits)
     rw.embedding()
     rw.projections()
     rw.experts()
