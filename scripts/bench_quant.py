@@ -61,22 +61,31 @@ ROW_TABLES = ("rope_cos_cache", "rope_sin_cache")
 
 def bytes_per_token(out: Path) -> int:
     """Weight bytes a batch-1 decode step reads: each initializer whole, but one row of a table that is only
-    gathered from (the embedding's data, scales and zero points; the rotary tables)."""
+    gathered from (the embedding's data, scales and zero points; the rotary tables), and ``k / E`` of the
+    experts of a com.microsoft MoE / QMoE node (a token runs its top-k experts)."""
     import onnx
 
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     readers: dict[str, set[str]] = {}
     for node in model.graph.node:
         gathered = node.op_type in ("Gather", "GatherBlockQuantized")
+        experts = node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft"
+        k = next((a.i for a in node.attribute if a.name == "k"), 1)
         for i, name in enumerate(node.input):
-            readers.setdefault(name, set()).add("row" if gathered and i != 1 else "whole")
-    total = 0
+            readers.setdefault(name, set()).add("row" if gathered and i != 1 else f"experts {k}" if experts and i >= 2
+                                                else "whole")
+    total = 0.0
     for t in model.graph.initializer:
         length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
         rows = t.dims[0] if t.dims else 1
-        by_row = t.name in ROW_TABLES or readers.get(t.name) == {"row"}
-        total += -(-length // rows) if by_row else length
-    return total
+        how = readers.get(t.name, set())
+        if t.name in ROW_TABLES or how == {"row"}:
+            total += length / rows
+        elif len(how) == 1 and next(iter(how)).startswith("experts "):
+            total += length * int(next(iter(how)).split()[1]) / rows
+        else:
+            total += length
+    return round(total)
 
 
 def inspect_genai(out: Path) -> dict:
