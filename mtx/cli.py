@@ -105,7 +105,7 @@ def json_option(help: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
 def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--backend --threads --device --verify``: which engine runs an export, and where."""
+    """``--backend --threads --device --verify --spin``: which engine runs an export, and where."""
     for option in reversed([
         click.option("--backend", type=click.Choice(BACKENDS), default=None,
                      help="Engine (default: the export's target; torch: the PyTorch reference of its checkpoint)."),
@@ -116,6 +116,9 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
                      help="Check the export's files against the sha256 in mtx.json before loading (weights once "
                           "per file state, remembered in ~/.cache/mtx); the graph is always checked against "
                           "mtx.json."),
+        click.option("--spin/--no-spin", default=False, show_default=True,
+                     help="ONNX Runtime: let intra-op threads spin-wait for work (session.intra_op.allow_spinning). "
+                          "Off, they sleep and give a shared core back (measured: README, Spinning)."),
     ]):
         command = option(command)
     return command
@@ -212,7 +215,8 @@ class _RichProgress:
                    "tensorrt: the mtx ops for the TensorRT plugins; builds the engine when TensorRT and the "
                    "plugins are installed.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
-              help="Model dtype T. Tensors already stored in T are referenced, not converted.")
+              help="Model dtype T. A checkpoint file the graph reads whole, as stored in T, is referenced, "
+                   "not converted.")
 @click.option("--cache-capacity", type=int, default=None,
               help="KV buffer slots C per layer (>= the sliding window). Default: the window, or "
                    "max_position_embeddings for full attention. Per-layer windows (Ministral): the "
@@ -228,14 +232,20 @@ class _RichProgress:
 @click.option("--allow-nonfinite", is_flag=True,
               help="Export weights that hold NaN or Inf (refused by default, naming the tensor).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]), default=None,
-              help="Weight-only quantisation of the projections and experts, round to nearest per block "
-                   "(docs/ops.md §7): onnxruntime target MatMulNBits / QMoE, onnx and tensorrt blocked "
-                   "DequantizeLinear. Default: float weights.")
+              help="Weight-only quantisation of the projections, experts and embedding table, round to nearest "
+                   "per block (docs/ops.md §7): onnxruntime target MatMulNBits / QMoE / GatherBlockQuantized, "
+                   "onnx and tensorrt blocked DequantizeLinear. Default: float weights.")
 @click.option("--block-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
               help="Weights per quantisation block along the input dimension (one scale and zero point each). "
                    "Smaller blocks are more accurate and read more bytes per token.")
 @click.option("--quantize-lm-head/--no-quantize-lm-head", default=True, show_default=True,
-              help="With --quantize: quantise the output projection too (tied embeddings always stay float).")
+              help="With --quantize: quantise the output projection too (a tied embedding table is quantised "
+                   "once, in --lm-head-bits, only when the embedding is quantised too).")
+@click.option("--quantize-embedding/--no-quantize-embedding", default=True, show_default=True,
+              help="With --quantize: quantise the embedding table too (--embedding-bits), gathered from its codes.")
+@click.option("--embedding-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
+              help="With --quantize: code width of the embedding table (a tied table takes --lm-head-bits). "
+                   "4 halves its bytes and costs top-1 agreement (README).")
 @click.option("--lm-head-bits", type=click.Choice(["8", "4"]), default="8", show_default=True,
               help="With --quantize: code width of the output projection (4 reads fewer bytes per token, "
                    "costs more quality).")
@@ -252,8 +262,8 @@ class _RichProgress:
 @json_option("Print the manifest (mtx.json) as JSON instead of a summary.")
 def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity: int | None, max_batch: int,
            max_position: int | None, force: bool, allow_nonfinite: bool, quantize: str | None, block_size: str,
-           quantize_lm_head: bool, lm_head_bits: str, quant_scheme: str, accuracy_level: str, tokenizer_mode: str,
-           as_json: bool) -> None:
+           quantize_lm_head: bool, quantize_embedding: bool, embedding_bits: str, lm_head_bits: str, quant_scheme: str,
+           accuracy_level: str, tokenizer_mode: str, as_json: bool) -> None:
     """Export a checkpoint to ONNX: OUT/model.onnx, weights, mtx.json, tokenizer files.
 
     Each attention block becomes one SlidingWindowGQA node and each MoE block one MoE node (domain
@@ -265,6 +275,7 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     options = ExportOptions(target=target, dtype=dtype, cache_capacity=cache_capacity, max_batch=max_batch,
                             max_position=max_position, force=force, allow_nonfinite=allow_nonfinite,
                             quantize=quantize, block_size=int(block_size), quantize_lm_head=quantize_lm_head,
+                            quantize_embedding=quantize_embedding, embedding_bits=int(embedding_bits),
                             lm_head_bits=int(lm_head_bits),
                             quant_scheme=quant_scheme, accuracy_level=int(accuracy_level),
                             tokenizer_mode=tokenizer_mode)
@@ -289,10 +300,12 @@ def export(ckpt: str | None, out: Path, target: str, dtype: str, cache_capacity:
     if m.moe_op:
         click.echo(f"  moe: {m.moe_op}")
     if m.quantization is not None:
-        qz = m.quantization
+        qz, tied = m.quantization, m.config.get("tie_word_embeddings", False)
         click.echo(f"  quantized: {len(qz.tensors)} weights to {qz.bits} bits, blocks of {qz.block_size}, "
                    f"{qz.scheme}" + ("" if qz.accuracy_level is None else f", accuracy_level {qz.accuracy_level}")
-                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight"))
+                   + "".join(f", lm_head {t.bits} bits" for t in qz.tensors if t.weight == "output.weight")
+                   + "".join(f", embedding {t.bits} bits" + (" (also the tied lm_head)" if qz.lm_head and tied else "")
+                             for t in qz.tensors if t.weight == "embed.weight"))
     w = m.weights
     click.echo(f"  weights: {w['referenced_bytes']:,} bytes referenced in checkpoint files, "
                f"{w['written_bytes']:,} bytes written")
@@ -330,7 +343,7 @@ def _parse_ids(text: str) -> list[int]:
 def generate(out: str | None, prompt: str | None, ids: str | None, max_new_tokens: int, temperature: float,
              top_k: int, top_p: float, repetition_penalty: float, seed: int | None, stop: tuple[str, ...],
              speculative_ngram: int | None, backend: str | None, threads: int | None, device: str | None,
-             verify: bool, as_json: bool) -> None:
+             verify: bool, spin: bool, as_json: bool) -> None:
     """Generate from an export folder OUT (or a checkpoint, with the PyTorch reference).
 
     Streams text as it is produced. The rolling KV buffer keeps memory fixed however long the
@@ -340,7 +353,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 
     if (prompt is None) == (ids is None):
         raise UsageError("give exactly one of --prompt TEXT or --ids 1,2,3")
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify, spin=spin)
     prompt_value: str | list[int] = prompt if prompt is not None else _parse_ids(ids or "")
     has_text = gen.tokenizer is not None
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
@@ -377,7 +390,7 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @click.option("--seed", default=0, show_default=True, help="Seed of the random prompt ids.")
 @json_option("Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
-          threads: int | None, device: str | None, verify: bool, seed: int, as_json: bool) -> None:
+          threads: int | None, device: str | None, verify: bool, spin: bool, seed: int, as_json: bool) -> None:
     """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
 
     Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
@@ -386,7 +399,7 @@ def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend
     import mtx.runtime
     from mtx.runtime.bench import run_bench
 
-    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify)
+    gen = mtx.runtime.load(out, backend, threads=threads, device=device, verify=verify, spin=spin)
     res = run_bench(gen, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, seed=seed)
     if as_json:
         emit_json(res)
@@ -538,7 +551,7 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
           decode_deferral: int | None, prefill_chunk: int | None, prefix_cache_bytes: int | None,
           model_name: str | None, max_request_bytes: int | None, body_timeout: float | None, use_ray: bool,
           replicas: int, autoscaling: str | None, backend: str | None, threads: int | None, device: str | None,
-          verify: bool) -> None:
+          verify: bool, spin: bool) -> None:
     """Serve an export OUT over an OpenAI-compatible HTTP API (continuous batching).
 
     \b
@@ -569,7 +582,8 @@ def serve(out: str | None, host: str, port: int, max_batch: int | None, max_queu
                            else decode_deferral,
                            prefill_chunk=DEFAULT_TOKEN_BUDGET if prefill_chunk is None else prefill_chunk,
                            prefix_cache_bytes=prefix_cache_bytes,
-                           backend=backend, threads=threads, device=device, verify=verify, model_name=model_name,
+                           backend=backend, threads=threads, device=device, verify=verify, spin=spin,
+                           model_name=model_name,
                            max_request_bytes=DEFAULT_MAX_REQUEST_BYTES if max_request_bytes is None
                            else max_request_bytes,
                            body_timeout_s=DEFAULT_BODY_TIMEOUT_S if body_timeout is None else body_timeout)

@@ -24,6 +24,7 @@ QUANTIZE_BITS: dict[str, int] = {"int8": 8, "int4": 4}
 BLOCK_SIZES = (32, 64, 128)
 SCHEMES = ("asymmetric", "symmetric")
 LM_HEAD_BITS = 8  # the output projection's default code width (docs/ops.md §7)
+EMBEDDING_BITS = 8  # the embedding table's default code width (docs/ops.md §7)
 ROWS_PER_CHUNK = 4096  # rows quantised at once: bounds the float32 temporaries (~16 * rows * K bytes)
 
 

@@ -1,7 +1,18 @@
 #!/usr/bin/env python
-"""Quantised exports (docs/ops.md §7): quality and decode speed against float32 and onnxruntime-genai. Prints JSON.
+"""Quantised exports (docs/ops.md §7): quality, bytes per token and decode speed against float32 and
+onnxruntime-genai. Prints JSON.
 
     python scripts/bench_quant.py [--work /tmp/mtx-bench] [--threads 2] [--repeats 3] [--skip quality|speed|genai]
+                                  [--only NAME]...
+
+Settings (``QUANTS``): float32, int8, and int4 with blocks of 32, 64 and 128, each with the defaults
+(8-bit embedding table and lm_head), a 4-bit embedding table, and a 4-bit lm_head; and int4 block 128
+with a float embedding table.
+
+Bytes per token: the weight bytes one batch-1 decode step reads, from the export's graph
+(:func:`bytes_per_token`): every initializer whole, except the gathered tables (the embedding table
+and the rotary cos/sin tables), of which one row. With tied embeddings the lm_head reads the table
+whole, so it counts whole. Model bytes: the weight files and model.onnx.
 
 Quality: perplexity of the built-in models (builtin:mistral, builtin:mixtral) on held-out Python
 source (mtx's own sources; the models were trained on the standard library), for the float32
@@ -29,9 +40,11 @@ import numpy as np
 import benchlib
 from benchlib import genai_build, genai_source
 
-QUANTS = {"fp32": [], "int8": ["--quantize", "int8"], "int4 block 32": ["--quantize", "int4", "--block-size", "32"],
-          "int4 block 128": ["--quantize", "int4", "--block-size", "128"],
-          "int4 block 128 lm_head 4": ["--quantize", "int4", "--block-size", "128", "--lm-head-bits", "4"]}
+QUANTS = {"fp32": [], "int8": ["--quantize", "int8"],
+          **{f"int4 block {b}{name}": ["--quantize", "int4", "--block-size", str(b), *extra]
+             for b in (32, 64, 128) for name, extra in (("", []), (" embedding 4", ["--embedding-bits", "4"]),
+                                                        (" lm_head 4", ["--lm-head-bits", "4"]))},
+          "int4 block 128 float embedding": ["--quantize", "int4", "--block-size", "128", "--no-quantize-embedding"]}
 
 
 def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:
@@ -40,6 +53,39 @@ def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:
 
 def folder_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".data", ".safetensors", ".onnx"))
+
+
+#: Initializers read one row per token (GroupQueryAttention's rotary tables).
+ROW_TABLES = ("rope_cos_cache", "rope_sin_cache")
+
+
+def bytes_per_token(out: Path) -> int:
+    """Weight bytes a batch-1 decode step reads: each initializer whole, but one row of a table that is only
+    gathered from (the embedding's data, scales and zero points; the rotary tables), and ``k / E`` of the
+    experts of a com.microsoft MoE / QMoE node (a token runs its top-k experts)."""
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        gathered = node.op_type in ("Gather", "GatherBlockQuantized")
+        experts = node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft"
+        k = next((a.i for a in node.attribute if a.name == "k"), 1)
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, set()).add("row" if gathered and i != 1 else f"experts {k}" if experts and i >= 2
+                                                else "whole")
+    total = 0.0
+    for t in model.graph.initializer:
+        length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
+        rows = t.dims[0] if t.dims else 1
+        how = readers.get(t.name, set())
+        if t.name in ROW_TABLES or how == {"row"}:
+            total += length / rows
+        elif len(how) == 1 and next(iter(how)).startswith("experts "):
+            total += length * int(next(iter(how)).split()[1]) / rows
+        else:
+            total += length
+    return round(total)
 
 
 def inspect_genai(out: Path) -> dict:
@@ -85,7 +131,15 @@ def genai_perplexity(model_dir: Path, ids: np.ndarray, chunk: int = 64) -> float
     return float(np.exp(np.concatenate(nll).mean()))
 
 
-def quality(work: Path, threads: int, skip_genai: bool, max_tokens: int) -> dict:
+def selected(quants: dict[str, list[str]], only: list[str]) -> dict[str, list[str]]:
+    """The settings named by ``--only`` (all when none), float32 always (the reference)."""
+    unknown = [n for n in only if n not in quants]
+    if unknown:
+        raise SystemExit(f"--only: unknown setting {unknown[0]!r}; expected one of {', '.join(quants)}")
+    return {n: a for n, a in quants.items() if not only or n in only or n == "fp32"}
+
+
+def quality(work: Path, threads: int, skip_genai: bool, max_tokens: int, only: list[str] = ()) -> dict:
     from mtx.assets import resolve_checkpoint
     from mtx.parity.quality import held_out_text, run_quality
     from mtx.tokenizer import load_tokenizer
@@ -94,13 +148,14 @@ def quality(work: Path, threads: int, skip_genai: bool, max_tokens: int) -> dict
     for name in ("mistral", "mixtral"):
         ckpt = f"builtin:{name}"
         rows = {}
-        for q, args in QUANTS.items():
+        for q, args in selected(QUANTS, only).items():
             out = mtx_export(ckpt, work / f"builtin-{name}-{q.replace(' ', '-')}", args)
             r = run_quality(ckpt, out, None, max_tokens, threads=threads)
             rows["float32 reference"] = {"perplexity": round(r.reference_perplexity, 4)}
             rows[f"mtx {q}"] = {"perplexity": round(r.export_perplexity, 4),
                                 "vs_float32": f"{(r.perplexity_ratio - 1) * 100:+.2f}%",
-                                "top1_agreement": round(r.top1_agreement, 4), "weight_bytes": folder_bytes(out)}
+                                "top1_agreement": round(r.top1_agreement, 4), "weight_bytes": folder_bytes(out),
+                                "bytes_per_token": bytes_per_token(out)}
             rows["tokens"] = r.tokens
         if name == "mistral" and not skip_genai:
             root = resolve_checkpoint(ckpt)
@@ -129,7 +184,8 @@ def child(system: str, folder: Path, a: argparse.Namespace) -> None:
 
 def speed(work: Path, a: argparse.Namespace) -> dict:
     ckpt = benchlib.make_checkpoint(work)
-    folders = {f"mtx {q}": mtx_export(str(ckpt), work / f"mtx-125m-{q.replace(' ', '-')}", args) for q, args in QUANTS.items()}
+    folders = {f"mtx {q}": mtx_export(str(ckpt), work / f"mtx-125m-{q.replace(' ', '-')}", args)
+               for q, args in selected(QUANTS, a.only).items()}
     if a.accuracy_level0:
         folders["mtx int4 accuracy_level 0"] = mtx_export(str(ckpt), work / "mtx-125m-int4-acc0",
                                                           ["--quantize", "int4", "--block-size", "32",
@@ -150,9 +206,12 @@ def speed(work: Path, a: argparse.Namespace) -> dict:
         s = benchlib.summarize(rs)
         s.pop("tokens")
         s["weight_bytes"] = folder_bytes(folders[name])
+        if not name.startswith("genai"):
+            s["bytes_per_token"] = bytes_per_token(folders[name])
         results[name] = s
     out = {"setup": {**benchlib.SHAPE, "batch": 1, "prompt_len": 128, "new_tokens": a.new_tokens,
-                     "threads": a.threads, "repeats": a.repeats}, "results": results}
+                     "threads": a.threads, "repeats": a.repeats}, "loadavg_after": benchlib.loadavg(),
+           "results": results}
     if graph:
         out["genai_int4_graph"] = graph
         g = results["genai int4"]["decode_tokens_per_s"]
@@ -167,6 +226,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=2048, help="tokens of held-out text scored for perplexity")
     ap.add_argument("--accuracy-level0", action="store_true", help="also time an int4 export with accuracy_level 0")
     ap.add_argument("--skip", action="append", default=[], choices=["quality", "speed", "genai"])
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only these settings of QUANTS (repeatable; float32 always runs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -174,9 +235,10 @@ def main() -> None:
         child(a.child, a.folder, a)
         return
     a.work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"machine": "2 shared CPU cores, other jobs running: numbers are noisy"}
+    report: dict = {"machine": "2 shared CPU cores, other jobs running: numbers are noisy",
+                    "loadavg_before": benchlib.loadavg()}
     if "quality" not in a.skip:
-        report["quality"] = quality(a.work, a.threads, "genai" in a.skip, a.max_tokens)
+        report["quality"] = quality(a.work, a.threads, "genai" in a.skip, a.max_tokens, a.only)
     if "speed" not in a.skip:
         report["speed"] = speed(a.work, a)
     print(json.dumps(report, indent=2))

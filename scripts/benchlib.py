@@ -128,11 +128,13 @@ def bench_prompt(length: int, seed: int = 0) -> list[int]:
 # Timed greedy runs
 
 
-def mtx_decode_runner(out: Path, threads: int, prompt: list[int], new: int) -> Callable[[], Run]:
-    """A function timing one greedy generation of the mtx export ``out`` (mtx.runtime)."""
+def mtx_decode_runner(out: Path, threads: int, prompt: list[int], new: int, spin: bool | None = None
+                      ) -> Callable[[], Run]:
+    """A function timing one greedy generation of the mtx export ``out`` (mtx.runtime); ``spin``: ONNX
+    Runtime's intra-op spin-wait (None: mtx.load's default)."""
     import mtx.runtime
 
-    gen = mtx.runtime.load(out, threads=threads)
+    gen = mtx.runtime.load(out, threads=threads, **({} if spin is None else {"spin": spin}))
 
     def run() -> Run:
         t0 = time.perf_counter()

@@ -53,10 +53,12 @@ CASES = [("mistral", "onnxruntime"), ("mistral", "onnx"), ("mixtral4", "onnxrunt
          ("mistral_full", "onnxruntime"), ("mistral_full", "onnx")]
 
 
-#: Quantised exports (docs/ops.md §7; manifest v3 with its quantization entry): MatMulNBits and QMoE
-#: for onnxruntime, blocked DequantizeLinear for onnx.
+#: Quantised exports (docs/ops.md §7; manifest v3 with its quantization entry): MatMulNBits, QMoE and
+#: GatherBlockQuantized (the embedding; a tied lm_head over the same codes) for onnxruntime, blocked
+#: DequantizeLinear for onnx.
 QUANTIZED = [("mistral", "onnxruntime", dict(quantize="int4", block_size=32)),
              ("mixtral4", "onnxruntime", dict(quantize="int4", block_size=32)),
+             ("tied", "onnxruntime", dict(quantize="int4")),
              ("mistral", "onnx", dict(quantize="int8", block_size=32))]
 
 
@@ -553,6 +555,10 @@ def test_generate_example_matches_python(cpp_build, builtin_export, tmp_path):
     r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24"])
     assert r.returncode == 0, r.stderr
     assert r.stdout == gen.decode(want) + "\n"
+    for spin in ("--spin", "--no-spin"):  # ONNX Runtime's intra-op spin-wait: a scheduling choice, same tokens
+        r = _run([exe, str(builtin_export), "--prompt", text, "--max-new-tokens", "24", "--ids-out", spin,
+                  "--threads", "2"])
+        assert r.returncode == 0 and r.stdout.split() == [str(t) for t in want], (spin, r.stderr)
     for args, words in ((["--prompt", text, "--top-p", "x"], "--top-p: expected a number"),
                         (["--ids", "1 99999"], "token id 99999 is out of range"),
                         (["--ids", ""], "empty"), (["--prompt", text, "--bogus"], "unknown option --bogus")):

@@ -81,8 +81,23 @@ def test_folder_and_manifest(cli_export, checkpoint):
     for name in ["tokenizer.json", *TOKENIZER, "generation_config.json"]:
         assert listed[name].role == "tokenizer" and (out / name).read_bytes() == (checkpoint / name).read_bytes()
 
-    # the model's external data points into the checkpoint's own safetensors file, byte for byte
-    assert m.file("checkpoint-weights")[0].path == "model.safetensors"
+    # the graph reads the packed [Wq; Wk; Wv], not the checkpoint's q/k/v: the checkpoint file is not
+    # placed beside it (each weight once, docs/ops.md §6), every initializer is in model.onnx.data
+    assert m.file("checkpoint-weights") == [] and not (out / "model.safetensors").exists()
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    refs = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer}
+    assert {r["location"] for r in refs.values()} == {"model.onnx.data"}
+    assert m.weights["referenced_bytes"] == 0 and m.weights["written_tensors"] == len(refs)
+    assert "layers.1.attn.wq.weight" not in refs and "layers.1.attn.wqkv.weight" in refs
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+
+
+def test_checkpoint_file_read_whole_is_referenced(checkpoint, tmp_path):
+    """The onnx target reads every checkpoint tensor as stored: external data points into the checkpoint's
+    own safetensors file, byte for byte, a copy or clone but never a hard link."""
+    out = tmp_path / "out"
+    m = export(checkpoint, out, ExportOptions(target="onnx")).manifest
+    assert [f.path for f in m.file("checkpoint-weights")] == ["model.safetensors"]
     assert (out / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
     assert os.stat(out / "model.safetensors").st_nlink == 1  # not a hard link (onnx refuses those)
     ck = Checkpoint(checkpoint)
@@ -91,9 +106,8 @@ def test_folder_and_manifest(cli_export, checkpoint):
     wo = ck.sources["layers.1.attn.wo.weight"].refs[0]
     assert refs["layers.1.attn.wo.weight"] == {"location": "model.safetensors", "offset": str(wo.data_offset),
                                                "length": str(wo.nbytes)}
-    # computed: the rotary cos/sin tables and, per layer, the packed [Wq; Wk; Wv] of the fused QKV MatMul
-    assert m.weights["written_tensors"] == 2 + 2
-    assert "layers.1.attn.wq.weight" not in refs and "layers.1.attn.wqkv.weight" in refs
+    # written: only what the export computes (inv_freq), nothing the checkpoint file holds
+    assert {n for n, r in refs.items() if r["location"] == "model.onnx.data"} == {"inv_freq"}
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 

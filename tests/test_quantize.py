@@ -69,8 +69,11 @@ def np_fake_quant(w: torch.Tensor, bits: int, bs: int, scheme: str) -> torch.Ten
     return torch.from_numpy(np_quantize(flat, bits, bs, scheme)[3].reshape(w.shape))
 
 
-def expected_weights(cfg: dict, target: str, lm_head: bool) -> set[str]:
-    """Names of the float tensors a quantised export must replace (independent of the exporter)."""
+def expected_weights(cfg: dict, target: str, lm_head: bool, embedding: bool = True) -> set[str]:
+    """Names of the float tensors a quantised export must replace (independent of the exporter).
+
+    The embedding table is quantised unless ``embedding`` is off; a tied table only when the lm_head is
+    quantised too (docs/ops.md §7)."""
     names = set()
     for layer in range(cfg["num_layers"]):
         p = f"layers.{layer}."
@@ -82,8 +85,11 @@ def expected_weights(cfg: dict, target: str, lm_head: bool) -> set[str]:
         else:
             ffn = ["w13", "w2"] if target == "onnxruntime" else ["w1", "w2", "w3"]
             names |= {p + f"ffn.{w}.weight" for w in ffn}
-    if lm_head and not cfg["tie_word_embeddings"]:
+    tied = cfg.get("tie_word_embeddings", False)
+    if lm_head and not tied:
         names.add("output.weight")
+    if embedding and (lm_head or not tied):
+        names.add("embed.weight")
     return names
 
 
@@ -117,17 +123,24 @@ def qexport(ckpt_factory, tmp_path_factory):
 
 CASES = [
     ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0)),
+    ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0, embedding_bits=4, block_size=32)),
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
     ("mistral", "tensorrt", dict(quantize="int4", block_size=64)),
     ("mistral_full", "onnxruntime", dict(quantize="int8", accuracy_level=0, quant_scheme="symmetric")),
-    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
+    ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4, embedding_bits=4)),
     ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnxruntime", dict(quantize="int8", accuracy_level=0, block_size=32)),
     ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
+    ("tied", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
+    ("tied", "onnxruntime", dict(quantize="int8", accuracy_level=0, lm_head_bits=4)),
+    ("tied", "onnx", dict(quantize="int4", block_size=64, lm_head_bits=4)),
+    ("tied", "tensorrt", dict(quantize="int8", quant_scheme="symmetric")),
+    ("mistral", "onnxruntime", dict(quantize="int8", accuracy_level=0, quantize_embedding=False)),
 ]
 
 
-@pytest.mark.parametrize("variant,target,options", CASES, ids=[f"{v}-{t}-{o['quantize']}" for v, t, o in CASES])
+@pytest.mark.parametrize("variant,target,options", CASES, ids=[f"{v}-{t}-{o['quantize']}-{i}" for i, (v, t, o)
+                                                                  in enumerate(CASES)])
 def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, options):
     out = qexport(variant, target, **options)
     m = read_manifest(out, verify_hashes=True)
@@ -145,12 +158,19 @@ def test_exact_against_fake_quant(qexport, ckpt_factory, variant, target, option
 
     q = m.quantization
     assert q.bits == {"int4": 4, "int8": 8}[options["quantize"]] and q.block_size == options.get("block_size", 128)
-    assert {t.weight for t in q.tensors} == expected_weights(m.config, target, lm_head=options.get("quantize_lm_head", True))
+    lm_head = options.get("quantize_lm_head", True)
+    assert {t.weight for t in q.tensors} == expected_weights(m.config, target, lm_head=lm_head,
+                                                             embedding=options.get("quantize_embedding", True))
     lm_bits = options.get("lm_head_bits", 8)
-    assert all(t.bits == (lm_bits if t.weight == "output.weight" else q.bits) for t in q.tensors)
+    tied = m.config.get("tie_word_embeddings", False)
+    head = "embed.weight" if tied else "output.weight"
+    embedding_bits = options.get("embedding_bits", 8)
+    assert all(t.bits == (lm_bits if t.weight == head else embedding_bits if t.weight == "embed.weight" else q.bits)
+               for t in q.tensors)
+    assert q.lm_head == any(t.weight == head for t in q.tensors)
     if target == "onnxruntime":
         assert q.accuracy_level == 0 and m.ops["com.microsoft::MatMulNBits"] == sum(
-            t.op == "com.microsoft::MatMulNBits" for t in q.tensors)
+            t.op == "com.microsoft::MatMulNBits" for t in q.tensors) + (tied and q.lm_head)
     else:
         assert q.accuracy_level is None and "com.microsoft::MatMulNBits" not in m.ops
     if variant.startswith("mixtral") and target == "onnxruntime":
@@ -211,6 +231,9 @@ def _float_weight(folder: Path, weight: str) -> np.ndarray:
 @pytest.mark.parametrize("variant,target,options", [
     ("mixtral4", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
     ("mistral", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
+    ("mistral", "onnxruntime", dict(quantize="int8", accuracy_level=0, quant_scheme="symmetric")),
+    ("tied", "onnxruntime", dict(quantize="int4", accuracy_level=0, block_size=32)),
+    ("tied", "onnx", dict(quantize="int4", block_size=64, lm_head_bits=4)),
     ("mixtral4", "onnx", dict(quantize="int4", block_size=64, quantize_lm_head=False)),
     ("mistral", "onnx", dict(quantize="int8", quant_scheme="symmetric")),
     ("mistral_full", "onnx", dict(quantize="int4", lm_head_bits=4)),
@@ -226,11 +249,15 @@ def test_graph_holds_exactly_the_listed_quantised_tensors(qexport, ckpt_factory,
     integer = {n for n, t in inits.items() if t.data_type in int_types}
     listed = {n for t in q.tensors for n in (t.codes, t.zero_points) if n}
     assert integer == listed
-    consumers = {i: n for n in proto.graph.node for i in n.input}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(f"{n.domain or 'ai.onnx'}::{n.op_type}")
     folder = ckpt_factory(variant)
     for t in q.tensors:
-        node = consumers[t.codes]
-        assert f"{node.domain or 'ai.onnx'}::{node.op_type}" == t.op
+        # the codes feed their op; a tied table's also feed the lm_head's MatMulNBits through a Reshape
+        tied_head = t.weight == "embed.weight" and m.config.get("tie_word_embeddings") and target == "onnxruntime"
+        assert sorted(consumers[t.codes]) == sorted([t.op] + (["ai.onnx::Reshape"] if tied_head else [])), t.weight
         assert not set(t.sources) & set(inits)  # the float weights are gone
         w = _float_weight(folder, t.weight)
         assert list(w.shape) == t.shape
@@ -242,7 +269,8 @@ def test_graph_holds_exactly_the_listed_quantised_tensors(qexport, ckpt_factory,
         if t.op == "ai.onnx::DequantizeLinear":
             got_codes = got_codes.astype(np.uint8).reshape(-1, k)
             got_zeros = numpy_helper.to_array(inits[t.zero_points]).astype(np.uint8).reshape(-1, kb)
-        else:  # MatMulNBits [N, kb, blob] / QMoE [E, N, kb*blob], 4 bits two a byte, low nibble first
+        else:  # MatMulNBits [N, kb, blob] / QMoE [E, N, kb*blob] / GatherBlockQuantized [N, kb*blob], 4 bits
+            # two a byte, low nibble first
             flat = got_codes.reshape(-1, kb * q.block_size * t.bits // 8)
             got_codes = (_unpack_nibbles(flat) if t.bits == 4 else flat)[:, :k]
             if t.zero_points is None:
@@ -279,6 +307,7 @@ def test_short_last_block_is_padded(tmp_path):
     (["--quantize", "int4", "--block-size", "7"], "--block-size"),
     (["--quantize", "int4", "--accuracy-level", "2"], "--accuracy-level"),
     (["--quantize", "int4", "--dtype", "bfloat16"], "--quantize"),
+    (["--quantize", "int4", "--embedding-bits", "2"], "--embedding-bits"),
 ])
 def test_bad_options(run_mtx, ckpt_factory, tmp_path, args, needle):
     res = run_mtx("export", str(ckpt_factory("mistral")), "-o", str(tmp_path / "out"), *args)

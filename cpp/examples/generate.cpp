@@ -18,13 +18,14 @@
 static const char* kUsage =
     "usage: mtx-generate-cpp OUT (--prompt TEXT | --ids \"1 2 3\") [--max-new-tokens N] [--temperature T]\n"
     "       [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop TEXT]... [--threads N]\n"
-    "       [--no-verify] [--ids-out] [--prefix-state FILE] [--save-prefix-state FILE] [--speculative-ngram K]\n"
-    "       [--stats]\n"
+    "       [--spin | --no-spin] [--no-verify] [--ids-out] [--prefix-state FILE] [--save-prefix-state FILE]\n"
+    "       [--speculative-ngram K] [--stats]\n"
     "Generate from the mtx export folder OUT (mtx.json, model.onnx, tokenizer.json, tokenizer.model, tekken.json\n"
     "or tokenizer.model.v<N>) with the mtx C++ runtime. The text streams to stdout as it is generated; --ids-out\n"
     "prints the token ids instead.\n"
     "--stop TEXT (repeatable): the text ends before the first stop string, and generation stops at the token\n"
-    "completing it.\n"
+    "completing it. --spin lets ONNX Runtime's intra-op threads spin-wait for work (default --no-spin: they\n"
+    "sleep, which keeps a shared machine's cores for others).\n"
     "--prefix-state FILE: start from a prefix state file (docs/ops.md section 6) written for this export; the\n"
     "prompt must start with its tokens and add at least one, and only the tokens after them are fed.\n"
     "--save-prefix-state FILE: write the state after the prompt (before generating) to FILE.\n"
@@ -110,6 +111,8 @@ int main(int argc, char** argv) {
       if (stops.back().empty()) usage_error("--stop: expected a non-empty text");
     } else if (a == "--threads") {
       mo.intra_op_threads = int(parse_int(a, value(), 0, 4096, "an integer in [0, 4096]"));
+    } else if (a == "--spin" || a == "--no-spin") {
+      mo.spin = a == "--spin";
     } else if (a == "--no-verify") {
       mo.verify_hashes = false;
     } else if (a == "--ids-out") {

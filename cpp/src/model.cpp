@@ -206,6 +206,7 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
     so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
     so.SetInterOpNumThreads(1);
     if (options.intra_op_threads > 0) so.SetIntraOpNumThreads(options.intra_op_threads);
+    so.AddConfigEntry("session.intra_op.allow_spinning", options.spin ? "1" : "0");
     so.SetLogSeverityLevel(4);
     if (options.device == "cuda" || options.device.rfind("cuda:", 0) == 0) {
       auto providers = Ort::GetAvailableProviders();

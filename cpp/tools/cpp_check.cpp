@@ -48,6 +48,7 @@ static mtx::ModelOptions model_options(const json& r) {
   mtx::ModelOptions o;
   o.prefill_chunk = r.value("prefill_chunk", 256);
   o.intra_op_threads = r.value("intra_op_threads", 0);
+  o.spin = r.value("spin", false);
   o.verify_hashes = r.value("verify", true);
   o.max_batch = r.value("max_batch", 0);
   return o;

@@ -158,12 +158,12 @@ def _shape_graph(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, options: E
         qplan = quantized.quantize_graph(model, target=options.target, dtype=dtype, spec=spec,
                                          accuracy_level=options.accuracy_level, lm_head=options.quantize_lm_head,
                                          load=load, checkpoint_names=set(ck.sources),
-                                         lm_head_bits=options.lm_head_bits)
+                                         lm_head_bits=options.lm_head_bits,
+                                         embedding_bits=options.embedding_bits if options.quantize_embedding else None)
         plan.fallbacks += [Fallback(fb.op, _layers_of_ms(model, "MoE"), fb.reason) for fb in qplan.fallbacks]
         if plan.moe_op == f"{ort_lowering.MS_DOMAIN}::MoE" and any(t.op.endswith("::QMoE") for t in qplan.tensors):
             plan.moe_op = f"{ort_lowering.MS_DOMAIN}::QMoE"
-        plan.quantization = quantized.manifest_entry(qplan, spec, options.target, options.accuracy_level,
-                                                     options.quantize_lm_head)
+        plan.quantization = quantized.manifest_entry(qplan, spec, options.target, options.accuracy_level)
         uses_dq = qplan.uses_dq
     trace.attach_functions(model)
     if uses_dq:

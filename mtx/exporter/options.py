@@ -28,6 +28,8 @@ class ExportOptions:
     quantize: str | None = None  # "int8" | "int4": weight-only quantisation (docs/ops.md §7)
     block_size: int = 128  # elements per quantisation block along the input dimension
     quantize_lm_head: bool = True  # the output projection in lm_head_bits
+    quantize_embedding: bool = True  # the embedding table in embedding_bits (tied: lm_head_bits), docs/ops.md §7
+    embedding_bits: int = 8  # 8 (default) or 4
     lm_head_bits: int = 8  # 8 (default) or 4
     quant_scheme: str = "asymmetric"  # or "symmetric"
     accuracy_level: int = 4  # onnxruntime target: 4 = int8 activations (fast), 0 = float activations (exact)
@@ -57,8 +59,10 @@ class ExportOptions:
         if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
             raise UsageError(f"block_size: expected one of {', '.join(map(str, BLOCK_SIZES))}, got "
                              f"{self.block_size!r}", params=("block_size",))
-        if isinstance(self.lm_head_bits, bool) or self.lm_head_bits not in (4, 8):
-            raise UsageError(f"lm_head_bits: expected 4 or 8, got {self.lm_head_bits!r}", params=("lm_head_bits",))
+        for opt in ("lm_head_bits", "embedding_bits"):
+            value = getattr(self, opt)
+            if isinstance(value, bool) or value not in (4, 8):
+                raise UsageError(f"{opt}: expected 4 or 8, got {value!r}", params=(opt,))
         if self.quant_scheme not in SCHEMES:
             raise UsageError(f"quant_scheme: expected one of {', '.join(SCHEMES)}, got {self.quant_scheme!r}",
                              params=("quant_scheme",))

@@ -14,8 +14,9 @@ reference (docs/ops.md §4 names them):
   query input.
 * Gate/up (quantised exports only, :func:`pack_gate_up`) — the two projections of a dense SwiGLU
   become one MatMul over ``[W1; W3]`` (initializer ``layers.{l}.ffn.w13.weight``) followed by a Split
-  into gate and up. Float exports keep them apart so that W1 and W3 stay referenced in the
-  checkpoint's own file (docs/ops.md §6), not written again.
+  into gate and up. Float exports keep them apart, as traced (they once stayed referenced in the
+  checkpoint's own file; since each weight is held once, docs/ops.md §6, the packed QKV already
+  keeps that file out, so packing them too would now cost no disk).
 
 A chain that does not match exactly is left as it is (still correct, only slower).
 """

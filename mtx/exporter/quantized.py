@@ -7,7 +7,10 @@ Applied after lowering and fusion (onnxruntime target) or right after tracing (o
   ``DequantizeLinear`` of int codes (onnx, tensorrt);
 * ``com.microsoft.MoE`` becomes ``com.microsoft.QMoE`` (int4, or int8 with ``accuracy_level`` 4;
   int8 with level 0 gets the dequantised float experts), and the ``w1``, ``w3``, ``w2`` inputs of a
-  ``mtx::MoE`` node become DequantizeLinear outputs.
+  ``mtx::MoE`` node become DequantizeLinear outputs;
+* the embedding ``Gather(embed.weight, input_ids)`` becomes ``com.microsoft.GatherBlockQuantized``
+  (onnxruntime) or gathers from a DequantizeLinear of the table (onnx, tensorrt); a tied lm_head
+  reads the same codes (a MatMulNBits over a Reshape of them, or the same DequantizeLinear output).
 
 Every quantised initializer is lazy: one weight is loaded and quantised (:mod:`mtx.quantize`) when
 its codes are written, kept for its scales and zero points (written right after), then dropped, so
@@ -35,6 +38,8 @@ from mtx.manifest import Fallback, Quantization, QuantizedTensor
 DQ_OPSET = 21
 DENSE = re.compile(r"layers\.\d+\.(attn\.(wq|wk|wv|wo|wqkv)|ffn\.(w1|w2|w3|w13))\.weight")
 LM_HEAD = "output.weight"
+EMBED = "embed.weight"
+GATHER_OP = f"{MS_DOMAIN}::GatherBlockQuantized"
 
 
 @dataclass
@@ -44,6 +49,7 @@ class QuantPlan:
     tensors: list[QuantizedTensor] = field(default_factory=list)
     fallbacks: list[Fallback] = field(default_factory=list)
     uses_dq: bool = False
+    lm_head: bool = False  # the output projection (or a tied table) was quantised
 
 
 class _Memo:
@@ -82,11 +88,19 @@ def _lazy_numpy(name: str, shape: tuple[int, ...], dtype: ir.DataType, make: Cal
     return ir.LazyTensor(evaluate, dtype=dtype, shape=ir.Shape(shape), name=name)
 
 
+def _constant(tape: ir.tape.Tape, a: np.ndarray) -> ir.Value:
+    """A Constant node's value: small shape operands stay in model.onnx (ONNX Runtime's shape inference
+    reads Reshape shapes and Slice bounds at load, and cannot read them from external data)."""
+    out = tape.op("Constant", [], {"value": ir.tensor(a)})
+    out.shape, out.type = ir.Shape(a.shape), ir.TensorType(ir.DataType.INT64)
+    return out
+
+
 class _Rewriter:
     def __init__(self, model: ir.Model, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
                  lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
-                 lm_head_bits: int = q.LM_HEAD_BITS) -> None:
-        self.checkpoint_names, self.lm_head_bits = checkpoint_names, lm_head_bits
+                 lm_head_bits: int = q.LM_HEAD_BITS, embedding_bits: int | None = q.EMBEDDING_BITS) -> None:
+        self.checkpoint_names, self.lm_head_bits, self.embedding_bits = checkpoint_names, lm_head_bits, embedding_bits
         self.model, self.graph, self.target, self.dtype = model, model.graph, target, dtype
         self.spec, self.accuracy_level, self.lm_head, self.load = spec, accuracy_level, lm_head, load
         self.memo = _Memo()
@@ -105,7 +119,11 @@ class _Rewriter:
         return lambda: self.memo.get(key, lambda: q.quantize(self._float(value), spec, self.dtype))
 
     def _register(self, value: ir.Value, spec: q.QuantSpec, op: str, form: str) -> tuple[ir.Value, ir.Value, ir.Value | None]:
-        """Initializers (codes, scales, zero points or None) of ``value`` in ``form``: nbits | qmoe | dq."""
+        """Initializers (codes, scales, zero points or None) of ``value`` in ``form``: nbits | qmoe | gather | dq.
+
+        ``gather`` (GatherBlockQuantized): codes uint8 [N, kb·bs·bits/8], the bytes of MatMulNBits'
+        [N, kb, bs·bits/8]; scales and zero points as MatMulNBits'.
+        """
         shape = tuple(int(d) for d in value.shape)
         *lead, n, k = shape
         kb = -(-k // spec.block_size)
@@ -117,7 +135,7 @@ class _Rewriter:
             zeros = _lazy_numpy(f"{base}.qzeros", (*lead, n, kb), code_type, lambda: q.dq_zero_points(get()))
         else:
             blob = spec.block_size * spec.bits // 8
-            cshape = (n, kb, blob) if form == "nbits" else (*lead, n, kb * blob)
+            cshape = {"nbits": (n, kb, blob), "gather": (n, kb * blob)}.get(form, (*lead, n, kb * blob))
             codes = lazy(f"{base}.qcodes", cshape, torch.uint8,
                          lambda: q.matmul_nbits_weight(get()).reshape(cshape))
             zshape = (*lead, n, -(-kb * spec.bits // 8))
@@ -156,6 +174,7 @@ class _Rewriter:
                 spec = self.spec
             elif w.name == LM_HEAD and self.lm_head:
                 spec = q.QuantSpec(self.lm_head_bits, self.spec.block_size, self.spec.scheme)
+                self.plan.lm_head = True
             else:
                 continue
             uses = list(node.outputs[0].uses())
@@ -164,10 +183,20 @@ class _Rewriter:
             else:
                 node.replace_input_with(0, self._dequantized(w, spec))
 
-    def _matmul_nbits(self, mm: ir.Node, transpose: ir.Node, w: ir.Value, spec: q.QuantSpec) -> None:
+    def _matmul_nbits(self, mm: ir.Node, transpose: ir.Node, w: ir.Value, spec: q.QuantSpec,
+                      registered: tuple[ir.Value, ir.Value, ir.Value | None] | None = None) -> None:
+        """``mm`` = MatMul(x, Transpose(w)) -> MatMulNBits; ``registered``: the gather-form initializers of a
+        tied table, whose codes [N, kb·blob] the node reads through a Reshape to [N, kb, blob]."""
         n, k = (int(d) for d in w.shape)
-        codes, scales, zeros = self._register(w, spec, f"{MS_DOMAIN}::MatMulNBits", "nbits")
         tape = ir.tape.Tape()
+        if registered is None:
+            codes, scales, zeros = self._register(w, spec, f"{MS_DOMAIN}::MatMulNBits", "nbits")
+        else:
+            flat, scales, zeros = registered
+            kb, blob = -(-k // spec.block_size), spec.block_size * spec.bits // 8
+            codes = tape.op("Reshape", [flat, _constant(tape, np.array([n, kb, blob], np.int64))])
+            codes.name = f"{w.name}.qcodes.nbits"
+            codes.shape, codes.type = ir.Shape([n, kb, blob]), ir.TensorType(ir.DataType.UINT8)
         inputs = [mm.inputs[0], codes, scales] + ([zeros] if zeros is not None else [])
         out = tape.op("MatMulNBits", inputs, {"K": k, "N": n, "bits": spec.bits, "block_size": spec.block_size,
                                               "accuracy_level": self.accuracy_level}, domain=MS_DOMAIN)
@@ -176,6 +205,68 @@ class _Rewriter:
         ir.convenience.replace_nodes_and_values(self.graph, mm, [mm], tape.nodes, [old], [out])
         if not list(transpose.outputs[0].uses()):
             self.graph.remove(transpose, safe=True)
+
+    def embedding(self) -> None:
+        """The embedding table's gather (and a tied lm_head, which reads the same table) from codes.
+
+        Untied: ``embedding_bits`` (None: the table stays in T). Tied: the lm_head's width, when both the
+        embedding and the lm_head are quantised; else the table stays in T (docs/ops.md §7).
+        """
+        table = self.graph.initializers.get(EMBED)
+        if table is None:
+            return
+        gathers, heads = [], []
+        for node, index in table.uses():
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0 \
+                    and node.attributes.get_int("axis", 0) == 0:
+                gathers.append(node)
+            elif node.op_type == "Transpose" and node.domain in ("", "ai.onnx") \
+                    and list(node.attributes["perm"].value) == [1, 0]:
+                heads.append(node)
+            else:
+                raise AssertionError(f"{EMBED} is read by a {node.op_type} node; expected Gather or the tied lm_head")
+        if heads:
+            if self.embedding_bits is None or not self.lm_head:
+                return
+            spec = q.QuantSpec(self.lm_head_bits, self.spec.block_size, self.spec.scheme)
+            self.plan.lm_head = True
+        elif self.embedding_bits is not None:
+            spec = q.QuantSpec(self.embedding_bits, self.spec.block_size, self.spec.scheme)
+        else:
+            return
+        if self.target != "onnxruntime":
+            dq = self._dequantized(table, spec)
+            for node in gathers + heads:
+                node.replace_input_with(0, dq)
+            return
+        registered = self._register(table, spec, GATHER_OP, "gather")
+        for node in gathers:
+            self._gather_block_quantized(node, table, spec, registered)
+        for transpose in heads:
+            uses = list(transpose.outputs[0].uses())
+            if len(uses) != 1 or uses[0][0].op_type != "MatMul" or uses[0][1] != 1:
+                raise AssertionError(f"the tied lm_head's Transpose of {EMBED} does not feed one MatMul")
+            self._matmul_nbits(uses[0][0], transpose, table, spec, registered)
+
+    def _gather_block_quantized(self, gather: ir.Node, table: ir.Value, spec: q.QuantSpec,
+                                registered: tuple[ir.Value, ir.Value, ir.Value | None]) -> None:
+        """Gather(table, ids) -> GatherBlockQuantized(codes, ids, scales[, zero points]) [..., kb·bs],
+        sliced to the first H elements when bs does not divide H."""
+        codes, scales, zeros = registered
+        h = int(table.shape[1])
+        kb = -(-h // spec.block_size)
+        tape = ir.tape.Tape()
+        inputs = [codes, gather.inputs[1], scales] + ([zeros] if zeros is not None else [])
+        out = tape.op("GatherBlockQuantized", inputs, {"gather_axis": 0, "quantize_axis": 1,
+                                                       "block_size": spec.block_size, "bits": spec.bits},
+                      domain=MS_DOMAIN)
+        old = gather.outputs[0]
+        if kb * spec.block_size != h:
+            out.shape, out.type = ir.Shape([*old.shape[:-1], kb * spec.block_size]), old.type
+            out.name = f"{table.name}.gathered_blocks"
+            out = tape.op("Slice", [out, *(_constant(tape, np.array([v], np.int64)) for v in (0, h, -1))])
+        out.shape, out.type = old.shape, old.type
+        ir.convenience.replace_nodes_and_values(self.graph, gather, [gather], tape.nodes, [old], [out])
 
     def experts(self) -> None:
         for node in list(self.graph):
@@ -219,13 +310,16 @@ class _Rewriter:
 
 def quantize_graph(model: ir.Model, *, target: str, dtype: torch.dtype, spec: q.QuantSpec, accuracy_level: int,
                    lm_head: bool, load: Callable[[str], torch.Tensor], checkpoint_names: set[str],
-                   lm_head_bits: int = q.LM_HEAD_BITS) -> QuantPlan:
+                   lm_head_bits: int = q.LM_HEAD_BITS, embedding_bits: int | None = q.EMBEDDING_BITS) -> QuantPlan:
     """Rewrite ``model`` in place per docs/ops.md §7; returns the manifest's tensor list and fallbacks.
 
     ``load(name)`` gives a canonical checkpoint tensor in ``dtype`` (``checkpoint_names``); other
     initializers (packed QKV, interleaved experts) are evaluated from their lazy values.
+    ``embedding_bits``: the embedding table's code width, None to keep it in T.
     """
-    rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names, lm_head_bits)
+    rw = _Rewriter(model, target, dtype, spec, accuracy_level, lm_head, load, checkpoint_names, lm_head_bits,
+                   embedding_bits)
+    rw.embedding()
     rw.projections()
     rw.experts()
     graph = model.graph
@@ -241,6 +335,7 @@ def set_dq_opset(model: ir.Model) -> None:
         fn.opset_imports[""] = DQ_OPSET
 
 
-def manifest_entry(plan: QuantPlan, spec: q.QuantSpec, target: str, accuracy_level: int, lm_head: bool) -> Quantization:
+def manifest_entry(plan: QuantPlan, spec: q.QuantSpec, target: str, accuracy_level: int) -> Quantization:
+    """The manifest's ``quantization`` (``lm_head``: whether the rewrite quantised the output projection)."""
     return Quantization("rtn", spec.bits, spec.block_size, spec.scheme,
-                        accuracy_level if target == "onnxruntime" else None, lm_head, plan.tensors)
+                        accuracy_level if target == "onnxruntime" else None, plan.lm_head, plan.tensors)

@@ -1,17 +1,23 @@
-"""Give the traced graph its weights without holding them in RAM twice.
+"""Give the traced graph its weights without holding them in RAM twice, and hold each one once on disk.
 
-* A tensor whose canonical form is exactly the bytes stored in the checkpoint (``Source.is_plain``)
-  in the export dtype is not converted: its safetensors file is brought into the output folder as it
-  is and the ONNX initializer becomes external data at the tensor's byte offset in that file
-  (safetensors data is raw little-endian, which is what ONNX external data means by offset and
-  length). The file is cloned copy-on-write where the filesystem can (``FICLONE``: btrfs, XFS, ...;
-  no data is copied) and otherwise streamed in chunks while its sha256 is computed (if less than
-  half of a file is used, its used tensors are written to the data file instead). It is never
-  hard-linked: onnx (checker and loader) rejects external data files with several hard links as a
-  possible "hardlink attack", so a hard-linked export would fail ``onnx.checker.check_model``.
+Invariant (docs/ops.md §6): the folder stores every initializer of the graph exactly once and no
+other weight bytes, so the weight files' sizes are the initializers' bytes plus each checkpoint
+file's safetensors header.
+
+* A checkpoint file every tensor of which the graph reads exactly as stored (``Source.is_plain``,
+  in the export dtype) is brought into the output folder as it is, and those initializers become
+  external data at their tensors' byte offsets in it (safetensors data is raw little-endian, which is
+  what ONNX external data means by offset and length). The file is cloned copy-on-write where the
+  filesystem can (``FICLONE``: btrfs, XFS, ...; no data is copied) and otherwise streamed in chunks
+  while its sha256 is computed. It is never hard-linked: onnx (checker and loader) rejects external
+  data files with several hard links as a possible "hardlink attack", so a hard-linked export would
+  fail ``onnx.checker.check_model``.
+* A file holding any tensor the graph does not read as stored (q/k/v beside the packed QKV,
+  per-expert tensors, weights replaced by quantised codes) is not brought in: the tensors the graph
+  reads from it are written to :data:`DATA_FILE`.
 * Every other tensor (dtype change, stacked experts, mistral-inference q/k permutation, tensors that
   lowering derives, ``inv_freq``) is a lazy tensor: it is produced one at a time while
-  :data:`DATA_FILE` is written, and freed before the next.
+  :data:`DATA_FILE` is written (back to back, no padding), and freed before the next.
 """
 
 from __future__ import annotations
@@ -110,11 +116,12 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
     """Point every initializer of ``model`` at data under ``out_dir`` (the folder of model.onnx).
 
     Initializers named after checkpoint tensors come from ``ck`` in ``dtype``; others must already
-    hold a value (a lazy tensor from lowering, or a small in-memory tensor). A checkpoint file whose
-    tensors are referenced is cloned (reflink) into ``out_dir``, or copied if at least half of its
-    bytes are referenced; otherwise its referenced tensors are written to :data:`DATA_FILE` like the
-    converted ones. Afterwards every initializer is an :class:`onnx_ir.ExternalTensor` relative to
-    ``out_dir``. ``progress`` has ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
+    hold a value (a lazy tensor from lowering, or a small in-memory tensor). A checkpoint file all of
+    whose tensors are initializers stored as they are is cloned (reflink) or copied into ``out_dir``
+    and referenced; from any other file, the tensors the graph reads are written to
+    :data:`DATA_FILE` like the converted ones (each weight once, docs/ops.md §6). Afterwards every
+    initializer is an :class:`onnx_ir.ExternalTensor` relative to ``out_dir``. ``progress`` has
+    ``task(description, total) -> advance(n)`` (mtx.exporter.progress.Progress).
     Every checkpoint tensor is checked for NaN and Inf as it is streamed (CheckpointError naming it),
     unless ``allow_nonfinite``.
     """
@@ -140,14 +147,23 @@ def attach_weights(model: ir.Model, ck: Checkpoint, dtype: torch.dtype, out_dir:
 
     if len({f.name for f in by_file}) != len(by_file) or DATA_FILE in {f.name for f in by_file}:
         raise AssertionError("checkpoint file names collide in the output folder")
+    stored: dict[Path, set[str]] = {}
+    for key, ref in ck.refs.items():
+        stored.setdefault(ref.file, set()).add(key)
     kept: dict[Path, str] = {}
     for src, items in by_file.items():
-        if _reflink(src, out_dir / src.name):
-            kept[src] = "reflink"
-        elif 2 * sum(ref.nbytes for _, ref in items) >= src.stat().st_size:
-            kept[src] = "copy"
-        else:  # mostly unused (e.g. per-expert tensors that were stacked): write the few used ones instead
+        read = [ref.key for _, ref in items]
+        whole = len(set(read)) == len(read) and set(read) == stored[src] and \
+            min(ref.data_offset for _, ref in items) + sum(ref.nbytes for _, ref in items) == src.stat().st_size
+        if not whole:
+            # the graph does not read every tensor of this file as stored (q/k/v beside the packed QKV,
+            # per-expert tensors, quantised weights): placing it would hold unread bytes, so write the
+            # tensors it does read instead
             to_write += [(v, lazy(v.name, ref.shape, dtype, lambda n=v.name: load(n))) for v, ref in items]
+        elif _reflink(src, out_dir / src.name):
+            kept[src] = "reflink"
+        else:
+            kept[src] = "copy"
 
     advance = progress.task("checkpoint", sum(src.stat().st_size for src in kept))
     for src, method in kept.items():

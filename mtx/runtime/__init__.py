@@ -34,8 +34,14 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def check_engine_options(backend: str | None, threads: int | None, device: str | None) -> None:
-    """Backend a known name, threads within 1..the CPU count, device cpu / cuda / cuda:N."""
+#: ONNX Runtime's intra-op threads spin-wait for work (``session.intra_op.allow_spinning``) unless
+#: ``spin`` says otherwise. Off: chosen by measurement (README, "Spinning"; scripts/bench_spin.py).
+DEFAULT_SPIN = False
+
+
+def check_engine_options(backend: str | None, threads: int | None, device: str | None,
+                         spin: bool = DEFAULT_SPIN) -> None:
+    """Backend a known name, threads within 1..the CPU count, device cpu / cuda / cuda:N, spin a bool."""
     import os
     import re
 
@@ -51,16 +57,21 @@ def check_engine_options(backend: str | None, threads: int | None, device: str |
                          params=("threads",))
     if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:\d+)?", device)):
         raise UsageError(f"device: expected cpu, cuda or cuda:N, got {device!r}", params=("device",))
+    if not isinstance(spin, bool):
+        raise UsageError(f"spin: expected true or false, got {spin!r}", params=("spin",))
 
 
 def load(path: str | Path | None = None, backend: str | None = None, *, device: str | None = None,
          threads: int | None = None, prefill_chunk: int = 256, max_batch: int | None = None,
          capacity: int | None = None, dtype: str | None = None, verify: bool = True,
-         prefix_cache_bytes: int | None = None) -> Generator:
+         prefix_cache_bytes: int | None = None, spin: bool = DEFAULT_SPIN) -> Generator:
     """A :class:`Generator` for an export folder (``mtx.json`` inside) or a checkpoint folder.
 
     ``backend``: ``onnxruntime``, ``tensorrt`` or ``torch`` (the reference). Default: the export's
     target, or ``torch`` for a checkpoint folder. ``threads`` sets intra-op threads (CPU).
+    ``spin``: ONNX Runtime's intra-op threads spin-wait between pieces of work
+    (``session.intra_op.allow_spinning``); off by default, so they sleep and give a shared core back
+    (other backends ignore it).
     ``verify``: check an export's files against the sha256 in ``mtx.json`` (:mod:`mtx.integrity`).
     ``prefill_chunk``: the prefill block (canonical chunks). ``prefix_cache_bytes``: bound of the prefix
     cache (0: off; None: the default where the window allows it, see :class:`Generator`).
@@ -69,7 +80,7 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     from mtx.errors import UsageError
     from mtx.manifest import MANIFEST
 
-    check_engine_options(backend, threads, device)
+    check_engine_options(backend, threads, device, spin)
     root = resolve_checkpoint(path)
     if not root.exists():
         raise UsageError(f"{root}: no such folder")
@@ -77,7 +88,8 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
         from mtx.runtime.artifact import load_artifact
 
         return load_artifact(root, backend, device=device, threads=threads, prefill_chunk=prefill_chunk,
-                             max_batch=max_batch, verify=verify, prefix_cache_bytes=prefix_cache_bytes)
+                             max_batch=max_batch, verify=verify, prefix_cache_bytes=prefix_cache_bytes,
+                             spin=spin)
     if backend not in (None, "torch"):
         raise UsageError(f"{root}: not an mtx export (no mtx.json); backend {backend!r} needs `mtx export` output")
     from mtx.config import generation_eos_ids

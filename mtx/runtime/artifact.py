@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 
 def load_artifact(root: Path, backend: str | None, *, device: str | None = None, threads: int | None = None,
                   prefill_chunk: int = 256, max_batch: int | None = None, verify: bool = True,
-                  prefix_cache_bytes: int | None = None) -> Generator:
-    """``verify``: recompute the files' sha256 (weights once per file state, mtx.integrity)."""
+                  prefix_cache_bytes: int | None = None, spin: bool = False) -> Generator:
+    """``verify``: recompute the files' sha256 (weights once per file state, mtx.integrity); ``spin``:
+    ONNX Runtime's intra-op spin-wait (onnxruntime backend only)."""
     manifest = read_manifest(root)
     verify_export(root, manifest, verify)
     target = manifest.target
@@ -33,7 +34,7 @@ def load_artifact(root: Path, backend: str | None, *, device: str | None = None,
     if name == "onnxruntime":
         from mtx.runtime.ort_backend import OrtBackend
 
-        be: Any = OrtBackend(root, manifest, threads=threads, device=device, max_batch=max_batch)
+        be: Any = OrtBackend(root, manifest, threads=threads, device=device, max_batch=max_batch, spin_wait=spin)
     elif name == "tensorrt":
         if not manifest.engine:
             raise UsageError(f"{root}: no TensorRT engine in this export ({manifest.engine_status}); "

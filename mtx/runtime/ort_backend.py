@@ -125,8 +125,8 @@ class OrtBackend(Backend):
     def __init__(self, root: Path, manifest: Manifest, threads: int | None = None,
                  device: str | None = None, max_batch: int | None = None,
                  extra_outputs: Sequence[str] = (), spin_wait: bool = True) -> None:
-        """``spin_wait=False``: intra-op threads sleep after a run instead of spinning (for callers
-        that run other compute between calls, such as ``mtx parity``)."""
+        """``spin_wait``: ``session.intra_op.allow_spinning`` (False: intra-op threads sleep when out of
+        work instead of spinning; ``mtx.load`` passes its ``spin``, default off)."""
         import onnxruntime as ort
 
         self.root = root
@@ -158,8 +158,7 @@ class OrtBackend(Backend):
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 4  # failures surface as exceptions, reported in one line
-        if not spin_wait:
-            so.add_session_config_entry(ALLOW_SPINNING, "0")
+        so.add_session_config_entry(ALLOW_SPINNING, "1" if spin_wait else "0")
         model, folder = session_model(root, manifest, self.extra_outputs)
         if folder is not None:
             so.add_session_config_entry(EXTERNAL_DATA_FOLDER, folder)

@@ -73,7 +73,7 @@ def application(out: str | Path | None, options: ServeOptions, replicas: int = 1
 
 def build(args: dict[str, str]) -> Any:
     """``serve run mtx.serving.ray_app:build out=OUT [replicas=N] [autoscaling=JSON] [max_batch=N]
-    [max_request_bytes=N] [body_timeout_s=S] ...``."""
+    [max_request_bytes=N] [body_timeout_s=S] [spin=true|false] ...``."""
     args = dict(args)
     out = args.pop("out", None)
     replicas = int(args.pop("replicas", 1))
@@ -82,9 +82,22 @@ def build(args: dict[str, str]) -> Any:
             "prefill_chunk", "prefix_cache_bytes"}
     floats = {"body_timeout_s"}
     fields: dict[str, Any] = {k: (int(v) if k in ints else float(v) if k in floats else v) for k, v in args.items()}
-    if "verify" in fields:
-        fields["verify"] = str(fields["verify"]).lower() not in ("0", "false", "no")
+    for flag in ("verify", "spin"):
+        if flag in fields:
+            fields[flag] = _flag(flag, fields[flag])
     return application(out, ServeOptions(**fields), replicas, autoscaling)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A build argument's boolean: true/false, 1/0, yes/no (any case); anything else is a UsageError."""
+    from mtx.errors import UsageError
+
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes"):
+        return True
+    if text in ("0", "false", "no"):
+        return False
+    raise UsageError(f"{name}: expected true or false, got {value!r}", params=(name,))
 
 
 def serve_on_ray(out: str | Path | None, options: ServeOptions, replicas: int,

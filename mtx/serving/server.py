@@ -37,6 +37,7 @@ class ServeOptions:
     threads: int | None = None
     device: str | None = None
     verify: bool = True
+    spin: bool = False  # ONNX Runtime's intra-op spin-wait (mtx.load's ``spin``, default off)
     model_name: str | None = None  # default: the export folder's name
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
@@ -56,6 +57,8 @@ class ServeOptions:
         b = self.prefix_cache_bytes
         if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
             raise UsageError(f"prefix_cache_bytes must be an integer >= 0, got {b!r}", params=("prefix_cache_bytes",))
+        if not isinstance(self.spin, bool):
+            raise UsageError(f"spin must be true or false, got {self.spin!r}", params=("spin",))
 
 
 def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
@@ -73,7 +76,7 @@ def load_server(out: str | Path | None, options: ServeOptions) -> OpenAIServer:
     sized = None if (folder / MANIFEST).is_file() else options.max_batch
     gen = mtx.runtime.load(out, options.backend, threads=options.threads, device=options.device,
                            max_batch=sized, verify=options.verify, prefill_chunk=options.prefill_chunk,
-                           prefix_cache_bytes=options.prefix_cache_bytes)
+                           prefix_cache_bytes=options.prefix_cache_bytes, spin=options.spin)
     metrics = ServingMetrics()
     engine = Engine(gen, max_batch=options.max_batch, max_queue=options.max_queue,
                     token_budget=options.token_budget, observer=metrics,

@@ -83,6 +83,8 @@ struct ModelInfo {
 
 struct ModelOptions {
   int intra_op_threads = 0;   ///< 0 = ONNX Runtime's default
+  bool spin = false;          ///< intra-op threads spin-wait for work (session.intra_op.allow_spinning); off:
+                              ///< they sleep and give a shared core back (the Python default, README "Spinning")
   bool verify_hashes = true;  ///< recompute each listed file's sha256 (docs/ops.md §5 rule 5)
   std::string device = "cpu"; ///< "cpu" or "cuda" (CUDA execution provider, where the library has it)
   /// The prefill block P: prompt tokens are fed in canonical chunks, each ending at a multiple of P
