@@ -120,6 +120,12 @@ class Backend(ABC):
                              f"(its RoPE tables); export it again with a larger max_position", params=("max_position",))
 
 
+def layer_rows(keys: list[Any], values: list[Any], row: int) -> list[Any]:
+    """:meth:`Backend.row_buffers` of a state holding per-layer key and value buffers [B, Hkv, C, D]:
+    views of ``row``, keys of layer l at 2l, values at 2l+1."""
+    return [buf[row] for pair in zip(keys, values) for buf in pair]
+
+
 class HostRow:
     """A host copy of one row [Hkv, C, D] of a device buffer, written back by :meth:`flush`."""
 

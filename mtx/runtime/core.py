@@ -102,6 +102,17 @@ def feed(backend: Backend, state: Any, row: int, ids: Sequence[int], start: int,
     return np.concatenate(outs, axis=0) if want_all else outs[-1][-1]
 
 
+def seed_from_cache(cache: PrefixCache, backend: Backend, state: Any, row: int, prompt: Sequence[int],
+                    digests: Sequence[bytes]) -> int:
+    """Seed ``row`` with the longest cached start of ``prompt`` fed from position 0 (docs/ops.md §1 rule 11).
+    Returns the position the row goes on from (0 on a miss)."""
+    hit = cache.lookup(prompt, digests)
+    if hit is None:
+        return 0
+    backend.write_positions(state, row, hit.position, hit.first, hit.keys, hit.values)
+    return hit.position
+
+
 def store_prompt_block(cache: PrefixCache, backend: Backend, state: Any, row: int, prompt: Sequence[int],
                        digests: Sequence[bytes], fed: int) -> None:
     """After a canonical chunk of a prompt fed from position 0 ended at ``fed``: store the block that
@@ -248,16 +259,12 @@ class BatchCore:
                 try:
                     decoder = RowDecoder(req, self.tokenizer)
                     a = _Running(req, decoder, row, next(self._order))
-                    if req.speculative is not None:
-                        req.speculative.validate(self.backend.window, self.backend.capacity)
+                    if req.speculative is not None:  # validated by prepare_request
                         a.proposer = NgramProposer(req.speculative, req.prompt_ids)
                     if self.prefix_cache is not None:
                         a.digests = chain_digests(req.prompt_ids, self.prefix_cache.block)
-                        hit = self.prefix_cache.lookup(req.prompt_ids, a.digests)
-                        if hit is not None:
-                            self.backend.write_positions(self.state, row, hit.position, hit.first, hit.keys,
-                                                         hit.values)
-                            a.fed = hit.position
+                        a.fed = seed_from_cache(self.prefix_cache, self.backend, self.state, row, req.prompt_ids,
+                                                a.digests)
                 except Exception as e:  # noqa: BLE001 - one request's failure is its own
                     out.append(_error(req.request_id, e))
                     continue

@@ -24,7 +24,7 @@ from mtx.errors import UsageError
 from mtx.runtime.backends import Backend
 from mtx import rolling_kv
 from mtx.runtime import speculative
-from mtx.runtime.core import BatchCore, RequestOutput, feed, store_prompt_block
+from mtx.runtime.core import BatchCore, RequestOutput, feed, seed_from_cache, store_prompt_block
 from mtx.runtime.prefix_cache import DEFAULT_PREFIX_CACHE_BYTES, PrefixCache, chain_digests
 from mtx.runtime.prefix_state import PrefixState
 from mtx.runtime.request import Prompt, Request, prepare_request, prompt_ids
@@ -230,10 +230,7 @@ class Session:
         cache = g.prefix_cache
         if cache is not None and start == 0 and not want_all:
             digests = chain_digests(ids, cache.block)
-            hit = cache.lookup(ids, digests)
-            if hit is not None:
-                g.backend.write_positions(self._state, 0, hit.position, hit.first, hit.keys, hit.values)
-                start = hit.position
+            start = seed_from_cache(cache, g.backend, self._state, 0, ids, digests)
 
             def on_chunk(end: int) -> None:
                 store_prompt_block(cache, g.backend, self._state, 0, ids, digests, end)

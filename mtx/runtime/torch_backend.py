@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from mtx.rolling_kv import KVPlan
-from mtx.runtime.backends import Backend
+from mtx.runtime.backends import Backend, layer_rows
 
 
 class TorchBackend(Backend):
@@ -51,7 +51,7 @@ class TorchBackend(Backend):
         return state.nbytes()
 
     def row_buffers(self, state: Any, row: int) -> list[Any]:
-        return [t for pair in zip(state.keys, state.values) for t in (pair[0][row], pair[1][row])]
+        return layer_rows(state.keys, state.values, row)
 
     def run(self, state: Any, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:

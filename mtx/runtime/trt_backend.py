@@ -19,7 +19,7 @@ import numpy as np
 
 from mtx.errors import UsageError
 from mtx.manifest import Manifest
-from mtx.runtime.backends import Backend
+from mtx.runtime.backends import Backend, layer_rows
 
 if TYPE_CHECKING:
     import torch
@@ -160,7 +160,7 @@ class TrtBackend(Backend):
         return state.nbytes()
 
     def row_buffers(self, state: TrtKV, row: int) -> list[Any]:
-        return [t for pair in zip(state.keys, state.values) for t in (pair[0][row], pair[1][row])]
+        return layer_rows(state.keys, state.values, row)
 
     def run(self, state: TrtKV, rows: slice, input_ids: np.ndarray, start_pos: np.ndarray,
             last_only: bool) -> np.ndarray:
