@@ -32,6 +32,7 @@ import numpy as np
 
 from mtx.errors import MtxError, ResourceError, UsageError
 from mtx.integrity import external_data_folder, read_graph
+from mtx.runtime.memory import keep_freed_buffers_unmapped
 from mtx.manifest import Manifest
 from mtx.names import ONNX_ELEMENT_TYPES, numpy_dtype
 from mtx.runtime.backends import Backend, HostRow
@@ -163,6 +164,7 @@ class OrtBackend(Backend):
         if folder is not None:
             so.add_session_config_entry(EXTERNAL_DATA_FOLDER, folder)
         self.path = root / manifest.model
+        keep_freed_buffers_unmapped()  # no freed initializer copies left resident (mtx.runtime.memory)
         try:
             self.session = ort.InferenceSession(model, so, providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
