@@ -5,6 +5,9 @@
 #include "graph.hpp"
 
 #include <sys/stat.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include <algorithm>
 #include <cctype>
@@ -162,6 +165,15 @@ Error ort_error(const std::string& path, const Ort::Exception& e, const char* do
   return Error(ErrorCode::InvalidExport, path + ": ONNX Runtime " + doing + " it (" + what + ")");
 }
 
+void keep_freed_buffers_unmapped() {
+  // As mtx.runtime.memory.keep_freed_buffers_unmapped: glibc raises its mmap threshold as large blocks are
+  // freed, so the initializers ONNX Runtime replaces while loading (constant-folded, prepacked) would stay
+  // resident as heap holes. A fixed 1 MiB threshold returns them (process-wide; glibc only).
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+#endif
+}
+
 void* aligned_bytes(size_t n) {
   void* p = nullptr;
   if (posix_memalign(&p, 64, std::max<size_t>(n, 64)) != 0) throw std::bad_alloc();
@@ -200,6 +212,7 @@ Model::Model(const std::string& folder, const ModelOptions& options) : impl_(std
   const std::string model_path = Impl::join_model_path(folder, m.manifest.model);
   const detail::GraphSource source = detail::check_graph_file(m.manifest, folder);
   Ort::Env& env = detail::ort_env();
+  detail::keep_freed_buffers_unmapped();
   try {
     Ort::SessionOptions so;
     so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);

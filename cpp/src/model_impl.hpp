@@ -15,6 +15,7 @@ namespace detail {
 const OrtApi* init_ort_api();  ///< GetApi(ORT_API_VERSION) of the loaded library, or Error(Runtime)
 Ort::Env& ort_env();
 void* aligned_bytes(size_t n);  ///< zeroed, 64-byte aligned
+void keep_freed_buffers_unmapped();  ///< fixes glibc's mmap threshold before a session loads (no-op elsewhere)
 struct FreeDeleter {
   void operator()(char* p) const { std::free(p); }
 };
