@@ -302,8 +302,12 @@ def main() -> None:
     log(f"checkpoint: {a.layers} layers into {ckpt}")
     # in a child process, so torch and the write buffer stay out of this process's RSS, which a child started
     # by (v)fork + exec inherits as the start of its own ru_maxrss
-    size = benchlib.run_json([sys.executable, __file__, "--write-checkpoint", "--workdir", a.workdir, "--layers",
-                              a.layers, "--seed", a.seed, "--std", a.std], "writing the checkpoint")
+    res = subprocess.run([sys.executable, __file__, "--write-checkpoint", "--workdir", str(a.workdir), "--layers",
+                          str(a.layers), "--seed", str(a.seed), "--std", str(a.std)],
+                         stdout=subprocess.PIPE, text=True, env=benchlib.child_env(), check=False)  # progress: stderr
+    if res.returncode:
+        raise SystemExit(f"writing the checkpoint failed (exit {res.returncode})")
+    size = json.loads(res.stdout)
     report["checkpoint"] = {"bytes": size, "write_s": round(time.time() - t0, 1), "layers": a.layers,
                             "values": f"float16, per tensor torch.Generator(crc32('{a.seed}:' + name)): "
                                       f"N(0, {a.std}) matrices, N(1, 0.02) norms"}
