@@ -32,10 +32,13 @@ here as well (``wait_sampling``: load included). Reported:
   ``benchlib.bytes_per_token`` of the export's graph (every initializer whole, one row of the embedding
   table) plus the KV reads of the positions attended (mean over the timed steps); the ratio of the two;
 - memory: the runs' ``memory`` (mtx bench's in-process sampler during prefill and decode) and the parent's
-  whole-process peak, each against the export's file bytes + ``kv_bytes``.
+  whole-process peak, each against the export's file bytes + ``kv_bytes`` (the KV buffers allocated), and
+  against the file bytes + the KV bytes written (``prompt_len + new_tokens`` positions: the buffers are
+  zeroed lazily, so only written pages are resident).
 
 Everything is deleted afterwards unless ``--keep``; without it each export is deleted after its run to save
-disk.
+disk. ``--reuse`` (with ``--keep``) benches again what a ``--keep`` run left in ``--workdir``, without writing or
+exporting it again.
 """
 
 from __future__ import annotations
@@ -175,13 +178,18 @@ def run_export(ckpt: Path, out: Path, target: str, dtype: str, quantize: str | N
     if code:
         sys.stderr.write(stderr)
         raise SystemExit(code)
-    manifest = json.loads(stdout)
     peak = usage.ru_maxrss * 1024  # Linux reports KiB
     log(f"export: {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
     return {
         "command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_bytes": peak,
         "peak_rss_gib": round(peak / 2**30, 2),
         "memory": {**memory, "rule": "anonymous resident + mapped checkpoint/export files, sampled every 0.25 s"},
+        **export_summary(json.loads(stdout))}
+
+
+def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What the report gives of an export's manifest (``mtx.json``, or ``mtx export --json``)."""
+    return {
         "target": manifest["target"], "dtype": manifest["dtype"],
         "attention_op": manifest["attention_op"], "fallbacks": manifest["fallbacks"], "weights": manifest["weights"],
         "output_bytes": sum(f["bytes"] for f in manifest["files"]),
@@ -244,10 +252,14 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
     kv_bytes = runs[0]["kv_bytes"]
     mib = 2**20
 
+    # the KV buffers are zeroed lazily (calloc'd pages): only the positions written become resident
+    kv_used = kv["per_position"] * min(a.prompt_len + a.new_tokens, CONFIG["sliding_window"])
+
     def against(m: dict[str, Any]) -> dict[str, Any]:
         return {"memory_mb": m["memory_mb"], "anon_mb": m["anon_mb"], "mapped_weights_mb": m["mapped_weights_mb"],
                 "rss_mb": m["rss_mb"], "ratio_to_weights_plus_kv": round(m["memory_mb"] * mib / (files + kv_bytes), 3),
-                "anon_minus_kv_mb": round(m["anon_mb"] - kv_bytes / mib, 1)}
+                "ratio_to_weights_plus_kv_written": round(m["memory_mb"] * mib / (files + kv_used), 3),
+                "over_weights_plus_kv_written_mb": round(m["memory_mb"] - (files + kv_used) / mib, 1)}
 
     decode_mem = max((r["memory"] for r in runs), key=lambda m: m["memory_mb"])
     whole = max((r["whole_process_memory"] for r in runs), key=lambda m: m["memory_mb"])
@@ -265,6 +277,7 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
         },
         "memory": {
             "weights_bytes": files, "kv_bytes": kv_bytes, "weights_plus_kv_mb": round((files + kv_bytes) / mib, 1),
+            "kv_written_bytes": kv_used,
             "decode": {**against(decode_mem), "what": "mtx bench's in-process sampler, prefill + decode (max over runs)"},
             "whole_process": {**against(whole), "what": "the bench child sampled from here, load included (max over runs)"},
             "per_run": [{"decode_mb": r["memory_mb"], "decode_anon_mb": r["memory"]["anon_mb"],
@@ -276,6 +289,21 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
     }
 
 
+def write_checkpoint(ckpt: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """``make_checkpoint`` in a child process (this script with ``--write-checkpoint``), so torch and the write
+    buffer stay out of this process's RSS, which a child started by (v)fork + exec inherits as the start of its
+    own ru_maxrss; its progress goes to stderr."""
+    log(f"checkpoint: {a.layers} layers into {ckpt}")
+    res = subprocess.run([sys.executable, __file__, "--write-checkpoint", "--workdir", str(a.workdir), "--layers",
+                          str(a.layers), "--seed", str(a.seed), "--std", str(a.std)],
+                         stdout=subprocess.PIPE, text=True, env=benchlib.child_env(), check=False)
+    if res.returncode:
+        raise SystemExit(f"writing the checkpoint failed (exit {res.returncode})")
+    return {"bytes": json.loads(res.stdout), "layers": a.layers,
+            "values": f"float16, per tensor torch.Generator(crc32('{a.seed}:' + name)): "
+                      f"N(0, {a.std}) matrices, N(1, 0.02) norms"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mtx-7b"), help="where the checkpoint and exports go")
@@ -285,6 +313,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the checkpoint's values (with each tensor's name)")
     ap.add_argument("--std", type=float, default=0.02, help="standard deviation of the matrices' values")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the exports")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use the checkpoint and exports a --keep run left in --workdir (not timed again)")
     ap.add_argument("--bench", action="store_true", help="run mtx bench on each export")
     ap.add_argument("--bench-runs", type=int, default=3, help="mtx bench runs per export (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of mtx bench and of the bandwidth run")
@@ -299,24 +329,24 @@ def main() -> None:
         return
     report: dict[str, Any] = {"loadavg_before": benchlib.loadavg()}
     t0 = time.time()
-    log(f"checkpoint: {a.layers} layers into {ckpt}")
-    # in a child process, so torch and the write buffer stay out of this process's RSS, which a child started
-    # by (v)fork + exec inherits as the start of its own ru_maxrss
-    res = subprocess.run([sys.executable, __file__, "--write-checkpoint", "--workdir", str(a.workdir), "--layers",
-                          str(a.layers), "--seed", str(a.seed), "--std", str(a.std)],
-                         stdout=subprocess.PIPE, text=True, env=benchlib.child_env(), check=False)  # progress: stderr
-    if res.returncode:
-        raise SystemExit(f"writing the checkpoint failed (exit {res.returncode})")
-    size = json.loads(res.stdout)
-    report["checkpoint"] = {"bytes": size, "write_s": round(time.time() - t0, 1), "layers": a.layers,
-                            "values": f"float16, per tensor torch.Generator(crc32('{a.seed}:' + name)): "
-                                      f"N(0, {a.std}) matrices, N(1, 0.02) norms"}
+    index = ckpt / "model.safetensors.index.json"
+    if a.reuse and index.is_file() and json.loads((ckpt / "config.json").read_text())["num_hidden_layers"] == a.layers:
+        log(f"checkpoint: reusing {ckpt}")
+        report["checkpoint"] = {"bytes": json.loads(index.read_text())["metadata"]["total_size"],
+                                "reused": str(ckpt), "layers": a.layers}
+    else:
+        report["checkpoint"] = write_checkpoint(ckpt, a)
+        report["checkpoint"]["write_s"] = round(time.time() - t0, 1)
     report["runs"] = []
     try:
         for spec in a.run or ["onnxruntime:float16"]:
             target, dtype, *quant = spec.split(":")
             out = a.workdir / f"export-{target}-{dtype}{''.join('-' + q for q in quant)}"
-            run = run_export(ckpt, out, target, dtype, quant[0] if quant else None)
+            if a.reuse and (out / "mtx.json").is_file():
+                log(f"export: reusing {out}")
+                run = {"reused": str(out), **export_summary(json.loads((out / "mtx.json").read_text()))}
+            else:
+                run = run_export(ckpt, out, target, dtype, quant[0] if quant else None)
             if a.bench:
                 run["bench"] = bench_report(out, run, a)
             report["runs"].append(run)
