@@ -11,7 +11,7 @@ same tokens. genai's builder keeps the window only when config.json has
 
 The bandwidth bound is the bytes of weights read per decoded token (every matrix but the embedding
 table, in float32) divided by the machine's read bandwidth (``benchlib.read_bandwidth``: read-only streaming
-over a 3 GiB buffer on the benchmark's threads, median of 7 runs).
+over a 3 GiB buffer, one slice per thread on the benchmark's threads, median of 7 runs).
 """
 
 from __future__ import annotations

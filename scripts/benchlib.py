@@ -118,29 +118,43 @@ def l3_cache_bytes() -> int | None:
 
 
 def read_bandwidth(threads: int, buffer_gib: float = 3.0, runs: int = 7) -> dict[str, Any]:
-    """Read-only memory bandwidth, GB/s (1e9 bytes/s): ``torch.sum`` over a float32 buffer of ``buffer_gib``
-    GiB (far larger than the L3, so every run streams from DRAM) with ``threads`` torch intra-op threads (the
-    sum is split across them; nothing is written but the one result). One warm-up run, then ``runs`` timed
-    ones: median, min and max. This is the one home of the bandwidth bound of the benchmark scripts."""
+    """Read-only memory bandwidth, GB/s (1e9 bytes/s): ``threads`` Python threads each ``torch.sum`` one slice of
+    a float32 buffer of ``buffer_gib`` GiB (far larger than the L3, so every run streams from DRAM; nothing is
+    written but the sums; torch releases the GIL, and its intra-op pool is set to 1 thread so each slice is read
+    by exactly one thread). One warm-up run, then ``runs`` timed ones: median, min and max, and the process's
+    CPU time over wall time (about ``threads`` when every thread had a core; less on a busy machine). This is
+    the one home of the bandwidth bound of the benchmark scripts."""
+    import threading
+
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     try:
         buf = torch.ones(int(buffer_gib * 2**30) // 4)  # written once here: every page resident before timing
-        buf.sum()
-        rates = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            buf.sum()
-            rates.append(buf.numel() * 4 / (time.perf_counter() - t) / 1e9)
-        del buf
+        parts = buf.chunk(threads)
+
+        def once() -> tuple[float, float]:
+            workers = [threading.Thread(target=p.sum) for p in parts]
+            t, c = time.perf_counter(), time.process_time()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            wall = time.perf_counter() - t
+            return buf.numel() * 4 / wall / 1e9, (time.process_time() - c) / wall
+
+        once()
+        samples = [once() for _ in range(runs)]
+        del buf, parts
     finally:
         torch.set_num_threads(before)
-    l3 = l3_cache_bytes()
+    rates = [r for r, _ in samples]
     return {"gb_s": round(float(np.median(rates)), 2), "min": round(min(rates), 2), "max": round(max(rates), 2),
-            "samples": [round(r, 2) for r in rates], "threads": threads, "buffer_gib": buffer_gib,
-            "l3_bytes": l3, "method": "torch.sum over a float32 buffer (read-only), median of runs"}
+            "samples": [round(r, 2) for r in rates], "threads": threads,
+            "cpu_per_wall": round(float(np.median([c for _, c in samples])), 2), "buffer_gib": buffer_gib,
+            "l3_bytes": l3_cache_bytes(),
+            "method": "torch.sum of one slice per thread over a float32 buffer (read-only), median of runs"}
 
 
 #: Initializers read one row per token (GroupQueryAttention's rotary tables).

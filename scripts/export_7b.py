@@ -27,10 +27,13 @@ Bench (``--bench``): ``mtx bench EXPORT --json`` ``--bench-runs`` times in child
 here as well (``wait_sampling``: load included). Reported:
 
 - decode tokens/s: the median (min, max) of the runs' ``decode_tokens_per_s``;
-- the bound: ``benchlib.read_bandwidth`` (read-only streaming over a 3 GiB buffer on ``--threads`` threads,
-  median of 7 runs, taken just before the bench runs) divided by the bytes one decode step reads:
-  ``benchlib.bytes_per_token`` of the export's graph (every initializer whole, one row of the embedding
-  table) plus the KV reads of the positions attended (mean over the timed steps); the ratio of the two;
+- the bound: ``benchlib.read_bandwidth`` (read-only streaming over a 3 GiB buffer, a slice per thread on
+  ``--threads`` threads, median of 7 runs, taken just before each bench run so both see the same load; the
+  median over runs) divided by the bytes one decode step reads: ``benchlib.bytes_per_token`` of the export's
+  graph (every initializer whole, one row of the embedding table) plus the KV reads of the positions attended
+  (mean over the timed steps); the ratio of the two, and each run's against its own bandwidth. ``cpu_per_wall``
+  (CPU time / wall time, of the bandwidth run and of each bench child) shows whether the threads had their
+  cores on this shared machine;
 - memory: the runs' ``memory`` (mtx bench's in-process sampler during prefill and decode) and the parent's
   whole-process peak, each against the export's file bytes + ``kv_bytes`` (the KV buffers allocated), and
   against the file bytes + the KV bytes written (``prompt_len + new_tokens`` positions: the buffers are
@@ -209,7 +212,8 @@ def run_bench(out: Path, threads: int, prompt_len: int, new_tokens: int) -> dict
         return {"command": " ".join(cmd), "failed": stderr[-2000:]}
     result = json.loads(stdout)
     return {"command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),
-            "whole_process_memory": memory, **result}
+            "cpu_per_wall": round((usage.ru_utime + usage.ru_stime) / wall, 2), "whole_process_memory": memory,
+            **result}
 
 
 def kv_read_bytes(out: Path, prompt_len: int, new_tokens: int) -> dict[str, Any]:
@@ -229,25 +233,29 @@ def kv_read_bytes(out: Path, prompt_len: int, new_tokens: int) -> dict[str, Any]
 
 def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:
     """``--bench-runs`` runs of mtx bench; decode against the bandwidth bound; memory against weights + KV."""
-    log(f"bench: read bandwidth on {a.threads} threads")
-    # in a child process: its 3 GiB buffer would otherwise become this process's RSS high-water mark
-    bandwidth = benchlib.run_json([sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); "
-                                   "import benchlib; print(json.dumps(benchlib.read_bandwidth(int(sys.argv[2]))))",
-                                   str(Path(__file__).parent), str(a.threads)], "read bandwidth")
-    log(f"bench: {bandwidth['gb_s']} GB/s (min {bandwidth['min']}, max {bandwidth['max']})")
-    runs = []
+    runs, bandwidths = [], []
     for r in range(a.bench_runs):
+        # the bound's bandwidth just before each run, under the same load of this shared machine; in a child
+        # process: its 3 GiB buffer would otherwise become this process's RSS high-water mark
+        bandwidths.append(benchlib.run_json(
+            [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); import benchlib; "
+             "print(json.dumps(benchlib.read_bandwidth(int(sys.argv[2]))))", str(Path(__file__).parent),
+             str(a.threads)], "read bandwidth"))
         runs.append(run_bench(out, a.threads, a.prompt_len, a.new_tokens))
         if "failed" in runs[-1]:
             return {"runs": runs, "failed": runs[-1]["failed"]}
-        log(f"bench run {r + 1}/{a.bench_runs}: {runs[-1]['decode_tokens_per_s']} tokens/s, "
-            f"memory {runs[-1]['memory_mb']} MiB, {runs[-1]['wall_s']} s")
+        log(f"bench run {r + 1}/{a.bench_runs}: read bandwidth {bandwidths[-1]['gb_s']} GB/s "
+            f"(cpu/wall {bandwidths[-1]['cpu_per_wall']}), decode {runs[-1]['decode_tokens_per_s']} tokens/s "
+            f"(cpu/wall {runs[-1]['cpu_per_wall']}), memory {runs[-1]['memory_mb']} MiB, {runs[-1]['wall_s']} s")
     tps = [r["decode_tokens_per_s"] for r in runs]
     weights = benchlib.bytes_per_token(out)
     kv = kv_read_bytes(out, a.prompt_len, a.new_tokens)
     per_token = weights + kv["bytes"]
-    bound = bandwidth["gb_s"] * 1e9 / per_token
+    bw = [b["gb_s"] for b in bandwidths]
+    bandwidth = float(np.median(bw))
+    bound = bandwidth * 1e9 / per_token
     decode = float(np.median(tps))
+    ratios = [t / (b * 1e9 / per_token) for t, b in zip(tps, bw)]
     files = export["output_bytes"]
     kv_bytes = runs[0]["kv_bytes"]
     mib = 2**20
@@ -270,10 +278,13 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
         "decode_tokens_per_s_samples": tps,
         "time_to_first_token_s": [r["time_to_first_token_s"] for r in runs],
         "bench_wall_s": [r["wall_s"] for r in runs],
+        "bench_cpu_per_wall": [r["cpu_per_wall"] for r in runs],
         "bound": {
-            "read_bandwidth": bandwidth,
+            "read_bandwidth_gb_s": round(bandwidth, 2), "read_bandwidth_gb_s_min": min(bw),
+            "read_bandwidth_gb_s_max": max(bw), "read_bandwidth_runs": bandwidths,
             "weight_bytes_per_token": weights, "kv_read_bytes_per_token": kv, "bytes_per_token": per_token,
             "bound_tokens_per_s": round(bound, 2), "ratio_to_bound": round(decode / bound, 3),
+            "ratio_to_bound_per_run": [round(x, 3) for x in ratios],
         },
         "memory": {
             "weights_bytes": files, "kv_bytes": kv_bytes, "weights_plus_kv_mb": round((files + kv_bytes) / mib, 1),
