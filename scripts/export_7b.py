@@ -35,9 +35,8 @@ here as well (``wait_sampling``: load included). Reported:
   (CPU time / wall time, of the bandwidth run and of each bench child) shows whether the threads had their
   cores on this shared machine;
 - memory: the runs' ``memory`` (mtx bench's in-process sampler during prefill and decode) and the parent's
-  whole-process peak, each against the export's file bytes + ``kv_bytes`` (the KV buffers allocated), and
-  against the file bytes + the KV bytes written (``prompt_len + new_tokens`` positions: the buffers are
-  zeroed lazily, so only written pages are resident).
+  whole-process peak, each against the export's file bytes + ``kv_bytes`` (the KV buffers allocated; they
+  are zeroed lazily, but the first prefill makes most of their pages resident).
 
 Everything is deleted afterwards unless ``--keep``; without it each export is deleted after its run to save
 disk. ``--reuse`` (with ``--keep``) benches again what a ``--keep`` run left in ``--workdir``, without writing or
@@ -260,14 +259,10 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
     kv_bytes = runs[0]["kv_bytes"]
     mib = 2**20
 
-    # the KV buffers are zeroed lazily (calloc'd pages): only the positions written become resident
-    kv_used = kv["per_position"] * min(a.prompt_len + a.new_tokens, CONFIG["sliding_window"])
-
     def against(m: dict[str, Any]) -> dict[str, Any]:
         return {"memory_mb": m["memory_mb"], "anon_mb": m["anon_mb"], "mapped_weights_mb": m["mapped_weights_mb"],
                 "rss_mb": m["rss_mb"], "ratio_to_weights_plus_kv": round(m["memory_mb"] * mib / (files + kv_bytes), 3),
-                "ratio_to_weights_plus_kv_written": round(m["memory_mb"] * mib / (files + kv_used), 3),
-                "over_weights_plus_kv_written_mb": round(m["memory_mb"] - (files + kv_used) / mib, 1)}
+                "over_weights_plus_kv_mb": round(m["memory_mb"] - (files + kv_bytes) / mib, 1)}
 
     decode_mem = max((r["memory"] for r in runs), key=lambda m: m["memory_mb"])
     whole = max((r["whole_process_memory"] for r in runs), key=lambda m: m["memory_mb"])
@@ -288,7 +283,6 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
         },
         "memory": {
             "weights_bytes": files, "kv_bytes": kv_bytes, "weights_plus_kv_mb": round((files + kv_bytes) / mib, 1),
-            "kv_written_bytes": kv_used,
             "decode": {**against(decode_mem), "what": "mtx bench's in-process sampler, prefill + decode (max over runs)"},
             "whole_process": {**against(whole), "what": "the bench child sampled from here, load included (max over runs)"},
             "per_run": [{"decode_mb": r["memory_mb"], "decode_anon_mb": r["memory"]["anon_mb"],
