@@ -10,7 +10,8 @@ same tokens. genai's builder keeps the window only when config.json has
 ``layer_types = ["sliding_attention"] * n_layers``, so its copy of the checkpoint gets that key.
 
 The bandwidth bound is the bytes of weights read per decoded token (every matrix but the embedding
-table, in float32) divided by the machine's memory bandwidth, measured here with a large copy.
+table, in float32) divided by the machine's read bandwidth (``benchlib.read_bandwidth``: read-only streaming
+over a 3 GiB buffer, one slice per thread on the benchmark's threads, median of 7 runs).
 """
 
 from __future__ import annotations
@@ -35,21 +36,6 @@ def weight_bytes(ckpt: Path) -> tuple[int, int]:
     total = sum(r.nbytes for s in ck.sources.values() for r in s.refs)
     embed = sum(r.nbytes for r in ck.sources["embed.weight"].refs)
     return total, total - embed
-
-
-def memory_bandwidth_gbs(threads: int) -> float:
-    """Read+write bytes per second of a 512 MB float32 copy with ``threads`` torch threads (best of 5)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.ones(128 * 2**20)
-    b = torch.empty_like(a)
-    best = 0.0
-    for _ in range(5):
-        t = time.perf_counter()
-        b.copy_(a)
-        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t))
-    return best / 1e9
 
 
 def mtx_runner(ckpt: Path, work: Path, threads: int, prompt: list[int], new: int):
@@ -133,8 +119,8 @@ def main() -> None:
     if "transformers" not in a.skip:
         results["transformers-eager"] = in_child("transformers", a)
     total, per_token = weight_bytes(ckpt)
-    bw = memory_bandwidth_gbs(a.threads)
-    bound = bw * 1e9 / per_token
+    bandwidth = benchlib.read_bandwidth(a.threads)
+    bound = bandwidth["gb_s"] * 1e9 / per_token
     ref = results["mtx"]["tokens"]
     for name, r in results.items():
         toks = r.pop("tokens")
@@ -144,7 +130,7 @@ def main() -> None:
         "setup": {**SHAPE, "dtype": "float32", "batch": 1, "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
                   "threads": a.threads, "weights_mb": round(total / 2**20, 1),
                   "bytes_read_per_token_mb": round(per_token / 2**20, 1)},
-        "memory_bandwidth_gb_s": round(bw, 1),
+        "memory_bandwidth_gb_s": bandwidth["gb_s"], "memory_bandwidth": bandwidth,
         "bandwidth_bound_tokens_per_s": round(bound, 1),
         "results": results,
     }

@@ -10,7 +10,7 @@ Settings (``QUANTS``): float32, int8, and int4 with blocks of 32, 64 and 128, ea
 with a float embedding table.
 
 Bytes per token: the weight bytes one batch-1 decode step reads, from the export's graph
-(:func:`bytes_per_token`): every initializer whole, except the gathered tables (the embedding table
+(:func:`benchlib.bytes_per_token`): every initializer whole, except the gathered tables (the embedding table
 and the rotary cos/sin tables), of which one row. With tied embeddings the lm_head reads the table
 whole, so it counts whole. Model bytes: the weight files and model.onnx.
 
@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 import benchlib
-from benchlib import genai_build, genai_source
+from benchlib import bytes_per_token, genai_build, genai_source
 
 QUANTS = {"fp32": [], "int8": ["--quantize", "int8"],
           **{f"int4 block {b}{name}": ["--quantize", "int4", "--block-size", str(b), *extra]
@@ -53,39 +53,6 @@ def mtx_export(ckpt: str, out: Path, args: list[str]) -> Path:
 
 def folder_bytes(out: Path) -> int:
     return sum(f.stat().st_size for f in out.iterdir() if f.suffix in (".data", ".safetensors", ".onnx"))
-
-
-#: Initializers read one row per token (GroupQueryAttention's rotary tables).
-ROW_TABLES = ("rope_cos_cache", "rope_sin_cache")
-
-
-def bytes_per_token(out: Path) -> int:
-    """Weight bytes a batch-1 decode step reads: each initializer whole, but one row of a table that is only
-    gathered from (the embedding's data, scales and zero points; the rotary tables), and ``k / E`` of the
-    experts of a com.microsoft MoE / QMoE node (a token runs its top-k experts)."""
-    import onnx
-
-    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
-    readers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        gathered = node.op_type in ("Gather", "GatherBlockQuantized")
-        experts = node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft"
-        k = next((a.i for a in node.attribute if a.name == "k"), 1)
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, set()).add("row" if gathered and i != 1 else f"experts {k}" if experts and i >= 2
-                                                else "whole")
-    total = 0.0
-    for t in model.graph.initializer:
-        length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
-        rows = t.dims[0] if t.dims else 1
-        how = readers.get(t.name, set())
-        if t.name in ROW_TABLES or how == {"row"}:
-            total += length / rows
-        elif len(how) == 1 and next(iter(how)).startswith("experts "):
-            total += length * int(next(iter(how)).split()[1]) / rows
-        else:
-            total += length
-    return round(total)
 
 
 def inspect_genai(out: Path) -> dict:

@@ -9,6 +9,8 @@
 - the OpenAI load generator (scripts/load_openai.py is its command line): ``make_prompts``, ``run_load``,
   ``summarize_load``, ``offline_texts``, ``offline_outputs``; multi-turn clients: ``run_conversations``;
 - ``loadavg``: the machine's load average, recorded with a figure;
+- the bandwidth bound: ``read_bandwidth`` (read-only streaming over a buffer far larger than the L3, on the
+  benchmark's threads) and ``bytes_per_token`` (the weight bytes an export's graph reads per decoded token);
 - shared argparse options: ``add_common_args`` (``--work --threads --prompt-len --new-tokens``).
 
 Everything heavy (mtx, torch, onnxruntime_genai, openai) is imported inside the function that needs it.
@@ -94,6 +96,99 @@ def loadavg() -> dict[str, float]:
     """The 1/5/15-minute load averages now (the machine is shared: record them with every figure)."""
     one, five, fifteen = os.getloadavg()
     return {"1m": round(one, 2), "5m": round(five, 2), "15m": round(fifteen, 2)}
+
+
+# --------------------------------------------------------------------------------------------------
+# The bandwidth bound: decode tokens/s <= read bandwidth / bytes read per token
+
+
+def l3_cache_bytes() -> int | None:
+    """The size of the largest CPU cache (sysfs, else sysconf), None where neither says."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    if not sizes:
+        try:
+            sizes.append(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError):
+            pass
+    return max(sizes) if sizes and max(sizes) > 0 else None
+
+
+def read_bandwidth(threads: int, buffer_gib: float = 3.0, runs: int = 7) -> dict[str, Any]:
+    """Read-only memory bandwidth, GB/s (1e9 bytes/s): ``threads`` Python threads each ``torch.sum`` one slice of
+    a float32 buffer of ``buffer_gib`` GiB (far larger than the L3, so every run streams from DRAM; nothing is
+    written but the sums; torch releases the GIL, and its intra-op pool is set to 1 thread so each slice is read
+    by exactly one thread). One warm-up run, then ``runs`` timed ones: median, min and max, and the process's
+    CPU time over wall time (about ``threads`` when every thread had a core; less on a busy machine). This is
+    the one home of the bandwidth bound of the benchmark scripts."""
+    import threading
+
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        buf = torch.ones(int(buffer_gib * 2**30) // 4)  # written once here: every page resident before timing
+        parts = buf.chunk(threads)
+
+        def once() -> tuple[float, float]:
+            workers = [threading.Thread(target=p.sum) for p in parts]
+            t, c = time.perf_counter(), time.process_time()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            wall = time.perf_counter() - t
+            return buf.numel() * 4 / wall / 1e9, (time.process_time() - c) / wall
+
+        once()
+        samples = [once() for _ in range(runs)]
+        del buf, parts
+    finally:
+        torch.set_num_threads(before)
+    rates = [r for r, _ in samples]
+    return {"gb_s": round(float(np.median(rates)), 2), "min": round(min(rates), 2), "max": round(max(rates), 2),
+            "samples": [round(r, 2) for r in rates], "threads": threads,
+            "cpu_per_wall": round(float(np.median([c for _, c in samples])), 2), "buffer_gib": buffer_gib,
+            "l3_bytes": l3_cache_bytes(),
+            "method": "torch.sum of one slice per thread over a float32 buffer (read-only), median of runs"}
+
+
+#: Initializers read one row per token (GroupQueryAttention's rotary tables).
+ROW_TABLES = ("rope_cos_cache", "rope_sin_cache")
+
+
+def bytes_per_token(out: Path) -> int:
+    """Weight bytes a batch-1 decode step reads, from the export's graph: each initializer whole (its external
+    data length), but one row of a table that is only gathered from (the embedding's data, scales and zero
+    points; the rotary tables), and ``k / E`` of the experts of a com.microsoft MoE / QMoE node (a token runs
+    its top-k experts). KV reads are not included."""
+    import onnx
+
+    model = onnx.load(str(Path(out) / "model.onnx"), load_external_data=False)
+    readers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        gathered = node.op_type in ("Gather", "GatherBlockQuantized")
+        experts = node.op_type in ("MoE", "QMoE") and node.domain == "com.microsoft"
+        k = next((a.i for a in node.attribute if a.name == "k"), 1)
+        for i, name in enumerate(node.input):
+            readers.setdefault(name, set()).add("row" if gathered and i != 1 else f"experts {k}" if experts and i >= 2
+                                                else "whole")
+    total = 0.0
+    for t in model.graph.initializer:
+        length = next((int(e.value) for e in t.external_data if e.key == "length"), len(t.raw_data))
+        rows = t.dims[0] if t.dims else 1
+        how = readers.get(t.name, set())
+        if t.name in ROW_TABLES or how == {"row"}:
+            total += length / rows
+        elif len(how) == 1 and next(iter(how)).startswith("experts "):
+            total += length * int(next(iter(how)).split()[1]) / rows
+        else:
+            total += length
+    return round(total)
 
 
 # --------------------------------------------------------------------------------------------------
