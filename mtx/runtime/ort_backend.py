@@ -178,6 +178,10 @@ class OrtBackend(Backend):
         if missing:
             raise UsageError(f"{root / manifest.model}: graph input {missing[0]!r} missing (docs/ops.md §4)")
         self.kv_shapes = [(self.config.num_kv_heads, c, self.config.head_dim) for c in self.kv_plan.capacities]
+        (logits_out,) = [o for o in self.session.get_outputs() if o.name == "logits"] or [None]
+        if logits_out is None:
+            raise UsageError(f"{root / manifest.model}: graph output 'logits' missing (docs/ops.md §4)")
+        self.logits_dtype = np.float16 if logits_out.type == "tensor(float16)" else np.float32
         self._ort = ort
 
     def new_state(self, batch: int) -> OrtKV:
@@ -278,17 +282,22 @@ class OrtBackend(Backend):
         try:
             io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
             io.bind_cpu_input("start_pos", np.ascontiguousarray(start_pos, dtype=np.int64))
-            io.bind_output("logits", "cpu")  # rebinding keeps its place and lets ORT size it anew
-            for name in self.extra_outputs:
-                io.bind_output(name, "cpu")
+            if self.extra_outputs:
+                logits = None
+                io.bind_output("logits", "cpu")  # rebinding keeps its place and lets ORT size it anew
+                for name in self.extra_outputs:
+                    io.bind_output(name, "cpu")
+            else:  # written in place: no OrtValue per output to wrap and copy after the call
+                logits = np.empty((b, input_ids.shape[1], self.config.vocab_size), dtype=self.logits_dtype)
+                io.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
             self.session.run_with_iobinding(io)
         except Exception as e:  # noqa: BLE001 - onnxruntime's pybind errors share no useful base class
             raise ort_error(self.path, e, "run") from None
         if not self.shared:
             state.current[rows] = 1 - src
-        outputs = io.get_outputs()
-        logits = outputs[0].numpy()
-        if self.extra_outputs:
+        if logits is None:
+            outputs = io.get_outputs()
+            logits = outputs[0].numpy()
             extra = outputs[len(outputs) - len(self.extra_outputs):]
             state.extra = {name: v.numpy() for name, v in zip(self.extra_outputs, extra)}
         if last_only:
