@@ -67,6 +67,15 @@ QUANTS = ("fp32", "int8", "int4")
 MTX_EXPORT_ARGS = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quantize", "int4", "--block-size", "128"]}
 #: llama.cpp's type of each quantisation (llama-quantize's names; F32 straight from the converter).
 GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
+#: What each pair's members hold (weights; the KV cache is float32 in mtx, f16 in llama.cpp by default).
+QUANT_NOTES = {
+    "fp32": "mtx fp32: float32 weights (the checkpoint's file referenced); llama.cpp F32: float32 weights",
+    "int8": "mtx int8: int8 blocks of 128 with a zero point (asymmetric), embedding and lm_head 8-bit; "
+            "llama.cpp Q8_0: int8 blocks of 32, a scale each (symmetric), embedding and output Q8_0",
+    "int4": "mtx int4: 4-bit blocks of 128 with a zero point, embedding and lm_head 8-bit (mtx's defaults); "
+            "llama.cpp Q4_0: 4-bit blocks of 32, a scale each, embedding Q4_0, output Q6_K (llama-quantize's "
+            "default for the output tensor)",
+}
 SYSTEMS = ("mtx", "genai", "transformers", "llamacpp")
 #: Names in the JSON.
 LABELS = {"mtx": "mtx", "genai": "onnxruntime-genai", "transformers": "transformers-eager", "llamacpp": "llama.cpp"}
@@ -435,6 +444,7 @@ def main() -> None:
         "fp32_bandwidth_bound_tokens_per_s": round(bound, 1),
         "results": results,
         "mtx_vs_llamacpp": pairs,
+        "quantisations": {q: QUANT_NOTES[q] for q in quants},
         "loadavg": benchlib.loadavg(),
         "loadavg_after_each_repeat": loads,
     }
