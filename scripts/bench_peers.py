@@ -47,6 +47,7 @@ top_k / experts of the experts) divided by the machine's memory bandwidth, measu
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -366,6 +367,9 @@ def main() -> None:
     if "genai" in systems and a.model != "mistral-125m":
         systems.remove("genai")
         notes.append("onnxruntime-genai skipped: its model builder has no Mixtral (MixtralForCausalLM) support")
+    if "genai" in systems and importlib.util.find_spec("onnxruntime_genai") is None:
+        systems.remove("genai")
+        notes.append("onnxruntime-genai skipped: not installed in this environment (pip install -e '.[genai]')")
     peer = llamacpp_install(a.llamacpp_venv) if "llamacpp" in systems else None
 
     # Everything each system loads is made first, so children only load and time.
