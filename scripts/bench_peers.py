@@ -244,13 +244,15 @@ def memory_bandwidth_gbs(threads: int) -> float:
 # Children: one system, one quantisation, one process
 
 
-def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int) -> dict[str, Any]:
-    """A warm-up on a short prompt, then one timed greedy run of transformers (eager attention, float32)."""
+def bench_transformers(ckpt: Path, threads: int, prompt: list[int], new: int, window: bool = True) -> dict[str, Any]:
+    """A warm-up on a short prompt, then one timed greedy run of transformers (eager attention, float32);
+    ``window=False``: the checkpoint's sliding window turned off (full attention, as llama.cpp runs it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager", dtype=torch.float32).eval()
+    kw = {} if window else {"sliding_window": None}
+    model = AutoModelForCausalLM.from_pretrained(ckpt, attn_implementation="eager", dtype=torch.float32, **kw).eval()
     ids = torch.tensor([prompt])
     with torch.no_grad():
         model.generate(ids[:, :16], max_new_tokens=4, do_sample=False)  # warm-up
@@ -275,7 +277,7 @@ def child(system: str, a: argparse.Namespace) -> None:
     """mtx, genai or transformers in this process (folders made by the parent): prints benchlib.timed_twice's JSON."""
     prompt = benchlib.bench_prompt(a.prompt_len)
     if system == "transformers":
-        print(json.dumps(bench_transformers(Path(a.child_path), a.threads, prompt, a.new_tokens)))
+        print(json.dumps(bench_transformers(Path(a.child_path), a.threads, prompt, a.new_tokens, not a.no_window)))
         return
     if system == "mtx":
         run = benchlib.mtx_decode_runner(Path(a.child_path), a.threads, prompt, a.new_tokens)
@@ -305,8 +307,10 @@ class Entry:
         return [self.path.resolve()]
 
 
-def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One timed run of ``e`` in a process of its own: (benchlib.timed_twice's JSON, its memory by the rule)."""
+def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None, no_window: bool = False
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One timed run of ``e`` in a process of its own: (benchlib.timed_twice's JSON, its memory by the rule);
+    ``no_window``: transformers with the sliding window off."""
     what = f"bench_peers: {e.label}"
     if e.system == "llamacpp":
         assert peer is not None
@@ -316,7 +320,8 @@ def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None) -> tuple[di
         return benchlib.run_json_sampled([peer.python, ROOT / "scripts" / "llamacpp_child.py"], what,
                                          e.weight_roots(), env=env, stdin=json.dumps(req))
     cmd = [sys.executable, __file__, "--child", e.system, "--child-path", e.path, "--threads", a.threads,
-           "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--work", a.work]
+           "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--work", a.work,
+           *(["--no-window"] if no_window else [])]
     return benchlib.run_json_sampled(cmd, what, e.weight_roots())
 
 
@@ -349,6 +354,7 @@ def main() -> None:
                     help="llama.cpp's own venv and build (made on first use; ~20 min on 2 cores)")
     ap.add_argument("--child", choices=["mtx", "genai", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--child-path", help=argparse.SUPPRESS)
+    ap.add_argument("--no-window", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     if a.child:
@@ -413,6 +419,7 @@ def main() -> None:
         s = summarize(runs[e.label])
         tokens[e.label] = s.pop("tokens")
         mem = memory[e.label]
+        s["decode_tokens_per_s_best"] = max(s["samples"]["decode_tokens_per_s"])
         results[e.label] = {**s, "model_mb": round(benchlib.disk_bytes(e.path) / 2**20, 1),
                             "memory_mb": mem["memory_mb"], "memory": mem,
                             **({"settings": extra[e.label]} if e.label in extra else {})}
@@ -427,6 +434,7 @@ def main() -> None:
         if m and l:
             pairs[f"mtx {q} / llama.cpp {GGUF_TYPES[q]}"] = {
                 "decode_ratio": ratio(m["decode_tokens_per_s"], l["decode_tokens_per_s"]),
+                "decode_ratio_best": ratio(m["decode_tokens_per_s_best"], l["decode_tokens_per_s_best"]),
                 "ttft_ratio": ratio(m["time_to_first_token_s"], l["time_to_first_token_s"]),
                 "bytes_ratio": ratio(m["model_mb"], l["model_mb"]),
                 "memory_ratio": ratio(m["memory_mb"], l["memory_mb"]),
@@ -464,10 +472,19 @@ def main() -> None:
                             "applies": a.prompt_len + a.new_tokens > window}
         seen = {label: results[label].get("first_divergence_from_mtx_fp32") for label in results
                 if label in ("llama.cpp F32", "transformers-eager fp32")}
-        notes.append(f"llama.cpp ignores the sliding window (it runs {arch} with full attention), so its greedy "
-                     f"tokens can part from mtx's and transformers' (which keep the window of {window}) from "
-                     f"generated token {first} on (prompt {a.prompt_len} + {a.new_tokens} new > window {window}); "
-                     f"observed first divergence from mtx fp32: {json.dumps(seen)}")
+        report["window"]["first_divergence_from_mtx_fp32"] = seen
+        if "llama.cpp F32" in tokens and "transformers" in systems:
+            # the check: transformers with the window off (full attention, tokens only) against llama.cpp F32
+            print("bench_peers: transformers fp32 without the sliding window (tokens only)", file=sys.stderr)
+            full, _ = in_child(Entry("transformers", "fp32", ckpt), a, peer, no_window=True)
+            report["window"]["llama.cpp F32 first_divergence_from_transformers_without_window"] = first_divergence(
+                tokens["llama.cpp F32"], full["tokens"])
+            report["window"]["transformers_without_window first_divergence_from_mtx_fp32"] = first_divergence(
+                full["tokens"], tokens["mtx fp32"]) if "mtx fp32" in tokens else None
+        notes.append(f"llama.cpp ignores the sliding window (the GGUF has no window key; it runs {arch} with full "
+                     f"attention), so its greedy tokens can part from mtx's and transformers' (which keep the "
+                     f"window of {window}) from generated token {first} on (prompt {a.prompt_len} + "
+                     f"{a.new_tokens} new > window {window}); observed: see window")
     if notes:
         report["notes"] = notes
     print(json.dumps(report, indent=2))

@@ -2,7 +2,7 @@
 """Time greedy decoding of a GGUF with llama-cpp-python: bench_peers.py's llama.cpp child. Runs with the python of
 llama.cpp's own venv (no mtx, no numpy beyond what llama_cpp brings).
 
-Reads JSON on stdin: ``{"gguf", "threads", "prompt" (token ids), "new_tokens", "kv_type"}``; prints
+Reads JSON on stdin: ``{"gguf", "threads", "prompt" (token ids), "new_tokens", "kv_type" (f16 | f32), "mmap"}``; prints
 ``{"ttft", "steps", "tokens", "settings"}`` on stdout, like benchlib.timed_twice: a warm-up run, then the timed one.
 
 As mtx is timed (benchlib.mtx_decode_runner): batch 1, the prompt evaluated in one batch, then one token per
@@ -13,6 +13,7 @@ argmax; each step time is one token's evaluation and argmax.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 
@@ -30,7 +31,7 @@ def main() -> None:
     kv = KV_TYPES[req.get("kv_type", "f16")]
     llm = Llama(model_path=req["gguf"], n_threads=req["threads"], n_threads_batch=req["threads"],
                 n_ctx=len(prompt) + new + 16, n_batch=max(512, len(prompt)), n_ubatch=max(512, len(prompt)),
-                type_k=kv, type_v=kv, use_mmap=True, verbose=False)
+                type_k=kv, type_v=kv, use_mmap=req.get("mmap", True), verbose=False)
     n_vocab = llm.n_vocab()
 
     def next_token() -> int:
@@ -51,9 +52,12 @@ def main() -> None:
         return ttft, steps, tokens
 
     run()  # warm-up
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     ttft, steps, tokens = run()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     settings = {"n_threads": req["threads"], "n_ctx": llm.n_ctx(), "kv_cache_type": req.get("kv_type", "f16"),
-                "flash_attn": bool(llm.context_params.flash_attn_type > 0), "mmap": True}
+                "flash_attn": bool(llm.context_params.flash_attn_type > 0), "mmap": req.get("mmap", True),
+                "major_page_faults_timed_run": faults}
     print(json.dumps({"ttft": ttft, "steps": steps, "tokens": tokens, "settings": settings}))
 
 
