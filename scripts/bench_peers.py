@@ -70,7 +70,7 @@ MTX_EXPORT_ARGS = {"fp32": [], "int8": ["--quantize", "int8"], "int4": ["--quant
 GGUF_TYPES = {"fp32": "F32", "int8": "Q8_0", "int4": "Q4_0"}
 #: What each pair's members hold (weights; the KV cache is float32 in mtx, f16 in llama.cpp by default).
 QUANT_NOTES = {
-    "fp32": "mtx fp32: float32 weights (the checkpoint's file referenced); llama.cpp F32: float32 weights",
+    "fp32": "mtx fp32: float32 weights (model.onnx.data); llama.cpp F32: float32 weights",
     "int8": "mtx int8: int8 blocks of 128 with a zero point (asymmetric), embedding and lm_head 8-bit; "
             "llama.cpp Q8_0: int8 blocks of 32, a scale each (symmetric), embedding and output Q8_0",
     "int4": "mtx int4: 4-bit blocks of 128 with a zero point, embedding and lm_head 8-bit (mtx's defaults); "

@@ -1,4 +1,4 @@
-"""scripts/benchlib.py's SentencePiece vocabulary for llama.cpp's converter (no llama.cpp needed)."""
+"""scripts/benchlib.py and bench_peers.py helpers of the llama.cpp peer (no llama.cpp needed)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import benchlib  # noqa: E402
+import bench_peers  # noqa: E402
 
 spm = pytest.importorskip("sentencepiece")
 
@@ -38,3 +39,15 @@ def test_linked_copy_leaves_the_checkpoint_alone(tmp_path: Path) -> None:
     dst = benchlib.linked_copy(ckpt, tmp_path / "copy", skip=["tokenizer.json"])
     assert sorted(f.name for f in dst.iterdir()) == ["config.json", "model.safetensors"]
     assert benchlib.disk_bytes(dst) == 12 and benchlib.disk_bytes(dst / "model.safetensors") == 10
+
+
+def test_first_divergence() -> None:
+    assert bench_peers.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert bench_peers.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert bench_peers.first_divergence([1, 2], [1, 2, 3]) == 2
+
+
+def test_every_quantisation_has_a_pair() -> None:
+    assert set(bench_peers.MTX_EXPORT_ARGS) == set(bench_peers.GGUF_TYPES) == set(bench_peers.QUANT_NOTES) \
+        == set(bench_peers.QUANTS)
+    assert set(benchlib.MODELS) == {"mistral-125m", "mixtral-8x"}
