@@ -28,7 +28,8 @@ Its GGUFs are made with its own tools, once, in --work/gguf: convert_hf_to_gguf.
 checkpoint with a SentencePiece vocabulary of vocab_size pieces (benchlib.sentencepiece_vocab: the converter
 refuses the synthetic word-level tokenizer; only ids are fed), then llama-quantize to Q8_0 and Q4_0. It is timed
 through llama-cpp-python's ``Llama.eval``, token by token, argmax of the logits (scripts/llamacpp_child.py),
-with llama.cpp's default KV cache (f16) and llama-cpp-python's default attention (no flash attention).
+with llama.cpp's default KV cache (f16) and llama-cpp-python's default attention (no flash attention); the
+window check also runs llama.cpp F32 with an f32 KV cache and transformers without the window (tokens only).
 
 Memory, one rule for every system (mtx.runtime.memory): anonymous resident bytes + the bytes of the weight files
 the process maps (the export folder, the .gguf, the genai folder, the checkpoint), sampled from this process every
@@ -38,7 +39,10 @@ system loads (the export folder's files, the .gguf, the genai folder).
 Tokens: every system's greedy tokens are compared with mtx's of the same quantisation (``first_divergence``: the
 first generated index where they part, null if none). llama.cpp runs Mistral and Mixtral without the sliding
 window, so past the window (prompt 128 + 256 new > window 256) it attends to keys mtx and transformers no longer
-see; ``window`` in the JSON says where that starts.
+see; ``window`` in the JSON says where that starts and what was observed: transformers with the window off
+against mtx, and llama.cpp F32 with an f32 KV cache against transformers without the window (its default f16
+cache can part from float32 references earlier, on rounding alone). Different quantisation schemes (mtx int4
+block 128 vs Q4_0 block 32) part early on these random models, whose logits lie close together.
 
 The bandwidth bound is the bytes of weights read per decoded token (float32, every matrix but the embedding table,
 top_k / experts of the experts) divided by the machine's memory bandwidth, measured here with a large copy.
@@ -307,15 +311,15 @@ class Entry:
         return [self.path.resolve()]
 
 
-def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None, no_window: bool = False
+def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None, no_window: bool = False, kv: str = "f16"
              ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One timed run of ``e`` in a process of its own: (benchlib.timed_twice's JSON, its memory by the rule);
-    ``no_window``: transformers with the sliding window off."""
+    ``no_window``: transformers with the sliding window off; ``kv``: llama.cpp's KV cache type."""
     what = f"bench_peers: {e.label}"
     if e.system == "llamacpp":
         assert peer is not None
         req = {"gguf": str(e.path), "threads": a.threads, "prompt": benchlib.bench_prompt(a.prompt_len),
-               "new_tokens": a.new_tokens, "kv_type": "f16"}
+               "new_tokens": a.new_tokens, "kv_type": kv}
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         return benchlib.run_json_sampled([peer.python, ROOT / "scripts" / "llamacpp_child.py"], what,
                                          e.weight_roots(), env=env, stdin=json.dumps(req))
@@ -481,10 +485,26 @@ def main() -> None:
                 tokens["llama.cpp F32"], full["tokens"])
             report["window"]["transformers_without_window first_divergence_from_mtx_fp32"] = first_divergence(
                 full["tokens"], tokens["mtx fp32"]) if "mtx fp32" in tokens else None
+            # llama.cpp's f16 KV cache rounds keys and values: with an f32 one its tokens show the window alone
+            print("bench_peers: llama.cpp F32 with an f32 KV cache (tokens only)", file=sys.stderr)
+            f32kv, _ = in_child(next(e for e in entries if e.label == "llama.cpp F32"), a, peer, kv="f32")
+            report["window"]["llama.cpp F32 kv f32 first_divergence_from_transformers_without_window"] = \
+                first_divergence(f32kv["tokens"], full["tokens"])
+            report["window"]["llama.cpp F32 kv f32 first_divergence_from_mtx_fp32"] = first_divergence(
+                f32kv["tokens"], tokens["mtx fp32"]) if "mtx fp32" in tokens else None
+        w = report["window"]
         notes.append(f"llama.cpp ignores the sliding window (the GGUF has no window key; it runs {arch} with full "
                      f"attention), so its greedy tokens can part from mtx's and transformers' (which keep the "
                      f"window of {window}) from generated token {first} on (prompt {a.prompt_len} + "
-                     f"{a.new_tokens} new > window {window}); observed: see window")
+                     f"{a.new_tokens} new > window {window}). Observed: llama.cpp F32 (f16 KV, as timed) parts "
+                     f"from mtx fp32 at token {seen.get('llama.cpp F32')}"
+                     + (f"; transformers without the window parts from mtx fp32 at token "
+                        f"{w['transformers_without_window first_divergence_from_mtx_fp32']}; llama.cpp F32 with an "
+                        f"f32 KV cache parts from transformers without the window at "
+                        f"{w['llama.cpp F32 kv f32 first_divergence_from_transformers_without_window']} (null: "
+                        f"never) and from mtx fp32 at "
+                        f"{w['llama.cpp F32 kv f32 first_divergence_from_mtx_fp32']}"
+                        if "llama.cpp F32 kv f32 first_divergence_from_mtx_fp32" in w else ""))
     if notes:
         report["notes"] = notes
     print(json.dumps(report, indent=2))
