@@ -376,7 +376,8 @@ def main() -> None:
     ckpt = make_checkpoint(a.work, a.model)
     if "genai" in systems and a.model != "mistral-125m":
         systems.remove("genai")
-        notes.append("onnxruntime-genai skipped: its model builder has no Mixtral (MixtralForCausalLM) support")
+        notes.append("onnxruntime-genai skipped: its model builder does not list Mixtral (MixtralForCausalLM) among "
+                     "the architectures it builds")
     if "genai" in systems and importlib.util.find_spec("onnxruntime_genai") is None:
         systems.remove("genai")
         notes.append("onnxruntime-genai skipped: not installed in this environment (pip install -e '.[genai]')")
@@ -497,13 +498,13 @@ def main() -> None:
                      f"attention), so its greedy tokens can part from mtx's and transformers' (which keep the "
                      f"window of {window}) from generated token {first} on (prompt {a.prompt_len} + "
                      f"{a.new_tokens} new > window {window}). Observed: llama.cpp F32 (f16 KV, as timed) parts "
-                     f"from mtx fp32 at token {seen.get('llama.cpp F32')}"
+                     f"from mtx fp32 at token {json.dumps(seen.get('llama.cpp F32'))}"
                      + (f"; transformers without the window parts from mtx fp32 at token "
-                        f"{w['transformers_without_window first_divergence_from_mtx_fp32']}; llama.cpp F32 with an "
-                        f"f32 KV cache parts from transformers without the window at "
-                        f"{w['llama.cpp F32 kv f32 first_divergence_from_transformers_without_window']} (null: "
-                        f"never) and from mtx fp32 at "
-                        f"{w['llama.cpp F32 kv f32 first_divergence_from_mtx_fp32']}"
+                        f"{json.dumps(w['transformers_without_window first_divergence_from_mtx_fp32'])}; llama.cpp "
+                        f"F32 with an f32 KV cache parts from transformers without the window at token "
+                        f"{json.dumps(w['llama.cpp F32 kv f32 first_divergence_from_transformers_without_window'])} "
+                        f"(null: never) and from mtx fp32 at token "
+                        f"{json.dumps(w['llama.cpp F32 kv f32 first_divergence_from_mtx_fp32'])}"
                         if "llama.cpp F32 kv f32 first_divergence_from_mtx_fp32" in w else ""))
     if notes:
         report["notes"] = notes
