@@ -497,7 +497,7 @@ def main() -> None:
         notes.append(f"llama.cpp ignores the sliding window (the GGUF has no window key; it runs {arch} with full "
                      f"attention), so its greedy tokens can part from mtx's and transformers' (which keep the "
                      f"window of {window}) from generated token {first} on (prompt {a.prompt_len} + "
-                     f"{a.new_tokens} new > window {window}). Observed: llama.cpp F32 (f16 KV, as timed) parts "
+                     f"{a.new_tokens} new {'>' if a.prompt_len + a.new_tokens > window else '<='} window {window}). Observed: llama.cpp F32 (f16 KV, as timed) parts "
                      f"from mtx fp32 at token {json.dumps(seen.get('llama.cpp F32'))}"
                      + (f"; transformers without the window parts from mtx fp32 at token "
                         f"{json.dumps(w['transformers_without_window first_divergence_from_mtx_fp32'])}; llama.cpp "
