@@ -1,11 +1,13 @@
 """What the benchmark scripts share (imported as a sibling module: the scripts run as ``python scripts/X.py``).
 
-- the benchmark model: ``SHAPE``, ``make_checkpoint`` (the ~125M Mistral of issue #4, made once in ``--work``),
-  ``export_once`` (``mtx export`` into a folder, once), ``bench_prompt``;
-- child processes that print JSON: ``run_json`` (run one, parse its JSON, fail with its stderr),
+- the benchmark models: ``SHAPE`` (the ~125M Mistral of issue #4), ``MIXTRAL_SHAPE`` (a Mixtral of about the same
+  bytes read per token), ``MODELS``, ``make_checkpoint`` (made once in ``--work``), ``export_once`` (``mtx export``
+  into a folder, once), ``bench_prompt``, ``linked_copy`` (a peer's copy of a checkpoint), ``disk_bytes``;
+- child processes that print JSON: ``run_json`` (run one, parse its JSON, fail with its stderr), ``run_json_sampled``
+  (the same, its memory sampled from this process by mtx.runtime.memory's rule),
   ``child_env`` (PYTHONPATH with this checkout first), ``timed_twice`` (a warm-up run, then the timed one);
 - timed greedy runs: ``mtx_decode_runner``, ``genai_decode_runner``, ``summarize``;
-- onnxruntime-genai builds: ``genai_source``, ``genai_build``;
+- onnxruntime-genai builds: ``genai_source``, ``genai_build``; llama.cpp's converter: ``sentencepiece_vocab``;
 - the OpenAI load generator (scripts/load_openai.py is its command line): ``make_prompts``, ``run_load``,
   ``summarize_load``, ``offline_texts``, ``offline_outputs``; multi-turn clients: ``run_conversations``;
 - ``loadavg``: the machine's load average, recorded with a figure;
@@ -37,6 +39,13 @@ if str(ROOT) not in sys.path:  # the scripts use this checkout's mtx, however th
 
 #: The benchmark model (issue #4): a ~125M-parameter Mistral-shaped float32 checkpoint.
 SHAPE = dict(vocab=32000, hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, window=256)
+#: A Mixtral-shaped float32 checkpoint (issue #24 item 5): 8 experts, top 2, ~214M parameters of which ~66M are
+#: read per token (the 125M Mistral reads ~100M).
+MIXTRAL_SHAPE = dict(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1792, window=256,
+                     experts=8, top_k=2)
+#: The benchmark models by name: (transformers architecture, shape).
+MODELS: dict[str, tuple[str, dict[str, int]]] = {"mistral-125m": ("mistral", SHAPE),
+                                                 "mixtral-8x": ("mixtral", MIXTRAL_SHAPE)}
 
 #: (time to first token s, decode step times s, tokens) of one timed greedy run.
 Run = tuple[float, list[float], list[int]]
@@ -83,6 +92,36 @@ def run_json(cmd: Sequence[str], what: str, cwd: Path | None = None, env: dict[s
         if not lines:
             raise SystemExit(f"{what} printed no JSON:\n{res.stderr[-3000:]}") from None
         return json.loads(lines[-1])
+
+
+def run_json_sampled(cmd: Sequence[str], what: str, weight_roots: Sequence[Path], env: dict[str, str] | None = None,
+                     stdin: str | None = None, interval_s: float = 0.05) -> tuple[Any, dict[str, Any]]:
+    """``run_json`` with the child's memory sampled from this process until it exits (mtx.runtime.memory's rule:
+    anonymous resident bytes + mapped bytes of the files under ``weight_roots``, at its peak): (JSON, memory report).
+    ``stdin``: text written to the child's standard input."""
+    import tempfile
+
+    import psutil
+
+    from mtx.runtime.memory import wait_sampling
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.TemporaryFile("w+") as inp:
+        inp.write(stdin or "")
+        inp.seek(0)
+        proc = psutil.Popen([str(c) for c in cmd], stdin=inp, stdout=out, stderr=err, text=True,
+                            env=child_env() if env is None else env)
+        peak = wait_sampling(proc, weight_roots, interval_s=interval_s)
+        rc = proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if rc != 0:
+        raise SystemExit(f"{what} failed (exit {rc}):\n{stdout[-2000:]}{stderr[-3000:]}")
+    lines = stdout.strip().splitlines()
+    if not lines:
+        raise SystemExit(f"{what} printed no JSON:\n{stderr[-3000:]}")
+    return json.loads(lines[-1]), peak.report()
 
 
 def timed_twice(run: Callable[[], Run]) -> dict[str, Any]:
@@ -195,14 +234,35 @@ def bytes_per_token(out: Path) -> int:
 # The benchmark model
 
 
-def make_checkpoint(work: Path) -> Path:
-    """The ~125M Mistral (``SHAPE``, 4096 positions, seed 0) as a Hugging Face checkpoint, made once in ``work``."""
+def make_checkpoint(work: Path, model: str = "mistral-125m") -> Path:
+    """A benchmark model of ``MODELS`` (4096 positions, seed 0) as a Hugging Face checkpoint, made once in
+    ``work/model`` (the default: the ~125M Mistral of ``SHAPE``)."""
     from mtx import synthetic_checkpoints as mk
 
-    ckpt = Path(work) / "mistral-125m"
+    arch, shape = MODELS[model]
+    ckpt = Path(work) / model
     if not (ckpt / "config.json").exists():
-        mk.make_hf(ckpt, "mistral", max_positions=4096, init_std=0.02, seed=0, **SHAPE)
+        mk.make_hf(ckpt, arch, max_positions=4096, init_std=0.02, seed=0, **shape)
     return ckpt
+
+
+def linked_copy(ckpt: Path, dst: Path, skip: Sequence[str] = ()) -> Path:
+    """``dst`` made as a copy of the checkpoint folder ``ckpt`` (hard links where it can), less the files named in
+    ``skip``: a peer's own view of a checkpoint, with files added or edited without touching ``ckpt``."""
+    dst.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.name not in skip and f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of the files of a folder (not recursive): what a system loads."""
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir() if f.is_file())
 
 
 def export_once(ckpt: Path | str, out: Path, args: Sequence[str] = ("--target", "onnxruntime")) -> Path:
@@ -292,17 +352,11 @@ def genai_source(ckpt: Path, work: Path, name: str) -> Path:
     window only when ``layer_types = ["sliding_attention"] * n_layers``), made once as ``work/{name}-genai-src``."""
     src = Path(work) / f"{name}-genai-src"
     if not src.exists():
-        src.mkdir(parents=True)
+        linked_copy(ckpt, src, skip=["config.json"])
         cfg = json.loads((ckpt / "config.json").read_text())
         if cfg.get("sliding_window"):
             cfg["layer_types"] = ["sliding_attention"] * cfg["num_hidden_layers"]
         (src / "config.json").write_text(json.dumps(cfg, indent=2))
-        for f in ckpt.iterdir():
-            if f.name != "config.json":
-                try:
-                    os.link(f, src / f.name)
-                except OSError:
-                    (src / f.name).write_bytes(f.read_bytes())
     return src
 
 
@@ -320,6 +374,37 @@ def genai_build(src: Path, out: Path, precision: str, work: Path, threads: int) 
         so["inter_op_num_threads"] = 1
         (out / "genai_config.json").write_text(json.dumps(gc, indent=2))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# llama.cpp's converter
+
+
+def sentencepiece_vocab(path: Path, vocab_size: int) -> Path:
+    """A SentencePiece model file of exactly ``vocab_size`` pieces at ``path``: ``<unk>``, ``<s>``, ``</s>``, the 256
+    byte pieces ``<0x00>``..``<0xFF>``, then filler pieces ``tok{i}``. llama.cpp's convert_hf_to_gguf.py refuses
+    the synthetic checkpoints' word-level tokenizer.json; this vocabulary it accepts, and the benchmarks feed token
+    ids, so only the count matters."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    if vocab_size < 3 + 256:
+        raise ValueError(f"vocab_size {vocab_size} < 259 (3 special pieces and 256 byte pieces)")
+    T = pb.ModelProto.SentencePiece.Type
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size = vocab_size
+    m.trainer_spec.byte_fallback = True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id, m.trainer_spec.pad_id = 0, 1, 2, -1
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = True
+    pieces = [("<unk>", T.UNKNOWN), ("<s>", T.CONTROL), ("</s>", T.CONTROL)]
+    pieces += [(f"<0x{b:02X}>", T.BYTE) for b in range(256)]
+    pieces += [(f"tok{i}", T.NORMAL) for i in range(vocab_size - len(pieces))]
+    for i, (piece, kind) in enumerate(pieces):
+        p = m.pieces.add()
+        p.piece, p.type, p.score = piece, kind, 0.0 if kind != T.NORMAL else -float(i)
+    Path(path).write_bytes(m.SerializeToString())
+    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------------
