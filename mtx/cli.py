@@ -391,7 +391,8 @@ def generate(out: str | None, prompt: str | None, ids: str | None, max_new_token
 @json_option("Print one JSON object.")
 def bench(out: str | None, batch: int, prompt_len: int, new_tokens: int, backend: str | None,
           threads: int | None, device: str | None, verify: bool, spin: bool, seed: int, as_json: bool) -> None:
-    """Measure prefill and decode tokens/s, time to first token, peak RSS and KV buffer bytes.
+    """Measure prefill and decode tokens/s, time to first token, peak RSS, memory (anonymous resident bytes
+    plus mapped weight files, sampled while it runs) and KV buffer bytes.
 
     Also reports the median decode-step latency at positions W, 2W, ... 20W, which stays flat: the
     rolling buffer keeps attention cost and memory fixed however long generation runs.

@@ -264,7 +264,7 @@ def child(system: str, a: argparse.Namespace) -> None:
         print(json.dumps(bench_transformers(Path(a.child_path), a.threads, prompt, a.new_tokens, not a.no_window)))
         return
     if system == "mtx":
-        run = benchlib.mtx_decode_runner(Path(a.child_path), a.threads, prompt, a.new_tokens)
+        run = benchlib.mtx_decode_runner(Path(a.child_path), a.threads, prompt, a.new_tokens, spin=a.spin)
     else:
         run = benchlib.genai_decode_runner(Path(a.child_path), prompt, a.new_tokens)
     print(json.dumps(benchlib.timed_twice(run)))
@@ -277,11 +277,12 @@ class Entry:
     system: str
     quant: str
     path: Path
+    spin: bool = False  # mtx only: ONNX Runtime's intra-op spin-wait (mtx's default is off)
 
     @property
     def label(self) -> str:
         q = GGUF_TYPES[self.quant] if self.system == "llamacpp" else self.quant
-        return f"{LABELS[self.system]} {q}"
+        return f"{LABELS[self.system]} {q}" + (" spin" if self.spin else "")
 
     def weight_roots(self) -> list[Path]:
         if self.path.is_dir() and (self.path / "mtx.json").exists():
@@ -305,7 +306,7 @@ def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None, no_window: 
                                          e.weight_roots(), env=env, stdin=json.dumps(req))
     cmd = [sys.executable, __file__, "--child", e.system, "--child-path", e.path, "--threads", a.threads,
            "--prompt-len", a.prompt_len, "--new-tokens", a.new_tokens, "--work", a.work,
-           *(["--no-window"] if no_window else [])]
+           *(["--no-window"] if no_window else []), *(["--spin"] if e.spin else [])]
     return benchlib.run_json_sampled(cmd, what, e.weight_roots())
 
 
@@ -336,7 +337,11 @@ def main() -> None:
                     help="drop a system from --systems (kept for older command lines)")
     ap.add_argument("--llamacpp-venv", type=Path, default=ROOT / "build" / "peer-venvs" / "llamacpp",
                     help="llama.cpp's own venv and build (made on first use; ~20 min on 2 cores)")
+    ap.add_argument("--mtx-spin", choices=["off", "on", "both"], default="off",
+                    help="mtx with ONNX Runtime's intra-op spin-wait off (mtx's default), on (--spin; llama.cpp's "
+                         "threads also spin while they wait), or both, each its own system")
     ap.add_argument("--child", choices=["mtx", "genai", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-path", help=argparse.SUPPRESS)
     ap.add_argument("--no-window", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -367,7 +372,9 @@ def main() -> None:
     entries: list[Entry] = []
     for q in quants:
         if "mtx" in systems:
-            entries.append(Entry("mtx", q, mtx_export(ckpt, a.work, a.model, q)))
+            out = mtx_export(ckpt, a.work, a.model, q)
+            entries += [Entry("mtx", q, out, spin) for spin in {"off": [False], "on": [True],
+                                                                 "both": [False, True]}[a.mtx_spin]]
         if peer is not None:
             entries.append(Entry("llamacpp", q, make_gguf(peer, ckpt, a.work, a.model, q, a.threads)))
         if q == "fp32" and "genai" in systems:
@@ -408,16 +415,18 @@ def main() -> None:
         results[e.label] = {**s, "model_mb": round(benchlib.disk_bytes(e.path) / 2**20, 1),
                             "memory_mb": mem["memory_mb"], "memory": mem,
                             **({"settings": extra[e.label]} if e.label in extra else {})}
+    mtx_labels = {e.quant: e.label for e in reversed(entries) if e.system == "mtx"}  # spin off first
     for e in entries:
-        ref = f"mtx {e.quant}"
-        if e.system != "mtx" and ref in tokens:
-            results[e.label]["first_divergence_from_" + ref.replace(" ", "_")] = first_divergence(
-                tokens[e.label], tokens[ref])
+        ref = mtx_labels.get(e.quant)
+        if e.system != "mtx" and ref is not None:
+            results[e.label][f"first_divergence_from_mtx_{e.quant}"] = first_divergence(tokens[e.label], tokens[ref])
+        if e.system == "mtx" and ref is not None and ref != e.label and tokens[e.label] != tokens[ref]:
+            raise SystemExit(f"bench_peers: {e.label} and {ref} gave different tokens")
     pairs = {}
-    for q in quants:
-        m, l = results.get(f"mtx {q}"), results.get(f"llama.cpp {GGUF_TYPES[q]}")
-        if m and l:
-            pairs[f"mtx {q} / llama.cpp {GGUF_TYPES[q]}"] = {
+    for e in entries:
+        m, l = results[e.label], results.get(f"llama.cpp {GGUF_TYPES[e.quant]}")
+        if e.system == "mtx" and l:
+            pairs[f"{e.label} / llama.cpp {GGUF_TYPES[e.quant]}"] = {
                 "decode_ratio": ratio(m["decode_tokens_per_s"], l["decode_tokens_per_s"]),
                 "decode_ratio_best": ratio(m["decode_tokens_per_s_best"], l["decode_tokens_per_s_best"]),
                 "ttft_ratio": ratio(m["time_to_first_token_s"], l["time_to_first_token_s"]),

@@ -200,12 +200,13 @@ def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_bench(out: Path, threads: int, prompt_len: int, new_tokens: int) -> dict[str, Any]:
-    """``mtx bench OUT --json`` in a child process, sampled from here (load included) and reaped with ``wait4``."""
+def run_bench(out: Path, threads: int, prompt_len: int, new_tokens: int, spin: bool = False) -> dict[str, Any]:
+    """``mtx bench OUT --json`` in a child process, sampled from here (load included) and reaped with ``wait4``;
+    ``spin``: ``--spin`` (ONNX Runtime's intra-op spin-wait; mtx's default is off)."""
     from mtx.runtime.memory import export_weight_roots
 
     cmd = [sys.executable, "-m", "mtx", "bench", str(out), "--threads", str(threads), "--prompt-len",
-           str(prompt_len), "--new-tokens", str(new_tokens), "--json"]
+           str(prompt_len), "--new-tokens", str(new_tokens), "--json", "--spin" if spin else "--no-spin"]
     stdout, stderr, code, wall, memory, usage = run_child(cmd, export_weight_roots(out), 0.05)
     if code:
         return {"command": " ".join(cmd), "failed": stderr[-2000:]}
@@ -240,7 +241,7 @@ def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> di
             [sys.executable, "-c", "import json, sys; sys.path.insert(0, sys.argv[1]); import benchlib; "
              "print(json.dumps(benchlib.read_bandwidth(int(sys.argv[2]))))", str(Path(__file__).parent),
              str(a.threads)], "read bandwidth"))
-        runs.append(run_bench(out, a.threads, a.prompt_len, a.new_tokens))
+        runs.append(run_bench(out, a.threads, a.prompt_len, a.new_tokens, a.spin))
         if "failed" in runs[-1]:
             return {"runs": runs, "failed": runs[-1]["failed"]}
         log(f"bench run {r + 1}/{a.bench_runs}: read bandwidth {bandwidths[-1]['gb_s']} GB/s "
@@ -323,6 +324,7 @@ def main() -> None:
     ap.add_argument("--bench", action="store_true", help="run mtx bench on each export")
     ap.add_argument("--bench-runs", type=int, default=3, help="mtx bench runs per export (median reported)")
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads of mtx bench and of the bandwidth run")
+    ap.add_argument("--spin", action="store_true", help="mtx bench --spin (intra-op threads spin-wait; default off)")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--write-checkpoint", action="store_true", help=argparse.SUPPRESS)
