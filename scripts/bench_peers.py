@@ -278,11 +278,12 @@ class Entry:
     quant: str
     path: Path
     spin: bool = False  # mtx only: ONNX Runtime's intra-op spin-wait (mtx's default is off)
+    mmap: bool = True  # llama.cpp only: map the GGUF (its default) or read it into memory
 
     @property
     def label(self) -> str:
         q = GGUF_TYPES[self.quant] if self.system == "llamacpp" else self.quant
-        return f"{LABELS[self.system]} {q}" + (" spin" if self.spin else "")
+        return f"{LABELS[self.system]} {q}" + (" spin" if self.spin else "") + ("" if self.mmap else " no-mmap")
 
     def weight_roots(self) -> list[Path]:
         if self.path.is_dir() and (self.path / "mtx.json").exists():
@@ -300,7 +301,7 @@ def in_child(e: Entry, a: argparse.Namespace, peer: LlamaCpp | None, no_window: 
     if e.system == "llamacpp":
         assert peer is not None
         req = {"gguf": str(e.path), "threads": a.threads, "prompt": benchlib.bench_prompt(a.prompt_len),
-               "new_tokens": a.new_tokens, "kv_type": kv}
+               "new_tokens": a.new_tokens, "kv_type": kv, "mmap": e.mmap}
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         return benchlib.run_json_sampled([peer.python, ROOT / "scripts" / "llamacpp_child.py"], what,
                                          e.weight_roots(), env=env, stdin=json.dumps(req))
@@ -340,6 +341,10 @@ def main() -> None:
     ap.add_argument("--mtx-spin", choices=["off", "on", "both"], default="off",
                     help="mtx with ONNX Runtime's intra-op spin-wait off (mtx's default), on (--spin; llama.cpp's "
                          "threads also spin while they wait), or both, each its own system")
+    ap.add_argument("--llamacpp-mmap", choices=["on", "off", "both"], default="on",
+                    help="llama.cpp with its GGUF mapped (its default) or read into memory (use_mmap=False). With "
+                         "the file mapped, the weights it repacks for the CPU (Q4_0, Q8_0) are in anonymous memory "
+                         "and their mapped originals still count by the memory rule; read in, they count once")
     ap.add_argument("--child", choices=["mtx", "genai", "transformers"], help=argparse.SUPPRESS)
     ap.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child-path", help=argparse.SUPPRESS)
@@ -376,7 +381,9 @@ def main() -> None:
             entries += [Entry("mtx", q, out, spin) for spin in {"off": [False], "on": [True],
                                                                  "both": [False, True]}[a.mtx_spin]]
         if peer is not None:
-            entries.append(Entry("llamacpp", q, make_gguf(peer, ckpt, a.work, a.model, q, a.threads)))
+            gguf = make_gguf(peer, ckpt, a.work, a.model, q, a.threads)
+            entries += [Entry("llamacpp", q, gguf, mmap=m) for m in {"on": [True], "off": [False],
+                                                                       "both": [True, False]}[a.llamacpp_mmap]]
         if q == "fp32" and "genai" in systems:
             src = benchlib.genai_source(ckpt, a.work, a.model)
             entries.append(Entry("genai", q, benchlib.genai_build(src, a.work / "genai-fp32-cpu", "fp32", a.work,
@@ -423,16 +430,16 @@ def main() -> None:
         if e.system == "mtx" and ref is not None and ref != e.label and tokens[e.label] != tokens[ref]:
             raise SystemExit(f"bench_peers: {e.label} and {ref} gave different tokens")
     pairs = {}
-    for e in entries:
-        m, l = results[e.label], results.get(f"llama.cpp {GGUF_TYPES[e.quant]}")
-        if e.system == "mtx" and l:
-            pairs[f"{e.label} / llama.cpp {GGUF_TYPES[e.quant]}"] = {
-                "decode_ratio": ratio(m["decode_tokens_per_s"], l["decode_tokens_per_s"]),
-                "decode_ratio_best": ratio(m["decode_tokens_per_s_best"], l["decode_tokens_per_s_best"]),
-                "ttft_ratio": ratio(m["time_to_first_token_s"], l["time_to_first_token_s"]),
-                "bytes_ratio": ratio(m["model_mb"], l["model_mb"]),
-                "memory_ratio": ratio(m["memory_mb"], l["memory_mb"]),
-            }
+    for e, f in ((e, f) for e in entries for f in entries
+                 if e.system == "mtx" and f.system == "llamacpp" and e.quant == f.quant):
+        m, l = results[e.label], results[f.label]
+        pairs[f"{e.label} / {f.label}"] = {
+            "decode_ratio": ratio(m["decode_tokens_per_s"], l["decode_tokens_per_s"]),
+            "decode_ratio_best": ratio(m["decode_tokens_per_s_best"], l["decode_tokens_per_s_best"]),
+            "ttft_ratio": ratio(m["time_to_first_token_s"], l["time_to_first_token_s"]),
+            "bytes_ratio": ratio(m["model_mb"], l["model_mb"]),
+            "memory_ratio": ratio(m["memory_mb"], l["memory_mb"]),
+        }
     total, per_token = weight_bytes(ckpt)
     bandwidth = benchlib.read_bandwidth(a.threads)
     bound = bandwidth["gb_s"] * 1e9 / per_token

@@ -83,14 +83,20 @@ def run_json(cmd: Sequence[str], what: str, cwd: Path | None = None, env: dict[s
     A failing child ends the benchmark with ``what`` and the end of its stderr."""
     res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, check=False, cwd=cwd,
                          env=child_env() if env is None else env)
-    if res.returncode != 0:
-        raise SystemExit(f"{what} failed (exit {res.returncode}):\n{res.stdout[-2000:]}{res.stderr[-3000:]}")
+    return child_json(what, res.returncode, res.stdout, res.stderr)
+
+
+def child_json(what: str, returncode: int, stdout: str, stderr: str) -> Any:
+    """The JSON a finished child printed: all of stdout, else its last line. A failed child, or one that printed
+    no JSON, ends the benchmark with ``what`` and the end of its output."""
+    if returncode != 0:
+        raise SystemExit(f"{what} failed (exit {returncode}):\n{stdout[-2000:]}{stderr[-3000:]}")
     try:
-        return json.loads(res.stdout)
+        return json.loads(stdout)
     except json.JSONDecodeError:
-        lines = res.stdout.strip().splitlines()
+        lines = stdout.strip().splitlines()
         if not lines:
-            raise SystemExit(f"{what} printed no JSON:\n{res.stderr[-3000:]}") from None
+            raise SystemExit(f"{what} printed no JSON:\n{stderr[-3000:]}") from None
         return json.loads(lines[-1])
 
 
@@ -116,12 +122,7 @@ def run_json_sampled(cmd: Sequence[str], what: str, weight_roots: Sequence[Path]
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
-    if rc != 0:
-        raise SystemExit(f"{what} failed (exit {rc}):\n{stdout[-2000:]}{stderr[-3000:]}")
-    lines = stdout.strip().splitlines()
-    if not lines:
-        raise SystemExit(f"{what} printed no JSON:\n{stderr[-3000:]}")
-    return json.loads(lines[-1]), peak.report()
+    return child_json(what, rc, stdout, stderr), peak.report()
 
 
 def timed_twice(run: Callable[[], Run]) -> dict[str, Any]:

@@ -220,15 +220,18 @@ def kv_read_bytes(out: Path, prompt_len: int, new_tokens: int) -> dict[str, Any]
     """KV bytes one timed decode step reads, averaged over mtx bench's timed steps (the step feeding position
     ``prompt_len + k - 1`` attends ``min(prompt_len + k, window)`` positions, k = 1 .. new_tokens - 1): keys and
     values of every layer for each position attended."""
-    manifest = json.loads((out / "mtx.json").read_text())
-    cfg = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
-    layers = cfg.get("num_hidden_layers", CONFIG["num_hidden_layers"])
-    per_position = layers * 2 * CONFIG["num_key_value_heads"] * CONFIG["head_dim"] * ITEMSIZE[manifest["dtype"]]
-    window = CONFIG["sliding_window"]
-    attended = [min(prompt_len + k, window) for k in range(1, new_tokens)] or [prompt_len]
-    mean = float(np.mean(attended))
+    from mtx.manifest import read_manifest
+
+    manifest = read_manifest(out)
+    cfg, plan = manifest.model_config, manifest.kv_plan
+    per_layer_position = 2 * cfg.num_kv_heads * cfg.head_dim * ITEMSIZE[manifest.dtype]  # keys and values
+    # the mean over the timed steps of the positions each layer attends (its effective window)
+    means = [float(np.mean([min(prompt_len + k, plan.effective(l)) for k in range(1, new_tokens)] or [prompt_len]))
+             for l in range(cfg.num_layers)]
+    per_position = cfg.num_layers * per_layer_position
+    mean = float(np.mean(means))
     return {"bytes": round(per_position * mean), "per_position": per_position, "mean_positions": mean,
-            "kv_dtype": manifest["dtype"]}
+            "kv_dtype": manifest.dtype}
 
 
 def bench_report(out: Path, export: dict[str, Any], a: argparse.Namespace) -> dict[str, Any]:

@@ -11,11 +11,16 @@ import mmap
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-from mtx.runtime.memory import MemorySampler, export_weight_roots, sample
+import platform
+
+import pytest
+
+from mtx.runtime.memory import MemorySampler, export_weight_roots, resolve_roots, sample
 
 MiB = 2**20
 
@@ -32,14 +37,22 @@ def test_mapped_weight_files_count_whole_resident_or_not(tmp_path: Path):
         again = mmap.mmap(fw.fileno(), 0, prot=mmap.PROT_READ)  # a second mapping of the same file
         unrelated = mmap.mmap(fo.fileno(), 0, prot=mmap.PROT_READ)
         try:
-            s = sample(os.getpid(), export_weight_roots(weights.parent))
-            # none of the pages was touched: nothing resident, yet the files count whole (twice mapped: twice)
-            assert s.mapped_weights == 2 * 24 * MiB
-            assert sample(os.getpid(), [weights]).mapped_weights == 2 * 24 * MiB
-            assert sample(os.getpid(), [tmp_path / "nowhere"]).mapped_weights == 0
+            s = sample(os.getpid(), resolve_roots(export_weight_roots(weights.parent)))
+            # none of the pages was touched: nothing resident, yet the file counts whole, and once
+            assert s.mapped_weights == 24 * MiB
+            assert sample(os.getpid(), resolve_roots([weights])).mapped_weights == 24 * MiB
+            assert sample(os.getpid(), resolve_roots([tmp_path])).mapped_weights == 32 * MiB
+            assert sample(os.getpid(), resolve_roots([tmp_path / "nowhere"])).mapped_weights == 0
         finally:
             whole.close(), again.close(), unrelated.close()
-    assert sample(os.getpid(), [weights]).mapped_weights == 0
+        # two windows of the file, 4 MiB apart with 8 MiB each: their union is 12 MiB
+        first = mmap.mmap(fw.fileno(), 8 * MiB, prot=mmap.PROT_READ, offset=0)
+        second = mmap.mmap(fw.fileno(), 8 * MiB, prot=mmap.PROT_READ, offset=4 * MiB)
+        try:
+            assert sample(os.getpid(), resolve_roots([weights])).mapped_weights == 12 * MiB
+        finally:
+            first.close(), second.close()
+    assert sample(os.getpid(), resolve_roots([weights])).mapped_weights == 0
 
 
 def test_symlinked_external_data_counts_as_the_exports(tmp_path: Path):
@@ -51,7 +64,7 @@ def test_symlinked_external_data_counts_as_the_exports(tmp_path: Path):
     (export / "w.bin").symlink_to(data)
     with open(export / "w.bin", "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as m:
         assert m[0] == 0
-        assert sample(os.getpid(), export_weight_roots(export)).mapped_weights == 4 * MiB
+        assert sample(os.getpid(), resolve_roots(export_weight_roots(export))).mapped_weights == 4 * MiB
 
 
 def test_anonymous_bytes_follow_touched_buffers():
@@ -64,17 +77,18 @@ def test_anonymous_bytes_follow_touched_buffers():
     assert during - after >= 60 * MiB  # a large numpy buffer is its own mapping, returned when freed
 
 
-def test_sampler_keeps_the_peak():
-    with MemorySampler([], interval_s=0.01) as sampler:
+def test_sampler_thread_keeps_the_peak():
+    base = sample(os.getpid(), []).anon
+    with MemorySampler([], interval_s=0.01) as sampler:  # no explicit take(): only the thread samples
         buf = np.ones(48 * MiB // 8)
-        sampler.take()
+        time.sleep(0.2)
         del buf
-        sampler.take()
+        time.sleep(0.1)
     peak = sampler.result
-    assert peak.samples >= 2
+    assert peak.samples >= 5
     assert peak.peak is not None and peak.peak.total == peak.peak.anon
-    report = peak.report()
-    assert report["memory_mb"] >= 48 and report["memory_mb"] == report["anon_mb"]
+    assert peak.peak.anon - base >= 44 * MiB  # the buffer's time is in the peak, though it is gone now
+    assert sample(os.getpid(), []).anon < peak.peak.anon - 40 * MiB
 
 
 # In a fresh interpreter: after one 16 MiB block is freed, glibc serves 2 MiB blocks from its heap; freeing
@@ -123,6 +137,10 @@ def _heap(*args: str) -> dict[str, int]:
     return json.loads(out.stdout)
 
 
+needs_glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc (mallopt, mallinfo2)")
+
+
+@needs_glibc
 def test_freed_heap_blocks_are_returned_once_the_threshold_is_fixed():
     default, fixed = _heap("default"), _heap("fixed")
     assert default["own_mapping"] == 0 and fixed["own_mapping"] == 1
@@ -130,5 +148,24 @@ def test_freed_heap_blocks_are_returned_once_the_threshold_is_fixed():
     assert fixed["held"] - fixed["after_free"] >= 56 * MiB  # fixed: each block its own mapping, returned
 
 
+@needs_glibc
 def test_the_onnxruntime_backend_fixes_the_threshold(parity_export):
     assert _heap("load", str(parity_export("mistral", "onnxruntime")))["own_mapping"] == 1
+
+
+def test_a_child_is_sampled_from_the_parent_until_it_exits(tmp_path: Path):
+    import psutil
+
+    from mtx.runtime.memory import wait_sampling
+
+    weights = tmp_path / "w.bin"
+    with open(weights, "wb") as f:
+        f.truncate(16 * MiB)
+    code = ("import mmap, sys, time, numpy as np; f = open(sys.argv[1], 'rb'); "
+            "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ); b = np.ones(64 * 2**20 // 8); time.sleep(0.6)")
+    proc = psutil.Popen([sys.executable, "-c", code, str(weights)])
+    peak = wait_sampling(proc, [weights], interval_s=0.02)
+    assert proc.wait() == 0
+    assert peak.samples >= 5 and peak.peak is not None
+    assert peak.peak.mapped_weights == 16 * MiB
+    assert peak.peak.anon >= 64 * MiB

@@ -75,6 +75,9 @@ def load(path: str | Path | None = None, backend: str | None = None, *, device: 
     ``verify``: check an export's files against the sha256 in ``mtx.json`` (:mod:`mtx.integrity`).
     ``prefill_chunk``: the prefill block (canonical chunks). ``prefix_cache_bytes``: bound of the prefix
     cache (0: off; None: the default where the window allows it, see :class:`Generator`).
+    The onnxruntime backend fixes glibc's mmap threshold at 1 MiB for the whole process before it opens
+    its session (:func:`mtx.runtime.memory.keep_freed_buffers_unmapped`: no freed copies of weights left
+    resident in the heap).
     """
     from mtx.assets import resolve_checkpoint
     from mtx.errors import UsageError

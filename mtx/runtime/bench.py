@@ -49,32 +49,35 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
     rss_before = _rss_mb()
     root = getattr(be, "root", None)  # the torch backend holds its weights in anonymous memory
     sampler = MemorySampler(export_weight_roots(root) if root is not None else []).start()
-    core = gen.core(batch)  # the generation core every front end runs on; its KV state allocated once
-    kv_bytes = core.kv_bytes
-    for p in prompts:
-        core.add(gen.request(p, new_tokens, stop_token_ids=[]))  # greedy, no stop: exactly new_tokens each
-    def step() -> list[Any]:
-        outs = core.step()
-        for o in outs:
-            if o.error is not None:
-                raise o.error  # a failed request fails the benchmark, as a failed call did before
-        return outs
+    try:  # the sampler thread ends whatever happens
+        core = gen.core(batch)  # the generation core every front end runs on; its KV state allocated once
+        kv_bytes = core.kv_bytes
+        for p in prompts:
+            core.add(gen.request(p, new_tokens, stop_token_ids=[]))  # greedy, no stop: exactly new_tokens each
+        def step() -> list[Any]:
+            outs = core.step()
+            for o in outs:
+                if o.error is not None:
+                    raise o.error  # a failed request fails the benchmark, as a failed call did before
+            return outs
 
-    t0 = time.perf_counter()
-    firsts = 0
-    while firsts < batch:  # prefill steps, until every row has its first token
-        firsts += sum(o.token is not None for o in step())
-    t_first = time.perf_counter()
-    rss_after_prefill = _rss_mb()
-    steps = []
-    while core.has_unfinished():
-        s0 = time.perf_counter()
-        step()
-        steps.append(time.perf_counter() - s0)
-    t_end = time.perf_counter()
-    rss_end = _rss_mb()
-    sampler.take()
-    memory = sampler.stop().report()
+        t0 = time.perf_counter()
+        firsts = 0
+        while firsts < batch:  # prefill steps, until every row has its first token
+            firsts += sum(o.token is not None for o in step())
+        t_first = time.perf_counter()
+        rss_after_prefill = _rss_mb()
+        steps = []
+        while core.has_unfinished():
+            s0 = time.perf_counter()
+            step()
+            steps.append(time.perf_counter() - s0)
+        t_end = time.perf_counter()
+        rss_end = _rss_mb()
+        sampler.take()
+    finally:
+        sampler.stop()
+    memory = sampler.result.report()
     decode_s = t_end - t_first
     plan = be.kv_plan
     window = min(plan.effective(l) for l in range(len(plan.windows)))  # the smallest window

@@ -1,16 +1,18 @@
-"""Memory of a process by one rule, the same for mtx and its peers (README, "Memory"):
+"""Memory of a process by one rule, the same for mtx and its peers (README, "Memory: one rule"):
 
     memory = anonymous resident bytes (RssAnon) + bytes of the weight files the process has mapped
 
 taken together at each sample, and reported at its peak. Mapped weight files count whole, resident or
 not: this machine's kernel pages cold file-backed pages out (DAMON ``pageout``), so resident file pages
-understate what a process reads, while anonymous pages are never paged out without swap. A weight file
+understate what a process reads, while anonymous pages are never paged out without swap. A byte of a
+file counts once however many mappings cover it (the union of the mapped file ranges). A weight file
 that is read into anonymous memory and not kept mapped counts once, as anonymous bytes.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ class MemorySample:
     """One reading of a process, all in bytes."""
 
     anon: int  # RssAnon: resident anonymous pages (heap, arenas, prepacked weights, KV)
-    mapped_weights: int  # the summed sizes of the mappings of weight files, resident or not
+    mapped_weights: int  # bytes of weight files covered by the process's mappings, resident or not
     rss: int  # VmRSS, for reference: page-out makes it understate file-backed pages
 
     @property
@@ -33,8 +35,8 @@ class MemorySample:
         return self.anon + self.mapped_weights
 
 
-def _under(path: str, roots: Sequence[Path]) -> bool:
-    return any(path == str(r) or path.startswith(str(r) + os.sep) for r in roots)
+def _under(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r + os.sep) for r in roots)
 
 
 def _status_bytes(pid: int) -> dict[str, int]:
@@ -47,11 +49,16 @@ def _status_bytes(pid: int) -> dict[str, int]:
     return out
 
 
-def sample(pid: int, weight_roots: Sequence[Path | str]) -> MemorySample:
+def resolve_roots(weight_roots: Sequence[Path | str]) -> list[str]:
+    """The roots as the resolved path strings /proc/PID/maps names files by."""
+    return [str(Path(r).resolve()) for r in weight_roots]
+
+
+def sample(pid: int, roots: Sequence[str]) -> MemorySample:
     """A reading of process ``pid`` from /proc (maps and status, not smaps: cheap enough to sample during a
-    timed run); a mapping is a weight file's when its path is one of ``weight_roots`` or lies under one of
-    them (folders). Overlapping mappings of one file are counted once."""
-    roots = [Path(r).resolve() for r in weight_roots]
+    timed run). A mapping is a weight file's when its path is one of ``roots`` (from :func:`resolve_roots`)
+    or lies under one of them (folders); each file counts the union of its mapped byte ranges (maps' offset
+    column), so a file never counts more than its size. Raises psutil.NoSuchProcess / AccessDenied."""
     ranges: dict[str, list[tuple[int, int]]] = {}
     try:
         with open(f"/proc/{pid}/maps") as f:
@@ -61,32 +68,38 @@ def sample(pid: int, weight_roots: Sequence[Path | str]) -> MemorySample:
                     path = parts[5].rstrip("\n")
                     if _under(path, roots):
                         start, end = (int(x, 16) for x in parts[0].split("-"))
-                        ranges.setdefault(path, []).append((start, end))
+                        offset = int(parts[2], 16)
+                        ranges.setdefault(path, []).append((offset, offset + end - start))
         status = _status_bytes(pid)
     except (FileNotFoundError, ProcessLookupError) as e:
         raise psutil.NoSuchProcess(pid) from e
+    except PermissionError as e:
+        raise psutil.AccessDenied(pid) from e
     mapped = 0
     for spans in ranges.values():
         reach = 0
-        for start, end in sorted(spans):
-            start = max(start, reach)
-            if end > start:
-                mapped += end - start
-                reach = end
+        for lo, hi in sorted(spans):
+            lo = max(lo, reach)
+            if hi > lo:
+                mapped += hi - lo
+            reach = max(reach, hi)
     return MemorySample(anon=status.get("RssAnon", 0), mapped_weights=mapped, rss=status.get("VmRSS", 0))
 
 
 @dataclass
 class MemoryPeak:
-    """The sample with the largest :attr:`MemorySample.total` seen, and how many samples were taken."""
+    """The sample with the largest :attr:`MemorySample.total` seen, and how many samples were taken
+    (thread-safe: a sampler thread and the timed thread both add)."""
 
     peak: MemorySample | None = None
     samples: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def add(self, s: MemorySample) -> None:
-        self.samples += 1
-        if self.peak is None or s.total > self.peak.total:
-            self.peak = s
+        with self._lock:
+            self.samples += 1
+            if self.peak is None or s.total > self.peak.total:
+                self.peak = s
 
     def report(self) -> dict[str, float | int]:
         """The peak in MiB, with its parts: what benchmarks print."""
@@ -100,14 +113,19 @@ class MemoryPeak:
 @dataclass
 class MemorySampler:
     """Samples a process (this one by default) every ``interval_s`` on a daemon thread, from ``start()``
-    to ``stop()``; the peak by the rule is in :attr:`result`. Use it as a context manager."""
+    to ``stop()``; the peak by the rule is in :attr:`result`. Use it as a context manager. In-process
+    sampling reads /proc/self/maps under the GIL every interval: a few tens of microseconds."""
 
     weight_roots: Sequence[Path | str]
     pid: int = field(default_factory=os.getpid)
     interval_s: float = 0.05
     result: MemoryPeak = field(default_factory=MemoryPeak)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
+    _roots: list[str] = field(init=False, repr=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._roots = resolve_roots(self.weight_roots)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -117,8 +135,8 @@ class MemorySampler:
     def take(self) -> None:
         """One sample now (also called at the ends of phases, so short phases are not missed)."""
         try:
-            self.result.add(sample(self.pid, self.weight_roots))
-        except psutil.NoSuchProcess:
+            self.result.add(sample(self.pid, self._roots))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             self._stop.set()
 
     def start(self) -> "MemorySampler":
@@ -142,11 +160,14 @@ class MemorySampler:
 
 def wait_sampling(proc: "psutil.Popen | psutil.Process", weight_roots: Sequence[Path | str],
                   interval_s: float = 0.02) -> MemoryPeak:
-    """Samples a child process until it exits; returns the peak by the rule."""
+    """Samples a child process until it exits (or can no longer be read); returns the peak by the rule."""
+    roots = resolve_roots(weight_roots)
     peak = MemoryPeak()
-    while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+    while True:
         try:
-            peak.add(sample(proc.pid, weight_roots))
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                break
+            peak.add(sample(proc.pid, roots))
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             break
         time.sleep(interval_s)
@@ -160,7 +181,7 @@ def export_weight_roots(root: Path | str) -> list[Path]:
     return [root, *sorted({p.resolve() for p in root.iterdir() if p.is_symlink()})]
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h); glibc only
 HEAP_MMAP_THRESHOLD = 1 << 20
 
 
@@ -169,14 +190,16 @@ def keep_freed_buffers_unmapped(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
     system when freed. By default glibc raises that threshold as large blocks are freed (up to 32 MiB), so
     the tensors ONNX Runtime frees while it loads a model (initializers replaced by their constant-folded or
     prepacked forms) stay resident in the heap as holes: ~80 MiB on the 125M float32 export, a second
-    copy of some weights. Fixing the threshold (which also stops the raising) removes them. Process-wide;
-    a no-op returning False off glibc."""
+    copy of some weights. Fixing the threshold (which also stops the raising) removes them.
+
+    Process-wide and lasting: every later allocation of the host process of ``threshold`` bytes or more
+    gets its own mapping (an mmap/munmap each). Returns False, changing nothing, off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own libc
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))

@@ -181,7 +181,11 @@ class OrtBackend(Backend):
         (logits_out,) = [o for o in self.session.get_outputs() if o.name == "logits"] or [None]
         if logits_out is None:
             raise UsageError(f"{root / manifest.model}: graph output 'logits' missing (docs/ops.md §4)")
-        self.logits_dtype = np.float16 if logits_out.type == "tensor(float16)" else np.float32
+        logits_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+        if logits_out.type not in logits_types:
+            raise UsageError(f"{root / manifest.model}: graph output 'logits' is {logits_out.type}; expected "
+                             f"float32 or float16 (docs/ops.md §4)")
+        self.logits_dtype = logits_types[logits_out.type]
         self._ort = ort
 
     def new_state(self, batch: int) -> OrtKV:

@@ -231,6 +231,8 @@ class RowDecoder {
 using TokenCallback = std::function<bool(int row, int32_t token)>;
 
 /// An open export folder: the validated manifest and one ONNX Runtime session. Thread-safe.
+/// On glibc, opening one fixes malloc's mmap threshold at 1 MiB for the whole process (mallopt), so the
+/// buffers ONNX Runtime frees while it loads the model are returned to the system, not kept as heap holes.
 class Model {
  public:
   explicit Model(const std::string& folder, const ModelOptions& options = {});
