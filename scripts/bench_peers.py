@@ -157,8 +157,6 @@ def llamacpp_install(venv: Path) -> LlamaCpp:
     return peer
 
 
-
-
 def gguf_source(ckpt: Path, work: Path, model: str) -> Path:
     """llama.cpp's converter's copy of ``ckpt`` (hard links), made once as ``work/{model}-gguf-src``: the word-level
     tokenizer files left out, a SentencePiece ``tokenizer.model`` of exactly vocab_size pieces in their place."""
