@@ -48,8 +48,7 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
 
     rss_before = _rss_mb()
     root = getattr(be, "root", None)  # the torch backend holds its weights in anonymous memory
-    sampler = MemorySampler(export_weight_roots(root) if root is not None else []).start()
-    try:  # the sampler thread ends whatever happens
+    with MemorySampler(export_weight_roots(root) if root is not None else []) as sampler:  # stopped on errors too
         core = gen.core(batch)  # the generation core every front end runs on; its KV state allocated once
         kv_bytes = core.kv_bytes
         for p in prompts:
@@ -75,8 +74,6 @@ def run_bench(gen: Generator, batch: int = 1, prompt_len: int = 128, new_tokens:
         t_end = time.perf_counter()
         rss_end = _rss_mb()
         sampler.take()
-    finally:
-        sampler.stop()
     memory = sampler.result.report()
     decode_s = t_end - t_first
     plan = be.kv_plan

@@ -12,7 +12,6 @@ that is read into anonymous memory and not kept mapped counts once, as anonymous
 from __future__ import annotations
 
 import os
-import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -194,7 +193,11 @@ def keep_freed_buffers_unmapped(threshold: int = HEAP_MMAP_THRESHOLD) -> bool:
 
     Process-wide and lasting: every later allocation of the host process of ``threshold`` bytes or more
     gets its own mapping (an mmap/munmap each). Returns False, changing nothing, off glibc."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    try:  # "glibc 2.36"; cheap, unlike platform.libc_ver(), which reads the interpreter's binary
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):
+        libc = ""
+    if not libc.startswith("glibc"):
         return False
     import ctypes
 

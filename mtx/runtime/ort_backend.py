@@ -32,13 +32,15 @@ import numpy as np
 
 from mtx.errors import MtxError, ResourceError, UsageError
 from mtx.integrity import external_data_folder, read_graph
-from mtx.runtime.memory import keep_freed_buffers_unmapped
 from mtx.manifest import Manifest
 from mtx.names import ONNX_ELEMENT_TYPES, numpy_dtype
+from mtx.runtime.memory import keep_freed_buffers_unmapped
 from mtx.runtime.backends import Backend, HostRow
 
 #: Dtypes whose exports ONNX Runtime's CPU and CUDA providers run.
 ORT_DTYPES = ("float32", "float16")
+#: ONNX Runtime's type of the logits output -> the numpy dtype of the buffer bound for it.
+LOGITS_DTYPES: dict[str, type] = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
 ALLOW_SPINNING = "session.intra_op.allow_spinning"
 
@@ -178,14 +180,11 @@ class OrtBackend(Backend):
         if missing:
             raise UsageError(f"{root / manifest.model}: graph input {missing[0]!r} missing (docs/ops.md §4)")
         self.kv_shapes = [(self.config.num_kv_heads, c, self.config.head_dim) for c in self.kv_plan.capacities]
-        (logits_out,) = [o for o in self.session.get_outputs() if o.name == "logits"] or [None]
-        if logits_out is None:
-            raise UsageError(f"{root / manifest.model}: graph output 'logits' missing (docs/ops.md §4)")
-        logits_types = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-        if logits_out.type not in logits_types:
-            raise UsageError(f"{root / manifest.model}: graph output 'logits' is {logits_out.type}; expected "
-                             f"float32 or float16 (docs/ops.md §4)")
-        self.logits_dtype = logits_types[logits_out.type]
+        logits_type = {o.name: o.type for o in self.session.get_outputs()}.get("logits")
+        if logits_type not in LOGITS_DTYPES:
+            raise UsageError(f"{root / manifest.model}: graph output 'logits' is {logits_type or 'missing'}; "
+                             f"expected float32 or float16 (docs/ops.md §4)")
+        self.logits_dtype = LOGITS_DTYPES[logits_type]
         self._ort = ort
 
     def new_state(self, batch: int) -> OrtKV:
