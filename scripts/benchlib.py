@@ -100,10 +100,22 @@ def child_json(what: str, returncode: int, stdout: str, stderr: str) -> Any:
         return json.loads(lines[-1])
 
 
-def run_json_sampled(cmd: Sequence[str], what: str, weight_roots: Sequence[Path], env: dict[str, str] | None = None,
-                     stdin: str | None = None, interval_s: float = 0.05) -> tuple[Any, dict[str, Any]]:
-    """``run_json`` with the child's memory sampled from this process until it exits (mtx.runtime.memory's rule:
-    anonymous resident bytes + mapped bytes of the files under ``weight_roots``, at its peak): (JSON, memory report).
+@dataclass
+class SampledRun:
+    """A finished child process sampled from this one (:func:`run_sampled`)."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    wall_s: float
+    memory: dict[str, Any]  # mtx.runtime.memory's peak report
+    rusage: Any  # os.wait4's resource usage of the child (ru_maxrss: KiB on Linux)
+
+
+def run_sampled(cmd: Sequence[str], weight_roots: Sequence[Path], env: dict[str, str] | None = None,
+                stdin: str | None = None, interval_s: float = 0.05) -> SampledRun:
+    """Run ``cmd`` with its memory sampled from this process until it exits (mtx.runtime.memory's rule: anonymous
+    resident bytes + mapped bytes of the files under ``weight_roots``, at its peak), then reap it with ``wait4``.
     ``stdin``: text written to the child's standard input."""
     import tempfile
 
@@ -115,14 +127,23 @@ def run_json_sampled(cmd: Sequence[str], what: str, weight_roots: Sequence[Path]
             tempfile.TemporaryFile("w+") as inp:
         inp.write(stdin or "")
         inp.seek(0)
+        t0 = time.time()
         proc = psutil.Popen([str(c) for c in cmd], stdin=inp, stdout=out, stderr=err, text=True,
                             env=child_env() if env is None else env)
         peak = wait_sampling(proc, weight_roots, interval_s=interval_s)
-        rc = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.time() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    return child_json(what, rc, stdout, stderr), peak.report()
+        return SampledRun(out.read(), err.read(), proc.returncode, wall, peak.report(), usage)
+
+
+def run_json_sampled(cmd: Sequence[str], what: str, weight_roots: Sequence[Path], env: dict[str, str] | None = None,
+                     stdin: str | None = None, interval_s: float = 0.05) -> tuple[Any, dict[str, Any]]:
+    """``run_json`` of a :func:`run_sampled` child: (its JSON, its memory report)."""
+    r = run_sampled(cmd, weight_roots, env, stdin, interval_s)
+    return child_json(what, r.returncode, r.stdout, r.stderr), r.memory
 
 
 def timed_twice(run: Callable[[], Run]) -> dict[str, Any]:

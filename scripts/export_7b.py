@@ -47,19 +47,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 import benchlib
 
@@ -155,38 +152,22 @@ def make_checkpoint(folder: Path, layers: int, seed: int, std: float, shards: in
     return total
 
 
-def run_child(cmd: list[str], roots: list[Path], interval_s: float) -> tuple[str, str, int, float, dict, Any]:
-    """Run ``cmd`` sampled from here by mtx.runtime.memory's rule (``roots``: the weight files' folders) until
-    it exits, then reap it with ``wait4``: (stdout, stderr, exit code, wall s, memory peak, rusage)."""
-    from mtx.runtime.memory import wait_sampling
-
-    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:
-        t0 = time.time()
-        proc = psutil.Popen(cmd, stdout=stdout, stderr=stderr, env=benchlib.child_env())
-        peak = wait_sampling(proc, roots, interval_s=interval_s)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.time() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        stdout.seek(0), stderr.seek(0)
-        return stdout.read(), stderr.read(), proc.returncode, wall, peak.report(), usage
-
-
 def run_export(ckpt: Path, out: Path, target: str, dtype: str, quantize: str | None = None) -> dict[str, Any]:
     """Run ``mtx export`` in a child process; return its manifest and measured wall time / peak memory."""
     cmd = [sys.executable, "-m", "mtx", "export", str(ckpt), "-o", str(out), "--target", target, "--dtype", dtype,
            "--json", "--force"] + (["--quantize", quantize] if quantize else [])
     log(f"export: {' '.join(cmd[2:])}")
-    stdout, stderr, code, wall, memory, usage = run_child(cmd, [ckpt.resolve(), out.resolve()], 0.25)
-    if code:
-        sys.stderr.write(stderr)
-        raise SystemExit(code)
-    peak = usage.ru_maxrss * 1024  # Linux reports KiB
+    run = benchlib.run_sampled(cmd, [ckpt.resolve(), out.resolve()], interval_s=0.25)
+    if run.returncode:
+        sys.stderr.write(run.stderr)
+        raise SystemExit(run.returncode)
+    wall, memory, peak = run.wall_s, run.memory, run.rusage.ru_maxrss * 1024  # Linux reports KiB
     log(f"export: {wall:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
     return {
         "command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_bytes": peak,
         "peak_rss_gib": round(peak / 2**30, 2),
         "memory": {**memory, "rule": "anonymous resident + mapped checkpoint/export files, sampled every 0.25 s"},
-        **export_summary(json.loads(stdout))}
+        **export_summary(json.loads(run.stdout))}
 
 
 def export_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -207,13 +188,14 @@ def run_bench(out: Path, threads: int, prompt_len: int, new_tokens: int, spin: b
 
     cmd = [sys.executable, "-m", "mtx", "bench", str(out), "--threads", str(threads), "--prompt-len",
            str(prompt_len), "--new-tokens", str(new_tokens), "--json", "--spin" if spin else "--no-spin"]
-    stdout, stderr, code, wall, memory, usage = run_child(cmd, export_weight_roots(out), 0.05)
-    if code:
-        return {"command": " ".join(cmd), "failed": stderr[-2000:]}
-    result = json.loads(stdout)
-    return {"command": " ".join(cmd), "wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),
-            "cpu_per_wall": round((usage.ru_utime + usage.ru_stime) / wall, 2), "whole_process_memory": memory,
-            **result}
+    run = benchlib.run_sampled(cmd, export_weight_roots(out), interval_s=0.05)
+    if run.returncode:
+        return {"command": " ".join(cmd), "failed": run.stderr[-2000:]}
+    usage = run.rusage
+    return {"command": " ".join(cmd), "wall_s": round(run.wall_s, 1),
+            "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),
+            "cpu_per_wall": round((usage.ru_utime + usage.ru_stime) / run.wall_s, 2),
+            "whole_process_memory": run.memory, **json.loads(run.stdout)}
 
 
 def kv_read_bytes(out: Path, prompt_len: int, new_tokens: int) -> dict[str, Any]:
